@@ -1,0 +1,109 @@
+"""Shared tiny fixtures: a small WordPiece vocabulary and tiny BERT / ERNIE model directories.
+
+Everything is built here from code (no downloads): 2 layers, hidden 32, 4 heads, a vocab of a
+few hundred words. Helpers exposed as fixtures so every test module uses the same models.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ASSETS = Path(__file__).parent / "assets"
+
+_WORDS = (
+    "the a an and or but if then of to in on at for with by from as is are was were be been "
+    "it this that these those he she they we you i me him her them us my your our their "
+    "good bad great terrible movie film plot story actor acting music scene fun boring love hate "
+    "yes no not very really quite too so just more most less least best worst "
+    "what who where when why how which question answer context paris france capital city river "
+    "new york london berlin germany england united states president nation people government "
+    "one two three four five six seven eight nine ten hundred thousand year years day days "
+    "man woman child children work time world life hand part place case week company system "
+    "program number group problem fact money water room mother father night point home state "
+    "book eye job word business issue side kind head house service friend power hour game line "
+    "end member law car name market team idea body information back parent face others level "
+    "office door health person art war history party result change morning reason research girl "
+    "guy moment air teacher force education sentence positive negative neutral news sport tech "
+    "spam ham free win call now text reply stop cat dog sat mat ran fast slow red blue green"
+).split()
+
+
+def write_vocab(path: Path, extra: tuple = ()) -> Path:
+    """Write a BERT-style vocab.txt: specials, a-z chars, ##suffix chars, the word list."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?;:'\"()-")
+    subs = ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    seen, toks = set(), []
+    for t in specials + chars + subs + _WORDS + list(extra):
+        if t not in seen:
+            seen.add(t)
+            toks.append(t)
+    path.write_text("\n".join(toks) + "\n", encoding="utf-8")
+    return path
+
+
+def make_tokenizer(dirpath: Path):
+    from transformers import BertTokenizerFast
+
+    dirpath.mkdir(parents=True, exist_ok=True)
+    vocab = write_vocab(dirpath / "vocab.txt")
+    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    return tok
+
+
+def make_tiny_model_dir(dirpath: Path, arch: str = "bert", num_layers: int = 2, hidden: int = 32,
+                        heads: int = 4, intermediate: int = 64, seed: int = 0) -> Path:
+    """Save a random tiny BERT or ERNIE with its tokenizer as a ``save_pretrained`` directory."""
+    import torch
+    from transformers import BertConfig, BertModel, ErnieConfig, ErnieModel
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer(dirpath)
+    common = dict(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=num_layers,
+                  num_attention_heads=heads, intermediate_size=intermediate,
+                  max_position_embeddings=128, type_vocab_size=2)
+    if arch == "ernie":
+        cfg = ErnieConfig(**common, use_task_id=True, task_type_vocab_size=3)
+        model = ErnieModel(cfg)
+    else:
+        cfg = BertConfig(**common)
+        model = BertModel(cfg)
+    model.save_pretrained(dirpath, safe_serialization=True)
+    tok.save_pretrained(dirpath)
+    return dirpath
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_tok")
+    make_tokenizer(d).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """2 layers, hidden 32, 4 heads: the default teacher in tests."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_bert"), "bert", num_layers=2, hidden=32, heads=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert4_dir(tmp_path_factory) -> Path:
+    """4 layers, hidden 48, 6 heads: a 'bigger' teacher whose sizes differ from the student's."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_bert4"), "bert", num_layers=4, hidden=48,
+                               heads=6, intermediate=96, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_ernie_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_ernie"), "ernie", num_layers=2, hidden=32, heads=4)
+
+
+@pytest.fixture(scope="session")
+def assets_dir() -> Path:
+    return ASSETS
