@@ -81,6 +81,9 @@ class Task:
         default_dir: the sub-folder name of the official download (``"SST-2"``).
         splits: split name -> file name inside the task directory.
         num_choices: for multiple choice tasks with a fixed number of options.
+        eval_splits / eval_suffixes: dev splits scored after training and the suffix added to
+            their metric keys (MNLI: ("dev_matched", "dev_mismatched"), ("_m", "_mm")).
+        test_splits: splits that get a leaderboard submission file.
     """
 
     name: str = ""
@@ -92,6 +95,12 @@ class Task:
     default_dir: str = ""
     splits: Dict[str, str] = {}
     num_choices: Optional[int] = None
+    # Splits scored after fine-tuning. Several for MNLI (dev_matched, dev_mismatched): one
+    # fine-tune, one result per split; metric keys get the split's suffix from eval_suffixes.
+    eval_splits: Sequence[str] = ("dev",)
+    eval_suffixes: Sequence[str] = ("",)
+    # Splits that get a leaderboard submission file (test labels are hidden).
+    test_splits: Sequence[str] = ("test",)
 
     def __init__(self, data_dir: Union[str, Path, None] = None):
         self.data_dir = Path(data_dir) if data_dir is not None else None
