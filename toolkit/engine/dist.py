@@ -1,0 +1,115 @@
+"""Rank helpers that work with and without a launcher.
+
+Under ``deepspeed``/``torchrun``/``srun`` the launcher sets RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT. A plain ``python`` process has none of them and DeepSpeed
+would then go looking for MPI; :func:`ensure_env` fills in a world of one. All helpers
+below work, trivially, before :func:`init_distributed` and at world size 1.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, List
+
+import torch
+import torch.distributed as tdist
+
+from toolkit.utils.logging import env_rank
+
+_SLURM_FALLBACKS = {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS", "LOCAL_RANK": "SLURM_LOCALID"}
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_env() -> None:
+    """Set a one-process world in the environment when no launcher did.
+
+    ``srun`` without a wrapper only sets SLURM_* variables; those are mapped over so a
+    Slurm step started with plain ``srun python ...`` works too.
+    """
+    for var, slurm in _SLURM_FALLBACKS.items():
+        if var not in os.environ and slurm in os.environ:
+            os.environ[var] = os.environ[slurm]
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def init_distributed() -> None:
+    """Create the process group once (gloo on CPU, nccl on CUDA) through DeepSpeed."""
+    if is_initialized():
+        return
+    ensure_env()
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def rank() -> int:
+    """Global rank (from the process group, else the launcher's environment)."""
+    return tdist.get_rank() if is_initialized() else env_rank()
+
+
+def world_size() -> int:
+    """Number of ranks; 1 before the process group exists."""
+    return tdist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    """Rank within this node (device index)."""
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized() and world_size() > 1:
+        tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks; returns a new tensor (the input is left unchanged)."""
+    out = t.detach().clone()
+    if is_initialized() and world_size() > 1:
+        tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+    return out
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """Picklable ``obj`` from every rank, indexed by rank."""
+    if not (is_initialized() and world_size() > 1):
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as given on rank ``src``, on every rank."""
+    if not (is_initialized() and world_size() > 1):
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]

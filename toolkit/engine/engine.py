@@ -1,0 +1,351 @@
+"""The training engine: one object around ``deepspeed.initialize`` for every recipe.
+
+Works in a plain ``python`` process (a world of one) and under ``deepspeed`` / ``torchrun``
+/ ``srun``. The DeepSpeed JSON owns micro batch, accumulation, precision and ZeRO; the job
+YAML owns the optimizer and LR schedule (:class:`OptimConfig`), which are built here and
+handed to DeepSpeed so no fused/CPU Adam extension has to be compiled.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from toolkit.config import arg
+from toolkit.engine import dist
+from toolkit.engine.checkpoint import find_checkpoint, read_client_state, read_marker, write_atomic
+from toolkit.engine.ds_config import load_ds_config
+from toolkit.engine.precision import resolve_precision
+from toolkit.engine.schedule import DECAYS, build_scheduler
+from toolkit.errors import ConfigError, ToolkitError, TrainingError
+from toolkit.utils.logging import get_logger
+
+log = get_logger("engine")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and LR schedule settings (job YAML ``optim:`` section)."""
+
+    lr: float = arg(5e-5, help="peak learning rate")
+    weight_decay: float = arg(0.01, help="AdamW weight decay (not applied to biases and LayerNorm)")
+    betas: Tuple[float, float] = arg((0.9, 0.999), help="AdamW betas")
+    eps: float = arg(1e-8, help="AdamW epsilon")
+    warmup_steps: int = arg(0, help="linear warmup steps (wins over warmup_ratio when > 0)")
+    warmup_ratio: float = arg(0.0, help="warmup as a fraction of total steps")
+    decay: str = arg("linear", help="decay after warmup: linear, cosine or constant")
+    min_lr_ratio: float = arg(0.0, help="final LR as a fraction of the peak")
+    max_grad_norm: Optional[float] = arg(None, help="gradient clipping; empty = gradient_clipping of the DS JSON")
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {self.betas}")
+        if self.lr <= 0:
+            raise ConfigError("optim.lr", f"must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.eps <= 0:
+            raise ConfigError("optim.weight_decay", "weight_decay must be >= 0 and eps > 0")
+        if self.decay not in DECAYS:
+            raise ConfigError("optim.decay", f"unknown decay {self.decay!r}; choose one of {sorted(DECAYS)}")
+        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError("optim.warmup_ratio", "warmup_steps must be >= 0 and warmup_ratio in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ConfigError("optim.max_grad_norm", f"must be >= 0 (0 = off), got {self.max_grad_norm}")
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    # Biases and norm weights are 1-D; decaying them only hurts (BERT recipe).
+    return p.ndim < 2 or name.endswith(".bias")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Two AdamW groups: decayed matrices/embeddings and undecayed biases/LayerNorm."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig,
+                    params: Optional[Iterable[Any]] = None) -> torch.optim.Optimizer:
+    """torch AdamW, fused where the device supports it, else foreach."""
+    groups: Any = list(params) if params is not None else param_groups(model, optim.weight_decay)
+    if not groups:
+        raise ConfigError("params", "the model has no trainable parameters (all requires_grad=False?)")
+    kw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def prepare_frozen(model: nn.Module, device: Union[str, torch.device], dtype: torch.dtype) -> nn.Module:
+    """Move a frozen model (the teacher) to ``device``/``dtype``, eval mode, no grads.
+
+    No optimizer or DeepSpeed engine: a frozen model only needs forward passes.
+    """
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class Engine:
+    """DeepSpeed engine with the toolkit's optimizer, schedule, checks and checkpoints.
+
+    Args:
+        model: the trainable module (student / task model).
+        ds_config: path to a DeepSpeed JSON or its dict.
+        optim: optimizer and schedule settings.
+        total_steps: optimizer steps of the run (for the LR schedule).
+        params: optional parameters / param groups to optimize instead of ``model``'s.
+        max_nonfinite: raise TrainingError after this many consecutive non-finite losses.
+    """
+
+    def __init__(self, model: nn.Module, ds_config: Union[str, Path, Dict[str, Any]],
+                 optim: Optional[OptimConfig] = None, total_steps: int = 1,
+                 params: Optional[Iterable[Any]] = None, *, max_nonfinite: int = 20):
+        import deepspeed
+
+        optim = optim or OptimConfig()
+        dist.ensure_env()
+        dist.init_distributed()
+        self._device = (torch.device("cuda", dist.local_rank()) if torch.cuda.is_available()
+                        else torch.device("cpu"))
+        cfg = load_ds_config(ds_config, dist.world_size())
+        cfg, self._dtype, self.precision_note = resolve_precision(cfg, self._device)
+        if optim.max_grad_norm is not None:
+            cfg["gradient_clipping"] = float(optim.max_grad_norm)
+        # DeepSpeed's own step printing and timers only add noise; RunLogger logs.
+        cfg.setdefault("steps_per_print", 10 ** 9)
+        cfg.setdefault("wall_clock_breakdown", False)
+        self.ds_config = cfg
+        self.optim = optim
+        self.total_steps = int(total_steps)
+        self.max_nonfinite = int(max_nonfinite)
+        self.nonfinite_total = 0
+        self.nonfinite_consecutive = 0
+        self._skip_pending = False
+
+        model.to(self._device)
+        optimizer = build_optimizer(model, optim, params)
+        scheduler = build_scheduler(optimizer, self.total_steps, optim.warmup_steps, optim.warmup_ratio,
+                                    optim.decay, optim.min_lr_ratio)
+        self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                 config=cfg)
+        log.info("engine: world %d, micro batch %d x accum %d = global batch %d, ZeRO-%d, %s",
+                 self.world_size, self.micro_batch_size, self.grad_accum, self.train_batch_size,
+                 self.zero_stage, str(self._dtype).replace("torch.", ""))
+
+    # ----- read-back of engine settings -------------------------------------------------
+    @property
+    def ds(self) -> Any:
+        """The underlying ``DeepSpeedEngine`` (escape hatch; prefer the methods here)."""
+        return self._ds
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self._ds.train_micro_batch_size_per_gpu())
+
+    @property
+    def grad_accum(self) -> int:
+        return int(self._ds.gradient_accumulation_steps())
+
+    @property
+    def train_batch_size(self) -> int:
+        """Global batch: micro batch x accumulation x world size."""
+        return int(self._ds.train_batch_size())
+
+    @property
+    def world_size(self) -> int:
+        return dist.world_size()
+
+    @property
+    def rank(self) -> int:
+        return dist.rank()
+
+    @property
+    def local_rank(self) -> int:
+        return dist.local_rank()
+
+    @property
+    def is_main(self) -> bool:
+        return dist.is_main()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self._ds.zero_optimization_stage())
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done (restored by :meth:`load_checkpoint`)."""
+        return int(self._ds.global_steps)
+
+    @property
+    def lr(self) -> float:
+        return float(self._ds.get_lr()[0])
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        """Global gradient norm of the last optimizer step, when DeepSpeed computed one."""
+        g = self._ds.get_global_grad_norm()
+        return None if g is None else float(g)
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped model (partitioned parameters under ZeRO-3)."""
+        return self._ds.module
+
+    # ----- training ----------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._ds(*args, **kwargs)
+
+    def train(self) -> "Engine":
+        self._ds.train()
+        return self
+
+    def eval(self) -> "Engine":
+        self._ds.eval()
+        return self
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Backward of a scalar loss; False (and no backward) when it is not finite on any rank.
+
+        A skipped micro-batch is dropped: the following :meth:`step` does nothing, so the
+        accumulation window simply waits for one more good micro-batch.
+        """
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=self._device)
+        # All ranks must agree, or one would enter the gradient all-reduce alone and hang.
+        if dist.all_reduce_sum(bad).item() > 0:
+            self.nonfinite_total += 1
+            self.nonfinite_consecutive += 1
+            self._skip_pending = True
+            log.warning("non-finite loss at step %d (%d in a row, %d in total): micro-batch skipped",
+                        self.global_step, self.nonfinite_consecutive, self.nonfinite_total)
+            if self.nonfinite_consecutive >= self.max_nonfinite:
+                raise TrainingError(
+                    f"{self.nonfinite_consecutive} non-finite losses in a row at step {self.global_step}: "
+                    f"training diverged. Checkpoints are intact; resume from the last one with a lower "
+                    f"lr, longer warmup, gradient clipping or fp32/bf16 instead of fp16.")
+            return False
+        self.nonfinite_consecutive = 0
+        self._skip_pending = False
+        self._ds.backward(loss)
+        return True
+
+    def step(self) -> bool:
+        """Finish a micro-batch; True when this was an accumulation boundary (optimizer step)."""
+        if self._skip_pending:
+            self._skip_pending = False
+            return False
+        boundary = bool(self._ds.is_gradient_accumulation_boundary())
+        self._ds.step()
+        return boundary
+
+    # ----- checkpoints -------------------------------------------------------------------
+    def save_checkpoint(self, ckpt_dir: Union[str, Path], tag: str, client_state: Optional[Dict[str, Any]] = None,
+                        keep_last: Optional[int] = None) -> Path:
+        """Atomically save model, optimizer, scheduler and this rank's ``client_state``.
+
+        All ranks must call it. Returns ``ckpt_dir/<tag>``.
+        """
+        def payload(tmp: Path) -> None:
+            self._ds.save_checkpoint(str(tmp), tag=tag, client_state={}, save_latest=False)
+
+        meta = {"global_step": self.global_step, "zero_stage": self.zero_stage, "ds_tag": tag}
+        path = write_atomic(ckpt_dir, tag, payload, client_state, rank=self.rank, world_size=self.world_size,
+                            barrier=dist.barrier, keep_last=keep_last, meta=meta)
+        log.info("saved checkpoint %s (step %d)", path, self.global_step)
+        return path
+
+    def load_checkpoint(self, ckpt_dir: Union[str, Path], tag: Optional[str] = None) -> Optional[Dict[str, Any]]:
+        """Restore the newest complete checkpoint (or ``tag``); returns this rank's client state.
+
+        Returns None when ``ckpt_dir`` holds no complete checkpoint. All ranks must call it.
+        Under ZeRO-3 call it on a freshly built engine.
+        """
+        found: Tuple[str, Optional[str]] = ("ok", None)
+        if self.is_main:
+            try:
+                p = find_checkpoint(ckpt_dir, tag)
+                found = ("ok", str(p) if p is not None else None)
+            except ToolkitError as e:
+                found = ("err", str(e))
+        # Rank 0 decides so every rank loads the same checkpoint.
+        found = dist.broadcast_object(found)
+        if found[0] == "err":
+            raise ToolkitError(found[1])
+        if found[1] is None:
+            return None
+        path = Path(found[1])
+        marker = read_marker(path)
+        ds_tag = str(marker.get("ds_tag", marker["tag"]))
+        try:
+            load_path, _ = self._ds.load_checkpoint(str(path), tag=ds_tag)
+        except (RuntimeError, AssertionError, KeyError, ValueError) as e:
+            saved_ws = marker.get("world_size")
+            hint = (f" It was saved with world size {saved_ws}, this run has {self.world_size}."
+                    if saved_ws not in (None, self.world_size) else "")
+            raise ToolkitError(f"{path}: cannot load checkpoint: {type(e).__name__}: {e}.{hint}") from None
+        if load_path is None:
+            raise ToolkitError(f"{path}: DeepSpeed found no checkpoint tag {ds_tag!r} inside")
+        self._skip_pending = False
+        self.nonfinite_consecutive = 0
+        log.info("resumed from %s (step %d)", path, self.global_step)
+        return read_client_state(path, self.rank)
+
+    def consolidated_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Full fp32 weights (CPU tensors) on rank 0, None elsewhere; all ranks must call it.
+
+        Under ZeRO-3 parameters are gathered one at a time; in bf16/fp16 the fp32 master
+        copies are returned, not the half-precision model weights.
+        """
+        module = self._ds.module
+        main = self.is_main
+        if self.zero_stage < 3 and self._dtype == torch.float32:
+            if not main:
+                return None
+            return collections.OrderedDict((k, v.detach().cpu().clone()) for k, v in module.state_dict().items())
+
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full: Dict[int, torch.Tensor] = {}
+        names: Dict[str, int] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            names[name] = id(p)
+            if id(p) in full:
+                continue  # tied weight, already gathered
+            value = None
+            if p.requires_grad:
+                try:
+                    value = safe_get_full_fp32_param(p)
+                except AttributeError:
+                    value = None
+            if value is None:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    value = p.detach()
+                    value = value.float().cpu().clone() if main else value
+            full[id(p)] = value.detach().float().cpu().clone() if main else torch.empty(0)
+        if not main:
+            return None
+        out: Dict[str, torch.Tensor] = collections.OrderedDict()
+        for k, v in module.state_dict(keep_vars=True).items():
+            out[k] = full[names[k]] if k in names else v.detach().cpu().clone()
+        return out

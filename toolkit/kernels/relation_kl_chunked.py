@@ -1,0 +1,230 @@
+"""Memory-bounded relation KL (MiniLMv2) with a recomputing backward.
+
+For one relation type, teacher and student projections ``[B, L, H]`` are split into ``R``
+relation heads ``[B, R, L, d]`` (``d = H / R``; teacher and student ``d`` may differ). Row
+``i`` of a relation is ``softmax_j(x_i . x_j / sqrt(d))`` over real keys ``j``; the loss is
+``KL(teacher || student)`` per row, averaged over heads and over the real query tokens of
+the whole batch.
+
+A naive implementation keeps several ``[B, R, L, L]`` tensors alive for the backward, which
+dominates memory at long sequence lengths. Here query rows are processed in blocks: a block
+needs only ``[B, R, block, L]`` temporaries, the forward keeps just the per-row log-sum-exp
+``[B, R, L]`` of each side, and the backward recomputes every block's logits (as flash
+attention does), so extra memory is ``O(B*R*block*L + B*L*H)`` and linear in ``L``.
+
+The gradient is analytic: for a row, ``dKL/dlogit_s = p_s - p_t`` (zero on padded keys), and
+because ``logit_ij = x_i . x_j / sqrt(d)`` uses the student tensor on both the query and the
+key side, the gradient is accumulated into both. The teacher never receives a gradient.
+
+Statistics are always computed in fp32 (float64 stays float64): bf16/fp16 inputs are upcast
+once, because rounding the logits themselves to bf16 costs ~1e-2 absolute error per logit.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from toolkit.errors import ConfigError, ToolkitError
+
+#: Default memory budget for one block's temporaries (bytes). Immutable module constant.
+DEFAULT_BLOCK_BUDGET_BYTES = 256 * 1024 * 1024
+# Peak number of live [B, R, block, L] fp32 temporaries inside one block (forward or backward).
+_LIVE_BLOCK_TENSORS = 6
+
+
+def check_relation_heads(num_relation_heads: int, student_hidden: int, teacher_hidden: int) -> None:
+    """Raise ConfigError unless both hidden sizes split evenly into ``num_relation_heads``.
+
+    Args:
+        num_relation_heads: shared number of relation heads R.
+        student_hidden: student projection width Hs.
+        teacher_hidden: teacher projection width Ht.
+    """
+    if not isinstance(num_relation_heads, int) or num_relation_heads < 1:
+        raise ConfigError("num_relation_heads", f"must be a positive integer, got {num_relation_heads!r}")
+    bad = [f"{who} hidden size {h}" for who, h in (("student", student_hidden), ("teacher", teacher_hidden))
+           if h % num_relation_heads != 0]
+    if bad:
+        common = math.gcd(student_hidden, teacher_hidden)
+        raise ConfigError(
+            "num_relation_heads",
+            f"{num_relation_heads} does not divide the {' and the '.join(bad)} (student hidden "
+            f"{student_hidden}, teacher hidden {teacher_hidden}); use a divisor of both, e.g. {common} "
+            f"or one of its divisors")
+
+
+def auto_chunk_size(batch: int, heads: int, seq_len: int,
+                    budget_bytes: int = DEFAULT_BLOCK_BUDGET_BYTES) -> int:
+    """Largest query block whose ``[B, R, block, L]`` fp32 temporaries fit in ``budget_bytes``."""
+    per_row = max(1, batch * heads * seq_len * 4 * _LIVE_BLOCK_TENSORS)
+    return int(max(1, min(seq_len, budget_bytes // per_row)))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 statistics for every half type; float64 passes through (gradcheck, reference checks).
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _split_heads(x: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
+    """[B, L, H] -> [B, R, L, H/R] in ``dtype`` (a view when no cast is needed)."""
+    b, l, h = x.shape
+    return x.to(dtype).view(b, l, heads, h // heads).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """[B, R, L, d] -> [B, L, R*d]."""
+    b, r, l, d = x.shape
+    return x.transpose(1, 2).reshape(b, l, r * d)
+
+
+def _block_logits(q_blk: Tensor, k: Tensor, scale: float, key_pad: Tensor) -> Tensor:
+    """Scaled, key-masked logits ``[B, R, b, L]`` for one query block ``[B, R, b, d]``."""
+    logits = torch.matmul(q_blk, k.transpose(-1, -2)).mul_(scale)
+    # finfo.min instead of -inf keeps fully padded rows finite (they are dropped anyway).
+    return logits.masked_fill_(key_pad, torch.finfo(logits.dtype).min)
+
+
+def _validate(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, heads: int) -> None:
+    for name, x in (("teacher query-side", t_q), ("teacher key-side", t_k),
+                    ("student query-side", s_q), ("student key-side", s_k)):
+        if x.dim() != 3:
+            raise ToolkitError(f"relation KL: {name} tensor must be [batch, seq_len, hidden], got shape "
+                               f"{tuple(x.shape)}")
+    if t_q.shape != t_k.shape or s_q.shape != s_k.shape:
+        raise ToolkitError(f"relation KL: query-side and key-side shapes differ: teacher {tuple(t_q.shape)} vs "
+                           f"{tuple(t_k.shape)}, student {tuple(s_q.shape)} vs {tuple(s_k.shape)}")
+    if t_q.shape[:2] != s_q.shape[:2] or tuple(mask.shape) != tuple(s_q.shape[:2]):
+        raise ToolkitError(
+            f"relation KL: teacher {tuple(t_q.shape)}, student {tuple(s_q.shape)} and attention_mask "
+            f"{tuple(mask.shape)} must share [batch, seq_len]; feed teacher and student the same batch")
+    check_relation_heads(heads, s_q.shape[-1], t_q.shape[-1])
+
+
+class _RelationKLFunction(torch.autograd.Function):
+    """Blocked relation KL; see the module docstring. Inputs [B, L, H]; output a scalar."""
+
+    @staticmethod
+    def forward(ctx: Any, t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
+                heads: int, block: int) -> Tensor:
+        cdt = _compute_dtype(s_q.dtype)
+        tq, tk = _split_heads(t_q, heads, cdt), _split_heads(t_k, heads, cdt)
+        sq, sk = _split_heads(s_q, heads, cdt), _split_heads(s_k, heads, cdt)
+        scale_t, scale_s = tq.shape[-1] ** -0.5, sq.shape[-1] ** -0.5
+        valid = mask.to(torch.bool)                        # [B, L]
+        key_pad = ~valid[:, None, None, :]                 # [B, 1, 1, L]
+        b, r, l, _ = sq.shape
+        lse_t = torch.empty(b, r, l, dtype=cdt, device=sq.device)
+        lse_s = torch.empty_like(lse_t)
+        total = torch.zeros((), dtype=cdt, device=sq.device)
+        for i0 in range(0, l, block):
+            i1 = min(l, i0 + block)
+            logp_t = _block_logits(tq[:, :, i0:i1], tk, scale_t, key_pad)
+            logp_s = _block_logits(sq[:, :, i0:i1], sk, scale_s, key_pad)
+            lt = torch.logsumexp(logp_t, dim=-1)           # [B, R, b]
+            ls = torch.logsumexp(logp_s, dim=-1)
+            lse_t[:, :, i0:i1] = lt
+            lse_s[:, :, i0:i1] = ls
+            logp_t.sub_(lt.unsqueeze(-1))
+            logp_s.sub_(ls.unsqueeze(-1))
+            # p_t * (log p_t - log p_s), reusing logp_s's buffer for the difference.
+            diff = torch.sub(logp_t, logp_s, out=logp_s)
+            contrib = diff.mul_(logp_t.exp_()).masked_fill_(key_pad, 0.0)
+            row_kl = contrib.sum(dim=-1)                   # [B, R, b]
+            row_kl = row_kl.masked_fill(~valid[:, None, i0:i1], 0.0)
+            total = total + row_kl.sum()
+            del logp_t, logp_s, diff, contrib, row_kl
+        n_rows = valid.sum().clamp_min(1).to(cdt) * heads
+        ctx.save_for_backward(t_q, t_k, s_q, s_k, mask, lse_t, lse_s, n_rows)
+        ctx.heads, ctx.block = heads, block
+        return total / n_rows
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
+        t_q, t_k, s_q, s_k, mask, lse_t, lse_s, n_rows = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        if not (need_q or need_k):
+            return (None,) * 7
+        heads, block = ctx.heads, ctx.block
+        cdt = lse_t.dtype
+        tq, tk = _split_heads(t_q, heads, cdt), _split_heads(t_k, heads, cdt)
+        sq, sk = _split_heads(s_q, heads, cdt), _split_heads(s_k, heads, cdt)
+        scale_t, scale_s = tq.shape[-1] ** -0.5, sq.shape[-1] ** -0.5
+        valid = mask.to(torch.bool)
+        key_pad = ~valid[:, None, None, :]
+        coef = grad_out.to(cdt) / n_rows
+        d_sq = torch.zeros_like(sq) if need_q else None    # [B, R, L, ds]
+        d_sk = torch.zeros_like(sk) if need_k else None
+        l = sq.shape[2]
+        for i0 in range(0, l, block):
+            i1 = min(l, i0 + block)
+            p_t = _block_logits(tq[:, :, i0:i1], tk, scale_t, key_pad)
+            p_t = p_t.sub_(lse_t[:, :, i0:i1].unsqueeze(-1)).exp_()
+            g = _block_logits(sq[:, :, i0:i1], sk, scale_s, key_pad)
+            g = g.sub_(lse_s[:, :, i0:i1].unsqueeze(-1)).exp_()
+            # dLoss/dlogit_s = coef * (p_s - p_t) on real rows; padded keys have p = 0 on both sides.
+            g.sub_(p_t).mul_(coef).mul_(scale_s)
+            g.masked_fill_(~valid[:, None, i0:i1, None], 0.0)
+            del p_t
+            if d_sq is not None:
+                d_sq[:, :, i0:i1] += torch.matmul(g, sk)
+            if d_sk is not None:
+                d_sk += torch.matmul(g.transpose(-1, -2), sq[:, :, i0:i1])
+            del g
+        grad_q = _merge_heads(d_sq).to(s_q.dtype) if d_sq is not None else None
+        grad_k = _merge_heads(d_sk).to(s_k.dtype) if d_sk is not None else None
+        return None, None, grad_q, grad_k, None, None, None
+
+
+def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
+                   num_relation_heads: int, chunk_size: Optional[int] = None,
+                   budget_bytes: int = DEFAULT_BLOCK_BUDGET_BYTES) -> Tensor:
+    """KL(teacher || student) of ``softmax(x_q x_k^T / sqrt(d))`` relations, query-blocked.
+
+    The general form behind :func:`relation_kl`: query side and key side may be different
+    projections (e.g. Q and K gives the attention distribution itself, as MiniLM v1 uses).
+
+    Args:
+        t_q, t_k: teacher query-/key-side projections ``[B, L, Ht]`` (no gradient).
+        s_q, s_k: student query-/key-side projections ``[B, L, Hs]``.
+        mask: ``[B, L]``, 1/True for real tokens.
+        num_relation_heads: R; must divide Ht and Hs.
+        chunk_size: query rows per block; ``None`` picks one from ``budget_bytes``.
+        budget_bytes: memory budget for one block's temporaries when ``chunk_size`` is None.
+
+    Returns:
+        Scalar (fp32, or float64 for float64 inputs): mean over real query rows and heads.
+    """
+    _validate(t_q, t_k, s_q, s_k, mask, num_relation_heads)
+    b, l, _ = s_q.shape
+    if chunk_size is None:
+        block = auto_chunk_size(b, num_relation_heads, l, budget_bytes)
+    elif isinstance(chunk_size, int) and chunk_size >= 1:
+        block = min(chunk_size, max(l, 1))
+    else:
+        raise ConfigError("chunk_size", f"must be a positive integer or null (auto), got {chunk_size!r}")
+    return _RelationKLFunction.apply(t_q.detach(), t_k.detach(), s_q, s_k, mask.detach(),
+                                     num_relation_heads, block)
+
+
+def relation_kl(t_x: Tensor, s_x: Tensor, mask: Tensor, num_relation_heads: int,
+                chunk_size: Optional[int] = None,
+                budget_bytes: int = DEFAULT_BLOCK_BUDGET_BYTES) -> Tensor:
+    """MiniLMv2 self-relation KL for one projection type (QQ, KK or VV), memory linear in L.
+
+    Args:
+        t_x: teacher projection ``[B, L, Ht]`` (detached; gets no gradient).
+        s_x: student projection ``[B, L, Hs]`` (used as both query and key side).
+        mask: ``[B, L]``, 1 for real tokens; padded keys are excluded from both softmaxes
+            and padded query rows contribute nothing.
+        num_relation_heads: R, shared by teacher and student; must divide Ht and Hs.
+        chunk_size: query rows per block (need not divide L); None = auto from a memory budget.
+        budget_bytes: budget for one block's ``[B, R, block, L]`` temporaries when auto.
+
+    Returns:
+        Scalar: KL averaged over relation heads and real query tokens of the batch
+        (exactly 0 when ``s_x == t_x``).
+    """
+    return relation_kl_qk(t_x, t_x, s_x, s_x, mask, num_relation_heads, chunk_size, budget_bytes)

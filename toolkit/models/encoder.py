@@ -1,0 +1,272 @@
+"""BERT and ERNIE 3.0 encoders: specs, building, loading, tokenizers and size helpers.
+
+The encoders are the stock ``transformers`` classes (``BertModel`` / ``ErnieModel``, pooler
+kept), so every checkpoint this toolkit writes loads with ``AutoModel.from_pretrained``.
+Architectures are looked up in :data:`ARCHS` by ``config.model_type``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Tuple, Type, Union
+
+from torch import nn
+from transformers import BertConfig, BertModel, ErnieConfig, ErnieModel, PretrainedConfig, PreTrainedModel
+
+from toolkit.errors import ConfigError, DataError, ToolkitError
+
+# model_type -> (config class, model class). Add an architecture here, not in if/else chains.
+ARCHS: Dict[str, Tuple[Type[PretrainedConfig], Type[PreTrainedModel]]] = {
+    "bert": (BertConfig, BertModel),
+    "ernie": (ErnieConfig, ErnieModel),
+}
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+Encoder = Union[BertModel, ErnieModel]
+
+
+@dataclass
+class EncoderSpec:
+    """Sizes of a randomly initialised encoder (the student of a distillation run).
+
+    Attributes:
+        arch: ``"bert"`` or ``"ernie"`` (a key of :data:`ARCHS`).
+        num_layers: transformer layers.
+        hidden_size: model width; must be divisible by ``num_heads``.
+        num_heads: attention heads per layer.
+        intermediate_size: feed-forward width.
+        vocab_size: embedding rows; at least the tokenizer's length.
+        max_position_embeddings: longest sequence the model accepts.
+        type_vocab_size: segment (token type) ids.
+        use_task_id: ERNIE only: add task-type embeddings (forward takes ``task_type_ids``).
+        task_type_vocab_size: ERNIE only: number of task-type ids.
+        hidden_dropout: dropout on hidden states.
+        attention_dropout: dropout on attention probabilities.
+    """
+
+    arch: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    use_task_id: bool = False
+    task_type_vocab_size: int = 3
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError("arch", f"unknown architecture {self.arch!r}; use one of {sorted(ARCHS)}")
+        for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size",
+                     "max_position_embeddings", "type_vocab_size", "task_type_vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("hidden_size", f"{self.hidden_size} is not divisible by num_heads="
+                              f"{self.num_heads}; pick sizes with hidden_size % num_heads == 0")
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(name, f"must be a probability in [0, 1), got {value!r}")
+        if self.use_task_id and self.arch != "ernie":
+            raise ConfigError("use_task_id", f"task-type embeddings exist only for arch 'ernie', not "
+                              f"{self.arch!r}; set use_task_id: false or arch: ernie")
+
+    def to_config(self, attn_implementation: str = "sdpa") -> PretrainedConfig:
+        """The ``transformers`` config for this spec."""
+        config_cls, _ = ARCHS[self.arch]
+        kwargs: Dict[str, Any] = dict(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position_embeddings, type_vocab_size=self.type_vocab_size,
+            hidden_dropout_prob=float(self.hidden_dropout),
+            attention_probs_dropout_prob=float(self.attention_dropout),
+        )
+        if self.arch == "ernie":
+            kwargs.update(use_task_id=self.use_task_id, task_type_vocab_size=self.task_type_vocab_size)
+        config = config_cls(**kwargs)
+        config._attn_implementation = attn_implementation
+        return config
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EncoderSpec":
+        """Build from a mapping (e.g. a YAML block); unknown keys raise ConfigError."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown encoder field; valid fields are: {', '.join(sorted(fields))}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise ConfigError(missing[0], "is required for a randomly initialised encoder")
+        return cls(**dict(data))
+
+
+def _check_attn(attn_implementation: str) -> None:
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError("attn_implementation", f"unknown value {attn_implementation!r}; "
+                          f"use one of {list(ATTN_IMPLEMENTATIONS)} (sdpa is the portable default)")
+
+
+def read_model_type(path: Union[str, Path]) -> str:
+    """``model_type`` from ``path/config.json``; ToolkitError if the directory has none."""
+    p = Path(path)
+    cfg = p / "config.json"
+    if not p.is_dir():
+        raise ToolkitError(f"{p}: model directory not found (give a save_pretrained directory, "
+                           f"or an encoder spec for a random model)")
+    if not cfg.is_file():
+        raise DataError(cfg, "missing config.json: this is not a transformers save_pretrained directory")
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(cfg, f"invalid JSON: {e.msg}", line=e.lineno) from None
+    model_type = data.get("model_type")
+    if model_type not in ARCHS:
+        raise ToolkitError(f"{cfg}: model_type {model_type!r} is not supported; this toolkit handles "
+                           f"{sorted(ARCHS)} encoders (convert PaddleNLP ERNIE checkpoints first)")
+    return model_type
+
+
+def build_encoder(source: Union[str, Path, EncoderSpec, Mapping[str, Any]],
+                  attn_implementation: str = "sdpa") -> Encoder:
+    """Load a BERT/ERNIE encoder from a local directory, or build a random one from a spec.
+
+    Args:
+        source: a ``save_pretrained`` directory (also one with an MLM or task head: the
+            base model is extracted), an :class:`EncoderSpec`, or a mapping of its fields.
+        attn_implementation: ``"sdpa"`` (default), ``"eager"``, or a flash variant on GPU.
+
+    Returns:
+        ``BertModel`` or ``ErnieModel`` with its pooler, in train mode for random models.
+    """
+    _check_attn(attn_implementation)
+    if isinstance(source, Mapping):
+        source = EncoderSpec.from_dict(source)
+    if isinstance(source, EncoderSpec):
+        _, model_cls = ARCHS[source.arch]
+        return model_cls(source.to_config(attn_implementation))
+    model_type = read_model_type(source)
+    _, model_cls = ARCHS[model_type]
+    try:
+        # local_files_only: a typo'd path must never turn into a hub download.
+        return model_cls.from_pretrained(str(source), attn_implementation=attn_implementation,
+                                         local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ToolkitError(f"{source}: cannot load the {model_type} encoder: {e}") from None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+def load_tokenizer(path: Union[str, Path]):
+    """A fast tokenizer from a directory, or a ``BertTokenizerFast`` from a ``vocab.txt`` file.
+
+    For a vocab file, ``do_lower_case`` is read from a ``tokenizer_config.json`` next to it
+    (default True, as for uncased BERT and ERNIE 3.0).
+    """
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    p = Path(path)
+    if p.is_file():
+        lower = True
+        cfg = p.parent / "tokenizer_config.json"
+        if cfg.is_file():
+            try:
+                lower = bool(json.loads(cfg.read_text(encoding="utf-8")).get("do_lower_case", True))
+            except json.JSONDecodeError as e:
+                raise DataError(cfg, f"invalid JSON: {e.msg}", line=e.lineno) from None
+        # transformers 5 silently ignores ``vocab_file=``; ``vocab=`` takes the file path.
+        tok = BertTokenizerFast(vocab=str(p), do_lower_case=lower)
+        if len(tok) <= 5:
+            raise DataError(p, "vocabulary file has no tokens beyond the special ones")
+        return tok
+    if not p.is_dir():
+        raise ToolkitError(f"{p}: tokenizer not found (give a directory with tokenizer files or a vocab.txt)")
+    if not any((p / f).is_file() for f in _TOKENIZER_FILES):
+        raise ToolkitError(f"{p}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+                           f"copy the tokenizer of the model it was trained with into this directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), use_fast=True, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ToolkitError(f"{p}: cannot load the tokenizer: {e}") from None
+    if not getattr(tok, "is_fast", False):
+        raise ToolkitError(f"{p}: tokenizer {type(tok).__name__} is not a fast tokenizer; span and "
+                           f"token tasks need offset mappings (save a tokenizer.json)")
+    return tok
+
+
+def check_vocab(tokenizer: Any, model: nn.Module, where: str) -> None:
+    """Raise DataError if the tokenizer can produce ids the embedding has no row for.
+
+    Args:
+        tokenizer: any ``transformers`` tokenizer.
+        model: an encoder, or a model with ``get_input_embeddings`` / an ``encoder`` attribute.
+        where: path or name shown in the message (e.g. the tokenizer directory).
+    """
+    target = model
+    if not hasattr(target, "get_input_embeddings") and hasattr(target, "encoder"):
+        target = target.encoder
+    rows = target.get_input_embeddings().num_embeddings
+    n_tok = len(tokenizer)
+    if n_tok > rows:
+        raise DataError(where, f"tokenizer has {n_tok} token ids but the model's embedding has only "
+                        f"{rows} rows", hint="use the tokenizer the model was trained with, or a "
+                        "student spec with vocab_size >= the tokenizer's length")
+
+
+def _config_of(model: nn.Module) -> PretrainedConfig:
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "encoder"):
+        config = getattr(model.encoder, "config", None)
+    if config is None or getattr(config, "model_type", None) not in ARCHS:
+        raise ToolkitError(f"{type(model).__name__} is not a BERT/ERNIE encoder")
+    return config
+
+
+def spec_from_model(model: nn.Module) -> EncoderSpec:
+    """The :class:`EncoderSpec` describing ``model``'s sizes (e.g. to build a same-shaped student)."""
+    c = _config_of(model)
+    return EncoderSpec(
+        arch=c.model_type, num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
+        num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
+        max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
+        use_task_id=bool(getattr(c, "use_task_id", False)),
+        task_type_vocab_size=int(getattr(c, "task_type_vocab_size", 3)),
+        hidden_dropout=float(c.hidden_dropout_prob), attention_dropout=float(c.attention_probs_dropout_prob),
+    )
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer layers (``model.encoder.layer``) of an encoder or a model wrapping one."""
+    base = model
+    if not hasattr(base, "embeddings") and hasattr(base, "encoder"):
+        base = base.encoder  # MultiTaskModel -> BertModel
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ToolkitError(f"{type(model).__name__} has no encoder.layer list (not a BERT/ERNIE encoder)")
+    return layers
+
+
+def uses_task_id(model: nn.Module) -> bool:
+    """Whether the encoder's forward expects ``task_type_ids`` (ERNIE with ``use_task_id``)."""
+    return bool(getattr(_config_of(model), "use_task_id", False))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    seen = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

@@ -1,0 +1,62 @@
+"""Seeding and RNG state capture for exact resume.
+
+``rng_state()`` returns every generator the training loop draws from (Python, NumPy, torch
+CPU and, where present, all CUDA devices) so a checkpoint can put them back bit for bit.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+from toolkit.errors import ToolkitError
+
+
+def set_seed(seed: int, rank: int = 0) -> int:
+    """Seed Python, NumPy and torch (CPU and CUDA) with ``seed + rank``.
+
+    Adding the rank keeps dropout masks and sampling independent across data-parallel
+    ranks while staying reproducible. Returns the effective seed.
+    """
+    eff = int(seed) + int(rank)
+    random.seed(eff)
+    # NumPy only accepts 32-bit seeds.
+    np.random.seed(eff % (2 ** 32))
+    torch.manual_seed(eff)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(eff)
+    return eff
+
+
+def rng_state() -> Dict[str, Any]:
+    """Snapshot of all RNG states: ``{"python", "numpy", "torch", "cuda"?}``."""
+    state: Dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore a snapshot from :func:`rng_state`.
+
+    A snapshot taken with CUDA restores on a CPU-only machine (the CUDA part is skipped);
+    the reverse leaves CUDA generators as they are.
+    """
+    missing = [k for k in ("python", "numpy", "torch") if k not in state]
+    if missing:
+        raise ToolkitError(f"RNG state in the checkpoint lacks {missing}; it was not written by rng_state()")
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        # A job resumed on fewer GPUs per node restores the devices it has.
+        n = min(len(cuda_states), torch.cuda.device_count())
+        for i in range(n):
+            torch.cuda.set_rng_state(cuda_states[i].cpu(), device=i)
