@@ -212,19 +212,10 @@ def prepare_data(language, preset, out_dir, seed):  # noqa: ANN001
         _fail(e)
 
 
-def _register_optional() -> None:
-    """Commands whose modules may be absent in a partial install (launch / slurm)."""
-    try:
-        from toolkit.launch.cli import launch, slurm  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("toolkit.launch"):
-            return
-        raise
-    main.add_command(launch)
-    main.add_command(slurm)
+from toolkit.launch.cli import launch, slurm  # noqa: E402  (torch-free)
 
-
-_register_optional()
+main.add_command(launch)
+main.add_command(slurm)
 
 
 if __name__ == "__main__":

@@ -154,9 +154,7 @@ def _check_task(entry: dict, language: str) -> None:
             assert all(len(r["tokens"]) == len(r["tags"]) <= prep.MAX_TOKENS for r in rows)
             assert {t for r in rows for t in r["tags"]} <= set(spec["labels"])
             texts[split] = ["".join(r["tokens"]) for r in rows]
-            rows = rows  # header-less: every line is a row
-            rows = [None] + rows
-        assert len(rows) - 1 == size
+        assert len(texts[split]) == size
         assert len(set(texts[split])) == size, f"duplicates in {file}"
     assert set(texts["train"]).isdisjoint(texts["dev"]), f"{entry['name']}: dev leaks into train"
 
@@ -216,3 +214,14 @@ def test_idempotent_and_deterministic(language, english, chinese, tmp_path):
     fresh = prep.prepare(language, tmp_path / "again", preset="tiny", seed=0)
     assert _files(tmp_path / "again") == _files(out)
     assert fresh["tasks"][0]["train_size"] == 300
+
+
+def test_tasks_load_with_the_custom_task_loader(english, chinese):
+    registry = pytest.importorskip("toolkit.tasks.registry")
+    pytest.importorskip("toolkit.tasks.custom")
+    for _, m in (english, chinese):
+        for entry in m["tasks"]:
+            task = registry.get_task(entry["yaml"])
+            assert task.name == entry["name"] and task.num_labels == entry["num_labels"]
+            assert len(task.load("train")) == entry["train_size"]
+            assert len(task.load("dev")) == entry["dev_size"]

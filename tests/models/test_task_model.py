@@ -118,3 +118,16 @@ def test_corrupt_heads_are_reported(tmp_path, tiny_bert_dir):
     (tmp_path / "heads.safetensors").unlink()
     with pytest.raises(DataError, match="heads.safetensors"):
         load_task_model(tmp_path)
+
+
+def test_save_from_gathered_state_dict(tmp_path):
+    model = _model()
+    # a ZeRO-3-style gathered copy: different weights from the live (sharded) module
+    state = {f"module.{k}": v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_task_model(model, None, tmp_path, state_dict=state)
+    loaded, _ = load_task_model(tmp_path, load_tokenizer_files=False)
+    got = loaded.state_dict()
+    for k, v in state.items():
+        torch.testing.assert_close(got[k[len("module."):]], v)
+    with pytest.raises(ToolkitError, match="encoder"):
+        save_task_model(model, None, tmp_path / "x", state_dict={"heads.sst2.classifier.weight": torch.zeros(2, 32)})

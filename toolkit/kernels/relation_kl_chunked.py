@@ -69,9 +69,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _split_heads(x: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
-    """[B, L, H] -> [B, R, L, H/R] in ``dtype`` (a view when no cast is needed)."""
+    """[B, L, H] -> contiguous [B, R, L, H/R] in ``dtype``.
+
+    Contiguous (one O(B*L*H) copy) so each query block is a plain strided batch for bmm;
+    slicing blocks out of the transposed view made every block matmul copy its operands.
+    """
     b, l, h = x.shape
-    return x.to(dtype).view(b, l, heads, h // heads).transpose(1, 2)
+    return x.to(dtype).view(b, l, heads, h // heads).transpose(1, 2).contiguous()
+
+
+def _split_pair(q: Tensor, k: Tensor, heads: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Split query- and key-side tensors, sharing one copy when they are the same tensor."""
+    qh = _split_heads(q, heads, dtype)
+    return qh, (qh if k is q else _split_heads(k, heads, dtype))
 
 
 def _merge_heads(x: Tensor) -> Tensor:
@@ -110,8 +120,8 @@ class _RelationKLFunction(torch.autograd.Function):
     def forward(ctx: Any, t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
                 heads: int, block: int) -> Tensor:
         cdt = _compute_dtype(s_q.dtype)
-        tq, tk = _split_heads(t_q, heads, cdt), _split_heads(t_k, heads, cdt)
-        sq, sk = _split_heads(s_q, heads, cdt), _split_heads(s_k, heads, cdt)
+        tq, tk = _split_pair(t_q, t_k, heads, cdt)
+        sq, sk = _split_pair(s_q, s_k, heads, cdt)
         scale_t, scale_s = tq.shape[-1] ** -0.5, sq.shape[-1] ** -0.5
         valid = mask.to(torch.bool)                        # [B, L]
         key_pad = ~valid[:, None, None, :]                 # [B, 1, 1, L]
@@ -149,8 +159,8 @@ class _RelationKLFunction(torch.autograd.Function):
             return (None,) * 7
         heads, block = ctx.heads, ctx.block
         cdt = lse_t.dtype
-        tq, tk = _split_heads(t_q, heads, cdt), _split_heads(t_k, heads, cdt)
-        sq, sk = _split_heads(s_q, heads, cdt), _split_heads(s_k, heads, cdt)
+        tq, tk = _split_pair(t_q, t_k, heads, cdt)
+        sq, sk = _split_pair(s_q, s_k, heads, cdt)
         scale_t, scale_s = tq.shape[-1] ** -0.5, sq.shape[-1] ** -0.5
         valid = mask.to(torch.bool)
         key_pad = ~valid[:, None, None, :]

@@ -141,22 +141,40 @@ class MultiTaskModel(nn.Module):
 
 
 def save_task_model(model: MultiTaskModel, tokenizer: Any, out_dir: Union[str, Path],
-                    extra: Optional[Dict[str, Any]] = None) -> Path:
+                    extra: Optional[Dict[str, Any]] = None,
+                    state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     """Write encoder (safetensors), tokenizer and heads to ``out_dir``; returns it.
 
-    ``extra`` (JSON-serialisable, e.g. task metrics or the run config) goes into heads.json.
+    Args:
+        model: the model whose structure (and, without ``state_dict``, weights) is saved.
+        tokenizer: saved alongside (None to skip).
+        out_dir: created if needed.
+        extra: JSON-serialisable data (e.g. task metrics, run config) kept in heads.json.
+        state_dict: a full ``MultiTaskModel`` state dict to save instead of the live weights,
+            e.g. gathered from ZeRO-3 shards (keys ``encoder.*`` / ``heads.<task>.*``, an
+            optional ``module.`` prefix is stripped).
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.encoder.save_pretrained(str(out), safe_serialization=True)
+    if state_dict is not None:
+        full = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+        enc_state = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
+        if not enc_state:
+            raise ToolkitError(f"{out}: the state_dict to save has no 'encoder.*' weights "
+                               f"(pass the MultiTaskModel's state dict)")
+        model.encoder.save_pretrained(str(out), state_dict=enc_state)
+        head_state = {k[len("heads."):]: v.detach().cpu().contiguous()
+                      for k, v in full.items() if k.startswith("heads.")}
+    else:
+        model.encoder.save_pretrained(str(out))
+        head_state = {f"{name}.{k}": v.detach().cpu().contiguous()
+                      for name, head in model.heads.items() for k, v in head.state_dict().items()}
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-    if model.heads:
-        state = {f"{name}.{k}": v.detach().cpu().contiguous()
-                 for name, head in model.heads.items() for k, v in head.state_dict().items()}
-        save_file(state, str(out / HEADS_WEIGHTS))
+    if head_state:
+        save_file(head_state, str(out / HEADS_WEIGHTS))
     meta = {"format": _FORMAT, "heads": model.head_specs, "extra": extra or {}}
     try:
         text = json.dumps(meta, indent=2, ensure_ascii=False)

@@ -151,14 +151,21 @@ def _encode_text(task: Task, examples: Sequence[TextExample], tokenizer: Any, s:
     return EncodedSplit(task.task_type, items, list(examples), list(range(len(examples))), labelled)
 
 
-def _truncate_question(question: str, tokenizer: Any, max_query_length: int) -> str:
-    """Cut the question at its ``max_query_length``-th token (by character offsets)."""
-    q = question.lstrip()  # leading spaces make some tokenizers emit empty tokens
-    enc = tokenizer(q, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
-    if len(offsets) <= max_query_length:
-        return q
-    return q[:offsets[max_query_length - 1][1]]
+def _truncate_questions(questions: List[str], tokenizer: Any, max_query_length: int) -> List[Tuple[str, int]]:
+    """Cut each question at its ``max_query_length``-th token (by character offsets).
+
+    Returns:
+        (question text, its token count) per question.
+    """
+    # leading spaces make some tokenizers emit empty tokens
+    qs = [q.lstrip() for q in questions]
+    enc = tokenizer(qs, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for q, offsets in zip(qs, enc["offset_mapping"]):
+        if len(offsets) > max_query_length:
+            q = q[:offsets[max_query_length - 1][1]]
+        out.append((q, min(len(offsets), max_query_length)))
+    return out
 
 
 def _answer_span(ex: SpanExample) -> Optional[Tuple[int, int]]:
@@ -177,9 +184,8 @@ def _encode_span(task: Task, examples: Sequence[SpanExample], tokenizer: Any, s:
     labelled = any(ex.answers or ex.is_impossible for ex in examples)
     n_special = tokenizer.num_special_tokens_to_add(pair=True)
     items, f2e, span_feats = [], [], []
-    for ei, ex in enumerate(examples):
-        question = _truncate_question(ex.question, tokenizer, s.max_query_length)
-        q_len = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+    questions = _truncate_questions([ex.question for ex in examples], tokenizer, s.max_query_length)
+    for ei, (ex, (question, q_len)) in enumerate(zip(examples, questions)):
         room = s.max_seq_length - q_len - n_special
         if room < 1:
             raise ConfigError("max_seq_length", f"{s.max_seq_length} leaves no room for context after a "
@@ -356,10 +362,19 @@ def _check_count(encoded: EncodedSplit, rows: List[np.ndarray]) -> None:
                            f"decode with the split the model ran on (no shuffling, no dropped last batch)")
 
 
+def _label_set(task: Task, width: int) -> List[str]:
+    """The task's labels, checked against the logits' width."""
+    labels = list(task.labels or [])
+    if width and len(labels) != width:
+        raise ConfigError("labels", f"task '{task.name}' has {len(labels)} labels but the logits have "
+                          f"{width} columns; the head was trained for a different label set")
+    return labels
+
+
 def _decode_classification(task: Task, encoded: EncodedSplit, logits: Any, **kw: Any) -> List[str]:
     rows = _rows(logits, 1)
     _check_count(encoded, rows)
-    labels = task.labels or []
+    labels = _label_set(task, rows[0].shape[-1] if rows else 0)
     return [labels[int(np.argmax(r))] for r in rows]
 
 
@@ -390,7 +405,7 @@ def _decode_span(task: Task, encoded: EncodedSplit, logits: Any, **kw: Any) -> A
 def _decode_tokens(task: Task, encoded: EncodedSplit, logits: Any, **kw: Any) -> List[List[str]]:
     rows = _rows(logits, 2)  # each [L, num_labels]
     _check_count(encoded, rows)
-    labels = task.labels or []
+    labels = _label_set(task, rows[0].shape[-1] if rows else 0)
     # Words with no sub-token (truncated away, or dropped by the tokenizer) get the outside tag.
     fallback = "O" if "O" in labels else labels[0]
     out = []

@@ -1,0 +1,55 @@
+"""Precision resolution: bf16/fp16 fall back to fp32 on a CPU without native bf16."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toolkit.engine import precision
+from toolkit.engine.precision import native_bf16_supported, resolve_precision, teacher_dtype
+
+
+def test_native_bf16_matches_onednn_check():
+    # DeepSpeed's is_bf16_supported() is wrong on some CPUs; we must follow oneDNN's.
+    assert native_bf16_supported("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@pytest.mark.parametrize("key", ["bf16", "fp16", "bfloat16"])
+def test_cpu_without_bf16_falls_back_to_fp32(monkeypatch, key):
+    monkeypatch.setattr(precision, "native_bf16_supported", lambda device: False)
+    src = {"train_micro_batch_size_per_gpu": 1, key: {"enabled": True}}
+    cfg, dtype, note = resolve_precision(src, "cpu")
+    assert dtype == torch.float32
+    assert "fp32" in note and ("bf16" in note or "fp16" in note)
+    assert not cfg.get("bf16", {}).get("enabled") and not cfg.get("fp16", {}).get("enabled")
+    assert src[key] == {"enabled": True}  # the caller's dict is untouched
+
+
+def test_cpu_with_native_bf16_keeps_bf16_and_maps_fp16(monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16_supported", lambda device: True)
+    cfg, dtype, note = resolve_precision({"bf16": {"enabled": True}}, "cpu")
+    assert dtype == torch.bfloat16 and note is None and cfg["bf16"]["enabled"]
+    cfg, dtype, note = resolve_precision({"fp16": {"enabled": True}}, "cpu")
+    assert dtype == torch.bfloat16 and not cfg["fp16"]["enabled"] and "fp16" in note
+
+
+def test_this_cpu_shipped_bf16_config_resolves_consistently():
+    cfg, dtype, note = resolve_precision({"bf16": {"enabled": True}}, "cpu")
+    if native_bf16_supported("cpu"):
+        assert dtype == torch.bfloat16 and note is None
+    else:
+        assert dtype == torch.float32 and note
+
+
+def test_fp32_config_unchanged():
+    cfg, dtype, note = resolve_precision({"zero_optimization": {"stage": 2}}, "cpu")
+    assert dtype == torch.float32 and note is None and cfg == {"zero_optimization": {"stage": 2}}
+
+
+def test_cuda_keeps_half_precision():
+    # Pure config logic: no GPU needed to decide what CUDA would run.
+    assert resolve_precision({"bf16": {"enabled": True}}, "cuda")[1] == torch.bfloat16
+    assert resolve_precision({"fp16": {"enabled": True}}, "cuda")[1] == torch.float16
+
+
+def test_teacher_dtype_cpu_is_fp32():
+    assert teacher_dtype("cpu") == torch.float32

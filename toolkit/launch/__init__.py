@@ -1,0 +1,1 @@
+"""Starting jobs on many processes and nodes: the deepspeed launcher, SLURM batch submission."""

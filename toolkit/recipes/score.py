@@ -1,0 +1,60 @@
+"""Score a leaderboard-format prediction file against gold data (``toolkit score``).
+
+No model is involved: the task reads its gold ``split``, reads the prediction file in its
+submission format (GLUE ``index<TAB>prediction`` TSV, SQuAD ``{id: answer}`` JSON, CLUE
+JSON lines, custom TSV or one prediction per line) and returns the official metrics.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+from toolkit.errors import ToolkitError
+from toolkit.tasks import resolve_tasks
+from toolkit.tasks.base import Task
+
+
+def _gold_split(task: Task, split: str) -> str:
+    """``split`` itself, or the single eval split when the task has no split of that name."""
+    if split in task.splits:
+        return split
+    evals = list(task.eval_splits)
+    if split == "dev" and len(evals) == 1 and evals[0] in task.splits:
+        return evals[0]
+    choices = ", ".join(task.splits)
+    raise ToolkitError(f"task '{task.name}' has no split '{split}'; score one of: {choices} "
+                       f"(e.g. --split {evals[0] if evals else next(iter(task.splits), 'dev')})")
+
+
+def run_score(task: str, data_dir: Optional[Union[str, Path]], predictions: Union[str, Path],
+              split: str = "dev") -> Dict[str, float]:
+    """Metrics (percent) of ``predictions`` against the gold labels of ``split``.
+
+    Args:
+        task: a registered task name (``mrpc``, ``squad_v2``) or a custom task YAML path.
+        data_dir: root of the official data (``glue_data``) or the task's own folder.
+        predictions: the prediction file in the task's submission format.
+        split: gold split; tasks with several dev sets (MNLI) need ``dev_matched`` /
+            ``dev_mismatched``, whose metric keys get the task's suffix (``accuracy_m``).
+
+    Returns:
+        ``{metric: value}``, e.g. ``{"f1": 88.2, "accuracy": 84.1}``.
+
+    Raises:
+        DataError: a missing/malformed gold or prediction file (naming file, line or id).
+        ToolkitError: unknown task, a group name, or a split without gold labels.
+    """
+    tasks = resolve_tasks(task, data_dir)
+    if len(tasks) != 1:
+        raise ToolkitError(f"'{task}' names {len(tasks)} tasks ({', '.join(t.name for t in tasks)}); "
+                           "score one task at a time")
+    (t,) = tasks
+    gold_split = _gold_split(t, split)
+    examples = t.load(gold_split)
+    if not examples:
+        raise ToolkitError(f"task '{t.name}' split '{gold_split}' has no examples")
+    preds = t.read_predictions(predictions, examples)
+    metrics = t.score(examples, preds)
+    suffixes = dict(zip(t.eval_splits, t.eval_suffixes))
+    suffix = suffixes.get(gold_split, "") if len(t.eval_splits) > 1 else ""
+    return {f"{k}{suffix}": float(v) for k, v in metrics.items()}
