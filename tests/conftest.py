@@ -53,7 +53,9 @@ def make_tokenizer(dirpath: Path):
 
     dirpath.mkdir(parents=True, exist_ok=True)
     vocab = write_vocab(dirpath / "vocab.txt")
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    # transformers 5.x ignores vocab_file= here (the tokenizer silently keeps only the
+    # special tokens); vocab= loads the file.
+    tok = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
     return tok
 
 

@@ -192,7 +192,7 @@ class PipelineRecipe:
         out = self.out / "zh_teacher_init"
         if (out / "config.json").is_file():
             return str(out)
-        tok = BertTokenizerFast(vocab_file=manifest["vocab"], do_lower_case=True)
+        tok = BertTokenizerFast(vocab=str(manifest["vocab"]), do_lower_case=True)
         torch.manual_seed(self.cfg.data_seed)
         spec = EncoderSpec(arch="ernie", num_layers=6, hidden_size=384, num_heads=12, intermediate_size=1536,
                            vocab_size=len(tok), max_position_embeddings=512, use_task_id=True)

@@ -11,7 +11,7 @@ from typing import Dict, Optional, Union
 
 from toolkit.errors import ToolkitError
 from toolkit.tasks import resolve_tasks
-from toolkit.tasks.base import Task
+from toolkit.tasks.base import Example, Task, TokenExample
 
 
 def _gold_split(task: Task, split: str) -> str:
@@ -24,6 +24,11 @@ def _gold_split(task: Task, split: str) -> str:
     choices = ", ".join(task.splits)
     raise ToolkitError(f"task '{task.name}' has no split '{split}'; score one of: {choices} "
                        f"(e.g. --split {evals[0] if evals else next(iter(task.splits), 'dev')})")
+
+
+def _has_gold(ex: Example) -> bool:
+    # Span examples always carry gold (possibly "no answer"); others hold None on test splits.
+    return (ex.labels if isinstance(ex, TokenExample) else getattr(ex, "label", True)) is not None
 
 
 def run_score(task: str, data_dir: Optional[Union[str, Path]], predictions: Union[str, Path],
@@ -53,6 +58,9 @@ def run_score(task: str, data_dir: Optional[Union[str, Path]], predictions: Unio
     examples = t.load(gold_split)
     if not examples:
         raise ToolkitError(f"task '{t.name}' split '{gold_split}' has no examples")
+    if not all(_has_gold(ex) for ex in examples):
+        raise ToolkitError(f"task '{t.name}' split '{gold_split}' has no gold labels (hidden test labels?); "
+                           f"score a dev split: {', '.join(t.eval_splits) or 'none'}")
     preds = t.read_predictions(predictions, examples)
     metrics = t.score(examples, preds)
     suffixes = dict(zip(t.eval_splits, t.eval_suffixes))
