@@ -10,6 +10,11 @@ CORPUS = ["我爱北京天安门。", "今天天气很好，我们去公园散�
           "ERNIE 3.0 Tiny 是一个小模型。", "北京是中国的首都，天安门在北京。"] * 20
 
 
+def read_vocab(path: Path) -> list:
+    """Tokens one per line; only newlines separate them (U+2028 etc. are tokens)."""
+    return path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+
+
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "tokenizers" / script), *args], cwd=str(ROOT),
                           capture_output=True, text=True, timeout=120)
@@ -30,7 +35,7 @@ def test_build_wordpiece(tmp_path):
     r = run("build_wordpiece.py", "--input", str(corpus), "--out-dir", str(out), "--vocab-size", "200",
             "--min-frequency", "1", "--unused", "2")
     assert r.returncode == 0, r.stderr
-    vocab = (out / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    vocab = read_vocab(out / "vocab.txt")
     assert vocab[:5] == ["[PAD]", "[unused1]", "[unused2]", "[UNK]", "[CLS]"]
     # Chinese characters are whole tokens, never ## continuations.
     assert "北" in vocab and "##北" not in vocab and "北京" not in vocab

@@ -265,11 +265,18 @@ def convert_state_dict(state: Dict[str, Any], expected: Dict[str, Tuple[int, ...
     return out, heads, skipped
 
 
+def _vocab_tokens(path: Path) -> List[str]:
+    # Read like BERT's load_vocab: only newlines separate tokens (str.splitlines would also
+    # split on U+0085 / U+2028, which are tokens in the Chinese vocab).
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
 def _read_vocab(src: Path, vocab_size: int) -> Path:
     path = src / "vocab.txt"
     if not path.is_file():
         raise DataError(path, "vocab.txt not found", hint="PaddleNLP's tokenizer.save_pretrained writes it")
-    tokens = path.read_text(encoding="utf-8").splitlines()
+    tokens = _vocab_tokens(path)
     if len(tokens) > vocab_size:
         raise DataError(path, f"{len(tokens)} tokens but the model has vocab_size={vocab_size}",
                         hint="the vocab does not belong to this checkpoint")
@@ -299,7 +306,7 @@ def _save_tokenizer(vocab: Path, out: Path, max_len: int) -> None:
     shutil.copyfile(vocab, out / "vocab.txt")
     tok = BertTokenizerFast.from_pretrained(str(out), do_lower_case=bool(tk_cfg.get("do_lower_case", True)),
                                             model_max_length=max_len, **specials)
-    if len(tok) < len(vocab.read_text(encoding="utf-8").splitlines()):
+    if len(tok) < len(_vocab_tokens(vocab)):
         raise ToolkitError(f"tokenizer built from {vocab} has only {len(tok)} tokens; vocab.txt was not read")
     tok.save_pretrained(str(out))
 

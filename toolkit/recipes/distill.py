@@ -144,10 +144,16 @@ class StudentWithLoss(nn.Module):
                 val = res["loss"]
             elif name == "minilm_v1":
                 res = fn(s_qkv, teacher["qkv"], attention_mask)
-                val = res["loss"] if isinstance(res, dict) else res
+                parts.update({f"minilm_v1/{k}": v.detach() for k, v in res.items() if k != "loss"})
+                val = res["loss"]
             elif name == "tinybert":
-                res = fn(list(out.hidden_states[1:]), teacher["hidden"], s_qkv, teacher["qkv"], attention_mask)
-                val = res["loss"] if isinstance(res, dict) else res
+                s_hidden = {self.student_layer: out.hidden_states[self.student_layer + 1]}
+                with_attn = fn.num_heads is not None
+                res = fn(s_hidden, teacher["hidden"], attention_mask,
+                         student_qk={self.student_layer: s_qkv} if with_attn else None,
+                         teacher_qk=teacher["qkv_by_layer"] if with_attn else None)
+                parts.update({f"tinybert/{k}": v.detach() for k, v in res.items() if k != "loss"})
+                val = res["loss"]
             else:  # logit_kd
                 logits = self.mlm_head(out.last_hidden_state)
                 val = fn(logits, teacher["logits"], teacher["mlm_mask"])
@@ -248,10 +254,14 @@ class DistillRecipe:
                                                     chunk_size=cfg.loss.chunk_size or None, impl=cfg.loss.impl)
                 _check_divisible(rel_heads, self.teacher.config.hidden_size, student.config.hidden_size)
             elif name == "minilm_v1":
-                losses[name] = MiniLMv1Loss(num_heads=t_heads, student_heads=student.config.num_attention_heads)
+                losses[name] = MiniLMv1Loss(student_heads=student.config.num_attention_heads, teacher_heads=t_heads,
+                                            chunk_size=cfg.loss.chunk_size or None)
             elif name == "tinybert":
+                same_heads = student.config.num_attention_heads == t_heads
                 losses[name] = TinyBERTLoss(student.config.hidden_size, self.teacher.config.hidden_size,
-                                            num_heads=t_heads, student_heads=student.config.num_attention_heads)
+                                            layer_pairs=[(s_idx, self.teacher_idx)],
+                                            student_heads=t_heads if same_heads else None,
+                                            teacher_heads=t_heads if same_heads else None)
             elif name == "logit_kd":
                 losses[name] = LogitKDLoss(cfg.loss.temperature)
         mlm_head = None
@@ -313,12 +323,13 @@ class DistillRecipe:
     @torch.no_grad()
     def _teacher_forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         self.teacher_capture.clear()
-        want_hidden = "tinybert" in self.module.losses
         out = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           token_type_ids=batch["token_type_ids"], output_hidden_states=want_hidden)
+                           token_type_ids=batch["token_type_ids"])
         res: Dict[str, Any] = {"qkv": dict(self.teacher_capture.captured[self.teacher_idx])}
-        if want_hidden:
-            res["hidden"] = list(out.hidden_states[1:])
+        if "tinybert" in self.module.losses:
+            # The truncated teacher's last hidden state is the distilled layer's output.
+            res["hidden"] = {self.teacher_idx: out.last_hidden_state}
+            res["qkv_by_layer"] = {self.teacher_idx: res["qkv"]}
         if "logit_kd" in self.module.losses:
             res["logits"] = self.teacher_mlm(out.last_hidden_state)
             res["mlm_mask"] = batch["mlm_mask"]
@@ -422,9 +433,9 @@ class DistillRecipe:
             if state is not None:
                 prefix = "student."
                 sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-                student.save_pretrained(self.out / "student", state_dict=sd, safe_serialization=True)
+                student.save_pretrained(self.out / "student", state_dict=sd)
             else:
-                student.save_pretrained(self.out / "student", safe_serialization=True)
+                student.save_pretrained(self.out / "student")
             self.tokenizer.save_pretrained(self.out / "student")
             write_json(self.out / "student" / "distill_info.json", result)
             write_json(self.out / "metrics.json", result)

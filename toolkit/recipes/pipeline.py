@@ -197,7 +197,7 @@ class PipelineRecipe:
         spec = EncoderSpec(arch="ernie", num_layers=6, hidden_size=384, num_heads=12, intermediate_size=1536,
                            vocab_size=len(tok), max_position_embeddings=512, use_task_id=True)
         model = build_encoder(spec)
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out)
         tok.save_pretrained(out)
         return str(out)
 
