@@ -56,11 +56,7 @@ def write_text(path: Path, ids: List[int], separator: str = "blank_line") -> Pat
 
 @pytest.fixture(scope="session")
 def tok(tiny_tokenizer_dir):
-    """The tiny WordPiece vocabulary of tests/conftest.py as a fast BERT tokenizer.
-
-    Built from its vocab.txt with ``vocab=``: transformers 5 ignores a ``vocab_file=`` keyword,
-    which leaves ``make_tokenizer``'s own tokenizer with the 5 special tokens only.
-    """
+    """The tiny WordPiece vocabulary of tests/conftest.py as a fast BERT tokenizer."""
     from transformers import BertTokenizerFast
 
     return BertTokenizerFast(vocab=str(tiny_tokenizer_dir / "vocab.txt"), do_lower_case=True)

@@ -170,7 +170,7 @@ class StatefulLoader:
                            "differ from an uninterrupted run", state["batch_size"], self.batch_size)
         self._states = list(state["workers"])
         self._active = [bool(a) for a in state["active"]]
-        self._next = 0
+        self._next = int(state["next_worker"])
         self.batches = int(state["batches"])
 
     @property

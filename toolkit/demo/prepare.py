@@ -33,6 +33,7 @@ import yaml
 from toolkit.demo import resources as res
 from toolkit.errors import DataError, ToolkitError
 
+# Bump whenever the written files would change, so existing demo folders are rebuilt.
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -99,8 +100,9 @@ def truncate_words(text: str, max_words: int) -> str:
     return text if len(words) <= max_words else " ".join(words[:max_words])
 
 
-_SENT_END = re.compile(r"(?<=[.!?。！？])[ \t]*")
-_CJK = re.compile(r"[\u3000-\u9fff\uff00-\uffef]")
+# Zero-width split points after a sentence end (Latin: only when a space follows, so "1.5" and
+# "U.S." stay whole) or a line end; the pieces keep their separators and concatenate back.
+_SENT_END = re.compile(r"(?<=[.!?][ \t])|(?<=[。！？\n])")
 
 
 def split_long(doc: str, max_chars: int = MAX_DOC_CHARS) -> List[str]:
@@ -109,12 +111,11 @@ def split_long(doc: str, max_chars: int = MAX_DOC_CHARS) -> List[str]:
     if len(doc) <= max_chars:
         return [doc]
     pieces, cur = [], ""
-    for sent in (s for s in _SENT_END.split(doc) if s):
-        if cur and len(cur) + len(sent) > max_chars:
+    for sent in _SENT_END.split(doc):
+        if cur.strip() and len(cur) + len(sent) > max_chars:
             pieces.append(cur.strip())
             cur = ""
-        # Latin sentences were separated by the space the split removed; CJK ones by nothing.
-        cur += sent if not cur or sent.startswith("\n") or _CJK.match(sent) else " " + sent
+        cur += sent
     if cur.strip():
         pieces.append(cur.strip())
     return pieces
@@ -248,18 +249,19 @@ def build_bbc_topic(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
     rows = []
     for label in labels:
         for path in sorted((root / label).glob("*.txt")):
-            raw = path.read_bytes().decode("utf-8", errors="replace")
+            raw = html.unescape(path.read_bytes().decode("utf-8", errors="replace"))
             lines = [ln for ln in raw.splitlines() if ln.strip()]
             if len(lines) < 2:
                 continue
             title, body = clean_text(lines[0]), clean_paragraphs("\n".join(lines[1:]))
             text = truncate_words(f"{title.rstrip('.')}. {body.replace(chr(10), ' ')}", 60)
-            rows.append({"text": text, "label": label, "_doc": f"{title}\n{body}"})
-    rows = _check_rows(dedup(rows, "text"), root, "article")
+            rows.append({"text": text, "label": label, "_title": title, "_doc": f"{title}\n{body}"})
+    # Some stories come twice (edited versions, same title): one copy could sit in dev and
+    # the other in train or the corpus, so titles are deduplicated as well as texts.
+    rows = _check_rows(dedup(dedup(rows, "_title"), "text"), root, "article")
     train, dev, rest = _holdout(rows, preset, rng)
-    docs = [r.pop("_doc") for r in train + rest]
-    for r in dev:
-        del r["_doc"]
+    docs = [r["_doc"] for r in train + rest]
+    train, dev = ([{"text": r["text"], "label": r["label"]} for r in split] for split in (train, dev))
     return BuiltTask("bbc_topic", "classification", "en", labels, ["accuracy", "macro_f1"],
                      True, train, dev, ["bbc"], corpus={"bbc": docs})
 

@@ -117,10 +117,9 @@ def optional_path(p: Optional[str]) -> Optional[Path]:
 
 def task_ref(task: Any) -> str:
     """What reloads ``task`` with ``get_task``: its YAML path for custom tasks, else its name."""
-    for attr in ("yaml_path", "source", "config_path"):
-        val = getattr(task, attr, None)
-        if val:
-            return str(val)
+    spec = getattr(task, "spec", None)
+    if spec is not None and getattr(spec, "source", None):
+        return str(spec.source)
     return task.name
 
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from toolkit.config import arg, save_config
 from toolkit.engine import dist
 from toolkit.errors import ConfigError
-from toolkit.recipes.common import mean_std, write_json
+from toolkit.recipes.common import mean_std, task_ref, write_json
 from toolkit.recipes.finetune import FinetuneConfig, FinetuneRecipe
 from toolkit.tasks import resolve_tasks
 from toolkit.utils.logging import get_logger
@@ -74,7 +74,7 @@ class EvalRecipe:
                 for seed in cfg.seeds:
                     run_dir = self.out / task.name / f"lr{_fmt_lr(lr)}_seed{seed}"
                     fcfg = FinetuneConfig(
-                        model=cfg.model, task=str(task.source if hasattr(task, "source") else task.name),
+                        model=cfg.model, task=task_ref(task),
                         data_dir=cfg.data_dir, output_dir=str(run_dir), ds_config=cfg.ds_config,
                         epochs=cfg.epochs, max_steps=cfg.max_steps, lr=lr, seed=seed,
                         max_seq_length=cfg.max_seq_length, warmup_ratio=cfg.warmup_ratio,
