@@ -180,3 +180,13 @@ def test_hf_file_glob_with_split(tmp_path, tok):
     _write_jsonl(tmp_path / "p.jsonl", [1, 2, 3])
     loader = _read_all(StreamingCorpus(_cfg([f"hf:{tmp_path}/*.jsonl#train"]), tok))
     assert count_ids(loader.collected, tok) == expected_counts([1, 2, 3])
+
+
+def test_hf_source_in_loader_workers(tmp_path, tok):
+    # datasets re-shards by DataLoader worker on plain iteration; our sharding must stay in charge.
+    _write_jsonl(tmp_path / "x.jsonl", list(range(9)))
+    with (tmp_path / "x.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"other": "no text"}) + "\n")
+    loader = _read_all(StreamingCorpus(_cfg([f"hf:{tmp_path}"], num_workers=2), tok), num_workers=2)
+    assert count_ids(loader.collected, tok) == expected_counts(range(9))
+    assert loader.stats["skipped"] == {"missing_field": 1}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import itertools
 import json
 from pathlib import Path
@@ -141,6 +142,10 @@ def test_state_size_and_mismatch(tmp_path, tok):
     buffered = state["workers"][0]["buffer"]
     assert len(buffered["lens"]) == 6 and len(buffered["tokens"]) == sum(buffered["lens"])
     assert len(json.dumps(state)) < 6 * 32 * 8 + 4000
+    buf = io.BytesIO()
+    torch.save(state, buf)  # DeepSpeed client_state goes through torch.save / weights_only loads
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True) == state
     other = build_loader(_cfg([tmp_path / "*.txt"], shuffle_buffer=6, seq_length=24), tok, 2)
     with pytest.raises(ConfigError, match="corpus.seq_length"):
         other.load_state_dict(state)

@@ -40,6 +40,7 @@ HF_BUILDERS: Dict[str, str] = {
     ".txt": "text", ".csv": "csv", ".arrow": "arrow",
 }
 MAX_LOGGED_SKIPS = 5
+HF_BATCH = 256  # examples pulled from a datasets stream at a time
 _GLOB_CHARS = set("*?[")
 
 
@@ -332,15 +333,20 @@ def read_hf(shard: Shard, opts: ReadOptions, cursor: Cursor, skips: SkipTracker)
     row, doc = cursor["offset"], cursor["doc"]
     if row:
         ds = ds.skip(row)
-    for record in ds:
-        row += 1
-        value = _field_text(record, opts)
-        if value is None:
-            skips.skip("missing_field", shard.name, row, f"example has no string field '{opts.text_field}'",
-                       _FIELD_HINT)
-            continue
-        doc += 1
-        yield value, {"offset": row, "line": row, "doc": doc}
+    # ``iter(batch_size=)`` rather than ``for record in ds``: inside a DataLoader worker plain
+    # iteration re-shards by worker on its own, which would fight our sharding.
+    for batch in ds.iter(batch_size=HF_BATCH):
+        values = batch.get(opts.text_field)
+        n = len(next(iter(batch.values()), []))
+        for i in range(n):
+            row += 1
+            value = values[i] if values is not None else None
+            if not isinstance(value, str):
+                skips.skip("missing_field", shard.name, row, f"example has no string field '{opts.text_field}'",
+                           _FIELD_HINT)
+                continue
+            doc += 1
+            yield value, {"offset": row, "line": row, "doc": doc}
 
 
 READERS: Dict[str, Callable[[Shard, ReadOptions, Cursor, SkipTracker], DocIterator]] = {
