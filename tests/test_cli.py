@@ -55,3 +55,39 @@ def test_tasks_lists_registry():
     assert r.exit_code == 0
     for name in ("sst2", "mnli", "squad_v2", "cmrc2018", "afqmc", "group glue", "group clue"):
         assert name in r.output
+
+
+def test_shipped_configs_load():
+    """Every YAML in configs/ is a valid job config (typed fields, no unknown keys)."""
+    from pathlib import Path
+
+    from toolkit.config import load_config
+    from toolkit.jobs import JOBS as TABLE
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    kinds = {"teacher": "teacher", "distill": "distill", "eval": "eval", "pipeline": "pipeline",
+             "finetune": "finetune"}
+    seen = 0
+    for f in sorted(root.glob("*.yaml")):
+        job = kinds[f.name.split("_")[0]]
+        cfg_cls, _ = TABLE[job].load()
+        load_config(cfg_cls, f)
+        seen += 1
+    assert seen >= 5
+
+
+def test_shipped_ds_configs_validate():
+    import json
+    from pathlib import Path
+
+    from toolkit.engine.ds_config import load_ds_config
+
+    root = Path(__file__).resolve().parents[1] / "ds_configs"
+    files = sorted(root.glob("*.json"))
+    assert {"cpu_fp32.json", "zero2_bf16.json", "zero3_offload_bf16.json"} <= {f.name for f in files}
+    for f in files:
+        for world in (1, 2, 8):
+            cfg = load_ds_config(f, world)
+            assert cfg["train_batch_size"] == (cfg["train_micro_batch_size_per_gpu"]
+                                               * cfg["gradient_accumulation_steps"] * world)
+        json.loads(f.read_text())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from corpus_testlib import count_ids, expected_counts, tok, write_text  # noqa: F401  (tok: fixture)
-from toolkit.data import CorpusConfig, StatefulLoader, StreamingCorpus, build_loader
+from toolkit.data import CorpusConfig, StreamingCorpus, build_loader
 from toolkit.data.packing import pad_rows
 from toolkit.errors import ConfigError, DataError
 

@@ -41,7 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from toolkit.config import arg
 from toolkit.errors import ConfigError, DataError
 from toolkit.data.packing import Row, SequencePacker, pad_row
-from toolkit.data.sources import (READERS, ReadOptions, Shard, SkipTracker, resolve_shards,
+from toolkit.data.sources import (READERS, ReadOptions, SkipTracker, resolve_shards,
                                   start_cursor)
 
 logger = logging.getLogger(__name__)
