@@ -65,6 +65,7 @@ def main() -> None:
     cfg = json.loads(Path(args.ds_config).read_text())
     cfg["train_micro_batch_size_per_gpu"] = args.micro_batch
     train(cfg, args.steps, Path(args.out))
+    dist.shutdown()
 
 
 if __name__ == "__main__":

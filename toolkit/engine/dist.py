@@ -113,3 +113,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def shutdown() -> None:
+    """Destroy the process group (call once at the end of a job).
+
+    Leaving gloo groups to interpreter teardown can abort a rank at exit with
+    "terminate called without an active exception" after all work is done.
+    """
+    if is_initialized():
+        barrier()
+        tdist.destroy_process_group()

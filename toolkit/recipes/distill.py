@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from toolkit.config import arg, save_config
-from toolkit.data.corpus import CorpusConfig, build_loader
+from toolkit.data.corpus import CorpusConfig
+from toolkit.data.loader import build_loader
 from toolkit.engine import Engine, OptimConfig, dist, prepare_frozen
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.precision import teacher_dtype
