@@ -91,3 +91,10 @@ def test_shipped_ds_configs_validate():
             assert cfg["train_batch_size"] == (cfg["train_micro_batch_size_per_gpu"]
                                                * cfg["gradient_accumulation_steps"] * world)
         json.loads(f.read_text())
+
+
+def test_requeue_exit_code_matches_engine():
+    from toolkit.engine.signals import REQUEUE_EXIT_CODE
+    from toolkit.launch.commands import REQUEUE_EXIT_CODE as SCRIPT_CODE
+
+    assert SCRIPT_CODE == REQUEUE_EXIT_CODE

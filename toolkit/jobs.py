@@ -71,9 +71,17 @@ def launcher_main(job: str, argv: Optional[List[str]] = None) -> None:
     overrides = list(args.overrides)
     if args.ds_config:
         overrides.append(f"ds_config={args.ds_config}")
+    code = 0
     try:
         cfg = build_config(job, args.config, overrides)
         run_job(job, cfg)
     except ToolkitError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        code = 2
+    except SystemExit as e:  # a recipe asking to be requeued after a preemption signal
+        code = e.code if isinstance(e.code, int) else 1
+    # Tear the process group down and leave with os._exit: on CPU/gloo, rank 1 otherwise
+    # aborts in interpreter shutdown ("terminate called without an active exception").
+    from toolkit.engine import dist
+
+    dist.finalize_and_exit(code)

@@ -65,7 +65,7 @@ def main() -> None:
     cfg = json.loads(Path(args.ds_config).read_text())
     cfg["train_micro_batch_size_per_gpu"] = args.micro_batch
     train(cfg, args.steps, Path(args.out))
-    dist.shutdown()
+    dist.finalize_and_exit(0)
 
 
 if __name__ == "__main__":

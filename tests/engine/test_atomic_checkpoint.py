@@ -77,7 +77,7 @@ def test_resaving_same_tag_replaces_it(tmp_path):
 
 def test_bad_tag(tmp_path):
     with pytest.raises(ToolkitError, match="tag"):
-        _save_tag = write_atomic(tmp_path, "../x", lambda d: None, {})  # noqa: F841
+        write_atomic(tmp_path, "../x", lambda d: None, {})
 
 
 def _check_loadable(root: Path) -> int:

@@ -64,7 +64,7 @@ def run(engine: Engine, micro_batches, start: int = 0):
         loss = engine(*batch(i, engine.micro_batch_size))
         engine.backward(loss)
         engine.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
@@ -80,7 +80,7 @@ def test_trains_and_reports_settings():
             e.backward(e(x[half], y[half]))
             e.step()
     assert e.global_step == 15
-    assert float(e(x[:4], y[:4])) < 0.5 * first
+    assert e(x[:4], y[:4]).item() < 0.5 * first
     assert isinstance(e.module, TinyNet)
 
 
@@ -223,7 +223,7 @@ def test_tiny_bert_trains(tiny_bert_dir):
         loss = e(ids, mask, labels)
         e.backward(loss)
         e.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] * 0.5
 

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def test_two_ranks_match_one_process(tmp_path, reference, config):
                                   f"\n{proc.stderr[-3000:]}"
     if proc.returncode != 0:
         warnings.warn(f"deepspeed launcher exited {proc.returncode} after writing its outputs "
-                      f"(known rare rank-1 abort at exit): {proc.stderr[-500:]}")
+                      f"(rank abort at exit; see PLATFORM_NOTES): {proc.stderr[-500:]}")
     got = json.loads(result_file.read_text())
     ref, ref_weights = reference
     assert got["world_size"] == 2 and got["global_batch"] == ref["global_batch"] == 2 * MICRO

@@ -20,7 +20,7 @@ SCRIPTS = {"teacher": "train_teacher.py", "distill": "distill.py", "finetune": "
            "pipeline": "pipeline.py"}
 # Exit code a job uses after writing its checkpoint on SIGTERM/SIGUSR1; the sbatch script
 # requeues the job when it sees it. Kept in sync with toolkit.engine.signals.
-REQUEUE_EXIT_CODE = 85
+REQUEUE_EXIT_CODE = 75
 
 
 @dataclass

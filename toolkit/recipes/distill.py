@@ -33,7 +33,7 @@ from toolkit.errors import ConfigError, DataError
 from toolkit.losses import LogitKDLoss, MiniLMv1Loss, MiniLMv2RelationLoss, TinyBERTLoss
 from toolkit.models.capture import QKVCapture, default_teacher_layer, resolve_layer, truncate_encoder
 from toolkit.models.encoder import EncoderSpec, build_encoder, count_parameters, load_tokenizer, spec_from_model
-from toolkit.recipes.common import resolve_ds_config, write_json
+from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
 from toolkit.utils.logging import RunLogger, get_logger
 from toolkit.utils.meter import Throughput
 
@@ -285,12 +285,11 @@ class DistillRecipe:
         if cfg.resume:
             client = eng.load_checkpoint(self.ckpt_dir)
             if client is not None:
-                loaders = client["loaders"]
-                if len(loaders) != eng.world_size:
+                if client.get("world_size") != eng.world_size:
                     raise ConfigError("ds_config", f"the checkpoint in {self.ckpt_dir} was written by "
-                                      f"{len(loaders)} ranks but this run has {eng.world_size}; the stream "
-                                      "position is per rank, so resume with the same number of ranks")
-                self.loader.load_state_dict(loaders[eng.rank])
+                                      f"{client.get('world_size')} ranks but this run has {eng.world_size}; the "
+                                      "stream position is per rank, so resume with the same number of ranks")
+                self.loader.load_state_dict(client["loader"])
                 self.state.update(client["state"])
                 log.info("resumed from step %d", self.state["step"])
         self.logger = RunLogger(self.out, is_main=eng.is_main)
@@ -352,9 +351,10 @@ class DistillRecipe:
         batch["mlm_mask"] = mask.to(ids.device)
 
     def save_checkpoint(self) -> None:
-        loaders = dist.all_gather_object(self.loader.state_dict())
+        # Client state is stored per rank by the engine: each rank keeps its own stream position.
         self.engine.save_checkpoint(self.ckpt_dir, f"step{self.state['step']}",
-                                    {"loaders": loaders, "state": dict(self.state)})
+                                    {"loader": self.loader.state_dict(), "world_size": self.engine.world_size,
+                                     "state": dict(self.state)}, keep_last=self.cfg.keep_last)
 
     def train(self) -> Dict[str, Any]:
         cfg, eng, st = self.cfg, self.engine, self.state
@@ -397,8 +397,8 @@ class DistillRecipe:
                 if not eng.step():
                     continue
                 st["step"] = eng.global_step
-                if st["step"] % cfg.log_every == 0 and n_sum:
-                    last = {k: v / n_sum for k, v in sums.items()}
+                if st["step"] % cfg.log_every == 0:
+                    last = mean_across_ranks(sums, n_sum)
                     self.logger.log(st["step"], {**last, "lr": eng.lr, **meter.summary()})
                     sums, n_sum = {}, 0
                 if cfg.save_every and st["step"] % cfg.save_every == 0:
@@ -411,8 +411,8 @@ class DistillRecipe:
                         self.logger.close()
                         raise SystemExit(REQUEUE_EXIT_CODE)
                     return {"stopped_at": st["step"]}
-        if n_sum:
-            last = {k: v / n_sum for k, v in sums.items()}
+        if sums:  # the same on every rank: all log at the same steps
+            last = mean_across_ranks(sums, n_sum)
         self.save_checkpoint()
         return self._finish(meter.summary(), last, time.time() - t0)
 

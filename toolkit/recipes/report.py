@@ -162,7 +162,8 @@ def _plot_curves(out_dir: Path, path: Path) -> None:
     axes[1].set_title("distillation: MiniLMv2 relation loss")
     axes[1].set_xlabel("step")
     for ax in axes:
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -30,7 +30,7 @@ from toolkit.errors import ConfigError, DataError, ToolkitError
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
 from toolkit.recipes.common import (batch_size_of, check_task_tokenizer, count_tokens, forward_kwargs,
-                                    resolve_ds_config, to_device, write_json)
+                                    mean_across_ranks, resolve_ds_config, to_device, write_json)
 from toolkit.recipes.predict import predict, score_split
 from toolkit.tasks import resolve_tasks
 from toolkit.tasks.features import collate, encode_examples
@@ -167,7 +167,8 @@ class TeacherRecipe:
     def save_checkpoint(self) -> None:
         st = self.state
         self.engine.save_checkpoint(self.ckpt_dir, f"step{st['step']}",
-                                    {"sampler": self.sampler.state_dict(), "state": dict(st)})
+                                    {"sampler": self.sampler.state_dict(), "state": dict(st)},
+                                    keep_last=self.cfg.keep_last)
 
     def _save_model(self, metrics: Dict[str, Any]) -> None:
         state = self.engine.consolidated_state_dict()
@@ -203,8 +204,9 @@ class TeacherRecipe:
                 if not eng.step():
                     continue
                 st["step"] = eng.global_step
-                if st["step"] % cfg.log_every == 0 and n_loss:
-                    self.logger.log(st["step"], {"loss": running / n_loss, "lr": eng.lr, **meter.summary()})
+                if st["step"] % cfg.log_every == 0:
+                    loss = mean_across_ranks({"loss": running}, n_loss)
+                    self.logger.log(st["step"], {**loss, "lr": eng.lr, **meter.summary()})
                     running, n_loss = 0.0, 0
                 if cfg.eval_every and st["step"] % cfg.eval_every == 0:
                     self._eval_and_keep()

@@ -2,7 +2,7 @@
 
 Rank is read from the launcher's environment (``RANK``, else ``SLURM_PROCID``, else
 ``OMPI_COMM_WORLD_RANK``) so logging works before the process group exists and without
-importing ``torch.distributed`` here. Rank 0 prints INFO and up; other ranks only WARNING
+importing the distributed package here. Rank 0 prints INFO and up; other ranks only WARNING
 and up, so a 64-rank job does not print every line 64 times.
 """
 from __future__ import annotations
@@ -42,7 +42,9 @@ def _root_logger(rank: int) -> logging.Logger:
         h.setLevel(logging.INFO if rank == 0 else logging.WARNING)
         root.addHandler(h)
         root.setLevel(logging.DEBUG)
-        root.propagate = False
+        # Propagate so that handlers on the root logger (pytest's caplog, an embedding
+        # application's) still see toolkit records.
+        root.propagate = True
     return root
 
 

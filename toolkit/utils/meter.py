@@ -12,7 +12,7 @@ import contextlib
 import resource
 import time
 from pathlib import Path
-from typing import Deque, Dict, Iterator, Optional, Tuple, Union
+from typing import Deque, Dict, Iterator, Tuple, Union
 
 import torch
 

@@ -1,0 +1,172 @@
+"""Helpers shared by the benchmark scripts: machine facts, memory probes, matmul peak, FLOP counts.
+
+Nothing here runs on import. Memory figures are Linux process figures in bytes: RSS from
+``/proc/self/status`` and the peak from ``getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on Linux).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from toolkit.errors import ConfigError
+
+
+def cpu_model() -> str:
+    """CPU model name from ``/proc/cpuinfo`` (falls back to ``platform.processor()``)."""
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> List[str]:
+    """The SIMD flags that decide fp32 matmul speed (AVX2, FMA, AVX-512), as listed in cpuinfo."""
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        return []
+    for line in info.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return []
+
+
+def load_average() -> List[float]:
+    """1-, 5- and 15-minute load averages (``/proc/loadavg``)."""
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def machine_info(threads: int) -> Dict[str, Any]:
+    """Facts that make a timing reproducible: CPU, cores, library versions, date, load."""
+    import transformers
+
+    return {
+        "cpu": cpu_model(), "cpu_flags": cpu_flags(), "logical_cpus": os.cpu_count(),
+        "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "loadavg": load_average(),
+    }
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("VmRSS not found in /proc/self/status (the benchmark needs Linux)")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (``ru_maxrss``; KiB on Linux)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclass
+class MatmulPeak:
+    """fp32 ``n x n`` matmul throughput at the benchmark's thread count."""
+
+    n: int
+    threads: int
+    best_flops: float     # FLOP/s of the fastest repetition: the peak MFU divides by
+    median_flops: float
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"n": self.n, "threads": self.threads, "best_gflops": self.best_flops / 1e9,
+                "median_gflops": self.median_flops / 1e9}
+
+
+def measure_matmul_peak(n: int = 2048, reps: int = 7, warmup: int = 2) -> MatmulPeak:
+    """Time ``a @ b`` for two ``[n, n]`` fp32 matrices (``2 n^3`` FLOPs each) at the current thread count."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    out = torch.empty(n, n)
+    for _ in range(warmup):
+        torch.matmul(a, b, out=out)
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        rates.append(2.0 * n ** 3 / (time.perf_counter() - t0))
+    return MatmulPeak(n, torch.get_num_threads(), max(rates), statistics.median(rates))
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """What the FLOP count needs of a BERT-style encoder."""
+
+    layers: int        # transformer layers actually run
+    hidden: int
+    intermediate: int
+    pooler: bool = True
+
+
+def encoder_forward_flops(shape: EncoderShape, batch: int, seq: int) -> float:
+    """Matmul FLOPs of one forward pass over ``[batch, seq]`` tokens.
+
+    Per layer and token: Q/K/V/output projections ``8 H^2``, feed-forward ``4 H I``,
+    scores ``Q K^T`` and ``P V`` ``4 L H``; the pooler adds ``2 H^2`` per sample.
+    Embedding look-ups, layer norms, softmax and GELU are not matmuls and are not counted.
+    """
+    h, i = shape.hidden, shape.intermediate
+    per_token_layer = 8 * h * h + 4 * h * i + 4 * seq * h
+    flops = shape.layers * batch * seq * per_token_layer
+    if shape.pooler:
+        flops += batch * 2 * h * h
+    return float(flops)
+
+
+def relation_loss_flops(batch: int, seq: int, teacher_hidden: int, student_hidden: int,
+                        relations: int = 3) -> float:
+    """Model FLOPs of the MiniLMv2 relation KL (forward and student backward).
+
+    Per relation: teacher logits ``2 B L^2 Ht``, student logits ``2 B L^2 Hs``, and the
+    student backward's two matmuls (query side and key side) ``4 B L^2 Hs``. A recomputing
+    backward (the chunked kernel) does more work than this; like MFU on GPUs, recomputation
+    is not credited, so both implementations are measured against the same useful work.
+    """
+    l2 = batch * seq * seq
+    return float(relations * (2 * l2 * teacher_hidden + 2 * l2 * student_hidden + 4 * l2 * student_hidden))
+
+
+def step_flops(teacher: EncoderShape, student: EncoderShape, batch: int, seq: int, relations: int = 3) -> float:
+    """Model FLOPs of one distillation step: teacher forward + 3x student forward + relation loss."""
+    return (encoder_forward_flops(teacher, batch, seq) + 3.0 * encoder_forward_flops(student, batch, seq)
+            + relation_loss_flops(batch, seq, teacher.hidden, student.hidden, relations))
+
+
+def parse_int_list(text: str, field: str) -> List[int]:
+    """``"128,512"`` -> ``[128, 512]``; ConfigError naming the option otherwise."""
+    values = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise ConfigError(field, f"expected comma-separated positive integers, got {text!r}") from None
+        if value < 1:
+            raise ConfigError(field, f"values must be >= 1, got {value}")
+        values.append(value)
+    if not values:
+        raise ConfigError(field, "needs at least one value, e.g. 128,512")
+    return values
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; floats are formatted by the caller."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

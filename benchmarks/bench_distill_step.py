@@ -1,0 +1,612 @@
+"""Benchmark one MiniLMv2 distillation step: the toolkit's step against a plain transformers baseline.
+
+Both are measured in the same run, on the same batches, at the same thread count:
+
+* ``toolkit``: what ``toolkit/recipes/distill.py`` runs per step, without DeepSpeed (one CPU
+  process gains nothing from it): a frozen, truncated sdpa teacher under ``no_grad`` whose Q/K/V
+  come from :class:`~toolkit.models.capture.QKVCapture` hooks, the recipe's ``StudentWithLoss``
+  (sdpa student + ``MiniLMv2RelationLoss(impl="chunked")``), fused AdamW.
+* ``baseline``: what people write with stock transformers: eager attention,
+  ``output_attentions=True, output_hidden_states=True``, the full teacher, Q/K/V recomputed from
+  ``hidden_states[layer - 1]`` with the layer's own projections, a relation KL that materializes
+  every ``[B, R, L, L]`` matrix, default (foreach) AdamW.
+
+Every (implementation, seq, batch) runs in a fresh subprocess so its peak RSS is its own. The
+parent first checks that both steps compute the same loss on the same batch, measures the fp32
+matmul peak for MFU, then prints a Markdown table (and ``--json`` writes everything).
+
+Usage::
+
+    python benchmarks/bench_distill_step.py --seqs 128,512 --batches "128=8,32;512=4,8,16" \
+        --steps 5 --warmup 2 --threads 2 --json results.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from _common import (EncoderShape, load_average, machine_info, markdown_table, measure_matmul_peak,
+                     parse_int_list, peak_rss_bytes, rss_bytes, step_flops)
+from toolkit.errors import ConfigError, ToolkitError
+
+RESULT_PREFIX = "BENCH_RESULT "
+LR = 1e-4
+WEIGHT_DECAY = 0.01
+TEACHER_SEED = 1234     # only used when the real teacher is missing (random stand-in)
+STUDENT_SEED = 42
+BATCH_SEED = 7
+RELATIONS = ("q", "k", "v")
+DEFAULT_BATCHES = {128: [8, 32], 512: [4, 8, 16]}
+MIB = 1024.0 * 1024.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+@dataclass
+class BenchModels:
+    """Teacher source (directory or random spec), student spec and relation heads of a run."""
+
+    teacher: Any            # str directory or EncoderSpec
+    teacher_note: str
+    student: Any            # EncoderSpec
+    relation_heads: int
+    vocab_size: int
+    max_positions: int
+
+
+def bench_models(smoke: bool) -> BenchModels:
+    """The issue's models (all-MiniLM-L6-v2 teacher, 3x384 student) or tiny ones for ``--smoke``."""
+    from toolkit.models.encoder import EncoderSpec
+
+    if smoke:
+        tiny = dict(arch="bert", hidden_size=32, num_heads=4, intermediate_size=64, vocab_size=512,
+                    max_position_embeddings=64)
+        return BenchModels(EncoderSpec(num_layers=2, **tiny), "random tiny teacher (--smoke)",
+                           EncoderSpec(num_layers=2, **tiny), 4, 512, 64)
+    teacher: Any
+    try:
+        from toolkit.demo.resources import teacher_dir
+
+        teacher = str(teacher_dir())
+        note = f"all-MiniLM-L6-v2 ({teacher})"
+        vocab, max_pos = 30522, 512
+        cfg = json.loads((Path(teacher) / "config.json").read_text(encoding="utf-8"))
+        vocab, max_pos = int(cfg["vocab_size"]), int(cfg["max_position_embeddings"])
+    except ToolkitError as e:
+        vocab, max_pos = 30522, 512
+        teacher = EncoderSpec(arch="bert", num_layers=6, hidden_size=384, num_heads=12, intermediate_size=1536,
+                              vocab_size=vocab, max_position_embeddings=max_pos)
+        note = f"RANDOM BertModel of all-MiniLM-L6-v2's shape (the real teacher is missing: {e})"
+    student = EncoderSpec(arch="bert", num_layers=3, hidden_size=384, num_heads=12, intermediate_size=1536,
+                          vocab_size=vocab, max_position_embeddings=max_pos)
+    return BenchModels(teacher, note, student, 12, vocab, max_pos)
+
+
+def _shape(config: Any, layers_run: int) -> EncoderShape:
+    return EncoderShape(layers_run, config.hidden_size, config.intermediate_size, pooler=True)
+
+
+def make_batch(models: BenchModels, batch: int, seq: int, pad_last: int = 0) -> Dict[str, Tensor]:
+    """Random token ids ``[batch, seq]`` (seeded), full attention mask as the packed corpus yields.
+
+    ``pad_last`` pads the last row's final ``pad_last`` positions (used by the loss check).
+    """
+    g = torch.Generator().manual_seed(BATCH_SEED)
+    low = min(1000, models.vocab_size // 2)   # skip [PAD]/[unused] rows of a real vocabulary
+    ids = torch.randint(low, models.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad_last:
+        mask[-1, seq - pad_last:] = 0
+        ids[-1, seq - pad_last:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The toolkit step (mirrors toolkit/recipes/distill.py without DeepSpeed)
+class ToolkitStep:
+    """Truncated frozen sdpa teacher + hook captures + recipe ``StudentWithLoss`` + fused AdamW."""
+
+    def __init__(self, models: BenchModels):
+        from toolkit.engine import prepare_frozen
+        from toolkit.losses import MiniLMv2RelationLoss
+        from toolkit.models.capture import QKVCapture, default_teacher_layer, resolve_layer, truncate_encoder
+        from toolkit.models.encoder import build_encoder
+        from toolkit.recipes.distill import StudentWithLoss
+
+        torch.manual_seed(TEACHER_SEED)
+        teacher = build_encoder(models.teacher)
+        n_layers = teacher.config.num_hidden_layers
+        self.teacher_idx = resolve_layer(default_teacher_layer(n_layers), n_layers)
+        truncate_encoder(teacher, self.teacher_idx + 1)
+        self.teacher = prepare_frozen(teacher, "cpu", torch.float32)
+        self.capture = QKVCapture(self.teacher, [self.teacher_idx])
+        torch.manual_seed(STUDENT_SEED)
+        student = build_encoder(models.student)
+        # As the recipe: the pooler gets no gradient from relation losses, so it is frozen.
+        student.pooler.requires_grad_(False)
+        s_idx = student.config.num_hidden_layers - 1
+        losses = nn.ModuleDict({"minilmv2": MiniLMv2RelationLoss(models.relation_heads, impl="chunked")})
+        self.module = StudentWithLoss(student, losses, {"minilmv2": 1.0}, s_idx)
+        self.module.train()
+        self.student = student
+        self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=LR,
+                                           weight_decay=WEIGHT_DECAY, fused=True)
+        self.teacher_layers_run = self.teacher_idx + 1
+
+    @torch.no_grad()
+    def teacher_qkv(self, batch: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Teacher forward; Q/K/V ``[B, L, Ht]`` of the distilled layer from the hooks."""
+        self.capture.clear()
+        self.teacher(**batch)
+        t_qkv = dict(self.capture.captured[self.teacher_idx])
+        self.capture.clear()
+        return t_qkv
+
+    def student_loss(self, batch: Mapping[str, Tensor], t_qkv: Dict[str, Tensor]) -> Tensor:
+        """Student forward + relation loss: a scalar with a graph."""
+        return self.module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                           teacher={"qkv": t_qkv})["loss"]
+
+    def step(self, batch: Mapping[str, Tensor], phases: Dict[str, float]) -> float:
+        """One optimizer step; adds seconds per phase to ``phases``. Returns the loss."""
+        return _timed_step(self, batch, phases)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plain baseline (stock transformers, written inline on purpose)
+def naive_relation_kl(t_x: Tensor, s_x: Tensor, mask: Tensor, heads: int) -> Tensor:
+    """KL(teacher || student) of ``softmax(x x^T / sqrt(d))`` per relation head, fully materialized.
+
+    Args:
+        t_x: teacher projection ``[B, L, Ht]``.
+        s_x: student projection ``[B, L, Hs]``.
+        mask: ``[B, L]``, 1 for real tokens.
+        heads: relation heads R.
+
+    Returns:
+        Scalar: mean over real query tokens and heads.
+    """
+    key_pad = mask[:, None, None, :] == 0                           # [B, 1, 1, L]
+
+    def logits(x: Tensor) -> Tensor:
+        b, l, h = x.shape
+        d = h // heads
+        xr = x.view(b, l, heads, d).transpose(1, 2)                 # [B, R, L, d]
+        scores = xr @ xr.transpose(-1, -2) / math.sqrt(d)           # [B, R, L, L]
+        return scores.masked_fill(key_pad, torch.finfo(scores.dtype).min)
+
+    t_logits, s_logits = logits(t_x), logits(s_x)
+    p_t = torch.softmax(t_logits, dim=-1)
+    kl = (p_t * (torch.log_softmax(t_logits, dim=-1) - torch.log_softmax(s_logits, dim=-1))).sum(-1)  # [B, R, L]
+    valid = mask[:, None, :].to(kl.dtype)
+    return (kl * valid).sum() / (valid.sum() * heads)
+
+
+class BaselineStep:
+    """Eager teacher and student with ``output_attentions``/``output_hidden_states``, naive KL, AdamW."""
+
+    def __init__(self, models: BenchModels):
+        from transformers import AutoModel
+
+        torch.manual_seed(TEACHER_SEED)
+        if isinstance(models.teacher, str):
+            teacher = AutoModel.from_pretrained(models.teacher, attn_implementation="eager", local_files_only=True)
+        else:
+            teacher = AutoModel.from_config(models.teacher.to_config("eager"), attn_implementation="eager")
+        teacher.eval()
+        teacher.requires_grad_(False)
+        torch.manual_seed(STUDENT_SEED)
+        student = AutoModel.from_config(models.student.to_config("eager"), attn_implementation="eager")
+        student.train()
+        for name, model in (("teacher", teacher), ("student", student)):
+            if model.config._attn_implementation != "eager":
+                raise ToolkitError(f"baseline {name} runs {model.config._attn_implementation!r} attention, "
+                                   "expected eager; this transformers version ignores attn_implementation")
+        self.teacher, self.student, self.heads = teacher, student, models.relation_heads
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        self.teacher_layers_run = teacher.config.num_hidden_layers
+
+    @staticmethod
+    def _qkv(model: nn.Module, hidden_states: Sequence[Tensor]) -> Dict[str, Tensor]:
+        # hidden_states[i] is the input of layer i+1, so [-2] feeds the last layer.
+        attn = model.encoder.layer[-1].attention.self
+        h = hidden_states[-2]
+        return {"q": attn.query(h), "k": attn.key(h), "v": attn.value(h)}
+
+    @torch.no_grad()
+    def teacher_qkv(self, batch: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Full eager teacher forward with every attention map and hidden state; Q/K/V recomputed."""
+        t_out = self.teacher(**batch, output_attentions=True, output_hidden_states=True)
+        return self._qkv(self.teacher, t_out.hidden_states)
+
+    def student_loss(self, batch: Mapping[str, Tensor], t_qkv: Dict[str, Tensor]) -> Tensor:
+        """Eager student forward, Q/K/V recomputed, naive relation KL summed over q/k/v."""
+        s_out = self.student(**batch, output_attentions=True, output_hidden_states=True)
+        s_qkv = self._qkv(self.student, s_out.hidden_states)
+        return sum(naive_relation_kl(t_qkv[r], s_qkv[r], batch["attention_mask"], self.heads) for r in RELATIONS)
+
+    def step(self, batch: Mapping[str, Tensor], phases: Dict[str, float]) -> float:
+        """One optimizer step; adds seconds per phase to ``phases``. Returns the loss."""
+        return _timed_step(self, batch, phases)
+
+
+def _timed_step(impl: Any, batch: Mapping[str, Tensor], phases: Dict[str, float]) -> float:
+    """teacher forward + student forward + loss + backward + optimizer step + zero_grad.
+
+    Adds the seconds of each phase to ``phases`` (no device sync needed on CPU). Returns the loss.
+    """
+    t0 = time.perf_counter()
+    t_qkv = impl.teacher_qkv(batch)
+    t1 = time.perf_counter()
+    loss = impl.student_loss(batch, t_qkv)
+    del t_qkv
+    t2 = time.perf_counter()
+    loss.backward()
+    t3 = time.perf_counter()
+    impl.optimizer.step()
+    impl.optimizer.zero_grad(set_to_none=True)
+    t4 = time.perf_counter()
+    for name, dt in (("teacher_fwd", t1 - t0), ("student_fwd_loss", t2 - t1), ("backward", t3 - t2),
+                     ("optimizer", t4 - t3)):
+        phases[name] = phases.get(name, 0.0) + dt
+    return float(loss.detach())
+
+
+#: Implementations by name (the order of the table rows).
+IMPLS: Dict[str, Callable[[BenchModels], Any]] = {"toolkit": ToolkitStep, "baseline": BaselineStep}
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiling: op self-time by category
+_OP_CATEGORIES = {
+    "aten::addmm": "linear matmuls (QKV/O/FFN)",
+    "aten::mm": "linear matmuls (QKV/O/FFN)",
+    "aten::bmm": "batched matmuls (attention, relation logits)",
+    "aten::baddbmm": "batched matmuls (attention, relation logits)",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "sdpa flash kernel",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "sdpa flash kernel",
+    "aten::_softmax": "softmax / logsumexp / exp",
+    "aten::_log_softmax": "softmax / logsumexp / exp",
+    "aten::_softmax_backward_data": "softmax / logsumexp / exp",
+    "aten::_log_softmax_backward_data": "softmax / logsumexp / exp",
+    "aten::logsumexp": "softmax / logsumexp / exp",
+    "aten::exp": "softmax / logsumexp / exp",
+    "aten::exp_": "softmax / logsumexp / exp",
+    "aten::bernoulli_": "dropout masks",
+    "aten::native_dropout": "dropout masks",
+    "aten::_fused_adamw_": "optimizer",
+    "aten::gelu": "gelu",
+    "aten::gelu_backward": "gelu",
+    "aten::native_layer_norm": "layer norm",
+    "aten::native_layer_norm_backward": "layer norm",
+    "aten::embedding_dense_backward": "embedding backward",
+}
+_OP_PREFIX_CATEGORIES = {"aten::_foreach_": "optimizer"}
+
+
+def _op_category(name: str) -> str:
+    if name in _OP_CATEGORIES:
+        return _OP_CATEGORIES[name]
+    for prefix, cat in _OP_PREFIX_CATEGORIES.items():
+        if name.startswith(prefix):
+            return cat
+    return "other (elementwise, masks, copies)"
+
+
+def profile_step(step: Any, batch: Mapping[str, Tensor]) -> Dict[str, Any]:
+    """One step under ``torch.profiler``: self CPU time per op category and the top ops (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step.step(batch, {})
+    cats: Dict[str, float] = {}
+    ops = []
+    for ev in prof.key_averages():
+        ms = ev.self_cpu_time_total / 1000.0
+        if ms <= 0:
+            continue
+        cat = _op_category(ev.key)
+        cats[cat] = cats.get(cat, 0.0) + ms
+        ops.append((ev.key, ms, ev.count))
+    ops.sort(key=lambda o: -o[1])
+    return {"categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "top_ops_ms": [{"op": n, "self_ms": round(ms, 1), "calls": c} for n, ms, c in ops[:12]]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker (one implementation, one size, fresh process)
+def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: bool,
+               profile: bool) -> Dict[str, Any]:
+    """Build, warm up, time ``steps`` steps; memory is measured from right after set-up."""
+    models = bench_models(smoke)
+    step = IMPLS[impl](models)
+    data = make_batch(models, batch, seq)
+    gc.collect()
+    rss_setup = rss_bytes()
+    peak_setup = peak_rss_bytes()
+    losses, times = [], []
+    phases_per_step: List[Dict[str, float]] = []
+    for i in range(warmup + steps):
+        phases: Dict[str, float] = {}
+        t0 = time.perf_counter()
+        losses.append(step.step(data, phases))
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+            phases_per_step.append(phases)
+    peak = peak_rss_bytes()
+    med = statistics.median(times)
+    tokens = int(data["attention_mask"].sum())
+    flops = step_flops(_shape(step.teacher.config, step.teacher_layers_run),
+                       _shape(step.student.config, step.student.config.num_hidden_layers), batch, seq,
+                       relations=len(RELATIONS))
+    out: Dict[str, Any] = {
+        "impl": impl, "seq": seq, "batch": batch, "steps": steps, "warmup": warmup,
+        "threads": torch.get_num_threads(), "step_s_median": med, "step_s_all": times,
+        "tokens_per_s": tokens / med, "samples_per_s": batch / med, "flops_per_step": flops,
+        "achieved_flops": flops / med, "teacher_layers_run": step.teacher_layers_run,
+        "rss_after_setup_mib": rss_setup / MIB, "peak_rss_setup_mib": peak_setup / MIB,
+        "peak_rss_mib": peak / MIB, "peak_growth_mib": (peak - rss_setup) / MIB,
+        "phases_s_median": {k: statistics.median(p[k] for p in phases_per_step) for k in phases_per_step[0]},
+        "losses": losses, "loss_finite": all(math.isfinite(x) for x in losses),
+    }
+    if profile:
+        out["profile"] = profile_step(step, data)
+    return out
+
+
+def spawn_worker(impl: str, seq: int, batch: int, args: argparse.Namespace) -> Dict[str, Any]:
+    """Run :func:`run_worker` in a fresh interpreter; a crash becomes a row with ``error`` set."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--seqs", str(seq),
+           "--batches", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads)]
+    if args.smoke:
+        cmd.append("--smoke")
+    if args.profile:
+        cmd.append("--profile")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    base = {"impl": impl, "seq": seq, "batch": batch}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timed out after {args.worker_timeout}s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
+    return {**base, "error": f"{why}: {' | '.join(tail)}"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent: loss check, matmul peak, table
+def loss_check(models: BenchModels, seq: int, batch: int = 2) -> Dict[str, Any]:
+    """Both steps' loss on one batch (last row padded), dropout off, same weights."""
+    tk, bl = ToolkitStep(models), BaselineStep(models)
+    bl.teacher.load_state_dict(tk.teacher.state_dict(), strict=False)  # truncated layers are absent
+    bl.student.load_state_dict(tk.student.state_dict())
+    tk.module.eval()
+    bl.student.eval()
+    data = make_batch(models, batch, seq, pad_last=seq // 4)
+    with torch.no_grad():
+        a = float(tk.student_loss(data, tk.teacher_qkv(data)))
+        b = float(bl.student_loss(data, bl.teacher_qkv(data)))
+    rel = abs(a - b) / max(abs(b), 1e-12)
+    return {"seq": seq, "batch": batch, "toolkit_loss": a, "baseline_loss": b, "rel_diff": rel, "ok": rel <= 1e-4}
+
+
+def parse_batches(text: Optional[str], seqs: Sequence[int], smoke: bool) -> Dict[int, List[int]]:
+    """``"128=8,32;512=4,8"`` (per seq) or ``"4,8"`` (every seq); None = the defaults."""
+    if text is None:
+        if smoke:
+            return {s: [2] for s in seqs}
+        return {s: DEFAULT_BATCHES.get(s, [8]) for s in seqs}
+    if "=" not in text:
+        values = parse_int_list(text, "--batches")
+        return {s: values for s in seqs}
+    out: Dict[int, List[int]] = {}
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise ConfigError("--batches", f"mix of per-seq and plain lists in {text!r}; write e.g. 128=8,32;512=4,8")
+        seq_text, values = part.split("=", 1)
+        seq = parse_int_list(seq_text, "--batches")[0]
+        if seq not in seqs:
+            raise ConfigError("--batches", f"seq {seq} is not in --seqs {list(seqs)}")
+        out[seq] = parse_int_list(values, "--batches")
+    missing = [s for s in seqs if s not in out]
+    if missing:
+        raise ConfigError("--batches", f"no batch sizes for seq {missing[0]}; add e.g. '{missing[0]}=8'")
+    return out
+
+
+def compare(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """toolkit / baseline ratios per (seq, batch) where both ran."""
+    by_key = {(r["impl"], r["seq"], r["batch"]): r for r in results if "error" not in r}
+    out = []
+    for (impl, seq, batch), tk in by_key.items():
+        bl = by_key.get(("baseline", seq, batch))
+        if impl != "toolkit" or bl is None:
+            continue
+        out.append({"seq": seq, "batch": batch,
+                    "tokens_per_s_ratio": tk["tokens_per_s"] / bl["tokens_per_s"],
+                    "peak_growth_ratio": tk["peak_growth_mib"] / bl["peak_growth_mib"],
+                    "peak_rss_ratio": tk["peak_rss_mib"] / bl["peak_rss_mib"]})
+    return out
+
+
+def check_targets(results: Sequence[Dict[str, Any]], ratios: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The issue's targets: seq 512 >= 2x tokens/s and <= 1/4 memory; seq 128 MFU >= 80%."""
+    out = []
+    for r in ratios:
+        if r["seq"] == 512:
+            out.append({"target": f"seq 512 batch {r['batch']}: tokens/s >= 2x baseline",
+                        "value": f"{r['tokens_per_s_ratio']:.2f}x", "met": r["tokens_per_s_ratio"] >= 2.0})
+            out.append({"target": f"seq 512 batch {r['batch']}: peak memory growth <= 1/4 of baseline",
+                        "value": f"{r['peak_growth_ratio']:.2f}", "met": r["peak_growth_ratio"] <= 0.25})
+    for r in results:
+        if r.get("impl") == "toolkit" and r.get("seq") == 128 and "error" not in r:
+            out.append({"target": f"seq 128 batch {r['batch']}: MFU >= 80% of the fp32 matmul peak",
+                        "value": f"{100 * r['mfu']:.1f}%", "met": r["mfu"] >= 0.8})
+    return out
+
+
+def render(results: Sequence[Dict[str, Any]], ratios: Sequence[Dict[str, Any]],
+           targets: Sequence[Dict[str, Any]]) -> str:
+    """Markdown: per-run table, ratio table, targets."""
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["seq"], r["batch"], r["impl"], "failed: " + r["error"], "", "", "", "", "", ""])
+            continue
+        ph = r["phases_s_median"]
+        rows.append([r["seq"], r["batch"], r["impl"], f"{1000 * r['step_s_median']:.0f}",
+                     f"{r['tokens_per_s']:.0f}", f"{r['samples_per_s']:.2f}", f"{100 * r['mfu']:.1f}",
+                     f"{r['peak_growth_mib']:.0f}", f"{r['peak_rss_mib']:.0f}",
+                     " / ".join(f"{1000 * ph[k]:.0f}" for k in ("teacher_fwd", "student_fwd_loss", "backward",
+                                                                  "optimizer"))])
+    parts = [markdown_table(["seq", "batch", "impl", "step ms (median)", "tokens/s", "samples/s", "MFU %",
+                             "peak RSS growth MiB", "peak RSS MiB",
+                             "ms: teacher fwd / student fwd+loss / backward / optimizer"], rows)]
+    if ratios:
+        parts.append(markdown_table(
+            ["seq", "batch", "tokens/s toolkit/baseline", "peak growth toolkit/baseline", "peak RSS toolkit/baseline"],
+            [[r["seq"], r["batch"], f"{r['tokens_per_s_ratio']:.2f}x", f"{r['peak_growth_ratio']:.2f}",
+              f"{r['peak_rss_ratio']:.2f}"] for r in ratios]))
+    if targets:
+        parts.append(markdown_table(["target", "measured", "met"],
+                                    [[t["target"], t["value"], "yes" if t["met"] else "NO"] for t in targets]))
+    return "\n\n".join(parts)
+
+
+def render_profiles(results: Sequence[Dict[str, Any]]) -> str:
+    """Per-run profiler categories (self CPU ms of one step) as Markdown."""
+    chunks = []
+    for r in results:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        total = sum(prof["categories_ms"].values()) or 1.0
+        rows = [[cat, f"{ms:.0f}", f"{100 * ms / total:.0f}%"] for cat, ms in prof["categories_ms"].items()]
+        chunks.append(f"**{r['impl']}, seq {r['seq']}, batch {r['batch']}** (one profiled step, "
+                      f"{total:.0f} ms self CPU)\n\n" + markdown_table(["category", "self ms", "share"], rows))
+    return "\n\n".join(chunks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", default=None, help="sequence lengths, e.g. 128,512 (default 128,512; --smoke: 16)")
+    p.add_argument("--batches", default=None,
+                   help="batch sizes: '4,8' for every seq or '128=8,32;512=4,8,16' (default as this example)")
+    p.add_argument("--impls", default="toolkit,baseline", help=f"implementations among {', '.join(IMPLS)}")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per run (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the issue asks for 2)")
+    p.add_argument("--json", default=None, help="write all figures to this JSON file")
+    p.add_argument("--smoke", action="store_true", help="tiny random models, seq 16, batch 2: checks the plumbing")
+    p.add_argument("--profile", action="store_true", help="profile one extra step per run (op categories)")
+    p.add_argument("--worker-timeout", type=int, default=900, help="seconds before a run is abandoned")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except ToolkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    for name in ("steps", "threads"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name}", "must be >= 1")
+    if args.warmup < 0:
+        raise ConfigError("--warmup", "must be >= 0")
+    torch.set_num_threads(args.threads)
+    seqs = parse_int_list(args.seqs or ("16" if args.smoke else "128,512"), "--seqs")
+    if args.worker is not None:
+        batch = parse_int_list(args.batches or "2", "--batches")[0]
+        result = run_worker(args.worker, seqs[0], batch, args.steps, args.warmup, args.smoke, args.profile)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return 0
+    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    bad = [i for i in impls if i not in IMPLS]
+    if bad or not impls:
+        raise ConfigError("--impls", f"unknown implementation {bad or impls}; choose from {list(IMPLS)}")
+    batches = parse_batches(args.batches, seqs, args.smoke)
+    models = bench_models(args.smoke)
+    too_long = [s for s in seqs if s > models.max_positions]
+    if too_long:
+        raise ConfigError("--seqs", f"{too_long[0]} exceeds the models' {models.max_positions} positions")
+
+    command = "python benchmarks/bench_distill_step.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:]))
+    info = machine_info(args.threads)
+    print(f"# distillation step benchmark\n\nmachine: {info['cpu']} ({', '.join(info['cpu_flags'])}), "
+          f"{info['logical_cpus']} logical CPUs, {args.threads} threads, torch {info['torch']}, "
+          f"transformers {info['transformers']}, {info['date']}, loadavg {info['loadavg']}")
+    print(f"teacher: {models.teacher_note}")
+    peak_n = 256 if args.smoke else 2048
+    peak = measure_matmul_peak(peak_n)
+    print(f"fp32 {peak_n}x{peak_n} matmul at {args.threads} threads: best {peak.best_flops / 1e9:.1f} GFLOP/s, "
+          f"median {peak.median_flops / 1e9:.1f} GFLOP/s (MFU divides by the best)")
+    check = loss_check(models, min(seqs[0], 128))
+    print(f"loss check (seq {check['seq']}, batch {check['batch']}, padded row, dropout off): toolkit "
+          f"{check['toolkit_loss']:.6f} baseline {check['baseline_loss']:.6f} rel diff {check['rel_diff']:.1e} "
+          f"-> {'OK' if check['ok'] else 'MISMATCH'}", flush=True)
+
+    results = []
+    t_start = time.time()
+    for seq in seqs:
+        for batch in batches[seq]:
+            for impl in impls:
+                r = spawn_worker(impl, seq, batch, args)
+                if "error" not in r:
+                    r["mfu"] = r["achieved_flops"] / peak.best_flops
+                    print(f"  {impl:8s} seq {seq:4d} batch {batch:3d}: {1000 * r['step_s_median']:8.0f} ms/step "
+                          f"{r['tokens_per_s']:8.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
+                          f"growth {r['peak_growth_mib']:7.0f} MiB", flush=True)
+                else:
+                    print(f"  {impl:8s} seq {seq:4d} batch {batch:3d}: FAILED {r['error']}", flush=True)
+                results.append(r)
+    peak_after = measure_matmul_peak(peak_n)
+    ratios = compare(results)
+    targets = check_targets(results, ratios)
+    print()
+    print(render(results, ratios, targets))
+    profiles = render_profiles(results)
+    if profiles:
+        print("\n" + profiles)
+    print(f"\nmatmul peak after the runs: best {peak_after.best_flops / 1e9:.1f} GFLOP/s; "
+          f"loadavg {load_average()}; runs took {time.time() - t_start:.0f} s")
+    if args.json:
+        payload = {"machine": info, "command": command, "teacher": models.teacher_note,
+                   "matmul_peak": peak.as_dict(), "matmul_peak_after": peak_after.as_dict(), "loss_check": check,
+                   "results": results, "ratios": ratios, "targets": targets,
+                   "loadavg_end": load_average()}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return 0 if check["ok"] and all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
