@@ -102,8 +102,8 @@ def test_float64_grads_match_reference_autograd_across_blocks(rk):
 
 @interpreted
 def test_gradcheck_float64_small(rk):
-    t, s = _inputs(b=2, l=5, ht=6, hs=4, dtype=torch.float64, seed=2)
-    mask = _ragged_mask([5, 3], 5)
+    t, s = _inputs(b=2, l=3, ht=4, hs=2, dtype=torch.float64, seed=2)
+    mask = _ragged_mask([3, 2], 3)
     s = s.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: rk.relation_kl(t, x, mask, 2, **B16), (s,))
 
@@ -114,7 +114,9 @@ def test_gradcheck_qk_separate_sides(rk):
     tq, tk = (torch.randn(2, 4, 6, generator=g, dtype=torch.float64) for _ in range(2))
     sq, sk = (torch.randn(2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     mask = _ragged_mask([4, 2], 4)
-    assert torch.autograd.gradcheck(lambda a, b: rk.relation_kl_qk(tq, tk, a, b, mask, 2, **B16), (sq, sk))
+    # fast_mode: a few random directional derivatives instead of one per element (interpreter speed).
+    assert torch.autograd.gradcheck(lambda a, b: rk.relation_kl_qk(tq, tk, a, b, mask, 2, **B16), (sq, sk),
+                                    fast_mode=True)
     torch.testing.assert_close(rk.relation_kl_qk(tq, tk, sq, sk, mask, 2, **B16),
                                relation_kl_naive(tq, tk, sq, sk, mask, 2))
 
@@ -159,8 +161,8 @@ def test_zero_when_student_equals_teacher_and_zero_grad(rk):
 
 @interpreted
 def test_padded_positions_get_no_grad_and_do_not_change_loss(rk):
-    t, s = _inputs(l=20)
-    mask = _ragged_mask([20, 11], 20)
+    t, s = _inputs(l=18)
+    mask = _ragged_mask([18, 11], 18)
     s1 = s.clone().requires_grad_(True)
     loss = rk.relation_kl(t, s1, mask, 4, **B16)
     loss.backward()

@@ -29,6 +29,7 @@ back to the chunked torch path. Tests run the kernels on CPU with ``TRITON_INTER
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any, Optional, Tuple
@@ -340,6 +341,11 @@ class _Launch:
                     BLOCK_N=self.block_n, BLOCK_DT=self.block_dt, BLOCK_DS=self.block_ds)
 
 
+def _on_device(x: Tensor) -> Any:
+    """Launch context: Triton launches on the current CUDA device, which may not be ``x``'s."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _prepare(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor) -> Tuple[Tensor, ...]:
     """Contiguous inputs with a shared stride layout; teacher cast only when float64 is mixed in."""
     cdt = torch.promote_types(s_q.dtype, torch.float32)
@@ -365,7 +371,8 @@ class _TritonRelationKL(torch.autograd.Function):
         stats = torch.empty(3, run.b, heads, run.l, dtype=run.acc_torch, device=sq.device)
         row_kl, lse_t, lse_s = stats.unbind(0)
         grid = (triton.cdiv(run.l, block_m), run.b * heads)
-        _relation_kl_fwd[grid](tq, tk, sq, sk, m32, row_kl, lse_t, lse_s, *run.common(), **run.meta())
+        with _on_device(sq):
+            _relation_kl_fwd[grid](tq, tk, sq, sk, m32, row_kl, lse_t, lse_s, *run.common(), **run.meta())
         n_rows = m32.sum().clamp_min(1).to(run.acc_torch) * heads
         ctx.save_for_backward(tq, tk, sq, sk, m32, lse_t, lse_s, n_rows)
         ctx.heads, ctx.blocks = heads, (block_m, block_n)
@@ -387,14 +394,15 @@ class _TritonRelationKL(torch.autograd.Function):
         n_d = triton.cdiv(run.ds, run.block_ds)
         args = (tq, tk, sq, sk, m32, lse_t, lse_s, coef)
         grad_q = grad_k = None
-        if need_q:
-            grad_q = torch.empty_like(sq)
-            grid = (triton.cdiv(run.l, run.block_m), run.b * run.heads, n_d)
-            _relation_kl_bwd_dq[grid](*args, grad_q, *run.common(), **run.meta())
-        if need_k:
-            grad_k = torch.empty_like(sk)
-            grid = (triton.cdiv(run.l, run.block_n), run.b * run.heads, n_d)
-            _relation_kl_bwd_dk[grid](*args, grad_k, *run.common(), **run.meta())
+        with _on_device(sq):
+            if need_q:
+                grad_q = torch.empty_like(sq)
+                grid = (triton.cdiv(run.l, run.block_m), run.b * run.heads, n_d)
+                _relation_kl_bwd_dq[grid](*args, grad_q, *run.common(), **run.meta())
+            if need_k:
+                grad_k = torch.empty_like(sk)
+                grid = (triton.cdiv(run.l, run.block_n), run.b * run.heads, n_d)
+                _relation_kl_bwd_dk[grid](*args, grad_k, *run.common(), **run.meta())
         return None, None, grad_q, grad_k, None, None, None, None
 
 

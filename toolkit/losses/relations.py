@@ -59,6 +59,7 @@ def relation_kl_naive(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: 
 
 def _triton_available() -> bool:
     return (torch.cuda.is_available()
+            and importlib.util.find_spec("triton") is not None
             and importlib.util.find_spec("toolkit.kernels.relation_kl_triton") is not None)
 
 
