@@ -33,9 +33,6 @@ def test_smoke_writes_table_and_json(tmp_path):
         assert r["seq"] == 16 and r["batch"] == 2 and r["loss_finite"]
         assert r["tokens_per_s"] == r["samples_per_s"] * 16
         assert r["peak_rss_mib"] >= r["rss_after_setup_mib"]
-    # Same init, same batch, dropout aside: the first losses agree between the two steps.
-    first = [r["losses"][0] for r in data["results"]]
-    assert abs(first[0] - first[1]) <= 0.05 * abs(first[1])
     (ratio,) = data["ratios"]
     assert {"impl", "seq", "batch", "tokens_per_s_ratio", "peak_growth_ratio"} <= set(ratio)
 
