@@ -18,7 +18,7 @@ def _cfg(tiny_bert4_dir, fixture_tasks, fixture_corpus, out, **kw):
         "seeds": [1, 2], "low_resource": 12,
         "teacher_job": {"max_steps": 6, "lr": 3e-4},
         "distill_job": {"max_steps": 4, "corpus": {"seq_length": 32, "shuffle_buffer": 8},
-                        "student": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
+                        "student": {"init": "spec", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
                         "loss": {"num_relation_heads": 8}},
         "eval_job": {"max_steps": 3, "max_seq_length": 32, "lrs": [5e-4]},
     }

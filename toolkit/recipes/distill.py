@@ -52,6 +52,9 @@ class StudentConfig:
     intermediate_size: int = arg(1536, "feed-forward size")
     teacher_layers: List[int] = arg(help="init=teacher_layers: 1-based teacher layers to copy, one per student "
                                     "layer (default: evenly spaced)", factory=list)
+    init_from: Optional[str] = arg(None, "init=teacher_layers: copy the layers from this encoder directory instead "
+                                   "of the teacher (e.g. the pretrained model, so that students distilled from "
+                                   "different teachers start from the same weights)")
 
     def __post_init__(self) -> None:
         if self.init not in ("spec", "teacher_layers", "path"):
@@ -211,7 +214,11 @@ class DistillRecipe:
         return student
 
     def _copy_teacher_layers(self, student: nn.Module, sc: StudentConfig) -> None:
-        full = build_encoder(self.cfg.teacher)  # untruncated, fp32 copy as the source
+        source = sc.init_from or self.cfg.teacher
+        full = build_encoder(source)  # untruncated, fp32 copy as the source
+        if full.config.vocab_size != self.teacher.config.vocab_size:
+            raise DataError(source, f"student.init_from has a vocabulary of {full.config.vocab_size} but the teacher "
+                            f"has {self.teacher.config.vocab_size}; they must share one tokenizer")
         t_spec = spec_from_model(full)
         if (t_spec.hidden_size, t_spec.num_heads, t_spec.intermediate_size) != \
                 (sc.hidden_size, sc.num_heads, sc.intermediate_size):

@@ -41,15 +41,22 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "tiny": {
         "teacher_job": {"max_steps": 30, "max_seq_length": 64, "eval_batch_size": 64},
         "distill_job": {"max_steps": 30, "corpus": {"seq_length": 64, "shuffle_buffer": 256},
-                        "student": {"num_layers": 2, "hidden_size": 192, "num_heads": 6, "intermediate_size": 768}},
+                        "student": {"init": "teacher_layers", "num_layers": 2, "hidden_size": 384, "num_heads": 12,
+                                    "intermediate_size": 1536, "teacher_layers": [3, 6]}},
         "eval_job": {"epochs": 1.0, "max_steps": 25, "max_seq_length": 64, "lrs": [1e-4]},
         "seeds": [1, 2], "low_resource": 64,
     },
     "default": {
-        "teacher_job": {"max_steps": 150, "max_seq_length": 64, "eval_batch_size": 128},
-        "distill_job": {"max_steps": 250, "corpus": {"seq_length": 64, "shuffle_buffer": 2000},
-                        "student": {"num_layers": 3, "hidden_size": 384, "num_heads": 12, "intermediate_size": 1536}},
-        "eval_job": {"epochs": 2.0, "max_steps": 0, "max_seq_length": 64, "lrs": [1e-4]},
+        # ~25-30 min on 2 CPU cores. Both students start from the same 3 layers of the
+        # pretrained teacher (layers 2, 4, 6) and differ only in the teacher they distil from.
+        "teacher_job": {"max_steps": 300, "lr": 5e-5, "max_seq_length": 64, "eval_batch_size": 128,
+                        "ds_config": "cpu_fp32_b32.json", "log_every": 10},
+        "distill_job": {"max_steps": 400, "lr": 1e-4, "ds_config": "cpu_fp32_b32.json", "log_every": 10,
+                        "corpus": {"seq_length": 64, "shuffle_buffer": 2000},
+                        "student": {"init": "teacher_layers", "num_layers": 3, "hidden_size": 384, "num_heads": 12,
+                                    "intermediate_size": 1536, "teacher_layers": [2, 4, 6]}},
+        "eval_job": {"epochs": 1.0, "max_steps": 0, "max_seq_length": 64, "lrs": [1e-4],
+                     "ds_config": "cpu_fp32_b32.json"},
         "seeds": [1, 2], "low_resource": 200,
     },
     "large": {
@@ -67,7 +74,8 @@ class PipelineConfig:
     language: str = arg("en", "en (BERT track, MiniLM teacher) or zh (ERNIE track)")
     preset: str = arg("default", "size of the embedded default: tiny | default | large")
     output_dir: str = arg("runs/pipeline", "everything goes here: data/, teacher/, mitkd/, baseline/, eval_*/, report")
-    ds_config: str = arg("cpu_fp32.json", "DeepSpeed JSON for every training stage")
+    ds_config: Optional[str] = arg(None, "DeepSpeed JSON for every training stage (default: the preset's choice; "
+                                   "a job's own ds_config in teacher_job/distill_job/eval_job wins)")
     teacher: Optional[str] = arg(None, "pretrained teacher directory (default: the demo data's teacher)")
     in_domain: List[str] = arg(help="tasks of the multi-task teacher, also scored (default: demo in-domain tasks)",
                                factory=list)
@@ -106,9 +114,11 @@ class PipelineRecipe:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         preset = PRESETS[cfg.preset]
-        self.teacher_job = _merge(preset["teacher_job"], cfg.teacher_job)
-        self.distill_job = _merge(preset["distill_job"], cfg.distill_job)
-        self.eval_job = _merge(preset["eval_job"], cfg.eval_job)
+        # Precedence: preset < the pipeline's ds_config < the user's per-job settings.
+        ds = {"ds_config": cfg.ds_config} if cfg.ds_config else {}
+        self.teacher_job = _merge(_merge(preset["teacher_job"], ds), cfg.teacher_job)
+        self.distill_job = _merge(_merge(preset["distill_job"], ds), cfg.distill_job)
+        self.eval_job = _merge(_merge(preset["eval_job"], ds), cfg.eval_job)
         self.seeds = cfg.seeds or preset["seeds"]
         self.low_resource = preset["low_resource"] if cfg.low_resource < 0 else cfg.low_resource
         self.timings: Dict[str, float] = {}
@@ -215,15 +225,18 @@ class PipelineRecipe:
         teacher_out = self.out / "teacher" / "job"
         self._stage("teacher", lambda: self._run_job("teacher", "teacher", _merge({
             "model": base_teacher, "tasks": in_dom, "data_dir": cfg.task_data_dir,
-            "output_dir": str(teacher_out), "ds_config": cfg.ds_config}, self.teacher_job)))
+            "output_dir": str(teacher_out)}, self.teacher_job)))
         mt_teacher = str(teacher_out / "model")
 
         students = {}
         for stage, teacher_dir in (("mitkd", mt_teacher), ("baseline", base_teacher)):
             job_out = self.out / stage / "job"
-            self._stage(stage, lambda t=teacher_dir, o=job_out, s=stage: self._run_job("distill", s, _merge({
-                "teacher": t, "output_dir": str(o), "ds_config": cfg.ds_config,
-                "corpus": {"sources": data["corpus"]}}, self.distill_job)))
+            job = _merge({"teacher": teacher_dir, "output_dir": str(job_out),
+                          "corpus": {"sources": data["corpus"]}}, self.distill_job)
+            if job.get("student", {}).get("init") == "teacher_layers":
+                # Both students start from the same weights: the pretrained teacher's layers.
+                job["student"] = {**job["student"], "init_from": base_teacher}
+            self._stage(stage, lambda j=job, s=stage: self._run_job("distill", s, j))
             students[stage] = str(job_out / "student")
 
         models = {"mitkd": students["mitkd"], "baseline": students["baseline"]}
@@ -238,7 +251,7 @@ class PipelineRecipe:
                 stage = f"eval_{model_name}_{setting}"
                 res = self._stage(stage, lambda m=model_dir, s=stage, lim=limit: self._run_job("eval", s, _merge({
                     "model": m, "tasks": list(in_dom) + list(ood), "data_dir": cfg.task_data_dir,
-                    "output_dir": str(self.out / s / "job"), "ds_config": cfg.ds_config, "seeds": self.seeds,
+                    "output_dir": str(self.out / s / "job"), "seeds": self.seeds,
                     "train_limit": lim, "write_submissions": False}, self.eval_job)))
                 evals[stage] = res
         results = self._collect(data, models, evals, settings, mt_teacher, time.time() - t_start)
@@ -277,7 +290,7 @@ class PipelineRecipe:
                     "out_of_domain_avg": mean_std(out)[0] if out else None,
                     "average": mean_std(ind + out)[0],
                 }
-        model_info = {name: _model_info(path, self.out / ("teacher" if name == "teacher" else name))
+        model_info = {name: _model_info(path, None if name == "teacher" else self.out / name)
                       for name, path in models.items()}
         model_info["mt_teacher"] = _model_info(mt_teacher, self.out / "teacher")
         return {
@@ -292,7 +305,7 @@ class PipelineRecipe:
         }
 
 
-def _model_info(path: str, stage_dir: Path) -> Dict[str, Any]:
+def _model_info(path: str, stage_dir: Optional[Path]) -> Dict[str, Any]:
     info: Dict[str, Any] = {"path": path}
     cfg_file = Path(path) / "config.json"
     if cfg_file.is_file():
@@ -300,8 +313,8 @@ def _model_info(path: str, stage_dir: Path) -> Dict[str, Any]:
         info.update({k: c.get(k) for k in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
                                            "intermediate_size", "vocab_size")})
         info["params"] = _param_count(c)
-    metrics = stage_dir / "job" / "metrics.json"
-    if metrics.is_file():
+    metrics = stage_dir / "job" / "metrics.json" if stage_dir is not None else None
+    if metrics is not None and metrics.is_file():
         m = json.loads(metrics.read_text(encoding="utf-8"))
         info["train_throughput"] = m.get("throughput")
         info["train_steps"] = m.get("steps")
