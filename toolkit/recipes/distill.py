@@ -36,6 +36,7 @@ from toolkit.models.encoder import EncoderSpec, build_encoder, count_parameters,
 from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
 from toolkit.utils.logging import RunLogger, get_logger
 from toolkit.utils.meter import Throughput
+from toolkit.utils.progress import ProgressBar
 
 log = get_logger(__name__)
 
@@ -371,7 +372,8 @@ class DistillRecipe:
         t0 = time.time()
         it = iter(self.loader)
         last: Dict[str, float] = {}
-        with PreemptionHandler() as pre:
+        bar = ProgressBar(cfg.max_steps, eng.is_main, initial=st["step"], desc="distill")
+        with PreemptionHandler() as pre, bar:
             while st["step"] < cfg.max_steps:
                 with meter.data_wait():
                     batch = next(it, None)
@@ -404,6 +406,8 @@ class DistillRecipe:
                 if not eng.step():
                     continue
                 st["step"] = eng.global_step
+                bar.update(1, loss=float(parts["loss"].detach()) if ok else None,
+                           tokens_per_s=meter.summary().get("tokens_per_s"))
                 if st["step"] % cfg.log_every == 0:
                     last = mean_across_ranks(sums, n_sum)
                     self.logger.log(st["step"], {**last, "lr": eng.lr, **meter.summary()})

@@ -36,6 +36,7 @@ from toolkit.tasks import resolve_tasks
 from toolkit.tasks.features import collate, encode_examples
 from toolkit.utils.logging import RunLogger, get_logger
 from toolkit.utils.meter import Throughput
+from toolkit.utils.progress import ProgressBar
 
 log = get_logger(__name__)
 
@@ -184,7 +185,8 @@ class TeacherRecipe:
         meter = Throughput(eng.device)
         running, n_loss = 0.0, 0
         t0 = time.time()
-        with PreemptionHandler() as pre:
+        bar = ProgressBar(self.total_steps, eng.is_main, initial=st["step"], desc="teacher")
+        with PreemptionHandler() as pre, bar:
             while st["step"] < self.total_steps:
                 with meter.data_wait():
                     draw = self.sampler.next()
@@ -204,6 +206,7 @@ class TeacherRecipe:
                 if not eng.step():
                     continue
                 st["step"] = eng.global_step
+                bar.update(1, loss=float(out.loss.detach()), tokens_per_s=meter.summary().get("tokens_per_s"))
                 if st["step"] % cfg.log_every == 0:
                     loss = mean_across_ranks({"loss": running}, n_loss)
                     self.logger.log(st["step"], {**loss, "lr": eng.lr, **meter.summary()})
