@@ -103,3 +103,31 @@ def test_teacher_bad_inputs(tiny_bert_dir, fixture_tasks, tmp_path):
                               "gradient_accumulation_steps": 1}))
     with pytest.raises(ConfigError, match="train_batch_size"):
         run_teacher(_cfg(tiny_bert_dir, fixture_tasks, tmp_path / "d", ds_config=str(ds)))
+
+
+def test_teacher_nonfinite_loss_stops_cleanly(tiny_bert_dir, fixture_tasks, tmp_path, monkeypatch):
+    """NaN losses are skipped and counted; after too many in a row the job stops with a clear
+    error and the last checkpoint is intact and loadable."""
+    from toolkit.engine.checkpoint import find_checkpoint
+    from toolkit.errors import TrainingError
+    from toolkit.models.task_model import MultiTaskModel
+    from toolkit.recipes.teacher import run_teacher
+
+    orig = MultiTaskModel.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **kw):
+        out = orig(self, *a, **kw)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 2 or calls["n"] > 4:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MultiTaskModel, "forward", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match="non-finite"):
+        run_teacher(_cfg(tiny_bert_dir, fixture_tasks, out, max_steps=20, save_every=2, eval_every=0,
+                         max_nonfinite=3))
+    ckpt = find_checkpoint(out / "checkpoints")
+    assert ckpt is not None and ckpt.name == "step2"
