@@ -68,6 +68,12 @@ def rss_bytes() -> int:
     raise OSError("VmRSS not found in /proc/self/status (the benchmark needs Linux)")
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds this process has used (all threads)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (``ru_maxrss``; KiB on Linux)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

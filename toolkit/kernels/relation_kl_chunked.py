@@ -31,6 +31,9 @@ from toolkit.errors import ConfigError, ToolkitError
 
 #: Default memory budget for one block's temporaries (bytes). Immutable module constant.
 DEFAULT_BLOCK_BUDGET_BYTES = 256 * 1024 * 1024
+#: On CPUs a block should stay near the caches: measured on the distillation benchmark
+#: (benchmarks/RESULTS.md), 256 MiB blocks made the loss ~1.5-2x slower than 16-row blocks.
+CPU_BLOCK_BUDGET_BYTES = 24 * 1024 * 1024
 # Peak number of live [B, R, block, L] fp32 temporaries inside one block (forward or backward).
 _LIVE_BLOCK_TENSORS = 6
 
@@ -190,7 +193,7 @@ class _RelationKLFunction(torch.autograd.Function):
 
 def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
                    num_relation_heads: int, chunk_size: Optional[int] = None,
-                   budget_bytes: int = DEFAULT_BLOCK_BUDGET_BYTES) -> Tensor:
+                   budget_bytes: Optional[int] = None) -> Tensor:
     """KL(teacher || student) of ``softmax(x_q x_k^T / sqrt(d))`` relations, query-blocked.
 
     The general form behind :func:`relation_kl`: query side and key side may be different
@@ -202,15 +205,22 @@ def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Ten
         mask: ``[B, L]``, 1/True for real tokens.
         num_relation_heads: R; must divide Ht and Hs.
         chunk_size: query rows per block; ``None`` picks one from ``budget_bytes``.
-        budget_bytes: memory budget for one block's temporaries when ``chunk_size`` is None.
+        budget_bytes: memory budget for one block's temporaries when ``chunk_size`` is None
+            (None: 256 MiB on accelerators, a cache-sized 24 MiB on CPUs).
 
     Returns:
         Scalar (fp32, or float64 for float64 inputs): mean over real query rows and heads.
     """
     _validate(t_q, t_k, s_q, s_k, mask, num_relation_heads)
     b, l, _ = s_q.shape
+    on_cpu = s_q.device.type == "cpu"
+    if budget_bytes is None:
+        budget_bytes = CPU_BLOCK_BUDGET_BYTES if on_cpu else DEFAULT_BLOCK_BUDGET_BYTES
     if chunk_size is None:
         block = auto_chunk_size(b, num_relation_heads, l, budget_bytes)
+        if on_cpu:
+            # Below ~16 rows the per-block matmuls are too thin to run near the CPU's peak.
+            block = min(max(l, 1), max(block, 16))
     elif isinstance(chunk_size, int) and chunk_size >= 1:
         block = min(chunk_size, max(l, 1))
     else:
@@ -221,7 +231,7 @@ def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Ten
 
 def relation_kl(t_x: Tensor, s_x: Tensor, mask: Tensor, num_relation_heads: int,
                 chunk_size: Optional[int] = None,
-                budget_bytes: int = DEFAULT_BLOCK_BUDGET_BYTES) -> Tensor:
+                budget_bytes: Optional[int] = None) -> Tensor:
     """MiniLMv2 self-relation KL for one projection type (QQ, KK or VV), memory linear in L.
 
     Args:

@@ -53,6 +53,10 @@ class StudentConfig:
     intermediate_size: int = arg(1536, "feed-forward size")
     teacher_layers: List[int] = arg(help="init=teacher_layers: 1-based teacher layers to copy, one per student "
                                     "layer (default: evenly spaced)", factory=list)
+    hidden_dropout: float = arg(0.1, "student dropout on hidden states")
+    attention_dropout: float = arg(0.0, "student attention-probability dropout. 0 keeps every student layer on "
+                                   "the fused sdpa/flash kernels (dropout forces PyTorch's unfused attention on "
+                                   "CPU); the relation loss reads Q/K/V, not attention probabilities")
     init_from: Optional[str] = arg(None, "init=teacher_layers: copy the layers from this encoder directory instead "
                                    "of the teacher (e.g. the pretrained model, so that students distilled from "
                                    "different teachers start from the same weights)")
@@ -198,6 +202,7 @@ class DistillRecipe:
         arch = "ernie" if tcfg.model_type == "ernie" else "bert"
         if sc.init == "path":
             student = build_encoder(sc.path)
+            _set_dropout(student, sc.hidden_dropout, sc.attention_dropout)
             if student.config.vocab_size != tcfg.vocab_size:
                 raise DataError(sc.path, f"student vocabulary ({student.config.vocab_size}) differs from the "
                                 f"teacher's ({tcfg.vocab_size}); distillation needs one shared tokenizer")
@@ -207,7 +212,8 @@ class DistillRecipe:
                            max_position_embeddings=tcfg.max_position_embeddings,
                            type_vocab_size=tcfg.type_vocab_size,
                            use_task_id=bool(getattr(tcfg, "use_task_id", False)),
-                           task_type_vocab_size=int(getattr(tcfg, "task_type_vocab_size", 3) or 3))
+                           task_type_vocab_size=int(getattr(tcfg, "task_type_vocab_size", 3) or 3),
+                           hidden_dropout=sc.hidden_dropout, attention_dropout=sc.attention_dropout)
         torch.manual_seed(cfg.seed)
         student = build_encoder(spec)
         if sc.init == "teacher_layers":
@@ -464,6 +470,15 @@ class DistillRecipe:
             return self.train()
         finally:
             self.cleanup()
+
+
+def _set_dropout(model: nn.Module, hidden: float, attention: float) -> None:
+    """Set dropout rates on an already built encoder (modules keep the rate they were built with)."""
+    model.config.hidden_dropout_prob = hidden
+    model.config.attention_probs_dropout_prob = attention
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout):
+            module.p = attention if name.endswith("attention.self.dropout") else hidden
 
 
 def _check_divisible(r: int, t_hidden: int, s_hidden: int) -> None:
