@@ -92,8 +92,14 @@ def bench_models(smoke: bool) -> BenchModels:
         teacher = EncoderSpec(arch="bert", num_layers=6, hidden_size=384, num_heads=12, intermediate_size=1536,
                               vocab_size=vocab, max_position_embeddings=max_pos)
         note = f"RANDOM BertModel of all-MiniLM-L6-v2's shape (the real teacher is missing: {e})"
+    # The toolkit's student takes the distill recipe's defaults (StudentConfig): attention
+    # dropout 0, hidden dropout 0.1. The baseline keeps stock BERT's 0.1 / 0.1 (BaselineStep).
+    from toolkit.recipes.distill import StudentConfig
+
+    sc = StudentConfig()
     student = EncoderSpec(arch="bert", num_layers=3, hidden_size=384, num_heads=12, intermediate_size=1536,
-                          vocab_size=vocab, max_position_embeddings=max_pos)
+                          vocab_size=vocab, max_position_embeddings=max_pos, hidden_dropout=sc.hidden_dropout,
+                          attention_dropout=sc.attention_dropout)
     return BenchModels(teacher, note, student, 12, vocab, max_pos)
 
 
@@ -216,7 +222,8 @@ class BaselineStep:
         teacher.eval()
         teacher.requires_grad_(False)
         torch.manual_seed(STUDENT_SEED)
-        student = AutoModel.from_config(models.student.to_config("eager"), attn_implementation="eager")
+        stock = dataclasses.replace(models.student, hidden_dropout=0.1, attention_dropout=0.1)  # BertConfig defaults
+        student = AutoModel.from_config(stock.to_config("eager"), attn_implementation="eager")
         student.train()
         for name, model in (("teacher", teacher), ("student", student)):
             if model.config._attn_implementation != "eager":
@@ -281,6 +288,7 @@ IMPLS: Dict[str, Callable[[BenchModels], Any]] = {
     "baseline": BaselineStep,
     "toolkit_attndrop0": lambda models: ToolkitStep(models, student_attention_dropout=0.0),
     "toolkit_tuned": lambda models: ToolkitStep(models, student_attention_dropout=0.0, chunk_size=16),
+    "toolkit_attndrop01": lambda models: ToolkitStep(models, student_attention_dropout=0.1),
 }
 
 

@@ -155,3 +155,5 @@ def test_distill_two_ranks_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
     # Both ranks wrote their own stream position into the checkpoint.
     ckpt = sorted((out / "checkpoints").glob("step*"))[-1]
     assert len(list(ckpt.glob("client_state_rank*.pt"))) == 2
+    # Logs: metrics once (rank 0), a log file per rank.
+    assert (out / "logs" / "rank0.log").is_file() and (out / "logs" / "rank1.log").is_file()

@@ -34,7 +34,7 @@ from toolkit.losses import LogitKDLoss, MiniLMv1Loss, MiniLMv2RelationLoss, Tiny
 from toolkit.models.capture import QKVCapture, default_teacher_layer, resolve_layer, truncate_encoder
 from toolkit.models.encoder import EncoderSpec, build_encoder, count_parameters, load_tokenizer, spec_from_model
 from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
-from toolkit.utils.logging import RunLogger, get_logger
+from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
 from toolkit.utils.meter import Throughput
 from toolkit.utils.progress import ProgressBar
 
@@ -307,6 +307,9 @@ class DistillRecipe:
                 self.state.update(client["state"])
                 log.info("resumed from step %d", self.state["step"])
         self.logger = RunLogger(self.out, is_main=eng.is_main)
+        # Every rank keeps its own log file (output_dir/logs/rank{r}.log); the console and the
+        # metrics files are rank 0's.
+        self.rank_log = configure_logging(self.out, eng.rank)
         self.student_params = count_parameters(student)
         if eng.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -463,6 +466,8 @@ class DistillRecipe:
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.close()
+        if getattr(self, "rank_log", None) is not None:
+            close_log_file(self.rank_log)
 
     def run(self) -> Dict[str, Any]:
         try:

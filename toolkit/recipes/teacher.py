@@ -34,7 +34,7 @@ from toolkit.recipes.common import (batch_size_of, check_task_tokenizer, count_t
 from toolkit.recipes.predict import predict, score_split
 from toolkit.tasks import resolve_tasks
 from toolkit.tasks.features import collate, encode_examples
-from toolkit.utils.logging import RunLogger, get_logger
+from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
 from toolkit.utils.meter import Throughput
 from toolkit.utils.progress import ProgressBar
 
@@ -137,6 +137,9 @@ class TeacherRecipe:
                 self.state.update(client["state"])
                 log.info("resumed from step %d", self.state["step"])
         self.logger = RunLogger(self.out, is_main=eng.is_main)
+        # Every rank keeps its own log file (output_dir/logs/rank{r}.log); the console and the
+        # metrics files are rank 0's.
+        self.rank_log = configure_logging(self.out, eng.rank)
         if eng.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.json")
@@ -251,6 +254,8 @@ class TeacherRecipe:
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.close()
+        if getattr(self, "rank_log", None) is not None:
+            close_log_file(self.rank_log)
 
     def run(self) -> Dict[str, Any]:
         try:

@@ -76,6 +76,16 @@ def configure_logging(out_dir: Union[str, Path], rank: Optional[int] = None) -> 
     return path
 
 
+def close_log_file(path: Union[str, Path]) -> None:
+    """Detach and close the per-rank file handler that :func:`configure_logging` opened."""
+    root = logging.getLogger(ROOT)
+    target = Path(path).resolve()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == target:
+            root.removeHandler(h)
+            h.close()
+
+
 def _as_number(v: Any) -> Optional[float]:
     if isinstance(v, bool):
         return float(v)
