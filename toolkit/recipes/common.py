@@ -17,10 +17,22 @@ DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
-def resolve_ds_config(path: Union[str, Path, None], default: str = "cpu_fp32.json") -> Path:
-    """A DeepSpeed JSON path: as given, else relative to the shipped ``ds_configs/``."""
+def auto_ds_config() -> str:
+    """The shipped DeepSpeed JSON for this machine: bf16 (or fp16) ZeRO-2 on GPUs, fp32 on CPUs."""
+    if torch.cuda.is_available():
+        return "zero2_bf16.json" if torch.cuda.is_bf16_supported() else "zero2_fp16.json"
+    return "cpu_fp32.json"
+
+
+def resolve_ds_config(path: Union[str, Path, None], default: str = "auto") -> Path:
+    """A DeepSpeed JSON path: as given, else relative to the shipped ``ds_configs/``.
+
+    ``auto`` (the jobs' default) picks :func:`auto_ds_config`.
+    """
     if path is None or str(path) == "":
         path = default
+    if str(path) == "auto":
+        path = auto_ds_config()
     p = Path(path)
     if p.is_file():
         return p

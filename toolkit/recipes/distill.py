@@ -101,7 +101,8 @@ class DistillConfig:
     corpus: CorpusConfig = arg(help="the unlabeled corpus stream", factory=CorpusConfig)
     student: StudentConfig = arg(help="student architecture / initialisation", factory=StudentConfig)
     loss: LossConfig = arg(help="distillation objective", factory=LossConfig)
-    ds_config: str = arg("cpu_fp32.json", "DeepSpeed JSON: micro batch, accumulation, precision, ZeRO stage")
+    ds_config: str = arg("auto", "DeepSpeed JSON: micro batch, accumulation, precision, ZeRO stage; "
+                         "auto = zero2_bf16.json on GPUs, cpu_fp32.json on CPUs")
     max_steps: int = arg(1000, "optimizer steps")
     lr: float = arg(1e-4, "peak learning rate")
     weight_decay: float = arg(0.01, "AdamW weight decay")

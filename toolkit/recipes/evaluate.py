@@ -30,7 +30,8 @@ class EvalConfig:
     tasks: List[str] = arg(help="task names, groups (glue, clue, fewclue) or custom task YAML paths", factory=list)
     data_dir: Optional[str] = arg(None, "data root holding the official task folders")
     output_dir: str = arg("runs/eval", "where results.json, results.md, per-run folders and submissions go")
-    ds_config: str = arg("cpu_fp32.json", "DeepSpeed JSON for the fine-tuning runs")
+    ds_config: str = arg("auto", "DeepSpeed JSON for the fine-tuning runs; "
+                         "auto = zero2_bf16.json on GPUs, cpu_fp32.json on CPUs")
     lrs: List[float] = arg(help="learning-rate grid; the best per task is reported", factory=lambda: [2e-5])
     seeds: List[int] = arg(help="seeds per learning rate; mean and std are reported", factory=lambda: [42])
     epochs: float = arg(3.0, "epochs per fine-tuning run")

@@ -28,6 +28,7 @@ from toolkit.tasks import get_task
 from toolkit.tasks.features import collate, encode_examples
 from toolkit.utils.logging import RunLogger, get_logger
 from toolkit.utils.meter import Throughput
+from toolkit.utils.progress import ProgressBar
 from toolkit.utils.seed import set_seed
 
 log = get_logger(__name__)
@@ -39,7 +40,8 @@ class FinetuneConfig:
     task: str = arg(help="task name (sst2, mnli, squad_v2, cmrc2018, ...) or a custom task YAML path")
     data_dir: Optional[str] = arg(None, "data root (e.g. the GLUE download folder); custom YAML tasks ignore it")
     output_dir: str = arg("runs/finetune", "where results.json, logs and the fine-tuned model go")
-    ds_config: str = arg("cpu_fp32.json", "DeepSpeed JSON (path, or a name in ds_configs/): batch, precision, ZeRO")
+    ds_config: str = arg("auto", "DeepSpeed JSON (path, or a name in ds_configs/): batch, precision, ZeRO; "
+                         "auto = zero2_bf16.json on GPUs, cpu_fp32.json on CPUs")
     epochs: float = arg(3.0, "training epochs (ignored when max_steps > 0)")
     max_steps: int = arg(0, "optimizer steps; 0 = derive from epochs")
     lr: float = arg(2e-5, "peak learning rate")
@@ -182,6 +184,7 @@ class FinetuneRecipe:
                         "epoch": epoch, "state": {k: v.detach().cpu().clone() for k, v in state.items()}
                         if state is not None else None}
 
+        bar = ProgressBar(self.total_steps, eng.is_main, desc=f"finetune {self.task.name}")
         while not done:
             it = self._micro_batches(epoch)
             while True:
@@ -196,6 +199,8 @@ class FinetuneRecipe:
                     n_loss += 1
                 stepped = eng.step()
                 meter.step(batch_size_of(batch) * eng.world_size, count_tokens(batch) * eng.world_size)
+                if stepped:
+                    bar.update(1, loss=float(out.loss.detach()))
                 if stepped and eng.global_step % cfg.log_every == 0 and n_loss:
                     self.logger.log(eng.global_step, {"loss": running / n_loss, "lr": eng.lr, **meter.summary()})
                     running, n_loss = 0.0, 0
@@ -211,6 +216,7 @@ class FinetuneRecipe:
             if epoch > 10_000:  # a guard against a zero-length epoch loop
                 break
 
+        bar.close()
         summary = meter.summary()
         result = {
             "task": self.task.name,

@@ -48,7 +48,8 @@ class TeacherConfig:
                            factory=list)
     data_dir: Optional[str] = arg(None, "data root holding the official task folders")
     output_dir: str = arg("runs/teacher", "output: model/ (the teacher), checkpoints/, logs, metrics.jsonl")
-    ds_config: str = arg("cpu_fp32.json", "DeepSpeed JSON: micro batch, accumulation, precision, ZeRO stage")
+    ds_config: str = arg("auto", "DeepSpeed JSON: micro batch, accumulation, precision, ZeRO stage; "
+                         "auto = zero2_bf16.json on GPUs, cpu_fp32.json on CPUs")
     sampling: str = arg("temperature", "task sampling: proportional | temperature | uniform")
     temperature: float = arg(2.0, "T in p ∝ n^(1/T) for temperature sampling")
     task_cap: int = arg(0, "cap on examples per task (for sampling weights and per-epoch use); 0 = none")
