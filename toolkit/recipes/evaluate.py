@@ -40,6 +40,7 @@ class EvalConfig:
     warmup_ratio: float = arg(0.1, "warmup fraction")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     train_limit: int = arg(0, "cut each train split to N examples (low-resource setting); 0 = all")
+    eval_each_epoch: bool = arg(True, "score dev after every epoch and report the best epoch (false: last only)")
     eval_batch_size: int = arg(64, "prediction batch size")
     save_models: bool = arg(False, "keep each run's fine-tuned model (large); the best run's results are always kept")
     write_submissions: bool = arg(True, "write leaderboard submission files for test splits that exist")
@@ -80,6 +81,7 @@ class EvalRecipe:
                         epochs=cfg.epochs, max_steps=cfg.max_steps, lr=lr, seed=seed,
                         max_seq_length=cfg.max_seq_length, warmup_ratio=cfg.warmup_ratio,
                         weight_decay=cfg.weight_decay, train_limit=cfg.train_limit,
+                        eval_each_epoch=cfg.eval_each_epoch,
                         eval_batch_size=cfg.eval_batch_size, save_model=cfg.save_models,
                         write_submissions=cfg.write_submissions)
                     log.info("eval: %s lr=%g seed=%d", task.name, lr, seed)

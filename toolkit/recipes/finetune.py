@@ -54,7 +54,9 @@ class FinetuneConfig:
     n_best_size: int = arg(20, "span tasks: candidate starts/ends considered when decoding")
     max_answer_length: int = arg(30, "span tasks: longest answer in tokens")
     eval_batch_size: int = arg(64, "batch size for prediction")
-    eval_every: int = arg(0, "evaluate every N optimizer steps; 0 = after every epoch")
+    eval_every: int = arg(0, "evaluate every N optimizer steps; 0 = after every epoch (see eval_each_epoch)")
+    eval_each_epoch: bool = arg(True, "with eval_every 0: score dev after every epoch and keep the best; "
+                                "false = only after the last step")
     train_limit: int = arg(0, "use only the first N training examples after a seeded shuffle (low-resource); 0 = all")
     dropout: float = arg(0.1, "dropout of a newly created task head")
     seed: int = arg(42, "random seed (data order, head init, dropout)")
@@ -119,7 +121,8 @@ class FinetuneRecipe:
 
         ds = load_ds_config(ds_path, int(os.environ.get("WORLD_SIZE", "1")))
         global_batch = ds["train_batch_size"]
-        steps_per_epoch = max(1, math.ceil(len(self.train_enc) / global_batch))
+        # Whole global batches only, as _micro_batches yields them (the last partial one is dropped).
+        steps_per_epoch = max(1, len(self.train_enc) // global_batch)
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(steps_per_epoch * cfg.epochs)))
         optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
                             decay=cfg.decay)
@@ -210,7 +213,7 @@ class FinetuneRecipe:
                     done = True
                     break
             epoch += 1
-            if not cfg.eval_every or done:
+            if (not cfg.eval_every and cfg.eval_each_epoch) or done:
                 if not history or history[-1]["step"] != eng.global_step:
                     do_eval("epoch")
             if epoch > 10_000:  # a guard against a zero-length epoch loop

@@ -44,6 +44,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                         "student": {"init": "teacher_layers", "num_layers": 2, "hidden_size": 384, "num_heads": 12,
                                     "intermediate_size": 1536, "teacher_layers": [3, 6]}},
         "eval_job": {"epochs": 1.0, "max_steps": 25, "max_seq_length": 64, "lrs": [1e-4]},
+        "low_resource_eval_job": {"max_steps": 25},
         "seeds": [1, 2], "low_resource": 64,
     },
     "default": {
@@ -57,6 +58,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                                     "intermediate_size": 1536, "teacher_layers": [2, 4, 6]}},
         "eval_job": {"epochs": 1.0, "max_steps": 0, "max_seq_length": 64, "lrs": [1e-4],
                      "ds_config": "cpu_fp32_b32.json"},
+        "low_resource_eval_job": {"epochs": 5.0, "eval_each_epoch": False},
         "seeds": [1, 2], "low_resource": 200,
     },
     "large": {
@@ -64,6 +66,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "distill_job": {"max_steps": 4000, "corpus": {"seq_length": 128, "shuffle_buffer": 10000},
                         "student": {"num_layers": 3, "hidden_size": 384, "num_heads": 12, "intermediate_size": 1536}},
         "eval_job": {"epochs": 3.0, "max_seq_length": 128, "lrs": [5e-5, 1e-4]},
+        "low_resource_eval_job": {"epochs": 10.0, "eval_each_epoch": True},
         "seeds": [1, 2, 3], "low_resource": 200,
     },
 }
@@ -89,6 +92,8 @@ class PipelineConfig:
     distill_job: Dict[str, Any] = arg(help="overrides for both distillation jobs (see toolkit distill --help)",
                                       factory=dict)
     eval_job: Dict[str, Any] = arg(help="overrides for the eval jobs (see toolkit eval --help)", factory=dict)
+    low_resource_eval_job: Dict[str, Any] = arg(help="extra overrides for the low-resource eval jobs (few examples "
+                                                "need more epochs)", factory=dict)
     launcher: str = arg("none", "none (stages in this process) | deepspeed (each stage via the deepspeed launcher)")
     num_gpus: int = arg(1, "launcher=deepspeed: processes per node")
     data_seed: int = arg(0, "seed of the demo data splits")
@@ -119,6 +124,7 @@ class PipelineRecipe:
         self.teacher_job = _merge(_merge(preset["teacher_job"], ds), cfg.teacher_job)
         self.distill_job = _merge(_merge(preset["distill_job"], ds), cfg.distill_job)
         self.eval_job = _merge(_merge(preset["eval_job"], ds), cfg.eval_job)
+        self.low_resource_eval_job = _merge(preset.get("low_resource_eval_job", {}), cfg.low_resource_eval_job)
         self.seeds = cfg.seeds or preset["seeds"]
         self.low_resource = preset["low_resource"] if cfg.low_resource < 0 else cfg.low_resource
         self.timings: Dict[str, float] = {}
@@ -258,10 +264,13 @@ class PipelineRecipe:
         for model_name, model_dir in models.items():
             for setting, limit in settings.items():
                 stage = f"eval_{model_name}_{setting}"
-                res = self._stage(stage, lambda m=model_dir, s=stage, lim=limit: self._run_job("eval", s, _merge({
-                    "model": m, "tasks": list(in_dom) + list(ood), "data_dir": cfg.task_data_dir,
-                    "output_dir": str(self.out / s / "job"), "seeds": self.seeds,
-                    "train_limit": lim, "write_submissions": False}, self.eval_job)))
+                job = _merge({
+                    "model": model_dir, "tasks": list(in_dom) + list(ood), "data_dir": cfg.task_data_dir,
+                    "output_dir": str(self.out / stage / "job"), "seeds": self.seeds,
+                    "train_limit": limit, "write_submissions": False}, self.eval_job)
+                if setting == "low_resource":
+                    job = _merge(job, self.low_resource_eval_job)
+                res = self._stage(stage, lambda j=job, s=stage: self._run_job("eval", s, j))
                 evals[stage] = res
         results = self._collect(data, models, evals, settings, mt_teacher, time.time() - t_start)
         write_json(self.out / "results.json", results)
