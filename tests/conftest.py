@@ -14,6 +14,10 @@ from typing import Dict, List
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton picks interpreter or compiled mode at its first import, for the whole process; set
+# the interpreter before anything (torch included) imports it, on machines without a GPU.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -196,3 +200,16 @@ def fixture_corpus(tmp_path_factory) -> Path:
             docs.append(" ".join(sents))
         (root / f"shard{s}.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     return root
+
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "CROSS_RANK", "CROSS_SIZE")
+
+
+def subprocess_env(**extra: str) -> dict:
+    """os.environ for a child job, without the one-process world that in-process tests set
+    up (a stale MASTER_PORT would collide with this process's rendezvous port)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["TOOLKIT_NO_PROGRESS"] = "1"
+    env.update(extra)
+    return env

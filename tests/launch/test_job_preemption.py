@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import subprocess_env
 import yaml
 
 
@@ -38,7 +40,7 @@ def test_signal_checkpoints_and_resume_finishes(sig, tiny_bert4_dir, fixture_cor
     steps = 400
     y = _job(tmp_path, tiny_bert4_dir, fixture_corpus, steps)
     out = tmp_path / "out"
-    env = {**os.environ, "TOOLKIT_NO_PROGRESS": "1"}
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "toolkit", "distill", "--config", str(y)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120

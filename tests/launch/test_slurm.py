@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import subprocess_env
 import yaml
 
 pytestmark = pytest.mark.slurm
@@ -56,7 +58,7 @@ def slurm(tmp_path_factory):
         "ReturnToService=2", "JobRequeue=1", "MinJobAge=3600", "KillWait=10",
         f"NodeName={host} CPUs={os.cpu_count()} RealMemory=4000 State=UNKNOWN",
         f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+    env = subprocess_env(SLURM_CONF=str(conf))
     if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
         subprocess.run(["chown", "munge:munge", "/run/munge"], check=False)

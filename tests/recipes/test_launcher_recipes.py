@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import subprocess_env
+
 pytestmark = pytest.mark.launcher
 
 STEPS = 6
@@ -77,7 +79,7 @@ def reference(no_dropout_teacher, fixture_tasks, tmp_path_factory):
 
 
 def _launch(args, env_extra=None, timeout=300):
-    env = {**os.environ, "TOOLKIT_NO_PROGRESS": "1", **(env_extra or {})}
+    env = subprocess_env(**(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "toolkit", "launch", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
