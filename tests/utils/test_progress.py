@@ -21,6 +21,7 @@ class FakeTTY:
 
 
 def test_disabled_cases(monkeypatch):
+    monkeypatch.delenv("TOOLKIT_NO_PROGRESS", raising=False)  # CI exports it
     monkeypatch.setattr(sys, "stderr", FakeTTY())
     assert progress_enabled(True)
     assert not progress_enabled(False)
@@ -36,6 +37,7 @@ def test_no_tty_is_noop(monkeypatch):
 
 
 def test_draws_loss_and_throughput(monkeypatch):
+    monkeypatch.delenv("TOOLKIT_NO_PROGRESS", raising=False)
     fake = FakeTTY()
     monkeypatch.setattr(sys, "stderr", fake)
     monkeypatch.delenv("TOOLKIT_NO_PROGRESS", raising=False)
