@@ -447,8 +447,7 @@ class DistillRecipe:
             "steps": self.state["step"], "tokens": self.state["tokens"], "samples": self.state["samples"],
             "final_losses": last, "nonfinite_losses": self.state["nonfinite_total"],
             "throughput": throughput, "train_time_s": elapsed,
-            "corpus_stats": getattr(self.loader, "stats", lambda: {})() if callable(getattr(self.loader, "stats", None))
-            else getattr(self.loader, "stats", {}),
+            "corpus_stats": self.loader.stats,  # this rank's stream: documents, skips, truncations
         }
         if eng.is_main:
             student = self.module.student

@@ -296,9 +296,8 @@ class PipelineRecipe:
                 for tname, t in res["tasks"].items():
                     tasks[tname] = {"score": t["best"]["score"], "std": t["best"]["std"],
                                     "metric": t["main_metric"],
-                                    "scores": t["per_lr"][next(iter(t["per_lr"]))]["scores"]
-                                    if len(t["per_lr"]) == 1 else
-                                    max(t["per_lr"].values(), key=lambda v: v["mean"])["scores"],
+                                    # the per-seed scores behind the reported mean (best lr)
+                                    "scores": max(t["per_lr"].values(), key=lambda v: v["mean"])["scores"],
                                     "domain": "in" if tname in in_names else "out"}
                 ind = [v["score"] for k, v in tasks.items() if v["domain"] == "in"]
                 out = [v["score"] for k, v in tasks.items() if v["domain"] == "out"]
