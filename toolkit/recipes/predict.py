@@ -43,8 +43,11 @@ def predict_logits(forward: Callable[..., Any], module: torch.nn.Module, encoded
     n_batches = (len(idx) + batch_size - 1) // batch_size
     max_batches = max(dist.all_gather_object(n_batches)) if world > 1 else n_batches
     batches = list(loader)
+    # A rank whose shard is short (or empty: a dev set smaller than the world) repeats a batch
+    # so every rank runs the same number of forwards; those results are dropped below.
+    filler = batches[-1] if batches else (collate([encoded[0]]) if len(encoded) else None)
     for b in range(max_batches):
-        batch = batches[min(b, len(batches) - 1)] if batches else None
+        batch = batches[b] if b < len(batches) else filler
         if batch is None:
             continue
         kw = forward_kwargs(module.forward, to_device(batch, device))
