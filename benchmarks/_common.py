@@ -112,22 +112,29 @@ def measure_matmul_peak(n: int = 2048, reps: int = 7, warmup: int = 2) -> Matmul
 class EncoderShape:
     """What the FLOP count needs of a BERT-style encoder."""
 
-    layers: int        # transformer layers actually run
+    layers: int        # transformer layers up to and including the one the loss reads
     hidden: int
     intermediate: int
-    pooler: bool = True
+    pooler: bool = False        # the pooler's output feeds no distillation loss
+    last_qkv_only: bool = True  # the relation losses need only the last layer's Q/K/V
 
 
 def encoder_forward_flops(shape: EncoderShape, batch: int, seq: int) -> float:
-    """Matmul FLOPs of one forward pass over ``[batch, seq]`` tokens.
+    """Matmul FLOPs of one forward pass over ``[batch, seq]`` tokens that the loss needs.
 
-    Per layer and token: Q/K/V/output projections ``8 H^2``, feed-forward ``4 H I``,
-    scores ``Q K^T`` and ``P V`` ``4 L H``; the pooler adds ``2 H^2`` per sample.
+    Per full layer and token: Q/K/V/output projections ``8 H^2``, feed-forward ``4 H I``,
+    scores ``Q K^T`` and ``P V`` ``4 L H``. With ``last_qkv_only`` the last layer counts only
+    its Q/K/V projections ``6 H^2``: the relation losses read nothing after them, so work
+    beyond is not useful work. The pooler adds ``2 H^2`` per sample when counted.
     Embedding look-ups, layer norms, softmax and GELU are not matmuls and are not counted.
     """
     h, i = shape.hidden, shape.intermediate
-    per_token_layer = 8 * h * h + 4 * h * i + 4 * seq * h
-    flops = shape.layers * batch * seq * per_token_layer
+    full_layer = 8 * h * h + 4 * h * i + 4 * seq * h
+    if shape.last_qkv_only:
+        per_token = (shape.layers - 1) * full_layer + 6 * h * h
+    else:
+        per_token = shape.layers * full_layer
+    flops = batch * seq * per_token
     if shape.pooler:
         flops += batch * 2 * h * h
     return float(flops)
@@ -147,7 +154,11 @@ def relation_loss_flops(batch: int, seq: int, teacher_hidden: int, student_hidde
 
 
 def step_flops(teacher: EncoderShape, student: EncoderShape, batch: int, seq: int, relations: int = 3) -> float:
-    """Model FLOPs of one distillation step: teacher forward + 3x student forward + relation loss."""
+    """Model FLOPs of one distillation step: teacher forward + 3x student forward + relation loss.
+
+    The student's backward is counted as twice its forward (input and weight gradients) over
+    the work on the loss's gradient path, which :func:`encoder_forward_flops` counts.
+    """
     return (encoder_forward_flops(teacher, batch, seq) + 3.0 * encoder_forward_flops(student, batch, seq)
             + relation_loss_flops(batch, seq, teacher.hidden, student.hidden, relations))
 

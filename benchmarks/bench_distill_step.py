@@ -104,7 +104,9 @@ def bench_models(smoke: bool) -> BenchModels:
 
 
 def _shape(config: Any, layers_run: int) -> EncoderShape:
-    return EncoderShape(layers_run, config.hidden_size, config.intermediate_size, pooler=True)
+    """The useful work of an encoder in a MiniLMv2 step: layers up to the distilled one, whose
+    Q/K/V projections are all the loss reads (no pooler). Both implementations get this credit."""
+    return EncoderShape(layers_run, config.hidden_size, config.intermediate_size, pooler=False, last_qkv_only=True)
 
 
 def make_batch(models: BenchModels, batch: int, seq: int, pad_last: int = 0) -> Dict[str, Tensor]:
@@ -131,7 +133,8 @@ class ToolkitStep:
                  chunk_size: Optional[int] = None):
         from toolkit.engine import prepare_frozen
         from toolkit.losses import MiniLMv2RelationLoss
-        from toolkit.models.capture import QKVCapture, default_teacher_layer, resolve_layer, truncate_encoder
+        from toolkit.models.capture import (ProjectionsOnly, QKVCapture, default_teacher_layer, resolve_layer,
+                                            truncate_encoder)
         from toolkit.models.encoder import build_encoder
         from toolkit.recipes.distill import StudentWithLoss
 
@@ -142,6 +145,7 @@ class ToolkitStep:
         truncate_encoder(teacher, self.teacher_idx + 1)
         self.teacher = prepare_frozen(teacher, "cpu", torch.float32)
         self.capture = QKVCapture(self.teacher, [self.teacher_idx])
+        self.teacher_cut = ProjectionsOnly(self.teacher, self.teacher_idx)   # as the recipe (Q/K/V-only loss)
         spec = models.student
         if student_attention_dropout is not None:
             spec = dataclasses.replace(spec, attention_dropout=student_attention_dropout)

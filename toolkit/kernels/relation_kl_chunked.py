@@ -8,9 +8,11 @@ the whole batch.
 
 A naive implementation keeps several ``[B, R, L, L]`` tensors alive for the backward, which
 dominates memory at long sequence lengths. Here query rows are processed in blocks: a block
-needs only ``[B, R, block, L]`` temporaries, the forward keeps just the per-row log-sum-exp
-``[B, R, L]`` of each side, and the backward recomputes every block's logits (as flash
-attention does), so extra memory is ``O(B*R*block*L + B*L*H)`` and linear in ``L``.
+needs only ``[B, R, block, L]`` temporaries, the forward keeps nothing but its inputs, and the
+backward recomputes every block's logits and softmaxes (as flash attention does), so extra
+memory is ``O(B*R*block*L + B*L*H)`` and linear in ``L``. Each block is a few fused passes
+(``log_softmax`` / ``softmax``, one subtraction, one ``exp``, a row dot product); masking
+passes run only when the batch has padding.
 
 The gradient is analytic: for a row, ``dKL/dlogit_s = p_s - p_t`` (zero on padded keys), and
 because ``logit_ij = x_i . x_j / sqrt(d)`` uses the student tensor on both the query and the
@@ -34,6 +36,8 @@ DEFAULT_BLOCK_BUDGET_BYTES = 256 * 1024 * 1024
 #: On CPUs a block should stay near the caches: measured on the distillation benchmark
 #: (benchmarks/RESULTS.md), 256 MiB blocks made the loss ~1.5-2x slower than 16-row blocks.
 CPU_BLOCK_BUDGET_BYTES = 24 * 1024 * 1024
+#: Smallest query block on CPUs: thinner blocks leave the logits matmuls far from peak.
+CPU_MIN_BLOCK_ROWS = 32
 # Peak number of live [B, R, block, L] fp32 temporaries inside one block (forward or backward).
 _LIVE_BLOCK_TENSORS = 6
 
@@ -93,11 +97,29 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, l, r * d)
 
 
-def _block_logits(q_blk: Tensor, k: Tensor, scale: float, key_pad: Tensor) -> Tensor:
-    """Scaled, key-masked logits ``[B, R, b, L]`` for one query block ``[B, R, b, d]``."""
-    logits = torch.matmul(q_blk, k.transpose(-1, -2)).mul_(scale)
-    # finfo.min instead of -inf keeps fully padded rows finite (they are dropped anyway).
-    return logits.masked_fill_(key_pad, torch.finfo(logits.dtype).min)
+def _prepare(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, heads: int, cdt: torch.dtype):
+    """Head-split operands for the block loops: query sides pre-scaled by ``1/sqrt(d)`` (one
+    ``O(B*L*H)`` pass instead of one per block), key sides transposed for the logits matmul,
+    and the key mask, or None when the batch has no padding (packed corpora: the common case,
+    which then skips every masking pass)."""
+    tq, tk = _split_pair(t_q, t_k, heads, cdt)
+    sq, sk = _split_pair(s_q, s_k, heads, cdt)
+    tq_scaled = tq * tq.shape[-1] ** -0.5
+    sq_scaled = sq * sq.shape[-1] ** -0.5
+    valid = mask.to(torch.bool)
+    key_pad = None if bool(valid.all()) else ~valid[:, None, None, :]
+    return tq_scaled, tk.transpose(-1, -2), sq, sq_scaled, sk, valid, key_pad
+
+
+def _block_logits(q_blk: Tensor, k_t: Tensor, key_pad: Optional[Tensor]) -> Tensor:
+    """Logits ``[B, R, b, L]`` of one (pre-scaled) query block against ``k_t = k^T``.
+
+    Padded keys get ``finfo.min`` (not -inf: a fully padded row stays finite, and is dropped).
+    """
+    logits = torch.matmul(q_blk, k_t)
+    if key_pad is not None:
+        logits.masked_fill_(key_pad, torch.finfo(logits.dtype).min)
+    return logits
 
 
 def _validate(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, heads: int) -> None:
@@ -117,77 +139,74 @@ def _validate(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, 
 
 
 class _RelationKLFunction(torch.autograd.Function):
-    """Blocked relation KL; see the module docstring. Inputs [B, L, H]; output a scalar."""
+    """Blocked relation KL; see the module docstring. Inputs [B, L, H]; output a scalar.
+
+    Per query block the forward runs two logits matmuls, two fused ``log_softmax`` and then
+    ``KL_row = sum_j p_t (log p_t - log p_s)`` with ``p_t = exp(log p_t)``; nothing of size
+    ``L x L`` is kept. The backward recomputes both softmaxes per block (fused ``softmax``),
+    forms ``p_s - p_t`` and accumulates it into the query- and key-side gradients; the
+    constant factor (upstream gradient, ``1/rows``, ``1/sqrt(d)``) is applied once to the
+    ``[B, R, L, d]`` results, and padded query rows are zeroed on the ``[B, R, L, d]`` operands
+    rather than on every ``[B, R, b, L]`` block.
+    """
 
     @staticmethod
     def forward(ctx: Any, t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
                 heads: int, block: int) -> Tensor:
         cdt = _compute_dtype(s_q.dtype)
-        tq, tk = _split_pair(t_q, t_k, heads, cdt)
-        sq, sk = _split_pair(s_q, s_k, heads, cdt)
-        scale_t, scale_s = tq.shape[-1] ** -0.5, sq.shape[-1] ** -0.5
-        valid = mask.to(torch.bool)                        # [B, L]
-        key_pad = ~valid[:, None, None, :]                 # [B, 1, 1, L]
+        tq, tk_t, _, sq, sk, valid, key_pad = _prepare(t_q, t_k, s_q, s_k, mask, heads, cdt)
+        sk_t = sk.transpose(-1, -2)
         b, r, l, _ = sq.shape
-        lse_t = torch.empty(b, r, l, dtype=cdt, device=sq.device)
-        lse_s = torch.empty_like(lse_t)
-        total = torch.zeros((), dtype=cdt, device=sq.device)
+        row_kl = torch.empty(b, r, l, dtype=cdt, device=sq.device)
         for i0 in range(0, l, block):
             i1 = min(l, i0 + block)
-            logp_t = _block_logits(tq[:, :, i0:i1], tk, scale_t, key_pad)
-            logp_s = _block_logits(sq[:, :, i0:i1], sk, scale_s, key_pad)
-            lt = torch.logsumexp(logp_t, dim=-1)           # [B, R, b]
-            ls = torch.logsumexp(logp_s, dim=-1)
-            lse_t[:, :, i0:i1] = lt
-            lse_s[:, :, i0:i1] = ls
-            logp_t.sub_(lt.unsqueeze(-1))
-            logp_s.sub_(ls.unsqueeze(-1))
-            # p_t * (log p_t - log p_s), reusing logp_s's buffer for the difference.
-            diff = torch.sub(logp_t, logp_s, out=logp_s)
-            contrib = diff.mul_(logp_t.exp_()).masked_fill_(key_pad, 0.0)
-            row_kl = contrib.sum(dim=-1)                   # [B, R, b]
-            row_kl = row_kl.masked_fill(~valid[:, None, i0:i1], 0.0)
-            total = total + row_kl.sum()
-            del logp_t, logp_s, diff, contrib, row_kl
+            logp_t = torch.log_softmax(_block_logits(tq[:, :, i0:i1], tk_t, key_pad), dim=-1)
+            logp_s = torch.log_softmax(_block_logits(sq[:, :, i0:i1], sk_t, key_pad), dim=-1)
+            diff = torch.sub(logp_t, logp_s, out=logp_s)       # log p_t - log p_s (0 on padded keys)
+            row_kl[:, :, i0:i1] = torch.linalg.vecdot(logp_t.exp_(), diff)
+            del logp_t, logp_s, diff
+        if key_pad is not None:
+            row_kl.masked_fill_(~valid[:, None, :], 0.0)      # padded query rows count nothing
         n_rows = valid.sum().clamp_min(1).to(cdt) * heads
-        ctx.save_for_backward(t_q, t_k, s_q, s_k, mask, lse_t, lse_s, n_rows)
+        ctx.save_for_backward(t_q, t_k, s_q, s_k, mask, n_rows)
         ctx.heads, ctx.block = heads, block
-        return total / n_rows
+        return row_kl.sum() / n_rows
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
-        t_q, t_k, s_q, s_k, mask, lse_t, lse_s, n_rows = ctx.saved_tensors
+        t_q, t_k, s_q, s_k, mask, n_rows = ctx.saved_tensors
         need_q, need_k = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         if not (need_q or need_k):
             return (None,) * 7
         heads, block = ctx.heads, ctx.block
-        cdt = lse_t.dtype
-        tq, tk = _split_pair(t_q, t_k, heads, cdt)
-        sq, sk = _split_pair(s_q, s_k, heads, cdt)
-        scale_t, scale_s = tq.shape[-1] ** -0.5, sq.shape[-1] ** -0.5
-        valid = mask.to(torch.bool)
-        key_pad = ~valid[:, None, None, :]
-        coef = grad_out.to(cdt) / n_rows
-        d_sq = torch.zeros_like(sq) if need_q else None    # [B, R, L, ds]
+        cdt = n_rows.dtype
+        tq, tk_t, sq_raw, sq, sk, valid, key_pad = _prepare(t_q, t_k, s_q, s_k, mask, heads, cdt)
+        sk_t = sk.transpose(-1, -2)
+        # dKL/dlogit_s = (p_s - p_t) per real query row. Padded query rows must add nothing to
+        # the key side: zero them in the query-side operand of that matmul.
+        row_valid = valid[:, None, :, None].to(cdt)           # [B, 1, L, 1]
+        sq_rows = sq_raw * row_valid if key_pad is not None else sq_raw
+        d_sq = torch.empty_like(sq_raw) if need_q else None   # [B, R, L, ds]
         d_sk = torch.zeros_like(sk) if need_k else None
         l = sq.shape[2]
         for i0 in range(0, l, block):
             i1 = min(l, i0 + block)
-            p_t = _block_logits(tq[:, :, i0:i1], tk, scale_t, key_pad)
-            p_t = p_t.sub_(lse_t[:, :, i0:i1].unsqueeze(-1)).exp_()
-            g = _block_logits(sq[:, :, i0:i1], sk, scale_s, key_pad)
-            g = g.sub_(lse_s[:, :, i0:i1].unsqueeze(-1)).exp_()
-            # dLoss/dlogit_s = coef * (p_s - p_t) on real rows; padded keys have p = 0 on both sides.
-            g.sub_(p_t).mul_(coef).mul_(scale_s)
-            g.masked_fill_(~valid[:, None, i0:i1, None], 0.0)
-            del p_t
+            g = torch.softmax(_block_logits(sq[:, :, i0:i1], sk_t, key_pad), dim=-1)
+            g.sub_(torch.softmax(_block_logits(tq[:, :, i0:i1], tk_t, key_pad), dim=-1))
             if d_sq is not None:
-                d_sq[:, :, i0:i1] += torch.matmul(g, sk)
+                d_sq[:, :, i0:i1] = torch.matmul(g, sk)
             if d_sk is not None:
-                d_sk += torch.matmul(g.transpose(-1, -2), sq[:, :, i0:i1])
+                d_sk += torch.matmul(g.transpose(-1, -2), sq_rows[:, :, i0:i1])
             del g
-        grad_q = _merge_heads(d_sq).to(s_q.dtype) if d_sq is not None else None
-        grad_k = _merge_heads(d_sk).to(s_k.dtype) if d_sk is not None else None
+        coef = grad_out.to(cdt) / n_rows * sq_raw.shape[-1] ** -0.5   # upstream * mean * logit scale
+        grad_q = grad_k = None
+        if d_sq is not None:
+            d_sq.mul_(coef)
+            if key_pad is not None:
+                d_sq.mul_(row_valid)
+            grad_q = _merge_heads(d_sq).to(s_q.dtype)
+        if d_sk is not None:
+            grad_k = _merge_heads(d_sk.mul_(coef)).to(s_k.dtype)
         return None, None, grad_q, grad_k, None, None, None
 
 
@@ -219,8 +238,9 @@ def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Ten
     if chunk_size is None:
         block = auto_chunk_size(b, num_relation_heads, l, budget_bytes)
         if on_cpu:
-            # Below ~16 rows the per-block matmuls are too thin to run near the CPU's peak.
-            block = min(max(l, 1), max(block, 16))
+            # Below ~32 rows the per-block matmuls are too thin to run near the CPU's peak
+            # (measured on the distillation benchmark's shapes, seq 128 and 512).
+            block = min(max(l, 1), max(block, CPU_MIN_BLOCK_ROWS))
     elif isinstance(chunk_size, int) and chunk_size >= 1:
         block = min(chunk_size, max(l, 1))
     else:

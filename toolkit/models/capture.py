@@ -16,11 +16,14 @@ Layer numbering:
   ``captured`` is keyed by the resolved non-negative 0-based index.
 
 The frozen teacher is cut with :func:`truncate_encoder` so layers above the one the loss reads
-never run.
+never run, and :class:`ProjectionsOnly` makes the layer the loss reads stop after its Q/K/V
+projections (its attention, output projection and feed-forward feed nothing the relation
+losses use), for the teacher and for the student alike.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+import types
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -197,3 +200,80 @@ class QKVCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _layer_returns_tuple() -> bool:
+    """transformers < 5 encoder layers return a tuple; 5.x return the hidden-state tensor."""
+    try:
+        import transformers
+
+        return int(transformers.__version__.split(".")[0]) < 5
+    except (ImportError, ValueError):  # pragma: no cover - transformers is a dependency
+        return False
+
+
+def _projections_forward(self: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """Forward of an encoder layer cut to its Q/K/V projections (bound by ProjectionsOnly).
+
+    The projections run as submodule calls, so capture hooks (and DeepSpeed's per-module
+    hooks) fire as usual; the layer then passes its input through unchanged.
+    """
+    attn = self.attention.self
+    attn.query(hidden_states)
+    attn.key(hidden_states)
+    attn.value(hidden_states)
+    return (hidden_states,) if self._projections_only_tuple else hidden_states
+
+
+class ProjectionsOnly:
+    """Make the last encoder layer compute only its Q/K/V projections, in place.
+
+    The relation losses (MiniLMv2, MiniLM v1) read the Q/K/V projections of one layer and
+    nothing after them: that layer's attention, output projection and feed-forward are dead
+    work, a quarter of a layer's matmuls and most of its elementwise work, in the forward of
+    the teacher and of the student (autograd already skips their backward). With this handle
+    the layer's forward computes the projections and returns its input, so the model's
+    ``last_hidden_state`` is the *previous* layer's output: use it only where nothing reads
+    the cut layer's output (no ``hidden`` capture of it, no TinyBERT, no logit KD).
+
+    Parameters and ``state_dict`` are untouched (only the instance's ``forward`` is
+    replaced), so a student saved while cut is complete. :meth:`remove` restores the layer.
+
+    Args:
+        model: BERT/ERNIE model or a wrapper holding one.
+        layer: 0-based index (negative from the end) of the layer to cut; must be the last
+            layer, since later layers would receive the wrong input.
+    """
+
+    def __init__(self, model: nn.Module, layer: int = -1):
+        layer_list = encoder_layers(model)
+        n = len(layer_list)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+            raise ConfigError("layers", f"layer index {layer!r} is out of range for an encoder with {n} layers")
+        if layer % n != n - 1:
+            raise ToolkitError(f"ProjectionsOnly cuts the last encoder layer only (layer {n - 1}), got layer "
+                               f"{layer % n}: the layers after it would receive the wrong input")
+        block = layer_list[n - 1]
+        for what in ("q", "k", "v"):
+            QKVCapture._projection(block, what, n - 1)   # same error as the capture for non-BERT layers
+        self.layer = n - 1
+        self._block: Optional[nn.Module] = block
+        block._projections_only_tuple = _layer_returns_tuple()
+        block.forward = types.MethodType(_projections_forward, block)
+
+    @property
+    def active(self) -> bool:
+        return self._block is not None
+
+    def remove(self) -> None:
+        """Restore the layer's full forward."""
+        if self._block is not None:
+            self._block.__dict__.pop("forward", None)
+            self._block.__dict__.pop("_projections_only_tuple", None)
+            self._block = None
+
+    def __enter__(self) -> "ProjectionsOnly":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -31,7 +31,8 @@ from toolkit.engine.precision import teacher_dtype
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 from toolkit.errors import ConfigError, DataError
 from toolkit.losses import LogitKDLoss, MiniLMv1Loss, MiniLMv2RelationLoss, TinyBERTLoss
-from toolkit.models.capture import QKVCapture, default_teacher_layer, resolve_layer, truncate_encoder
+from toolkit.models.capture import (ProjectionsOnly, QKVCapture, default_teacher_layer, resolve_layer,
+                                    truncate_encoder)
 from toolkit.models.encoder import EncoderSpec, build_encoder, count_parameters, load_tokenizer, spec_from_model
 from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
 from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
@@ -41,6 +42,9 @@ from toolkit.utils.progress import ProgressBar
 log = get_logger(__name__)
 
 LOSS_NAMES = ("minilmv2", "minilm_v1", "tinybert", "logit_kd")
+#: Losses that read only the Q/K/V projections of the distilled layers: with nothing else in
+#: the mix, that layer stops after its projections (ProjectionsOnly), teacher and student.
+QKV_ONLY_LOSSES = frozenset({"minilmv2", "minilm_v1"})
 
 
 @dataclass
@@ -137,6 +141,11 @@ class StudentWithLoss(nn.Module):
         self.student_layer = student_layer
         self.mlm_head = mlm_head
         self.capture = QKVCapture(student, [student_layer])
+        # The relation losses read only the last layer's Q/K/V: its attention and feed-forward
+        # would be computed and thrown away (no gradient reaches them), so they are skipped.
+        last = student.config.num_hidden_layers - 1
+        self.projections_only = (ProjectionsOnly(student, last)
+                                 if set(losses) <= QKV_ONLY_LOSSES and student_layer == last else None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 teacher: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -194,6 +203,10 @@ class DistillRecipe:
         self.device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
         self.teacher = prepare_frozen(teacher, self.device, teacher_dtype(self.device))
         self.teacher_capture = QKVCapture(self.teacher, [idx])
+        # The truncated teacher's last layer is the one the loss reads: with Q/K/V-only losses
+        # its attention and feed-forward are skipped as well.
+        weights = {k for k, v in cfg.loss.weights.items() if v > 0}
+        self.teacher_cut = ProjectionsOnly(self.teacher, idx) if weights <= QKV_ONLY_LOSSES else None
         self.teacher_idx = idx
         self.tokenizer = load_tokenizer(cfg.teacher)
 
