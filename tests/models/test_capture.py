@@ -100,3 +100,93 @@ def test_resolve_and_default_layers():
         with pytest.raises(ConfigError, match="teacher_layer"):
             resolve_layer(bad, 12)
     assert [default_teacher_layer(n) for n in (2, 6, 12, 24, 48)] == [2, 6, 12, 21, 42]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert_dir", "tiny_ernie_dir"])
+def test_projections_only_keeps_qkv_values_and_gradients(fixture, request):
+    """Cutting the last layer after its projections changes neither the captured Q/K/V nor
+    the gradients a Q/K/V loss sends to any parameter; removing the cut restores the layer."""
+    from toolkit.models.capture import ProjectionsOnly
+
+    path = request.getfixturevalue(fixture)
+    batch = _batch(AutoModel.from_pretrained(path).config.vocab_size)
+
+    def run(cut: bool):
+        torch.manual_seed(0)
+        model = AutoModel.from_pretrained(path).eval()   # eval: no dropout, identical forwards
+        cap = QKVCapture(model, layers=[-1])
+        handle = ProjectionsOnly(model, -1) if cut else None
+        out = model(**batch)
+        qkv = cap.get(-1)
+        loss = sum((qkv[w] ** 2).mean() for w in "qkv")
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return model, handle, out, {w: qkv[w].detach() for w in "qkv"}, grads
+
+    _, _, full_out, full_qkv, full_grads = run(cut=False)
+    model, handle, cut_out, cut_qkv, cut_grads = run(cut=True)
+    for w in "qkv":
+        torch.testing.assert_close(cut_qkv[w], full_qkv[w])
+    assert set(cut_grads) == set(full_grads)
+    for name in full_grads:
+        torch.testing.assert_close(cut_grads[name], full_grads[name], msg=name)
+    # The cut layer passes its input through: the output is the previous layer's.
+    n = model.config.num_hidden_layers
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(cut_out.last_hidden_state.detach(), hidden[n - 1])
+    assert handle.active
+    keys = set(model.state_dict())
+    handle.remove()
+    assert not handle.active and set(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).last_hidden_state, full_out.last_hidden_state.detach())
+
+
+def test_projections_only_rejects_inner_layers(tiny_bert_dir):
+    from toolkit.models.capture import ProjectionsOnly
+
+    model = AutoModel.from_pretrained(tiny_bert_dir)
+    with pytest.raises(ToolkitError, match="last encoder layer only"):
+        ProjectionsOnly(model, 0)
+    with pytest.raises(ConfigError, match="out of range"):
+        ProjectionsOnly(model, 5)
+
+
+@pytest.mark.parametrize("cut_last", [True, False])
+def test_checkpoint_layers_same_loss_and_gradients_with_dropout(tiny_bert4_dir, cut_last):
+    """Checkpointed layers recompute with the same dropout masks: loss and every gradient match."""
+    from toolkit.models.capture import CheckpointLayers, ProjectionsOnly
+
+    batch = _batch(AutoModel.from_pretrained(tiny_bert4_dir).config.vocab_size)
+
+    def run(ckpt: bool):
+        model = AutoModel.from_pretrained(tiny_bert4_dir, hidden_dropout_prob=0.3).train()
+        cap = QKVCapture(model, layers=[-1])
+        n = model.config.num_hidden_layers
+        if cut_last:
+            ProjectionsOnly(model, -1)
+        handle = CheckpointLayers(model, range(n - 1 if cut_last else n)) if ckpt else None
+        torch.manual_seed(123)
+        model(**batch)
+        qkv = cap.get(-1)
+        loss = sum((qkv[w] ** 2).mean() for w in "qkv")
+        loss.backward()
+        return handle, loss.detach(), {n_: p.grad.clone() for n_, p in model.named_parameters() if p.grad is not None}
+
+    _, ref_loss, ref_grads = run(False)
+    handle, loss, grads = run(True)
+    assert handle.layers == list(range(3 if cut_last else 4))
+    torch.testing.assert_close(loss, ref_loss)
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+
+
+def test_checkpoint_layers_refuses_a_cut_layer(tiny_bert_dir):
+    from toolkit.models.capture import CheckpointLayers, ProjectionsOnly
+
+    model = AutoModel.from_pretrained(tiny_bert_dir)
+    ProjectionsOnly(model, -1)
+    with pytest.raises(ToolkitError, match="already has a replaced forward"):
+        CheckpointLayers(model, [-1])

@@ -39,6 +39,9 @@ def test_distill_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
         # The teacher is truncated after the layer the loss reads: layer 4 never runs.
         assert len(rec.teacher.encoder.layer) == 3
         assert not any(p.requires_grad for p in rec.teacher.parameters())
+        # MiniLMv2 reads only Q/K/V: the read layer stops after its projections, both sides.
+        assert rec.teacher_cut is not None and rec.teacher_cut.layer == 2
+        assert rec.module.projections_only is not None and rec.module.projections_only.layer == 1
         res = rec.train()
     finally:
         rec.cleanup()
@@ -89,3 +92,30 @@ def test_distill_bad_config(tiny_bert4_dir, fixture_corpus, tmp_path):
         run_distill(_cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "b", loss={"num_relation_heads": 5}))
     with pytest.raises(ConfigError, match="loss.weights.bogus"):
         _cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "c", loss={"weights": {"bogus": 1.0}})
+
+
+def test_distill_full_last_layer_when_a_loss_reads_hidden_states(tiny_bert4_dir, fixture_corpus, tmp_path):
+    """TinyBERT reads the distilled layer's output, so that layer must run in full."""
+    from toolkit.recipes.distill import DistillRecipe
+
+    rec = DistillRecipe(_cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "tb", max_steps=1,
+                             student={"num_layers": 2, "hidden_size": 48, "num_heads": 6, "intermediate_size": 96},
+                             loss={"num_relation_heads": 6, "weights": {"minilmv2": 1.0, "tinybert": 0.1}}))
+    try:
+        rec.setup()
+        assert rec.teacher_cut is None and rec.module.projections_only is None
+    finally:
+        rec.cleanup()
+
+
+def test_distill_activation_checkpointing_matches_plain(tiny_bert4_dir, fixture_corpus, tmp_path):
+    """Recomputing the student's layers changes memory, not the training trajectory."""
+    from toolkit.recipes.distill import run_distill
+
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    run_distill(_cfg(tiny_bert4_dir, fixture_corpus, plain, max_steps=3))
+    run_distill(_cfg(tiny_bert4_dir, fixture_corpus, ckpt, max_steps=3, student={"activation_checkpointing": True}))
+    a, b = _losses(plain), _losses(ckpt)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), step

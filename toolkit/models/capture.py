@@ -25,6 +25,7 @@ from __future__ import annotations
 import types
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from toolkit.errors import ConfigError, ToolkitError
@@ -277,3 +278,55 @@ class ProjectionsOnly:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+class CheckpointLayers:
+    """Recompute chosen encoder layers' activations in the backward instead of keeping them.
+
+    Each chosen layer's forward runs under ``torch.utils.checkpoint`` (non-reentrant, RNG
+    state preserved, so dropout masks are the same in the recompute): the forward keeps only
+    the layer's input, and the backward runs the layer again before differentiating it. At
+    long sequences most of a small student's training memory is these activations (the
+    feed-forward's ``[B, L, 4H]`` tensors above all); the price is one more forward of the
+    checkpointed layers per step. Like :class:`ProjectionsOnly` this replaces the instance's
+    ``forward`` only (parameters and ``state_dict`` untouched); :meth:`remove` undoes it.
+
+    Args:
+        model: BERT/ERNIE model or a wrapper holding one.
+        layers: 0-based indices (negative from the end) of the layers to checkpoint.
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[int]):
+        layer_list = encoder_layers(model)
+        n = len(layer_list)
+        chosen: List[int] = []
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+                raise ConfigError("layers", f"layer index {i!r} is out of range for an encoder with {n} layers")
+            if i % n not in chosen:
+                chosen.append(i % n)
+        self.layers = sorted(chosen)
+        self._blocks: List[nn.Module] = []
+        for j in self.layers:
+            block = layer_list[j]
+            if "forward" in block.__dict__:
+                raise ToolkitError(f"encoder layer {j} already has a replaced forward (ProjectionsOnly?); "
+                                   f"checkpoint only the layers that run in full")
+            block.forward = types.MethodType(_checkpointed_forward, block)
+            self._blocks.append(block)
+
+    def remove(self) -> None:
+        """Restore the layers' plain forwards."""
+        for block in self._blocks:
+            block.__dict__.pop("forward", None)
+        self._blocks = []
+
+
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Forward of an encoder layer under activation checkpointing (bound by CheckpointLayers)."""
+    from torch.utils.checkpoint import checkpoint
+
+    plain = type(self).forward.__get__(self, type(self))
+    if not torch.is_grad_enabled():
+        return plain(*args, **kwargs)
+    return checkpoint(plain, *args, use_reentrant=False, **kwargs)

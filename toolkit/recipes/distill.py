@@ -31,7 +31,7 @@ from toolkit.engine.precision import teacher_dtype
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 from toolkit.errors import ConfigError, DataError
 from toolkit.losses import LogitKDLoss, MiniLMv1Loss, MiniLMv2RelationLoss, TinyBERTLoss
-from toolkit.models.capture import (ProjectionsOnly, QKVCapture, default_teacher_layer, resolve_layer,
+from toolkit.models.capture import (CheckpointLayers, ProjectionsOnly, QKVCapture, default_teacher_layer, resolve_layer,
                                     truncate_encoder)
 from toolkit.models.encoder import EncoderSpec, build_encoder, count_parameters, load_tokenizer, spec_from_model
 from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
@@ -61,6 +61,9 @@ class StudentConfig:
     attention_dropout: float = arg(0.0, "student attention-probability dropout. 0 keeps every student layer on "
                                    "the fused sdpa/flash kernels (dropout forces PyTorch's unfused attention on "
                                    "CPU); the relation loss reads Q/K/V, not attention probabilities")
+    activation_checkpointing: bool = arg(False, "recompute each student layer's activations in the backward instead "
+                                         "of keeping them: less memory at long sequences for one more forward of "
+                                         "those layers per step (figures: benchmarks/RESULTS.md)")
     init_from: Optional[str] = arg(None, "init=teacher_layers: copy the layers from this encoder directory instead "
                                    "of the teacher (e.g. the pretrained model, so that students distilled from "
                                    "different teachers start from the same weights)")
@@ -133,7 +136,7 @@ class StudentWithLoss(nn.Module):
     projection). ``forward`` runs the student and returns the weighted loss and its parts."""
 
     def __init__(self, student: nn.Module, losses: nn.ModuleDict, weights: Dict[str, float], student_layer: int,
-                 mlm_head: Optional[nn.Module] = None):
+                 mlm_head: Optional[nn.Module] = None, activation_checkpointing: bool = False):
         super().__init__()
         self.student = student
         self.losses = losses
@@ -146,6 +149,9 @@ class StudentWithLoss(nn.Module):
         last = student.config.num_hidden_layers - 1
         self.projections_only = (ProjectionsOnly(student, last)
                                  if set(losses) <= QKV_ONLY_LOSSES and student_layer == last else None)
+        # Checkpoint the layers that run in full (a cut last layer keeps only its input anyway).
+        full_layers = range(last if self.projections_only is not None else last + 1)
+        self.checkpointed = CheckpointLayers(student, full_layers) if activation_checkpointing else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 teacher: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -296,7 +302,8 @@ class DistillRecipe:
         mlm_head = None
         if "logit_kd" in weights:
             mlm_head, self.teacher_mlm = self._mlm_heads(student)
-        module = StudentWithLoss(student, losses, weights, s_idx, mlm_head)
+        module = StudentWithLoss(student, losses, weights, s_idx, mlm_head,
+                                 activation_checkpointing=cfg.student.activation_checkpointing)
         self.student_idx = s_idx
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
