@@ -134,7 +134,10 @@ def test_simulated_two_nodes_match_one_process(reference, no_dropout_teacher, fi
         assert got[step] == pytest.approx(loss, rel=2e-4, abs=1e-5), step
 
 
-def test_distill_two_ranks_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
+@pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, True)])
+def test_distill_two_ranks_end_to_end(stage, checkpointing, tiny_bert4_dir, fixture_corpus, tmp_path):
+    """2 ranks, with the distilled layers cut after Q/K/V (ProjectionsOnly); under ZeRO-3 with
+    activation checkpointing too, so the recomputed and the cut layers' weights are gathered."""
     _needs_launcher()
     import yaml
 
@@ -144,10 +147,11 @@ def test_distill_two_ranks_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
         "teacher": str(tiny_bert4_dir), "output_dir": str(out), "max_steps": 4, "log_every": 1,
         "corpus": {"sources": [str(fixture_corpus / "*.txt")], "seq_length": 32, "shuffle_buffer": 8,
                    "num_workers": 1},
-        "student": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
+        "student": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64,
+                    "activation_checkpointing": checkpointing},
         "loss": {"num_relation_heads": 8}}))
     proc = _launch(["distill", "--num-gpus", "2", "--master-port", str(_port()), "--config", str(y),
-                    "--ds-config", str(_ds(tmp_path / "ds.json", 4, 2))])
+                    "--ds-config", str(_ds(tmp_path / "ds.json", 4, stage))])
     log = _finish(proc)
     assert (out / "student" / "config.json").is_file(), log[-3000:]
     m = json.loads((out / "metrics.json").read_text())

@@ -143,7 +143,11 @@ class StudentWithLoss(nn.Module):
         self.weights = dict(weights)
         self.student_layer = student_layer
         self.mlm_head = mlm_head
-        self.capture = QKVCapture(student, [student_layer])
+        # Created at the first forward, i.e. after DeepSpeed has registered its module hooks:
+        # forward hooks run in registration order, so the capture then stores the outputs as
+        # ZeRO-3 wrapped them, and the gradient the loss sends into the captured Q/K/V triggers
+        # ZeRO-3's re-gathering of the projection weights for their backward.
+        self.capture: Optional[QKVCapture] = None
         # The relation losses read only the last layer's Q/K/V: its attention and feed-forward
         # would be computed and thrown away (no gradient reaches them), so they are skipped.
         last = student.config.num_hidden_layers - 1
@@ -155,6 +159,8 @@ class StudentWithLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 teacher: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        if self.capture is None:
+            self.capture = QKVCapture(self.student, [self.student_layer])
         self.capture.clear()
         out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                            output_hidden_states="tinybert" in self.losses)
