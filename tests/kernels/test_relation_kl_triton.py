@@ -63,6 +63,14 @@ def _ragged_mask(lengths, seq_len):
     return (torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]).long()
 
 
+def _loss_and_grad(fn, t, s, mask, heads, **kw):
+    """``fn(t, s', mask, heads)`` on a fresh leaf copy ``s'`` of ``s``: (loss, d loss / d s')."""
+    leaf = s.clone().requires_grad_(True)
+    loss = fn(t, leaf, mask, heads, **kw)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
 def _inputs(b=2, l=21, ht=48, hs=32, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(b, l, ht, generator=g).to(dtype), torch.randn(b, l, hs, generator=g).to(dtype))
@@ -74,30 +82,22 @@ def test_value_and_grad_match_float64_reference(rk, heads, l, lengths):
     # L is never a multiple of the 16-row blocks, and Ht != Hs.
     t, s = _inputs(l=l)
     mask = _ragged_mask(lengths, l)
-    s1 = s.clone().requires_grad_(True)
-    got = rk.relation_kl(t, s1, mask, heads, **B16)
-    got.backward()
-    s2 = s.double().requires_grad_(True)
-    ref = relation_kl_reference(t.double(), s2, mask, heads)
-    ref.backward()
+    got, got_grad = _loss_and_grad(rk.relation_kl, t, s, mask, heads, **B16)
+    ref, ref_grad = _loss_and_grad(relation_kl_reference, t.double(), s.double(), mask, heads)
     assert got.dtype == torch.float32 and got.item() > 0
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
-    torch.testing.assert_close(s1.grad.double(), s2.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got_grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
 
 
 @interpreted
 def test_float64_grads_match_reference_autograd_across_blocks(rk):
     t, s = _inputs(l=35, ht=24, hs=16, dtype=torch.float64, seed=1)
     mask = _ragged_mask([35, 18], 35)
-    s1 = s.clone().requires_grad_(True)
-    got = rk.relation_kl(t, s1, mask, 4, **B16)
-    got.backward()
-    s2 = s.clone().requires_grad_(True)
-    ref = relation_kl_reference(t, s2, mask, 4)
-    ref.backward()
+    got, got_grad = _loss_and_grad(rk.relation_kl, t, s, mask, 4, **B16)
+    ref, ref_grad = _loss_and_grad(relation_kl_reference, t, s, mask, 4)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-9, atol=1e-13)
 
 
 @interpreted
@@ -177,15 +177,11 @@ def test_padded_positions_get_no_grad_and_do_not_change_loss(rk):
 def test_fully_padded_sequence_stays_finite(rk):
     t, s = _inputs(l=17)
     mask = _ragged_mask([17, 0], 17)
-    s1 = s.clone().requires_grad_(True)
-    got = rk.relation_kl(t, s1, mask, 4, **B16)
-    got.backward()
-    s2 = s.clone().requires_grad_(True)
-    want = chunked_relation_kl(t, s2, mask, 4)
-    want.backward()
-    assert torch.isfinite(s1.grad).all()
+    got, got_grad = _loss_and_grad(rk.relation_kl, t, s, mask, 4, **B16)
+    want, want_grad = _loss_and_grad(chunked_relation_kl, t, s, mask, 4)
+    assert torch.isfinite(got_grad).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-7)
 
 
 @interpreted
@@ -193,15 +189,11 @@ def test_fp16_inputs_match_chunked_path(rk):
     # The interpreter multiplies bf16 as raw integers (a Triton interpreter limit), so bf16 is GPU-only.
     t, s = _inputs(l=21, dtype=torch.float16)
     mask = _ragged_mask([21, 12], 21)
-    s1 = s.clone().requires_grad_(True)
-    got = rk.relation_kl(t, s1, mask, 4, **B16)
-    got.backward()
-    s2 = s.clone().requires_grad_(True)
-    want = chunked_relation_kl(t, s2, mask, 4)
-    want.backward()
-    assert got.dtype == torch.float32 and s1.grad.dtype == torch.float16
+    got, got_grad = _loss_and_grad(rk.relation_kl, t, s, mask, 4, **B16)
+    want, want_grad = _loss_and_grad(chunked_relation_kl, t, s, mask, 4)
+    assert got.dtype == torch.float32 and got_grad.dtype == torch.float16
     torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
-    torch.testing.assert_close(s1.grad.float(), s2.grad.float(), rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=2e-2, atol=1e-4)
 
 
 @interpreted

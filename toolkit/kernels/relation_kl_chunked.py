@@ -122,18 +122,24 @@ def _block_logits(q_blk: Tensor, k_t: Tensor, key_pad: Optional[Tensor]) -> Tens
     return logits
 
 
-def _validate(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, heads: int) -> None:
+def validate_relation_inputs(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, heads: int,
+                             who: str = "relation KL") -> None:
+    """Shape checks shared by the chunked and the Triton path; ``who`` prefixes every message.
+
+    Raises ToolkitError for wrong ranks or mismatched shapes, ConfigError for a relation-head
+    count that does not divide both hidden sizes.
+    """
     for name, x in (("teacher query-side", t_q), ("teacher key-side", t_k),
                     ("student query-side", s_q), ("student key-side", s_k)):
         if x.dim() != 3:
-            raise ToolkitError(f"relation KL: {name} tensor must be [batch, seq_len, hidden], got shape "
+            raise ToolkitError(f"{who}: {name} tensor must be [batch, seq_len, hidden], got shape "
                                f"{tuple(x.shape)}")
     if t_q.shape != t_k.shape or s_q.shape != s_k.shape:
-        raise ToolkitError(f"relation KL: query-side and key-side shapes differ: teacher {tuple(t_q.shape)} vs "
+        raise ToolkitError(f"{who}: query-side and key-side shapes differ: teacher {tuple(t_q.shape)} vs "
                            f"{tuple(t_k.shape)}, student {tuple(s_q.shape)} vs {tuple(s_k.shape)}")
     if t_q.shape[:2] != s_q.shape[:2] or tuple(mask.shape) != tuple(s_q.shape[:2]):
         raise ToolkitError(
-            f"relation KL: teacher {tuple(t_q.shape)}, student {tuple(s_q.shape)} and attention_mask "
+            f"{who}: teacher {tuple(t_q.shape)}, student {tuple(s_q.shape)} and attention_mask "
             f"{tuple(mask.shape)} must share [batch, seq_len]; feed teacher and student the same batch")
     check_relation_heads(heads, s_q.shape[-1], t_q.shape[-1])
 
@@ -230,7 +236,7 @@ def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Ten
     Returns:
         Scalar (fp32, or float64 for float64 inputs): mean over real query rows and heads.
     """
-    _validate(t_q, t_k, s_q, s_k, mask, num_relation_heads)
+    validate_relation_inputs(t_q, t_k, s_q, s_k, mask, num_relation_heads)
     b, l, _ = s_q.shape
     on_cpu = s_q.device.type == "cpu"
     if budget_bytes is None:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.kernels.relation_kl_chunked import check_relation_heads
+from toolkit.kernels.relation_kl_chunked import validate_relation_inputs
 from toolkit.kernels.relation_kl_chunked import relation_kl_qk as _chunked_relation_kl_qk
 
 try:  # Triton is an optional GPU dependency; the module must import without it.
@@ -292,21 +292,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _check(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, heads: int) -> None:
-    """Shape checks with the chunked path's wording; raises ToolkitError / ConfigError."""
-    for name, x in (("teacher query-side", t_q), ("teacher key-side", t_k),
-                    ("student query-side", s_q), ("student key-side", s_k)):
-        if x.dim() != 3:
-            raise ToolkitError(f"relation KL (triton): {name} tensor must be [batch, seq_len, hidden], got "
-                               f"shape {tuple(x.shape)}")
-    if t_q.shape != t_k.shape or s_q.shape != s_k.shape:
-        raise ToolkitError(f"relation KL (triton): query-side and key-side shapes differ: teacher "
-                           f"{tuple(t_q.shape)} vs {tuple(t_k.shape)}, student {tuple(s_q.shape)} vs "
-                           f"{tuple(s_k.shape)}")
-    if t_q.shape[:2] != s_q.shape[:2] or tuple(mask.shape) != tuple(s_q.shape[:2]):
-        raise ToolkitError(f"relation KL (triton): teacher {tuple(t_q.shape)}, student {tuple(s_q.shape)} and "
-                           f"attention_mask {tuple(mask.shape)} must share [batch, seq_len]; feed teacher and "
-                           f"student the same batch")
-    check_relation_heads(heads, s_q.shape[-1], t_q.shape[-1])
+    """The chunked path's shape checks plus the dtypes the kernel takes; ToolkitError / ConfigError."""
+    validate_relation_inputs(t_q, t_k, s_q, s_k, mask, heads, who="relation KL (triton)")
     for name, x in (("teacher", t_q), ("student", s_q)):
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise ToolkitError(f"relation KL (triton): {name} projections have dtype {x.dtype}; expected "

@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from toolkit.errors import ConfigError, ToolkitError
 
@@ -324,8 +325,6 @@ class CheckpointLayers:
 
 def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Forward of an encoder layer under activation checkpointing (bound by CheckpointLayers)."""
-    from torch.utils.checkpoint import checkpoint
-
     plain = type(self).forward.__get__(self, type(self))
     if not torch.is_grad_enabled():
         return plain(*args, **kwargs)
