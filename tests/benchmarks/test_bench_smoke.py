@@ -41,3 +41,18 @@ def test_bad_option_is_one_line_error():
     proc = _run("--smoke", "--seqs", "16,abc")
     assert proc.returncode == 2
     assert "--seqs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_relation_kl_bench_rows_agree_and_bad_shape_is_named():
+    script = ROOT / "benchmarks" / "bench_relation_kl.py"
+    proc = subprocess.run([sys.executable, str(script), "--shapes", "2x16,1x40", "--reps", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line[2:3].isdigit()]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("2 x 16", "chunked"), ("2 x 16", "naive"),
+                                                            ("1 x 40", "chunked"), ("1 x 40", "naive")]
+    # The naive rows report their largest relative difference to the chunked path.
+    assert all(float(r[5]) < 1e-4 for r in rows if r[1].strip() == "naive")
+    bad = subprocess.run([sys.executable, str(script), "--shapes", "2by16"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "--shapes" in bad.stderr and "2by16" in bad.stderr

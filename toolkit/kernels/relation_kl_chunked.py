@@ -251,8 +251,10 @@ def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Ten
         block = min(chunk_size, max(l, 1))
     else:
         raise ConfigError("chunk_size", f"must be a positive integer or null (auto), got {chunk_size!r}")
-    return _RelationKLFunction.apply(t_q.detach(), t_k.detach(), s_q, s_k, mask.detach(),
-                                     num_relation_heads, block)
+    # One detached teacher tensor for a self relation, so the kernel splits its heads once.
+    t_q_d = t_q.detach()
+    t_k_d = t_q_d if t_k is t_q else t_k.detach()
+    return _RelationKLFunction.apply(t_q_d, t_k_d, s_q, s_k, mask.detach(), num_relation_heads, block)
 
 
 def relation_kl(t_x: Tensor, s_x: Tensor, mask: Tensor, num_relation_heads: int,
