@@ -56,3 +56,15 @@ def test_relation_kl_bench_rows_agree_and_bad_shape_is_named():
     bad = subprocess.run([sys.executable, str(script), "--shapes", "2by16"], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--shapes" in bad.stderr and "2by16" in bad.stderr
+
+
+def test_memory_probe_reports_every_phase():
+    script = ROOT / "benchmarks" / "probe_step_memory.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--seq", "16", "--batch", "2", "--steps", "2",
+                           "--threads", "1"], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| step")]
+    assert [r[0].strip() for r in rows] == [f"step {i}: {p}" for i in (1, 2) for p in
+                                            ("teacher forward", "student forward + loss", "backward", "optimizer")]
+    for _, live, held, rss in rows:
+        assert min(int(live), int(held), int(rss)) >= 0   # peaks above the set-up level, in MiB
