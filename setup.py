@@ -36,5 +36,5 @@ setup(
         "dev": ["pytest>=7.4", "scikit-learn>=1.3", "scipy>=1.10", "ruff"],
         "triton": ["triton>=3.0"],
     },
-    entry_points={"console_scripts": ["toolkit=toolkit.cli:main"]},
+    entry_points={"console_scripts": ["toolkit=toolkit.cli:entry"]},
 )

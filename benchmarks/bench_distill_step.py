@@ -43,6 +43,8 @@ from torch import Tensor, nn
 from _common import (EncoderShape, cpu_seconds, load_average, machine_info, markdown_table, measure_matmul_peak,
                      parse_int_list, peak_rss_bytes, rss_bytes, step_flops)
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.launch import allocator
+from toolkit.launch.allocator import in_use as allocator_in_use
 
 RESULT_PREFIX = "BENCH_RESULT "
 LR = 1e-4
@@ -413,7 +415,7 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
         "phases_s_median": {k: statistics.median(p[k] for p in phases_per_step) for k in phases_per_step[0]},
         "losses": losses, "loss_finite": all(math.isfinite(x) for x in losses),
         "cpu_util": cpu_util, "local_matmul_gflops": local_peak.best_flops / 1e9,
-        "loadavg_end": load_average(),
+        "loadavg_end": load_average(), "allocator": allocator_in_use(),
     }
     if profile:
         out["profile"] = profile_step(step, data)
@@ -429,7 +431,23 @@ def _fault_in(*models: nn.Module) -> None:
                     t.reshape(-1)[:: max(1, 1024 // max(1, t.element_size()))].sum()
 
 
-def spawn_worker(impl: str, seq: int, batch: int, args: argparse.Namespace) -> Dict[str, Any]:
+def allocator_env(name: str, env: Dict[str, str]) -> Dict[str, str]:
+    """``env`` for a worker under host allocator ``name`` (``system``, ``tcmalloc``, ``jemalloc``),
+    set up exactly as the toolkit's entry points do it (toolkit/launch/allocator.py)."""
+    clean = {k: v for k, v in env.items() if k not in ("LD_PRELOAD", allocator.ENV_ACTIVE)}
+    clean[allocator.ENV_CHOICE] = name
+    lib = allocator.resolve(name)
+    return clean if lib is None else allocator.preload_env(lib, clean)
+
+
+def label(r: Mapping[str, Any]) -> str:
+    """Row name: the implementation, with its allocator when that is not the system one."""
+    alloc = r.get("allocator_asked", "system")
+    return r["impl"] if alloc == "system" else f"{r['impl']} +{alloc}"
+
+
+def spawn_worker(impl: str, seq: int, batch: int, args: argparse.Namespace,
+                 alloc: str = "system") -> Dict[str, Any]:
     """Run :func:`run_worker` in a fresh interpreter; a crash becomes a row with ``error`` set."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--seqs", str(seq),
            "--batches", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -438,16 +456,20 @@ def spawn_worker(impl: str, seq: int, batch: int, args: argparse.Namespace) -> D
         cmd.append("--smoke")
     if args.profile:
         cmd.append("--profile")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    base = {"impl": impl, "seq": seq, "batch": batch}
+    env = allocator_env(alloc, dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+                                    MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
+                                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    base = {"impl": impl, "seq": seq, "batch": batch, "allocator_asked": alloc}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout)
     except subprocess.TimeoutExpired:
         return {**base, "error": f"timed out after {args.worker_timeout}s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            out = {**json.loads(line[len(RESULT_PREFIX):]), "allocator_asked": alloc}
+            if out["allocator"] != alloc:
+                return {**base, "error": f"asked for the {alloc} allocator, the worker ran with {out['allocator']}"}
+            return out
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
     return {**base, "error": f"{why}: {' | '.join(tail)}"}
@@ -497,18 +519,32 @@ def parse_batches(text: Optional[str], seqs: Sequence[int], smoke: bool) -> Dict
 
 
 def compare(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """toolkit / baseline ratios per (seq, batch) where both ran."""
-    by_key = {(r["impl"], r["seq"], r["batch"]): r for r in results if "error" not in r}
+    """toolkit / baseline ratios per (seq, batch) where both ran: first like for like (the
+    baseline under the same allocator), then, for a toolkit row under another allocator, against
+    the baseline on the system allocator too (what a user gets from the toolkit's entry points,
+    which preload tcmalloc, against a plain script)."""
+    ok = [r for r in results if "error" not in r]
+    by_key = {(r["impl"], r["allocator_asked"], r["seq"], r["batch"]): r for r in ok}
     out = []
-    for (impl, seq, batch), tk in by_key.items():
-        bl = by_key.get(("baseline", seq, batch))
-        if impl == "baseline" or bl is None:
+    for (impl, alloc, seq, batch), tk in by_key.items():
+        if impl == "baseline":
             continue
-        out.append({"impl": impl, "seq": seq, "batch": batch,
-                    "tokens_per_s_ratio": tk["tokens_per_s"] / bl["tokens_per_s"],
-                    "peak_growth_ratio": tk["peak_growth_mib"] / bl["peak_growth_mib"],
-                    "peak_rss_ratio": tk["peak_rss_mib"] / bl["peak_rss_mib"]})
+        for bl_alloc in dict.fromkeys([alloc, "system"]):
+            bl = by_key.get(("baseline", bl_alloc, seq, batch))
+            if bl is None:
+                continue
+            out.append({"impl": impl, "allocator": alloc, "baseline_allocator": bl_alloc, "seq": seq,
+                        "batch": batch, "tokens_per_s_ratio": tk["tokens_per_s"] / bl["tokens_per_s"],
+                        "peak_growth_ratio": tk["peak_growth_mib"] / bl["peak_growth_mib"],
+                        "peak_rss_ratio": tk["peak_rss_mib"] / bl["peak_rss_mib"]})
     return out
+
+
+def _pair(r: Mapping[str, Any]) -> str:
+    """``toolkit +tcmalloc vs baseline +tcmalloc`` style name of one ratio row."""
+    left = label({"impl": r["impl"], "allocator_asked": r["allocator"]})
+    right = label({"impl": "baseline", "allocator_asked": r["baseline_allocator"]})
+    return f"{left} vs {right}"
 
 
 def check_targets(results: Sequence[Dict[str, Any]], ratios: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -516,14 +552,14 @@ def check_targets(results: Sequence[Dict[str, Any]], ratios: Sequence[Dict[str, 
     out = []
     for r in ratios:
         if r["seq"] == 512:
-            where = f"{r['impl']} seq 512 batch {r['batch']}"
-            out.append({"target": f"{where}: tokens/s >= 2x baseline",
+            where = f"{_pair(r)}, seq 512 batch {r['batch']}"
+            out.append({"target": f"{where}: tokens/s >= 2x",
                         "value": f"{r['tokens_per_s_ratio']:.2f}x", "met": r["tokens_per_s_ratio"] >= 2.0})
-            out.append({"target": f"{where}: peak RSS growth <= 1/4 of baseline",
+            out.append({"target": f"{where}: peak RSS growth <= 1/4",
                         "value": f"{r['peak_growth_ratio']:.2f}", "met": r["peak_growth_ratio"] <= 0.25})
     for r in results:
         if r.get("impl") != "baseline" and r.get("seq") == 128 and "error" not in r:
-            out.append({"target": f"{r['impl']} seq 128 batch {r['batch']}: MFU >= 80% of the fp32 matmul peak",
+            out.append({"target": f"{label(r)} seq 128 batch {r['batch']}: MFU >= 80% of the fp32 matmul peak",
                         "value": f"{100 * r['mfu']:.1f}%", "met": r["mfu"] >= 0.8})
     return out
 
@@ -534,10 +570,10 @@ def render(results: Sequence[Dict[str, Any]], ratios: Sequence[Dict[str, Any]],
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["seq"], r["batch"], r["impl"], "failed: " + r["error"], "", "", "", "", "", "", ""])
+            rows.append([r["seq"], r["batch"], label(r), "failed: " + r["error"], "", "", "", "", "", "", ""])
             continue
         ph = r["phases_s_median"]
-        rows.append([r["seq"], r["batch"], r["impl"], f"{1000 * r['step_s_median']:.0f}",
+        rows.append([r["seq"], r["batch"], label(r), f"{1000 * r['step_s_median']:.0f}",
                      f"{r['tokens_per_s']:.0f}", f"{r['samples_per_s']:.2f}", f"{100 * r['mfu']:.1f}",
                      f"{r['peak_growth_mib']:.0f}", f"{r['peak_rss_mib']:.0f}",
                      f"{100 * r['cpu_util']:.0f}% / {r['local_matmul_gflops']:.0f}",
@@ -548,8 +584,8 @@ def render(results: Sequence[Dict[str, Any]], ratios: Sequence[Dict[str, Any]],
                              "ms: teacher fwd / student fwd+loss / backward / optimizer"], rows)]
     if ratios:
         parts.append(markdown_table(
-            ["impl", "seq", "batch", "tokens/s vs baseline", "peak RSS growth vs baseline", "peak RSS vs baseline"],
-            [[r["impl"], r["seq"], r["batch"], f"{r['tokens_per_s_ratio']:.2f}x", f"{r['peak_growth_ratio']:.2f}",
+            ["comparison", "seq", "batch", "tokens/s ratio", "peak RSS growth ratio", "peak RSS ratio"],
+            [[_pair(r), r["seq"], r["batch"], f"{r['tokens_per_s_ratio']:.2f}x", f"{r['peak_growth_ratio']:.2f}",
               f"{r['peak_rss_ratio']:.2f}"] for r in ratios]))
     if targets:
         parts.append(markdown_table(["target", "measured", "met"],
@@ -568,7 +604,7 @@ def render_profiles(results: Sequence[Dict[str, Any]]) -> str:
         rows = [[cat, f"{ms:.0f}", f"{100 * ms / total:.0f}%"] for cat, ms in prof["categories_ms"].items()]
         rows += [[f"*incl.* {k}", f"{v:.0f}", f"{100 * v / total:.0f}%"]
                  for k, v in prof.get("named_inclusive_ms", {}).items()]
-        chunks.append(f"**{r['impl']}, seq {r['seq']}, batch {r['batch']}** (one profiled step, "
+        chunks.append(f"**{label(r)}, seq {r['seq']}, batch {r['batch']}** (one profiled step, "
                       f"{total:.0f} ms self CPU)\n\n" + markdown_table(["category", "self ms", "share"], rows))
     return "\n\n".join(chunks)
 
@@ -583,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps per run (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the issue asks for 2)")
+    p.add_argument("--allocators", default="system",
+                   help="host allocators to run every implementation under: system, tcmalloc, jemalloc "
+                        "(comma-separated; each worker is started as the toolkit's entry points do it)")
     p.add_argument("--json", default=None, help="write all figures to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny random models, seq 16, batch 2: checks the plumbing")
     p.add_argument("--profile", action="store_true", help="profile one extra step per run (op categories)")
@@ -621,6 +660,12 @@ def _main(args: argparse.Namespace) -> int:
     if bad or not impls:
         raise ConfigError("--impls", f"unknown implementation {bad or impls}; choose from {list(IMPLS)}")
     batches = parse_batches(args.batches, seqs, args.smoke)
+    allocs = [a.strip() for a in args.allocators.split(",") if a.strip()]
+    bad = [a for a in allocs if a not in ("system", "tcmalloc", "jemalloc")]
+    if bad or not allocs:
+        raise ConfigError("--allocators", f"unknown allocator {bad or allocs}; choose from system, tcmalloc, jemalloc")
+    for a in allocs:
+        allocator.resolve(a)   # a missing library fails here, with how to install it
     models = bench_models(args.smoke)
     too_long = [s for s in seqs if s > models.max_positions]
     if too_long:
@@ -646,15 +691,16 @@ def _main(args: argparse.Namespace) -> int:
     t_start = time.time()
     for seq in seqs:
         for batch in batches[seq]:
-            for impl in impls:
-                r = spawn_worker(impl, seq, batch, args)
+            for impl, alloc in ((i, a) for a in allocs for i in impls):
+                r = spawn_worker(impl, seq, batch, args, alloc)
+                name = label(r)
                 if "error" not in r:
                     r["mfu"] = r["achieved_flops"] / peak.best_flops  # provisional; final peak below
-                    print(f"  {impl:8s} seq {seq:4d} batch {batch:3d}: {1000 * r['step_s_median']:8.0f} ms/step "
+                    print(f"  {name:8s} seq {seq:4d} batch {batch:3d}: {1000 * r['step_s_median']:8.0f} ms/step "
                           f"{r['tokens_per_s']:8.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
                           f"growth {r['peak_growth_mib']:7.0f} MiB", flush=True)
                 else:
-                    print(f"  {impl:8s} seq {seq:4d} batch {batch:3d}: FAILED {r['error']}", flush=True)
+                    print(f"  {name:8s} seq {seq:4d} batch {batch:3d}: FAILED {r['error']}", flush=True)
                 results.append(r)
     peak_after = measure_matmul_peak(peak_n)
     # MFU divides by the best matmul rate seen anywhere in this run (parent before/after, each

@@ -75,6 +75,28 @@ def _common(f):  # noqa: ANN001 - click decorator plumbing
     return f
 
 
+#: Commands that run a training/eval job in this process: they get the CPU allocator re-exec.
+_JOB_COMMANDS = frozenset({"teacher", "distill", "finetune", "eval", "pipeline"})
+
+
+def entry() -> None:
+    """Console-script entry (``toolkit ...``, ``python -m toolkit ...``).
+
+    Job commands first re-execute the process once with tcmalloc/jemalloc preloaded where
+    ``TOOLKIT_CPU_ALLOCATOR`` asks for it (default ``auto``: on CPU-only hosts that have one
+    installed; see toolkit/launch/allocator.py), then dispatch as usual.
+    """
+    first = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if first in _JOB_COMMANDS:
+        from toolkit.launch.allocator import reexec_with_allocator
+
+        try:
+            reexec_with_allocator()
+        except ToolkitError as e:
+            _fail(e)
+    main()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="mitkd-toolkit", prog_name="toolkit")
 def main() -> None:

@@ -156,6 +156,11 @@ def test_distill_two_ranks_end_to_end(stage, checkpointing, tiny_bert4_dir, fixt
     assert (out / "student" / "config.json").is_file(), log[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 4 and m["samples"] == 4 * 8
+    # Each rank re-executed itself with the allocator TOOLKIT_CPU_ALLOCATOR picks (auto: tcmalloc here).
+    from toolkit.launch import allocator as A
+
+    lib = A.resolve(os.environ.get(A.ENV_CHOICE))
+    assert m["host_allocator"] == ("system" if lib is None else "tcmalloc" if "tcmalloc" in lib.name else "jemalloc")
     losses = _losses(out)
     assert len(losses) == 4 and all(v == v for v in losses.values())
     # Both ranks wrote their own stream position into the checkpoint.

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.config import arg, save_config
 from toolkit.data.corpus import CorpusConfig
 from toolkit.data.loader import build_loader
@@ -472,7 +473,7 @@ class DistillRecipe:
             "student_params": self.student_params, "teacher_params": self.teacher_params,
             "steps": self.state["step"], "tokens": self.state["tokens"], "samples": self.state["samples"],
             "final_losses": last, "nonfinite_losses": self.state["nonfinite_total"],
-            "throughput": throughput, "train_time_s": elapsed,
+            "throughput": throughput, "host_allocator": allocator_in_use(), "train_time_s": elapsed,
             "corpus_stats": self.loader.stats,  # this rank's stream: documents, skips, truncations
         }
         if eng.is_main:

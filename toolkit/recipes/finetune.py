@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.config import arg, save_config
 from toolkit.engine import Engine, OptimConfig, dist
 from toolkit.errors import ConfigError, DataError
@@ -235,7 +236,8 @@ class FinetuneRecipe:
             "history": history,
             "throughput": {"train_samples_per_s": summary.get("samples_per_s"),
                            "train_tokens_per_s": summary.get("tokens_per_s"),
-                           "peak_mem_mb": summary.get("peak_mem_mb")},
+                           "peak_mem_mb": summary.get("peak_mem_mb"),
+                           "host_allocator": allocator_in_use()},
             "train_time_s": time.time() - t0,
         }
         if best.get("state") is not None:

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.config import arg, save_config
 from toolkit.data.multitask import SAMPLING_MODES, TaskBatchSampler, task_probabilities
 from toolkit.engine import Engine, OptimConfig, dist
@@ -233,7 +234,7 @@ class TeacherRecipe:
         result = {"tasks": [t.name for t in self.tasks], "steps": st["step"], "best_step": st["best_step"],
                   "best_average": st["best_score"], "history": st["history"],
                   "nonfinite_losses": st["nonfinite_total"], "train_time_s": time.time() - t0,
-                  "throughput": summary}
+                  "throughput": summary, "host_allocator": allocator_in_use()}
         if eng.is_main:
             write_json(self.out / "metrics.json", result)
         self.save_checkpoint()
