@@ -137,6 +137,7 @@ class ToolkitStep:
         from toolkit.losses import MiniLMv2RelationLoss
         from toolkit.models.capture import (ProjectionsOnly, QKVCapture, default_teacher_layer, resolve_layer,
                                             truncate_encoder)
+        from toolkit.models.dropout import use_fast_dropout
         from toolkit.models.encoder import build_encoder
         from toolkit.recipes.distill import StudentWithLoss
 
@@ -153,6 +154,7 @@ class ToolkitStep:
             spec = dataclasses.replace(spec, attention_dropout=student_attention_dropout)
         torch.manual_seed(STUDENT_SEED)
         student = build_encoder(spec)
+        use_fast_dropout(student)   # as the recipe (student.fast_dropout defaults to true)
         # As the recipe: the pooler gets no gradient from relation losses, so it is frozen.
         student.pooler.requires_grad_(False)
         s_idx = student.config.num_hidden_layers - 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 
 def _cfg(teacher, corpus, out, **kw):
@@ -42,12 +43,16 @@ def test_distill_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
         # MiniLMv2 reads only Q/K/V: the read layer stops after its projections, both sides.
         assert rec.teacher_cut is not None and rec.teacher_cut.layer == 2
         assert rec.module.projections_only is not None and rec.module.projections_only.layer == 1
+        # student.fast_dropout (default on) swapped every student dropout module.
+        kinds = {type(m).__name__ for m in rec.module.student.modules() if isinstance(m, torch.nn.Dropout)}
+        assert kinds == {"FastDropout"}
         res = rec.train()
     finally:
         rec.cleanup()
     assert res["steps"] == 6 and res["teacher_layer"] == 3
     assert res["throughput"]["tokens_per_s"] > 0 and res["throughput"]["samples_per_s"] > 0
     assert "data_wait_frac" in res["throughput"] and "peak_mem_mb" in res["throughput"]
+    assert res["host_allocator"] in ("system", "tcmalloc", "jemalloc")
     student = AutoModel.from_pretrained(out / "student")
     assert student.config.num_hidden_layers == 2 and student.config.hidden_size == 32
     assert (out / "student" / "tokenizer.json").is_file() or (out / "student" / "vocab.txt").is_file()
@@ -119,3 +124,15 @@ def test_distill_activation_checkpointing_matches_plain(tiny_bert4_dir, fixture_
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), step
+
+
+def test_distill_fast_dropout_off_keeps_torch_dropout(tiny_bert4_dir, fixture_corpus, tmp_path):
+    from toolkit.recipes.distill import DistillRecipe
+
+    rec = DistillRecipe(_cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "d", student={"fast_dropout": False}))
+    try:
+        rec.setup()
+        kinds = {type(m).__name__ for m in rec.module.student.modules() if isinstance(m, torch.nn.Dropout)}
+        assert kinds == {"Dropout"}
+    finally:
+        rec.cleanup()

@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.config import arg, save_config
 from toolkit.engine import Engine, OptimConfig, dist
 from toolkit.errors import ConfigError, DataError
+from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
 from toolkit.recipes.common import (batch_size_of, count_tokens, forward_kwargs, resolve_ds_config,

@@ -21,13 +21,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.config import arg, save_config
 from toolkit.data.multitask import SAMPLING_MODES, TaskBatchSampler, task_probabilities
 from toolkit.engine import Engine, OptimConfig, dist
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 from toolkit.errors import ConfigError, DataError, ToolkitError
+from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
 from toolkit.recipes.common import (batch_size_of, check_task_tokenizer, count_tokens, forward_kwargs,
