@@ -20,6 +20,7 @@ from toolkit.config import arg, save_config
 from toolkit.engine import Engine, OptimConfig, dist
 from toolkit.errors import ConfigError, DataError
 from toolkit.launch.allocator import in_use as allocator_in_use
+from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
 from toolkit.recipes.common import (batch_size_of, count_tokens, forward_kwargs, resolve_ds_config,
@@ -60,6 +61,8 @@ class FinetuneConfig:
                                 "false = only after the last step")
     train_limit: int = arg(0, "use only the first N training examples after a seeded shuffle (low-resource); 0 = all")
     dropout: float = arg(0.1, "dropout of a newly created task head")
+    fast_dropout: bool = arg(True, "CPU: draw dropout masks from 15-bit uniforms (3x cheaper than torch's "
+                             "Bernoulli; p rounded to a multiple of 2^-15). No effect on GPUs")
     seed: int = arg(42, "random seed (data order, head init, dropout)")
     log_every: int = arg(20, "log training loss and throughput every N optimizer steps")
     save_model: bool = arg(True, "save the best model (by the task's main dev metric) to output_dir/model")
@@ -107,6 +110,8 @@ class FinetuneRecipe:
         if self.task.name not in model.heads:
             model.add_head(self.task.name, self.task.task_type, self.task.num_labels,
                            labels=self.task.labels, dropout=cfg.dropout)
+        if cfg.fast_dropout:
+            use_fast_dropout(model)
         self.tokenizer = tokenizer
         enc_kw = dict(max_seq_length=cfg.max_seq_length, doc_stride=cfg.doc_stride,
                       max_query_length=cfg.max_query_length)
