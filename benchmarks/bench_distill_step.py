@@ -355,7 +355,11 @@ def profile_step(step: Any, batch: Mapping[str, Tensor]) -> Dict[str, Any]:
     ops = []
     for ev in prof.key_averages():
         for label, needle in _NAMED_TOTALS.items():
-            # "X" must not also count "XBackward" (the backward has its own entry).
+            # "X" must not also count "XBackward" (the backward has its own entry), and the
+            # autograd engine's "evaluate_function: XBackward" wrapper event must not count the
+            # backward a second time (runs D and earlier did: their backward figures are 2x).
+            if ev.key.startswith("autograd::engine::"):
+                continue
             if needle in ev.key and not (needle.endswith("Function") and "Backward" in ev.key):
                 named[label] = named.get(label, 0.0) + ev.cpu_time_total / 1000.0
         ms = ev.self_cpu_time_total / 1000.0
