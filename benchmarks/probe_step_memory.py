@@ -67,6 +67,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if read is None:
         print("error: this probe needs glibc's mallinfo2 (Linux, glibc >= 2.33)", file=sys.stderr)
         return 2
+    if bench.allocator_in_use() != "system":
+        print(f"error: this process runs on {bench.allocator_in_use()} (LD_PRELOAD), whose memory glibc's "
+              "mallinfo2 cannot see; run the probe without LD_PRELOAD (it measures glibc malloc)", file=sys.stderr)
+        return 2
     if min(args.seq, args.batch, args.steps) < 1:
         print("error: --seq, --batch and --steps must be >= 1", file=sys.stderr)
         return 2
