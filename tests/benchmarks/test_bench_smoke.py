@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "bench_distill_step.py"
 
@@ -68,3 +70,29 @@ def test_memory_probe_reports_every_phase():
                                             ("teacher forward", "student forward + loss", "backward", "optimizer")]
     for _, live, held, rss in rows:
         assert min(int(live), int(held), int(rss)) >= 0   # peaks above the set-up level, in MiB
+
+
+def test_job_allocator_bench_runs_the_real_job_under_each_allocator(tmp_path):
+    from toolkit.demo import resources as res
+    from toolkit.errors import ToolkitError
+    from toolkit.launch import allocator
+
+    try:
+        res.teacher_dir()
+    except ToolkitError as e:
+        pytest.skip(f"not fetched; run `bash scripts/fetch_resources.sh` ({e})")
+    allocs = ["system"] + (["tcmalloc"] if allocator.find_library("tcmalloc", allocator.search_dirs()) else [])
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_job_allocator.py"), "--allocators",
+                           ",".join(allocs), "--reps", "1", "--steps", "2", "--batch", "2", "--seq", "32",
+                           "--student-layers", "1", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    rows = json.loads(out.read_text())
+    # Each job reports the allocator it really ran on (from its own metrics.json).
+    assert [(r["allocator_asked"], r["allocator"]) for r in rows] == [(a, a) for a in allocs]
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
+    assert "| allocator | ran on | tokens/s" in proc.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_job_allocator.py"), "--allocators",
+                          "mimalloc"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "mimalloc" in bad.stderr and "Traceback" not in bad.stderr
