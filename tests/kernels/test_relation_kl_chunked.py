@@ -66,6 +66,39 @@ def test_gradcheck_qk_separate_sides():
     torch.testing.assert_close(relation_kl_qk(tq, tk, sq, sk, mask, 2, chunk_size=3), naive)
 
 
+def test_gradient_made_in_the_forward_follows_grad_mode_and_upstream():
+    """The forward computes the student gradient (the loss is a terminal scalar); the backward
+    scales it by the upstream value. One side without requires_grad, no_grad, and a weighted
+    loss used with retain_graph all give the reference gradients."""
+    g = torch.Generator().manual_seed(7)
+    tq, tk = torch.randn(2, 6, 8, generator=g, dtype=torch.float64), torch.randn(2, 6, 8, generator=g,
+                                                                              dtype=torch.float64)
+    sq0, sk0 = torch.randn(2, 6, 8, generator=g, dtype=torch.float64), torch.randn(2, 6, 8, generator=g,
+                                                                                dtype=torch.float64)
+    mask = _ragged_mask([6, 4], 6)
+    # Only the query side requires a gradient.
+    a = sq0.clone().requires_grad_(True)
+    relation_kl_qk(tq, tk, a, sk0, mask, 2, chunk_size=4).backward()
+    b = sq0.clone().requires_grad_(True)
+    relation_kl_naive(tq, tk, b, sk0, mask, 2).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    # Under no_grad: the same value, nothing to differentiate.
+    with torch.no_grad():
+        val = relation_kl_qk(tq, tk, sq0.requires_grad_(True), sk0, mask, 2)
+    assert not val.requires_grad
+    torch.testing.assert_close(val, relation_kl_naive(tq, tk, sq0.detach(), sk0, mask, 2))
+    # A weighted loss, backpropagated twice: the upstream factor is applied each time.
+    s = sq0.detach().clone().requires_grad_(True)
+    loss = relation_kl(tq, s, mask, 2, chunk_size=5)
+    (3.0 * loss).backward(retain_graph=True)
+    first = s.grad.clone()
+    (0.5 * loss).backward()
+    ref = sq0.detach().clone().requires_grad_(True)
+    relation_kl_reference(tq, ref, mask, 2).backward()
+    torch.testing.assert_close(first, 3.0 * ref.grad)
+    torch.testing.assert_close(s.grad, 3.5 * ref.grad)
+
+
 def test_zero_when_student_equals_teacher_and_zero_grad():
     t, _ = _inputs(hs=48)
     mask = _ragged_mask([11, 5, 8], 11)

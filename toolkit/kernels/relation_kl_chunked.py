@@ -1,4 +1,4 @@
-"""Memory-bounded relation KL (MiniLMv2) with a recomputing backward.
+"""Memory-bounded relation KL (MiniLMv2) whose forward also computes the student gradient.
 
 For one relation type, teacher and student projections ``[B, L, H]`` are split into ``R``
 relation heads ``[B, R, L, d]`` (``d = H / R``; teacher and student ``d`` may differ). Row
@@ -8,9 +8,11 @@ the whole batch.
 
 A naive implementation keeps several ``[B, R, L, L]`` tensors alive for the backward, which
 dominates memory at long sequence lengths. Here query rows are processed in blocks: a block
-needs only ``[B, R, block, L]`` temporaries, the forward keeps nothing but its inputs, and the
-backward recomputes every block's logits and softmaxes (as flash attention does), so extra
-memory is ``O(B*R*block*L + B*L*H)`` and linear in ``L``. Each block is a few fused passes
+needs only ``[B, R, block, L]`` temporaries and nothing of size ``L x L`` outlives it. Because
+the loss is a terminal scalar, the forward also computes the student gradient block by block
+while the block's probabilities are at hand (when a gradient will be asked for), and the
+backward only scales that ``[B, L, Hs]`` tensor: no block is recomputed. Extra memory is
+``O(B*R*block*L + B*L*H)``, linear in ``L``. Each block is a few fused passes
 (``log_softmax`` / ``softmax``, one subtraction, one ``exp``, a row dot product); masking
 passes run only when the batch has padding.
 
@@ -147,64 +149,51 @@ def validate_relation_inputs(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor,
 class _RelationKLFunction(torch.autograd.Function):
     """Blocked relation KL; see the module docstring. Inputs [B, L, H]; output a scalar.
 
-    Per query block the forward runs two logits matmuls, two fused ``log_softmax`` and then
+    Per query block the forward runs two logits matmuls and two fused ``log_softmax``, then
     ``KL_row = sum_j p_t (log p_t - log p_s)`` with ``p_t = exp(log p_t)``; nothing of size
-    ``L x L`` is kept. The backward recomputes both softmaxes per block (fused ``softmax``),
-    forms ``p_s - p_t`` and accumulates it into the query- and key-side gradients; the
-    constant factor (upstream gradient, ``1/rows``, ``1/sqrt(d)``) is applied once to the
-    ``[B, R, L, d]`` results, and padded query rows are zeroed on the ``[B, R, L, d]`` operands
-    rather than on every ``[B, R, b, L]`` block.
+    ``L x L`` outlives its block. The loss is a terminal scalar, so when a gradient is wanted the
+    forward also turns the block's ``p_s - p_t`` (``dKL/dlogit_s``; zero on padded keys) into
+    its share of the student gradient right away, while the block's probabilities are at hand:
+    the backward then only scales the stored ``[B, L, Hs]`` gradient by the upstream value,
+    instead of recomputing both logits matmuls and both softmaxes of every block. The constant
+    factor (``1/rows``, ``1/sqrt(d)``) is applied once to the ``[B, R, L, d]`` results, and
+    padded query rows are zeroed on the ``[B, R, L, d]`` operands rather than on every
+    ``[B, R, b, L]`` block.
     """
 
     @staticmethod
     def forward(ctx: Any, t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
-                heads: int, block: int) -> Tensor:
+                heads: int, block: int, want_q: bool, want_k: bool) -> Tensor:
         cdt = _compute_dtype(s_q.dtype)
-        tq, tk_t, _, sq, sk, valid, key_pad = _prepare(t_q, t_k, s_q, s_k, mask, heads, cdt)
+        tq, tk_t, sq_raw, sq, sk, valid, key_pad = _prepare(t_q, t_k, s_q, s_k, mask, heads, cdt)
         sk_t = sk.transpose(-1, -2)
         b, r, l, _ = sq.shape
         row_kl = torch.empty(b, r, l, dtype=cdt, device=sq.device)
+        # The key side of dKL/dlogit_s: padded query rows must add nothing, so they are zeroed
+        # in the query-side operand of that matmul.
+        row_valid = valid[:, None, :, None].to(cdt)           # [B, 1, L, 1]
+        sq_rows = sq_raw * row_valid if (want_k and key_pad is not None) else sq_raw
+        d_sq = torch.empty_like(sq_raw) if want_q else None   # [B, R, L, ds]
+        d_sk = torch.zeros_like(sk) if want_k else None
         for i0 in range(0, l, block):
             i1 = min(l, i0 + block)
             logp_t = torch.log_softmax(_block_logits(tq[:, :, i0:i1], tk_t, key_pad), dim=-1)
             logp_s = torch.log_softmax(_block_logits(sq[:, :, i0:i1], sk_t, key_pad), dim=-1)
-            diff = torch.sub(logp_t, logp_s, out=logp_s)       # log p_t - log p_s (0 on padded keys)
-            row_kl[:, :, i0:i1] = torch.linalg.vecdot(logp_t.exp_(), diff)
-            del logp_t, logp_s, diff
+            p_t = torch.exp(logp_t)
+            diff = logp_t.sub_(logp_s)                           # log p_t - log p_s (0 on padded keys)
+            row_kl[:, :, i0:i1] = torch.linalg.vecdot(p_t, diff)
+            if d_sq is not None or d_sk is not None:
+                g = logp_s.exp_().sub_(p_t)                      # p_s - p_t
+                if d_sq is not None:
+                    d_sq[:, :, i0:i1] = torch.matmul(g, sk)
+                if d_sk is not None:
+                    d_sk += torch.matmul(g.transpose(-1, -2), sq_rows[:, :, i0:i1])
+                del g
+            del logp_t, logp_s, p_t, diff
         if key_pad is not None:
             row_kl.masked_fill_(~valid[:, None, :], 0.0)      # padded query rows count nothing
         n_rows = valid.sum().clamp_min(1).to(cdt) * heads
-        ctx.save_for_backward(t_q, t_k, s_q, s_k, mask, n_rows)
-        ctx.heads, ctx.block = heads, block
-        return row_kl.sum() / n_rows
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
-        t_q, t_k, s_q, s_k, mask, n_rows = ctx.saved_tensors
-        need_q, need_k = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        if not (need_q or need_k):
-            return (None,) * 7
-        heads, block = ctx.heads, ctx.block
-        cdt = n_rows.dtype
-        tq, tk_t, sq_raw, sq, sk, valid, key_pad = _prepare(t_q, t_k, s_q, s_k, mask, heads, cdt)
-        sk_t = sk.transpose(-1, -2)
-        # dKL/dlogit_s = (p_s - p_t) per real query row. Padded query rows must add nothing to
-        # the key side: zero them in the query-side operand of that matmul.
-        row_valid = valid[:, None, :, None].to(cdt)           # [B, 1, L, 1]
-        sq_rows = sq_raw * row_valid if key_pad is not None else sq_raw
-        d_sq = torch.empty_like(sq_raw) if need_q else None   # [B, R, L, ds]
-        d_sk = torch.zeros_like(sk) if need_k else None
-        l = sq.shape[2]
-        for i0 in range(0, l, block):
-            i1 = min(l, i0 + block)
-            g = torch.softmax(_block_logits(sq[:, :, i0:i1], sk_t, key_pad), dim=-1)
-            g.sub_(torch.softmax(_block_logits(tq[:, :, i0:i1], tk_t, key_pad), dim=-1))
-            if d_sq is not None:
-                d_sq[:, :, i0:i1] = torch.matmul(g, sk)
-            if d_sk is not None:
-                d_sk += torch.matmul(g.transpose(-1, -2), sq_rows[:, :, i0:i1])
-            del g
-        coef = grad_out.to(cdt) / n_rows * sq_raw.shape[-1] ** -0.5   # upstream * mean * logit scale
+        coef = sq_raw.shape[-1] ** -0.5 / n_rows              # mean over rows * logit scale
         grad_q = grad_k = None
         if d_sq is not None:
             d_sq.mul_(coef)
@@ -213,7 +202,17 @@ class _RelationKLFunction(torch.autograd.Function):
             grad_q = _merge_heads(d_sq).to(s_q.dtype)
         if d_sk is not None:
             grad_k = _merge_heads(d_sk.mul_(coef)).to(s_k.dtype)
-        return None, None, grad_q, grad_k, None, None, None
+        if grad_q is not None and grad_k is not None and s_q is s_k:
+            grad_q, grad_k = grad_q.add_(grad_k), None       # one tensor on both sides: one gradient
+        ctx.save_for_backward(*(x for x in (grad_q, grad_k) if x is not None))
+        ctx.have = (grad_q is not None, grad_k is not None)
+        return row_kl.sum() / n_rows
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_out if has else None for has in ctx.have]
+        return (None, None, grads[0], grads[1]) + (None,) * 5
 
 
 def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
@@ -254,7 +253,11 @@ def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Ten
     # One detached teacher tensor for a self relation, so the kernel splits its heads once.
     t_q_d = t_q.detach()
     t_k_d = t_q_d if t_k is t_q else t_k.detach()
-    return _RelationKLFunction.apply(t_q_d, t_k_d, s_q, s_k, mask.detach(), num_relation_heads, block)
+    # The gradient is computed in the forward (see _RelationKLFunction), so only when one will
+    # be asked for: grad mode on and a student side that requires it.
+    grad_on = torch.is_grad_enabled()
+    return _RelationKLFunction.apply(t_q_d, t_k_d, s_q, s_k, mask.detach(), num_relation_heads, block,
+                                     grad_on and s_q.requires_grad, grad_on and s_k.requires_grad)
 
 
 def relation_kl(t_x: Tensor, s_x: Tensor, mask: Tensor, num_relation_heads: int,
