@@ -28,6 +28,7 @@ import gc
 import json
 import math
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -396,7 +397,10 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
     losses, times = [], []
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     phases_per_step: List[Dict[str, float]] = []
+    ru0 = None
     for i in range(warmup + steps):
+        if i == warmup:
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)   # page faults / system time of the timed steps
         phases: Dict[str, float] = {}
         t0 = time.perf_counter()
         losses.append(step.step(data, phases))
@@ -404,6 +408,7 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
         if i >= warmup:
             times.append(dt)
             phases_per_step.append(phases)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu_util = (cpu_seconds() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
     peak = peak_rss_bytes()
     med = statistics.median(times)
@@ -422,6 +427,10 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
         "losses": losses, "loss_finite": all(math.isfinite(x) for x in losses),
         "cpu_util": cpu_util, "local_matmul_gflops": local_peak.best_flops / 1e9,
         "loadavg_end": load_average(), "allocator": allocator_in_use(),
+        # Minor page faults and kernel time per timed step: what an allocator that gives memory
+        # back to the kernel costs (glibc above its mmap/trim thresholds).
+        "minor_faults_per_step": (ru1.ru_minflt - ru0.ru_minflt) / steps,
+        "sys_s_per_step": (ru1.ru_stime - ru0.ru_stime) / steps,
     }
     if profile:
         out["profile"] = profile_step(step, data)
@@ -704,7 +713,8 @@ def _main(args: argparse.Namespace) -> int:
                     r["mfu"] = r["achieved_flops"] / peak.best_flops  # provisional; final peak below
                     print(f"  {name:8s} seq {seq:4d} batch {batch:3d}: {1000 * r['step_s_median']:8.0f} ms/step "
                           f"{r['tokens_per_s']:8.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
-                          f"growth {r['peak_growth_mib']:7.0f} MiB", flush=True)
+                          f"growth {r['peak_growth_mib']:7.0f} MiB  "
+                          f"{r['minor_faults_per_step']:7.0f} page faults/step", flush=True)
                 else:
                     print(f"  {name:8s} seq {seq:4d} batch {batch:3d}: FAILED {r['error']}", flush=True)
                 results.append(r)

@@ -29,7 +29,8 @@ def test_smoke_writes_table_and_json(tmp_path):
     assert data["loss_check"]["ok"] and data["loss_check"]["rel_diff"] <= 1e-4
     assert [r["impl"] for r in data["results"]] == ["toolkit", "baseline"]
     keys = {"step_s_median", "tokens_per_s", "samples_per_s", "mfu", "peak_growth_mib", "peak_rss_mib",
-            "rss_after_setup_mib", "flops_per_step", "phases_s_median", "losses"}
+            "rss_after_setup_mib", "flops_per_step", "phases_s_median", "losses", "minor_faults_per_step",
+            "sys_s_per_step", "allocator"}
     for r in data["results"]:
         assert keys <= set(r), sorted(keys - set(r))
         assert r["seq"] == 16 and r["batch"] == 2 and r["loss_finite"]
@@ -96,3 +97,17 @@ def test_job_allocator_bench_runs_the_real_job_under_each_allocator(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_job_allocator.py"), "--allocators",
                           "mimalloc"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "mimalloc" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_dropout_bench_compares_both_and_rejects_bad_input():
+    script = ROOT / "benchmarks" / "bench_dropout.py"
+    proc = subprocess.run([sys.executable, str(script), "--shapes", "2x16x8", "--reps", "2", "--threads", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 2x16x8")]
+    assert [r[1].strip() for r in rows] == ["torch F.dropout", "toolkit fast_dropout"]
+    assert all(0.5 < float(r[4]) <= 1.0 for r in rows)   # p = 0.1 keeps most of 256 elements
+    for bad, opt in ((["--shapes", "2x16"], "--shapes"), (["--p", "1.5"], "--p")):
+        out = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=120,
+                             cwd=ROOT)
+        assert out.returncode == 2 and opt in out.stderr and "Traceback" not in out.stderr

@@ -65,6 +65,7 @@ def test_module_eval_zero_and_one():
     assert torch.equal(fast_dropout(x, 0.0), x)
     assert torch.count_nonzero(fast_dropout(x, 1.0)) == 0
     assert torch.equal(fast_dropout(x, 1e-6), x)   # rounds to a zero drop rate: identity
+    assert torch.count_nonzero(fast_dropout(x, 1 - 1e-6)) == 0   # rounds to a drop rate of 1
 
 
 def test_use_fast_dropout_swaps_plain_dropout_only():

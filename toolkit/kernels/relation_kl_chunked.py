@@ -40,7 +40,8 @@ DEFAULT_BLOCK_BUDGET_BYTES = 256 * 1024 * 1024
 CPU_BLOCK_BUDGET_BYTES = 24 * 1024 * 1024
 #: Smallest query block on CPUs: thinner blocks leave the logits matmuls far from peak.
 CPU_MIN_BLOCK_ROWS = 32
-# Peak number of live [B, R, block, L] fp32 temporaries inside one block (forward or backward).
+# Live [B, R, block, L] fp32 temporaries inside one block of the forward, with headroom (the
+# logits, both log-probabilities, p_t, and matmul workspace).
 _LIVE_BLOCK_TENSORS = 6
 
 

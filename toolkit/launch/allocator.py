@@ -3,8 +3,8 @@
 Why: glibc returns freed memory above its (dynamic) mmap/trim thresholds to the kernel, so a
 training step that allocates and frees the same large activations every step page-faults
 them back in every step. On the distillation benchmark (2 cores, seq 128, batch 32) that is
-~35,000 minor faults per step; tcmalloc keeps the pages and also fragments less, so peak RSS
-drops as well (measured in ``benchmarks/RESULTS.md``). A library can only be chosen before
+~28,000 minor faults and 134 ms of kernel time per step, against ~800 and 22 ms on tcmalloc,
+which also fragments less, so peak RSS drops as well (``benchmarks/RESULTS.md``, "Page faults"). A library can only be chosen before
 the process starts, so the job entry points re-execute themselves once with ``LD_PRELOAD``.
 
 Chosen by the environment variable ``TOOLKIT_CPU_ALLOCATOR`` (read by every rank, so it works

@@ -1,10 +1,10 @@
 """Dropout with a cheaper CPU mask.
 
 ``torch.nn.functional.dropout`` on CPU draws one Bernoulli sample per element from the single
-MT19937 stream: ~4.4 ns per element at 2 threads, 3% of a seq-128 distillation step
-(benchmarks/RESULTS.md). :class:`FastDropout` draws half as many 32-bit words and cuts each
+MT19937 stream, 3% of a seq-128 distillation step (benchmarks/RESULTS.md, run D). :class:`FastDropout` draws half as many 32-bit words and cuts each
 into two 15-bit uniforms, then keeps an element when its uniform is at least
-``k = round(p * 2^15)``: about 3x faster for the whole dropout, with the same expectation
+``k = round(p * 2^15)``: several times cheaper for the whole dropout (forward and backward,
+``benchmarks/bench_dropout.py``), with the same expectation
 (outputs are scaled by ``1 / (1 - k / 2^15)``, the exact keep rate). The drop probability is
 therefore ``p`` rounded to a multiple of ``2^-15`` (0.1 becomes 0.100006). The mask is saved as
 bool (1 byte per element), as PyTorch's own dropout does; the generator is torch's default CPU
@@ -44,8 +44,8 @@ def keep_mask(shape: torch.Size, p: float) -> Tensor:
 
 
 def _masked_scale(x: Tensor, keep: Tensor, scale: float) -> Tensor:
-    # ATen's dropout-backward kernel is exactly ``x * keep * scale`` in one fused pass (3x faster
-    # than a bool multiply plus a scale); it serves the forward and the backward alike.
+    # ATen's dropout-backward kernel is exactly ``x * keep * scale`` in one call (cheaper than a
+    # bool multiply plus a scale); it serves the forward and the backward alike.
     return torch.ops.aten.native_dropout_backward(x, keep, scale)
 
 
@@ -73,12 +73,18 @@ def fast_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     k = keep_threshold(p)
     if k == 0:
         return x
+    if k >= _LEVELS:          # p within 2^-16 of 1: every element is dropped
+        return x * 0.0
     keep = keep_mask(x.shape, p)
     return _MaskedScale.apply(x, keep, float(_LEVELS) / (_LEVELS - k))
 
 
 class FastDropout(nn.Dropout):
-    """Drop-in :class:`torch.nn.Dropout` with the cheaper CPU mask (see the module docstring)."""
+    """Drop-in :class:`torch.nn.Dropout` with the cheaper CPU mask (see the module docstring).
+
+    ``inplace=True`` modules keep torch's in-place dropout (the mask trick needs an output
+    tensor of its own); BERT/ERNIE use none.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         if self.inplace:

@@ -66,7 +66,7 @@ class StudentConfig:
     activation_checkpointing: bool = arg(False, "recompute each student layer's activations in the backward instead "
                                          "of keeping them: less memory at long sequences for one more forward of "
                                          "those layers per step (figures: benchmarks/RESULTS.md)")
-    fast_dropout: bool = arg(True, "CPU: draw the student's dropout masks from 15-bit uniforms (3x cheaper than "
+    fast_dropout: bool = arg(True, "CPU: draw the student's dropout masks from 15-bit uniforms (2-3x cheaper than "
                              "torch's Bernoulli; p is rounded to a multiple of 2^-15). No effect on GPUs")
     init_from: Optional[str] = arg(None, "init=teacher_layers: copy the layers from this encoder directory instead "
                                    "of the teacher (e.g. the pretrained model, so that students distilled from "

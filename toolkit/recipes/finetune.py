@@ -61,7 +61,7 @@ class FinetuneConfig:
                                 "false = only after the last step")
     train_limit: int = arg(0, "use only the first N training examples after a seeded shuffle (low-resource); 0 = all")
     dropout: float = arg(0.1, "dropout of a newly created task head")
-    fast_dropout: bool = arg(True, "CPU: draw dropout masks from 15-bit uniforms (3x cheaper than torch's "
+    fast_dropout: bool = arg(True, "CPU: draw dropout masks from 15-bit uniforms (2-3x cheaper than torch's "
                              "Bernoulli; p rounded to a multiple of 2^-15). No effect on GPUs")
     seed: int = arg(42, "random seed (data order, head init, dropout)")
     log_every: int = arg(20, "log training loss and throughput every N optimizer steps")

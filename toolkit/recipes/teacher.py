@@ -69,7 +69,7 @@ class TeacherConfig:
     log_every: int = arg(10, "log loss and throughput every N steps")
     eval_batch_size: int = arg(64, "prediction batch size")
     dropout: float = arg(0.1, "dropout of the task heads")
-    fast_dropout: bool = arg(True, "CPU: draw dropout masks from 15-bit uniforms (3x cheaper than torch's "
+    fast_dropout: bool = arg(True, "CPU: draw dropout masks from 15-bit uniforms (2-3x cheaper than torch's "
                              "Bernoulli; p rounded to a multiple of 2^-15). No effect on GPUs")
     seed: int = arg(42, "random seed")
     resume: bool = arg(True, "resume from the latest complete checkpoint in output_dir/checkpoints if there is one")
