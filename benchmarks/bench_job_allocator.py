@@ -85,8 +85,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         work = Path(tmp)
         corpus = args.corpus
         if corpus is None:
-            subprocess.run([sys.executable, "-m", "toolkit", "prepare-data", "--preset", "tiny", "--out",
-                            str(work / "data")], cwd=ROOT, check=True, capture_output=True)
+            prep = subprocess.run([sys.executable, "-m", "toolkit", "prepare-data", "--preset", "tiny", "--out",
+                                   str(work / "data")], cwd=ROOT, capture_output=True, text=True)
+            if prep.returncode != 0:
+                tail = " | ".join((prep.stderr or prep.stdout).strip().splitlines()[-3:])
+                print(f"error: building the demo corpus failed ({tail}); run `bash scripts/fetch_resources.sh` "
+                      "or pass --corpus GLOB", file=sys.stderr)
+                return 2
             corpus = str(work / "data" / "corpus" / "shard-*.txt")
         rows: List[Dict[str, object]] = []
         for rep in range(args.reps):
