@@ -150,9 +150,14 @@ def test_distill_two_ranks_end_to_end(stage, checkpointing, tiny_bert4_dir, fixt
         "student": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64,
                     "activation_checkpointing": checkpointing},
         "loss": {"num_relation_heads": 8}}))
-    proc = _launch(["distill", "--num-gpus", "2", "--master-port", str(_port()), "--config", str(y),
+    port = _port()
+    proc = _launch(["distill", "--num-gpus", "2", "--master-port", str(port), "--config", str(y),
                     "--ds-config", str(_ds(tmp_path / "ds.json", 4, stage))])
     log = _finish(proc)
+    # DeepSpeed's CPU shm all-reduce segments (one per rank, ~68 MB of RAM each) are unlinked at
+    # the end of the job; DeepSpeed itself never does.
+    leftover = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert leftover == [], leftover
     assert (out / "student" / "config.json").is_file(), log[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 4 and m["samples"] == 4 * 8
