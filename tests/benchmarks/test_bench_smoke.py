@@ -111,3 +111,18 @@ def test_dropout_bench_compares_both_and_rejects_bad_input():
         out = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=120,
                              cwd=ROOT)
         assert out.returncode == 2 and opt in out.stderr and "Traceback" not in out.stderr
+
+
+def test_loader_bench_compares_state_every_and_rejects_bad_input():
+    script = ROOT / "benchmarks" / "bench_loader.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--buffers", "8", "--seq", "48", "--batch", "4",
+                           "--batches", "3", "--workers", "1", "--state-every", "1,4"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 8 |")]
+    assert [int(r[1]) for r in rows] == [1, 4]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    for bad, opt in ((["--state-every", "0"], "--state-every"), (["--buffers", "x"], "--buffers")):
+        out = subprocess.run([sys.executable, str(script), "--smoke", *bad], capture_output=True, text=True,
+                             timeout=120, cwd=ROOT)
+        assert out.returncode == 2 and opt in out.stderr and "Traceback" not in out.stderr

@@ -14,7 +14,7 @@ import torch
 from corpus_testlib import count_ids, expected_counts, tok, write_text  # noqa: F401  (tok: fixture)
 from toolkit.data import CorpusConfig, StreamingCorpus, build_loader
 from toolkit.data.packing import pad_rows
-from toolkit.errors import ConfigError, DataError
+from toolkit.errors import ConfigError, DataError, ToolkitError
 
 
 def _cfg(sources, **kw) -> CorpusConfig:
@@ -99,10 +99,13 @@ def _batches_equal(a: List[Dict[str, torch.Tensor]], b: List[Dict[str, torch.Ten
     return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("num_workers,stops", [(0, [1, 4, 9]), (2, [3, 8])])
-def test_resume_matches_uninterrupted_run(num_workers, stops, tmp_path, tok):
+@pytest.mark.parametrize("num_workers,stops,state_every", [(0, [1, 4, 9], 32), (2, [3, 8], 32), (0, [1, 4, 9], 1),
+                                                            (0, [4, 9], 3), (2, [3, 8], 2)])
+def test_resume_matches_uninterrupted_run(num_workers, stops, state_every, tmp_path, tok):
+    # state_every 32: every resume replays from the stream's start; 1: from the last batch's
+    # snapshot; 2-3: from an older snapshot plus a replay of the rows handed out since.
     _corpus_files(tmp_path, 3, 9)
-    cfg = _cfg([tmp_path / "*.txt"], num_workers=num_workers, epochs=2, shuffle_buffer=5)
+    cfg = _cfg([tmp_path / "*.txt"], num_workers=num_workers, epochs=2, shuffle_buffer=5, state_every=state_every)
     full = list(build_loader(cfg, tok, 3))
     assert len(full) > max(stops) + 2
     for k in stops:
@@ -135,11 +138,12 @@ def test_resume_endless_stream_twice(tmp_path, tok):
 
 def test_state_size_and_mismatch(tmp_path, tok):
     _corpus_files(tmp_path, 2, 20)
-    cfg = _cfg([tmp_path / "*.txt"], shuffle_buffer=6)
+    cfg = _cfg([tmp_path / "*.txt"], shuffle_buffer=6, state_every=1)
     loader = build_loader(cfg, tok, 2)
     next(iter(loader))
     state = loader.state_dict()
-    buffered = state["workers"][0]["buffer"]
+    assert state["workers"][0]["skip_rows"] == 0   # state_every=1: a snapshot after every batch
+    buffered = state["workers"][0]["base"]["buffer"]
     assert len(buffered["lens"]) == 6 and len(buffered["tokens"]) == sum(buffered["lens"])
     assert len(json.dumps(state)) < 6 * 32 * 8 + 4000
     buf = io.BytesIO()
@@ -151,6 +155,53 @@ def test_state_size_and_mismatch(tmp_path, tok):
         other.load_state_dict(state)
     with pytest.raises(ConfigError, match="world_size"):
         build_loader(cfg, tok, 2, rank=0, world_size=2).load_state_dict(state)
+
+
+def test_snapshots_only_every_state_every_batches(tmp_path, tok):
+    _corpus_files(tmp_path, 2, 20)
+    loader = build_loader(_cfg([tmp_path / "*.txt"], shuffle_buffer=6, state_every=4), tok, 2)
+    it = iter(loader)
+    seen = []
+    for k in range(1, 10):
+        next(it)
+        w = loader.state_dict()["workers"][0]
+        seen.append((w["base"] is not None, w["skip_rows"]))
+        assert w["stats"]["sequences"] == 2 * k   # counters are current after every batch
+        assert loader.stats["sequences"] == 2 * k
+    # Snapshots after batches 4 and 8; in between, the rows handed out since the last one.
+    assert seen == [(False, 2), (False, 4), (False, 6), (True, 0), (True, 2), (True, 4), (True, 6), (True, 0),
+                    (True, 2)]
+    with pytest.raises(ConfigError, match="state_every"):
+        _cfg([tmp_path / "*.txt"], state_every=0)
+
+
+def test_resume_from_a_state_saved_before_state_every(tmp_path, tok):
+    # Earlier checkpoints stored a bare snapshot per worker (one after every batch).
+    _corpus_files(tmp_path, 2, 10)
+    cfg = _cfg([tmp_path / "*.txt"], shuffle_buffer=4, state_every=1)
+    full = list(build_loader(cfg, tok, 2))
+    loader = build_loader(cfg, tok, 2)
+    head = list(itertools.islice(loader, 3))
+    state = loader.state_dict()
+    state["workers"] = [w["base"] for w in state["workers"]]
+    resumed = build_loader(_cfg([tmp_path / "*.txt"], shuffle_buffer=4), tok, 2)
+    resumed.load_state_dict(state)
+    assert resumed.stats["sequences"] == 6
+    assert _batches_equal(head + list(resumed), full)
+
+
+def test_replay_past_the_end_names_the_cause(tmp_path, tok):
+    files = _corpus_files(tmp_path, 1, 12)
+    cfg = _cfg([tmp_path / "*.txt"], shuffle_buffer=0, state_every=100)
+    loader = build_loader(cfg, tok, 2)
+    list(itertools.islice(loader, 5))
+    state = loader.state_dict()
+    assert state["workers"][0]["base"] is None and state["workers"][0]["skip_rows"] == 10
+    write_text(files[0], [0, 1])                 # the corpus shrank since the checkpoint
+    resumed = build_loader(cfg, tok, 2)
+    resumed.load_state_dict(state)
+    with pytest.raises(ToolkitError, match="replayed .* of 10 rows.*corpus files changed"):
+        list(resumed)
 
 
 def test_too_small_corpus_for_endless_stream(tmp_path, tok):

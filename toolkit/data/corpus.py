@@ -66,6 +66,8 @@ class CorpusConfig:
     seed: int = arg(42, help="seed of file order, packing and shuffling")
     epochs: int = arg(0, help="passes over the corpus; 0 = endless (stop by steps)")
     num_workers: int = arg(2, help="DataLoader worker processes per rank (0 = read in the training process)")
+    state_every: int = arg(32, help="batches between a worker's full stream snapshots (they hold the shuffle buffer); "
+                                    "a resume replays fewer than this many batches per worker")
     strict: bool = arg(False, help="raise on bad lines and empty files instead of skipping and counting them")
     short_seq_prob: float = arg(0.1, help="probability of targeting a random shorter sequence (BERT's 0.1)")
 
@@ -82,6 +84,8 @@ class CorpusConfig:
         for name in ("shuffle_buffer", "epochs", "num_workers", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.state_every < 1:
+            raise ConfigError("state_every", f"must be >= 1, got {self.state_every}")
         if not 0.0 <= self.short_seq_prob <= 1.0:
             raise ConfigError("short_seq_prob", f"must be in [0, 1], got {self.short_seq_prob}")
         if isinstance(self.sources, str):

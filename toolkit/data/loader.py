@@ -1,18 +1,27 @@
 """A DataLoader over :class:`StreamingCorpus` whose position can be saved and restored exactly.
 
-Each DataLoader worker batches its own rows and sends every batch together with a snapshot
-of its stream (``WorkerStream.snapshot``) taken right after the batch. The loader hands
-batches out in a fixed round-robin over workers (worker 0, 1, ..., skipping finished ones, the
-DataLoader's own order), re-ordering what arrives if needed, and remembers for each worker the
-snapshot of its last *consumed* batch plus whose turn is next. ``state_dict()`` is therefore the
-position after the last batch the training loop received, whatever the workers prefetched;
-a loader built with the same settings and given that state yields exactly the batches an
-uninterrupted run would have yielded next.
+Each DataLoader worker batches its own rows and sends them with its counters; every
+``state_every``-th batch (and its last) also carries a full snapshot of its stream
+(``WorkerStream.snapshot``) taken right after that batch. The loader hands batches out in a
+fixed round-robin over workers (worker 0, 1, ..., skipping finished ones, the DataLoader's own
+order), re-ordering what arrives if needed, and remembers for each worker the newest snapshot it
+has *consumed* plus how many rows that worker has handed out since (``skip_rows``), and whose
+turn is next. ``state_dict()`` is therefore the position after the last batch the training loop
+received, whatever the workers prefetched; a resumed worker restores its snapshot and replays
+``skip_rows`` rows (fewer than ``state_every`` batches) without yielding them, so a loader built
+with the same settings and given that state yields exactly the batches an uninterrupted run
+would have yielded next.
+
+Why not a snapshot with every batch: a snapshot holds the shuffle buffer's token ids (about
+``4 x shuffle_buffer x mean tokens`` bytes: 20 MB at 10k x 512). Gathering, pickling and
+unpickling that per batch halved a worker's throughput and cost the training process
+milliseconds per step (``benchmarks/bench_loader.py``).
 
 With ``num_workers=0`` the same code runs in-process as one worker.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 from collections import deque
@@ -52,29 +61,43 @@ def _raise_payload(payload: Dict[str, Any]) -> None:
 
 
 class _BatchStream(IterableDataset):
-    """Per worker: ``{"worker", "batch", "state"}`` items, then ``{"worker", "end", "state"}``."""
+    """Per worker: ``{"worker", "batch", "rows", "stats"[, "state"]}`` items, then
+    ``{"worker", "end", "rows": 0, "stats", "state"}``; ``state`` on every ``state_every``-th batch."""
 
     def __init__(self, corpus: StreamingCorpus, batch_size: int, num_workers: int, drop_last: bool,
-                 states: List[Optional[Dict[str, Any]]]):
+                 positions: List[Dict[str, Any]], state_every: int):
         super().__init__()
         self.corpus, self.batch_size, self.num_workers = corpus, batch_size, num_workers
-        self.drop_last, self.states = drop_last, states
+        self.drop_last, self.positions, self.state_every = drop_last, positions, state_every
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         info = get_worker_info()
         wid = info.id if info is not None else 0
         cfg = self.corpus.cfg
+        pos = self.positions[wid]
         try:
-            stream = self.corpus.worker_stream(wid, self.num_workers, self.states[wid])
+            stream = self.corpus.worker_stream(wid, self.num_workers, pos["base"])
             rows_iter = iter(stream)
+            # Replay what this worker handed out after its snapshot (deterministic: same rows).
+            replayed = sum(1 for _ in itertools.islice(rows_iter, pos["skip_rows"]))
+            if replayed < pos["skip_rows"]:
+                raise ToolkitError(f"corpus resume: worker {wid} replayed {replayed} of {pos['skip_rows']} rows after "
+                                   f"its snapshot before its stream ended; the corpus files changed since the "
+                                   f"checkpoint (resume with the same files, or start the stream fresh)")
+            n = 0
             while True:
                 rows = list(itertools.islice(rows_iter, self.batch_size))
                 if rows and (len(rows) == self.batch_size or not self.drop_last):
-                    yield {"worker": wid, "batch": pad_rows(rows, cfg.seq_length, self.corpus.pad_id),
-                           "state": stream.snapshot()}
+                    n += 1
+                    item = {"worker": wid, "batch": pad_rows(rows, cfg.seq_length, self.corpus.pad_id),
+                            "rows": len(rows), "stats": copy.deepcopy(stream.stats)}
+                    if n % self.state_every == 0:
+                        item["state"] = stream.snapshot()
+                    yield item
                 if len(rows) < self.batch_size:
                     break
-            yield {"worker": wid, "end": True, "state": stream.snapshot()}
+            yield {"worker": wid, "end": True, "rows": 0, "stats": copy.deepcopy(stream.stats),
+                   "state": stream.snapshot()}
         except ToolkitError as e:
             yield {"worker": wid, "error": _error_payload(e)}
 
@@ -92,16 +115,21 @@ class StatefulLoader:
     """
 
     def __init__(self, corpus: StreamingCorpus, batch_size: int, num_workers: int = 0, drop_last: bool = False,
-                 pin_memory: bool = False, prefetch_factor: int = 2):
+                 pin_memory: bool = False, prefetch_factor: int = 2, state_every: int = 32):
         if batch_size < 1:
             raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ConfigError("num_workers", f"must be >= 0, got {num_workers}")
+        if isinstance(state_every, bool) or not isinstance(state_every, int) or state_every < 1:
+            raise ConfigError("corpus.state_every", f"must be a positive integer, got {state_every!r}")
         self.corpus = corpus
         self.batch_size, self.num_workers = batch_size, num_workers
         self.drop_last, self.pin_memory, self.prefetch_factor = drop_last, pin_memory, prefetch_factor
+        self.state_every = state_every
         n = max(1, num_workers)
-        self._states: List[Optional[Dict[str, Any]]] = [None] * n
+        # Per worker: newest consumed snapshot (None: the stream's start) + rows handed out since.
+        self._positions: List[Dict[str, Any]] = [{"base": None, "skip_rows": 0} for _ in range(n)]
+        self._stats: List[Optional[Dict[str, Any]]] = [None] * n
         self._active = [True] * n
         self._next = 0
         self.batches = 0
@@ -122,7 +150,8 @@ class StatefulLoader:
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         if not any(self._active):
             return
-        stream = _BatchStream(self.corpus, self.batch_size, self.num_workers, self.drop_last, list(self._states))
+        stream = _BatchStream(self.corpus, self.batch_size, self.num_workers, self.drop_last,
+                              [dict(p) for p in self._positions], self.state_every)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
@@ -138,7 +167,11 @@ class StatefulLoader:
                     _raise_payload(item["error"])
                 arrived[item["worker"]].append(item)
             item = arrived[w].popleft()
-            self._states[w] = item["state"]
+            if "state" in item:
+                self._positions[w] = {"base": item["state"], "skip_rows": 0}
+            else:
+                self._positions[w]["skip_rows"] += item["rows"]
+            self._stats[w] = item["stats"]
             if item.get("end"):
                 self._active[w] = False
                 continue
@@ -152,11 +185,14 @@ class StatefulLoader:
     def state_dict(self) -> Dict[str, Any]:
         """Position after the last batch handed out: plain ints/lists/dicts (JSON- and torch.save-safe).
 
-        Size: about ``4 bytes x shuffle_buffer x mean tokens`` per worker (as lists of ints).
+        ``workers[w]`` is ``{"base": snapshot or None, "skip_rows": n, "stats": counters}``. Size:
+        about ``4 bytes x shuffle_buffer x mean tokens`` per worker (as lists of ints).
         """
+        workers = [{"base": p["base"], "skip_rows": p["skip_rows"], "stats": st}
+                   for p, st in zip(self._positions, self._stats)]
         return to_plain({"version": STATE_VERSION, "fingerprint": self._fingerprint(),
                          "batch_size": self.batch_size, "next_worker": self._next, "active": list(self._active),
-                         "batches": self.batches, "workers": self._states})
+                         "batches": self.batches, "workers": workers})
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` of a loader with the same corpus, ranks and workers.
@@ -168,7 +204,12 @@ class StatefulLoader:
         if state["batch_size"] != self.batch_size:
             logger.warning("corpus resume: batch size %d -> %d; no sequence is repeated or skipped, but batches "
                            "differ from an uninterrupted run", state["batch_size"], self.batch_size)
-        self._states = list(state["workers"])
+        self._positions, self._stats = [], []
+        for entry in state["workers"]:
+            if entry is None or "skip_rows" not in entry:   # a bare snapshot (states saved before state_every)
+                entry = {"base": entry, "skip_rows": 0, "stats": entry["stats"] if entry else None}
+            self._positions.append({"base": entry["base"], "skip_rows": int(entry["skip_rows"])})
+            self._stats.append(entry["stats"])
         self._active = [bool(a) for a in state["active"]]
         self._next = int(state["next_worker"])
         self.batches = int(state["batches"])
@@ -182,10 +223,10 @@ class StatefulLoader:
         skipped (reason -> lines), peak_buffered (max rows a worker held), empty_files, batches.
         """
         total = new_stats()
-        for state in self._states:
-            if state is None:
+        for stats in self._stats:
+            if stats is None:
                 continue
-            for key, value in state["stats"].items():
+            for key, value in stats.items():
                 if key == "skipped":
                     for reason, count in value.items():
                         total["skipped"][reason] = total["skipped"].get(reason, 0) + int(count)
@@ -211,4 +252,4 @@ def build_loader(cfg: CorpusConfig, tokenizer: Any, batch_size: int, rank: int =
     """
     corpus = StreamingCorpus(cfg, tokenizer, rank=rank, world_size=world_size)
     return StatefulLoader(corpus, batch_size, num_workers=cfg.num_workers, drop_last=drop_last,
-                          pin_memory=pin_memory)
+                          pin_memory=pin_memory, state_every=cfg.state_every)
