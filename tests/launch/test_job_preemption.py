@@ -3,7 +3,6 @@ writes a checkpoint at a safe point, exits with the requeue code, and the re-run
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

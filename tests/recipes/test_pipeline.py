@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
 
 def _cfg(tiny_bert4_dir, fixture_tasks, fixture_corpus, out, **kw):
     from toolkit.config import load_config

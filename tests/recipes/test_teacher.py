@@ -84,7 +84,7 @@ def test_sampler_ranks_disjoint():
 
 
 def test_teacher_bad_inputs(tiny_bert_dir, fixture_tasks, tmp_path):
-    from toolkit.errors import ConfigError, DataError, ToolkitError
+    from toolkit.errors import ConfigError, ToolkitError
     from toolkit.recipes.teacher import TeacherConfig, run_teacher
 
     with pytest.raises(ConfigError, match="sampling"):

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from typing import List
 
 from toolkit.launch.commands import REPO_ROOT, LaunchSpec, deepspeed_command

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import torch
 
 from toolkit.config import arg, save_config
 from toolkit.engine import Engine, OptimConfig, dist

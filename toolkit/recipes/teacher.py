@@ -26,7 +26,7 @@ from toolkit.data.multitask import SAMPLING_MODES, TaskBatchSampler, task_probab
 from toolkit.engine import Engine, OptimConfig, dist
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
-from toolkit.errors import ConfigError, DataError, ToolkitError
+from toolkit.errors import ConfigError, DataError
 from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import check_vocab
