@@ -81,31 +81,47 @@ def peak_rss_bytes() -> int:
 
 @dataclass
 class MatmulPeak:
-    """fp32 ``n x n`` matmul throughput at the benchmark's thread count."""
+    """``n x n`` matmul throughput in one dtype on one device (CPU: at the benchmark's thread count)."""
 
     n: int
     threads: int
     best_flops: float     # FLOP/s of the fastest repetition: the peak MFU divides by
     median_flops: float
+    dtype: str = "fp32"
+    device: str = "cpu"
 
     def as_dict(self) -> Dict[str, Any]:
         return {"n": self.n, "threads": self.threads, "best_gflops": self.best_flops / 1e9,
-                "median_gflops": self.median_flops / 1e9}
+                "median_gflops": self.median_flops / 1e9, "dtype": self.dtype, "device": self.device}
 
 
-def measure_matmul_peak(n: int = 2048, reps: int = 7, warmup: int = 2) -> MatmulPeak:
-    """Time ``a @ b`` for two ``[n, n]`` fp32 matrices (``2 n^3`` FLOPs each) at the current thread count."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    out = torch.empty(n, n)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def sync(device: Any) -> None:
+    """Wait for queued GPU work (a no-op on CPU), so wall-clock timings are the work's."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak(n: int = 2048, reps: int = 7, warmup: int = 2, dtype: str = "fp32",
+                        device: Any = "cpu") -> MatmulPeak:
+    """Time ``a @ b`` for two ``[n, n]`` matrices (``2 n^3`` FLOPs each) of ``dtype`` on ``device``."""
+    dt = DTYPES[dtype]
+    a = torch.randn(n, n, device=device).to(dt)
+    b = torch.randn(n, n, device=device).to(dt)
+    out = torch.empty(n, n, device=device, dtype=dt)
     for _ in range(warmup):
         torch.matmul(a, b, out=out)
+    sync(device)
     rates = []
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.matmul(a, b, out=out)
+        sync(device)
         rates.append(2.0 * n ** 3 / (time.perf_counter() - t0))
-    return MatmulPeak(n, torch.get_num_threads(), max(rates), statistics.median(rates))
+    return MatmulPeak(n, torch.get_num_threads(), max(rates), statistics.median(rates), dtype,
+                      torch.device(device).type)
 
 
 @dataclass(frozen=True)

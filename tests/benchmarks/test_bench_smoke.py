@@ -40,6 +40,31 @@ def test_smoke_writes_table_and_json(tmp_path):
     assert {"impl", "seq", "batch", "tokens_per_s_ratio", "peak_growth_ratio"} <= set(ratio)
 
 
+def test_smoke_bf16_large_preset_reads_an_inner_teacher_layer(tmp_path):
+    # The GPU table's settings (bf16, a teacher read below its top layer), at tiny size on the CPU.
+    out = tmp_path / "bench.json"
+    proc = _run("--smoke", "--steps", "1", "--warmup", "1", "--threads", "1", "--dtype", "bf16",
+                "--models", "bert-large", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "bf16" and data["models"] == "bert-large" and data["device"] == "cpu"
+    assert data["matmul_peak"]["dtype"] == "bf16"
+    assert data["loss_check"]["ok"]   # fp32, teacher read at layer 2 of 3 by both implementations
+    tk, bl = data["results"]
+    assert tk["teacher_layers_run"] == 2 and bl["teacher_layers_run"] == 3
+    assert tk["dtype"] == "bf16" and tk["loss_finite"] and bl["loss_finite"]
+    assert data["targets"] == []      # the issue sets no target for bf16 on a CPU
+
+
+def test_cuda_without_a_gpu_is_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU: --device cuda is valid here")
+    proc = _run("--smoke", "--device", "cuda")
+    assert proc.returncode == 2 and "--device" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_bad_option_is_one_line_error():
     proc = _run("--smoke", "--seqs", "16,abc")
     assert proc.returncode == 2
@@ -126,3 +151,21 @@ def test_loader_bench_compares_state_every_and_rejects_bad_input():
         out = subprocess.run([sys.executable, str(script), "--smoke", *bad], capture_output=True, text=True,
                              timeout=120, cwd=ROOT)
         assert out.returncode == 2 and opt in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_smoke_bf16_table(tmp_path):
+    # Run with `pytest -m gpu tests/benchmarks` on a GPU host before taking the GPU table.
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu marker was selected on a host where torch sees no GPU")
+    out = tmp_path / "bench.json"
+    proc = _run("--smoke", "--steps", "2", "--warmup", "1", "--device", "cuda", "--dtype", "bf16",
+                "--models", "bert-large", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    data = json.loads(out.read_text())
+    assert data["machine"]["gpu"] and data["matmul_peak"]["device"] == "cuda"
+    for r in data["results"]:
+        assert r["memory_kind"] == "cuda_allocated" and r["peak_growth_mib"] > 0 and r["loss_finite"]
+    assert [t["target"].split(":")[1].strip() for t in data["targets"]] == ["MFU >= 45% of the bf16 matmul peak"]

@@ -51,5 +51,8 @@ def test_cuda_keeps_half_precision():
     assert resolve_precision({"fp16": {"enabled": True}}, "cuda")[1] == torch.float16
 
 
-def test_teacher_dtype_cpu_is_fp32():
+def test_teacher_dtype_cpu_follows_the_job():
     assert teacher_dtype("cpu") == torch.float32
+    assert teacher_dtype("cpu", torch.float32) == torch.float32
+    # resolve_precision only yields bf16 on a CPU with native bf16; the teacher then follows.
+    assert teacher_dtype("cpu", torch.bfloat16) == torch.bfloat16

@@ -136,3 +136,25 @@ def test_distill_fast_dropout_off_keeps_torch_dropout(tiny_bert4_dir, fixture_co
         assert kinds == {"Dropout"}
     finally:
         rec.cleanup()
+
+
+def test_distill_bf16_config_on_a_native_bf16_cpu(tiny_bert4_dir, fixture_corpus, tmp_path, monkeypatch):
+    # What a Sapphire Rapids / Zen 4 host does with ds_configs/zero2_bf16.json: student and frozen
+    # teacher in bf16, fp32 relation statistics, finite losses. Patched so any CPU takes this path.
+    from toolkit.engine import precision
+    from toolkit.recipes.distill import DistillRecipe
+
+    monkeypatch.setattr(precision, "native_bf16_supported", lambda device: True)
+    out = tmp_path / "bf16"
+    rec = DistillRecipe(_cfg(tiny_bert4_dir, fixture_corpus, out, ds_config="ds_configs/zero2_bf16.json"))
+    try:
+        rec.setup()
+        assert rec.engine.compute_dtype == torch.bfloat16
+        assert next(rec.teacher.parameters()).dtype == torch.bfloat16
+        assert {p.dtype for p in rec.module.parameters()} == {torch.bfloat16}
+        res = rec.train()
+    finally:
+        rec.cleanup()
+    assert res["steps"] == 6 and res["nonfinite_losses"] == 0
+    losses = _losses(out)
+    assert len(losses) == 6 and all(0 <= v < 1 for v in losses.values())

@@ -86,9 +86,14 @@ def resolve_precision(ds_config: Dict[str, Any], device: Device
     return cfg, torch.float32, note
 
 
-def teacher_dtype(device: Device) -> torch.dtype:
-    """Dtype for a frozen teacher: bf16 on bf16-capable CUDA, fp16 on older CUDA, fp32 on CPU."""
+def teacher_dtype(device: Device, compute_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """Dtype for a frozen teacher.
+
+    CUDA: bf16 where supported, else fp16, whatever the job's precision (a frozen teacher needs
+    no fp32 master weights). CPU: bf16 when the job itself computes in bf16 (``compute_dtype``
+    from :func:`resolve_precision`, which allows it only on CPUs with native bf16), else fp32.
+    """
     dev = _dev(device)
     if dev.type == "cuda":
         return torch.bfloat16 if native_bf16_supported(dev) else torch.float16
-    return torch.float32
+    return torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float32

@@ -325,6 +325,13 @@ class DistillRecipe:
                              max_nonfinite=cfg.max_nonfinite)
         eng = self.engine
         self.module = eng.module
+        # On a CPU with native bf16 a bf16 job runs its frozen teacher in bf16 too (as on GPUs);
+        # the relation statistics stay fp32 in the losses.
+        t_dtype = teacher_dtype(self.device, eng.compute_dtype)
+        if self.device.type == "cpu" and t_dtype != torch.float32:
+            self.teacher.to(t_dtype)
+            if getattr(self, "teacher_mlm", None) is not None:
+                self.teacher_mlm.to(t_dtype)
         self.loader = build_loader(cfg.corpus, self.tokenizer, batch_size=eng.micro_batch_size, rank=eng.rank,
                                    world_size=eng.world_size)
         self.state: Dict[str, Any] = {"step": 0, "micro_step": 0, "tokens": 0, "samples": 0, "nonfinite_total": 0}
