@@ -5,7 +5,8 @@ Both are measured in the same run, on the same batches, at the same thread count
 * ``toolkit``: what ``toolkit/recipes/distill.py`` runs per step, without DeepSpeed (one CPU
   process gains nothing from it): a frozen, truncated sdpa teacher under ``no_grad`` whose Q/K/V
   come from :class:`~toolkit.models.capture.QKVCapture` hooks, the recipe's ``StudentWithLoss``
-  (sdpa student + ``MiniLMv2RelationLoss(impl="chunked")``), fused AdamW.
+  (sdpa student + ``MiniLMv2RelationLoss(impl="auto")``: the chunked path on CPUs, the Triton
+  kernel on GPUs), fused AdamW.
 * ``baseline``: what people write with stock transformers: eager attention,
   ``output_attentions=True, output_hidden_states=True``, the full teacher, Q/K/V recomputed from
   ``hidden_states[layer - 1]`` with the layer's own projections, a relation KL that materializes
@@ -193,8 +194,9 @@ class ToolkitStep:
 
     def __init__(self, models: BenchModels, student_attention_dropout: Optional[float] = None,
                  chunk_size: Optional[int] = None, activation_checkpointing: bool = False,
-                 device: str = "cpu", dtype: str = "fp32"):
+                 device: str = "cpu", dtype: str = "fp32", fp32_teacher: bool = False):
         from toolkit.engine import prepare_frozen
+        from toolkit.engine.precision import teacher_dtype
         from toolkit.losses import MiniLMv2RelationLoss
         from toolkit.models.capture import (ProjectionsOnly, QKVCapture, default_teacher_layer, resolve_layer,
                                             truncate_encoder)
@@ -209,8 +211,10 @@ class ToolkitStep:
         layer = models.teacher_layer if models.teacher_layer > 0 else default_teacher_layer(n_layers)
         self.teacher_idx = resolve_layer(layer, n_layers)
         truncate_encoder(teacher, self.teacher_idx + 1)
-        # As the recipe: the frozen teacher runs in the job's compute dtype (bf16 under a bf16 config).
-        self.teacher = prepare_frozen(teacher, self.device, self.dtype)
+        # As the recipe: a half-precision teacher on GPUs, and on CPUs in a bf16 job; the loss
+        # check (fp32_teacher) compares numbers with the fp32 baseline instead.
+        t_dtype = torch.float32 if fp32_teacher else teacher_dtype(self.device, self.dtype)
+        self.teacher = prepare_frozen(teacher, self.device, t_dtype)
         self.capture = QKVCapture(self.teacher, [self.teacher_idx])
         self.teacher_cut = ProjectionsOnly(self.teacher, self.teacher_idx)   # as the recipe (Q/K/V-only loss)
         spec = models.student
@@ -222,7 +226,8 @@ class ToolkitStep:
         # As the recipe: the pooler gets no gradient from relation losses, so it is frozen.
         student.pooler.requires_grad_(False)
         s_idx = student.config.num_hidden_layers - 1
-        losses = nn.ModuleDict({"minilmv2": MiniLMv2RelationLoss(models.relation_heads, impl="chunked",
+        # impl "auto" as the recipe's default: the Triton kernel on a GPU, the chunked path on CPUs.
+        losses = nn.ModuleDict({"minilmv2": MiniLMv2RelationLoss(models.relation_heads, impl="auto",
                                                                      chunk_size=chunk_size)})
         self.module = StudentWithLoss(student, losses, {"minilmv2": 1.0}, s_idx,
                                       activation_checkpointing=activation_checkpointing)
@@ -517,6 +522,7 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
         "tokens_per_s": tokens / med, "samples_per_s": batch / med, "flops_per_step": flops,
         "achieved_flops": flops / med, "teacher_layers_run": step.teacher_layers_run,
         "device": torch.device(device).type, "dtype": dtype, "models": preset,
+        "relation_kl_kernel": relation_kl_kernel(impl, device),
         "memory_kind": "cuda_allocated" if on_gpu else "host_rss",
         "rss_after_setup_mib": rss_setup / MIB, "peak_rss_setup_mib": peak_setup / MIB,
         "peak_rss_mib": mem_peak / MIB, "peak_growth_mib": (mem_peak - mem_setup) / MIB,
@@ -532,6 +538,15 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
     if profile:
         out["profile"] = profile_step(step, data)
     return out
+
+
+def relation_kl_kernel(impl: str, device: str) -> str:
+    """Which relation-KL code a row's step ran: the baseline's own, Triton or the chunked path."""
+    if impl == "baseline":
+        return "naive (baseline)"
+    from toolkit.losses.relations import _triton_available
+
+    return "triton" if torch.device(device).type == "cuda" and _triton_available() else "chunked"
 
 
 def peak_size(smoke: bool, device: str) -> int:
@@ -598,7 +613,7 @@ def spawn_worker(impl: str, seq: int, batch: int, args: argparse.Namespace,
 # Parent: loss check, matmul peak, table
 def loss_check(models: BenchModels, seq: int, batch: int = 2, device: str = "cpu") -> Dict[str, Any]:
     """Both steps' loss on one batch (last row padded), dropout off, same weights, fp32."""
-    tk, bl = ToolkitStep(models, device=device), BaselineStep(models, device=device)
+    tk, bl = ToolkitStep(models, device=device, fp32_teacher=True), BaselineStep(models, device=device)
     bl.teacher.load_state_dict(tk.teacher.state_dict(), strict=False)  # truncated layers are absent
     bl.student.load_state_dict(tk.student.state_dict())
     tk.module.eval()

@@ -11,7 +11,10 @@ script builds a fresh loader over the same corpus, lets the buffer fill, then ti
   i.e. what the loader takes from the training loop;
 * **loader ms/batch**: wall time per batch while the loop does nothing else, i.e. the rate the
   workers sustain (on a 2-core machine, workers and trainer share the cores);
-* **state_dict / torch.save**: one checkpoint's loader state, and its size.
+* **state_dict / torch.save**: one checkpoint's loader state, and its size;
+* **resume s**: a new loader given that state, until its first batch (what a restart waits:
+  worker start, snapshot restore, and the replay of up to ``state_every - 1`` batches per
+  worker), with the rows it had to replay.
 
 Nothing is asserted on time. Usage::
 
@@ -79,10 +82,20 @@ def measure(sources: List[str], tokenizer: Any, buffer: int, every: int, args: a
     t0 = time.perf_counter()
     torch.save(state, buf)
     t_save = time.perf_counter() - t0
+    expected = next(it)
     del it
+    replay = sum(w["skip_rows"] for w in state["workers"])
+    resumed = build_loader(cfg, tokenizer, args.batch)
+    t0 = time.perf_counter()
+    resumed.load_state_dict(state)
+    first = next(iter(resumed))
+    t_resume = time.perf_counter() - t0
+    if not all(torch.equal(first[k], expected[k]) for k in expected):
+        raise ToolkitError(f"resume check failed (buffer {buffer}, state_every {every}): the resumed loader's "
+                           f"first batch differs from the uninterrupted one")
     return {"buffer": buffer, "state_every": every, "trainer_cpu_ms": 1e3 * cpu / args.batches,
             "loader_ms": 1e3 * wall / args.batches, "state_dict_s": t_state, "save_s": t_save,
-            "state_mib": buf.tell() / 2 ** 20}
+            "state_mib": buf.tell() / 2 ** 20, "resume_s": t_resume, "replayed_rows": replay}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -118,7 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     runs = [measure(sources, tokenizer, buffer, every, args) for _ in range(args.repeats)]
                     r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
                     rows.append([buffer, every, f"{r['trainer_cpu_ms']:.2f}", f"{r['loader_ms']:.1f}",
-                                 f"{r['state_dict_s']:.2f}", f"{r['save_s']:.2f}", f"{r['state_mib']:.1f}"])
+                                 f"{r['state_dict_s']:.2f}", f"{r['save_s']:.2f}", f"{r['state_mib']:.1f}",
+                                 f"{r['resume_s']:.2f}", f"{r['replayed_rows']:.0f}"])
                     print(f"buffer {buffer} state_every {every}: trainer CPU {r['trainer_cpu_ms']:.2f} ms/batch, "
                           f"loader {r['loader_ms']:.1f} ms/batch", flush=True)
     except (ConfigError, ToolkitError) as e:
@@ -126,7 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print()
     print(markdown_table(["shuffle_buffer", "state_every", "trainer CPU ms/batch", "loader ms/batch",
-                          "state_dict s", "torch.save s", "state MiB"], rows))
+                          "state_dict s", "torch.save s", "state MiB", "resume s (to first batch)",
+                          "rows replayed"], rows))
     return 0
 
 

@@ -53,6 +53,7 @@ def test_smoke_bf16_large_preset_reads_an_inner_teacher_layer(tmp_path):
     tk, bl = data["results"]
     assert tk["teacher_layers_run"] == 2 and bl["teacher_layers_run"] == 3
     assert tk["dtype"] == "bf16" and tk["loss_finite"] and bl["loss_finite"]
+    assert tk["relation_kl_kernel"] == "chunked" and bl["relation_kl_kernel"] == "naive (baseline)"
     assert data["targets"] == []      # the issue sets no target for bf16 on a CPU
 
 
@@ -168,4 +169,5 @@ def test_gpu_smoke_bf16_table(tmp_path):
     assert data["machine"]["gpu"] and data["matmul_peak"]["device"] == "cuda"
     for r in data["results"]:
         assert r["memory_kind"] == "cuda_allocated" and r["peak_growth_mib"] > 0 and r["loss_finite"]
+    assert data["results"][0]["relation_kl_kernel"] == "triton"   # the recipe's GPU path, not the CPU one
     assert [t["target"].split(":")[1].strip() for t in data["targets"]] == ["MFU >= 45% of the bf16 matmul peak"]

@@ -13,9 +13,10 @@ with the same settings and given that state yields exactly the batches an uninte
 would have yielded next.
 
 Why not a snapshot with every batch: a snapshot holds the shuffle buffer's token ids (about
-``4 x shuffle_buffer x mean tokens`` bytes: 20 MB at 10k x 512). Gathering, pickling and
-unpickling that per batch halved a worker's throughput and cost the training process
-milliseconds per step (``benchmarks/bench_loader.py``).
+``4 x shuffle_buffer x mean tokens`` bytes: 26 MB at 10k x 512 on real text). Gathering,
+pickling and unpickling that per batch cost the training process ~10 ms and the workers over
+half their rate per batch at that size; the replay costs a restart under a second
+(``benchmarks/bench_loader.py``, figures in benchmarks/RESULTS.md).
 
 With ``num_workers=0`` the same code runs in-process as one worker.
 """
