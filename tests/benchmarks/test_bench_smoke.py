@@ -154,6 +154,37 @@ def test_loader_bench_compares_state_every_and_rejects_bad_input():
         assert out.returncode == 2 and opt in out.stderr and "Traceback" not in out.stderr
 
 
+def test_optimizer_bench_rows_match_the_plain_loop_and_bad_input_is_named(tmp_path):
+    script = ROOT / "benchmarks" / "bench_optimizer.py"
+    out = tmp_path / "opt.json"
+    proc = subprocess.run([sys.executable, str(script), "--models", "tiny", "--steps", "2", "--warmup", "1",
+                           "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["torch_loop", "torch_foreach", "torch_fused", "ds_cpu_adam"]
+    assert sum(r["fastest"] for r in rows) == 1
+    for r in rows:   # every implementation took the same 3 steps as torch's plain loop
+        assert r["max_abs_diff_vs_torch_loop"] < 1e-5 and r["step_ms"] > 0 and r["state_mib"] > 0
+    for bad, opt in ((["--models", "gpt"], "--models"), (["--impls", "sgd"], "--impls"),
+                     (["--impls", "ds_fused_adam", "--models", "tiny"], "--impls")):
+        res = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=300,
+                             cwd=ROOT)
+        assert res.returncode == 2 and opt in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_optimizer_bench(tmp_path):
+    # torch fused AdamW against DeepSpeed's FusedAdam on the GPU (compiles fused_adam once).
+    out = tmp_path / "opt.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_optimizer.py"), "--device", "cuda",
+                           "--models", "tiny", "--steps", "2", "--warmup", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"torch_loop", "torch_foreach", "torch_fused", "ds_fused_adam"}
+    assert all(r["max_abs_diff_vs_torch_loop"] < 1e-5 for r in rows)
+
+
 @pytest.mark.gpu
 def test_gpu_smoke_bf16_table(tmp_path):
     # Run with `pytest -m gpu tests/benchmarks` on a GPU host before taking the GPU table.

@@ -10,6 +10,7 @@ from torch import nn
 
 from toolkit.engine import Engine, OptimConfig, prepare_frozen
 from toolkit.engine.checkpoint import find_checkpoint, is_complete
+from toolkit.engine.engine import build_optimizer
 from toolkit.errors import ConfigError, TrainingError
 
 
@@ -233,8 +234,61 @@ def test_optim_config_validation():
         OptimConfig(decay="step")
     with pytest.raises(ConfigError, match="optim.lr"):
         OptimConfig(lr=0)
+    with pytest.raises(ConfigError, match="optim.impl.*adam8bit.*torch_fused"):
+        OptimConfig(impl="adam8bit")
+
+
+@pytest.mark.parametrize("impl, cls_name, flag", [("auto", "AdamW", "fused"), ("torch_fused", "AdamW", "fused"),
+                                                  ("torch_foreach", "AdamW", "foreach"),
+                                                  ("deepspeed", "DeepSpeedCPUAdam", None)])
+def test_optimizer_impls_take_the_same_step(impl, cls_name, flag):
+    """Every optim.impl that runs on CPU builds what it names and moves the weights as torch's
+    plain AdamW does (decayed and undecayed groups alike)."""
+    ref_net, net = TinyNet(), TinyNet()
+    ref = build_optimizer(ref_net, OptimConfig(lr=1e-2, weight_decay=0.1, impl="torch_foreach"))
+    opt = build_optimizer(net, OptimConfig(lr=1e-2, weight_decay=0.1, impl=impl))
+    assert type(opt).__name__ == cls_name
+    if flag:
+        assert opt.defaults[flag] is True
+    for i in range(3):
+        for m, o in ((ref_net, ref), (net, opt)):
+            o.zero_grad()
+            m(*batch(i)).backward()
+            o.step()
+    for (name, a), b in zip(ref_net.named_parameters(), net.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{impl}: {name} differs from torch AdamW")
+    assert not torch.equal(ref_net.fc1.weight, TinyNet().fc1.weight)  # the steps did move the weights
+
+
+def test_optimizer_impl_errors_say_what_to_use():
+    # apex: the PyPI package of that name is unrelated; NVIDIA apex is not installable here.
+    with pytest.raises(ConfigError, match="optim.impl.*(apex.optimizers|CUDA)"):
+        build_optimizer(TinyNet(), OptimConfig(impl="apex"))
+
+
+def test_recipe_configs_validate_the_optimizer():
+    from toolkit.recipes.distill import DistillConfig
+    from toolkit.recipes.finetune import FinetuneConfig
+    from toolkit.recipes.teacher import TeacherConfig
+
+    for cls, kw in ((DistillConfig, {"teacher": "t"}), (FinetuneConfig, {"model": "m", "task": "sst2"}),
+                    (TeacherConfig, {"model": "m", "tasks": ["sst2"]})):
+        with pytest.raises(ConfigError, match="optimizer"):
+            cls(optimizer="sgd", **kw)
+        assert cls(optimizer="deepspeed", **kw).optimizer == "deepspeed"
 
 
 def test_prepare_frozen():
     m = prepare_frozen(TinyNet(), "cpu", torch.float32)
     assert not m.training and not any(p.requires_grad for p in m.parameters())
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_engine_trains_with_deepspeed_cpu_adam(stage):
+    """optim.impl: deepspeed hands DeepSpeed its own CPU Adam; the losses match torch AdamW's."""
+    ref = run(Engine(TinyNet(), ds_cfg(stage=stage), OptimConfig(lr=1e-2), total_steps=6), 6)
+    e = Engine(TinyNet(), ds_cfg(stage=stage), OptimConfig(lr=1e-2, impl="deepspeed"), total_steps=6)
+    assert type(e.ds.optimizer).__name__ in ("DeepSpeedCPUAdam", "DeepSpeedZeroOptimizer")
+    losses = run(e, 6)
+    assert losses == pytest.approx(ref, rel=1e-4)
+    assert losses[-1] < losses[0]

@@ -3,7 +3,9 @@
 Works in a plain ``python`` process (a world of one) and under ``deepspeed`` / ``torchrun``
 / ``srun``. The DeepSpeed JSON owns micro batch, accumulation, precision and ZeRO; the job
 YAML owns the optimizer and LR schedule (:class:`OptimConfig`), which are built here and
-handed to DeepSpeed so no fused/CPU Adam extension has to be compiled.
+handed to DeepSpeed. The default AdamW is torch's fused kernel, so no DeepSpeed op has to be
+compiled; ``optim.impl`` picks DeepSpeed's or apex's fused Adam instead (measured side by side
+in ``benchmarks/bench_optimizer.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +29,19 @@ from toolkit.utils.logging import get_logger
 log = get_logger("engine")
 
 
+#: AdamW implementations ``optim.impl`` accepts (benchmarks/bench_optimizer.py times them).
+OPTIMIZER_IMPLS = ("auto", "torch_fused", "torch_foreach", "deepspeed", "apex")
+OPTIMIZER_HELP = ("auto (torch fused where the device has it, else foreach) | torch_fused | torch_foreach | "
+                  "deepspeed (FusedAdam on GPUs, DeepSpeedCPUAdam on CPUs; compiled on first use) | "
+                  "apex (NVIDIA apex FusedAdam, GPUs, when installed)")
+
+
+def check_optimizer_impl(impl: Any, field: str) -> None:
+    """ConfigError naming ``field`` unless ``impl`` is one of :data:`OPTIMIZER_IMPLS`."""
+    if impl not in OPTIMIZER_IMPLS:
+        raise ConfigError(field, f"unknown AdamW implementation {impl!r}; choose one of {', '.join(OPTIMIZER_IMPLS)}")
+
+
 @dataclass
 class OptimConfig:
     """AdamW and LR schedule settings (job YAML ``optim:`` section)."""
@@ -40,6 +55,7 @@ class OptimConfig:
     decay: str = arg("linear", help="decay after warmup: linear, cosine or constant")
     min_lr_ratio: float = arg(0.0, help="final LR as a fraction of the peak")
     max_grad_norm: Optional[float] = arg(None, help="gradient clipping; empty = gradient_clipping of the DS JSON")
+    impl: str = arg("auto", help="AdamW implementation: " + OPTIMIZER_HELP)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -57,6 +73,7 @@ class OptimConfig:
             raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ConfigError("optim.max_grad_norm", f"must be >= 0 (0 = off), got {self.max_grad_norm}")
+        check_optimizer_impl(self.impl, "optim.impl")
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
@@ -74,17 +91,75 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def _first_device(groups: List[Any]) -> torch.device:
+    first = groups[0]
+    tensors = first["params"] if isinstance(first, dict) else groups
+    return next(iter(tensors)).device
+
+
 def build_optimizer(model: nn.Module, optim: OptimConfig,
                     params: Optional[Iterable[Any]] = None) -> torch.optim.Optimizer:
-    """torch AdamW, fused where the device supports it, else foreach."""
+    """The AdamW of ``optim.impl`` over ``params`` (default: :func:`param_groups` of ``model``).
+
+    ``auto`` is torch's fused AdamW where the parameters' device has it, else foreach: on the
+    CPU measured it is 3.7-6.8x the plain loop and level with DeepSpeedCPUAdam, with no op to
+    compile (benchmarks/RESULTS.md, "Optimizer step"). ``deepspeed`` and ``apex`` raise a
+    ConfigError naming ``optim.impl`` when they cannot run here.
+    """
     groups: Any = list(params) if params is not None else param_groups(model, optim.weight_decay)
     if not groups:
         raise ConfigError("params", "the model has no trainable parameters (all requires_grad=False?)")
     kw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    impl = optim.impl
+    device = _first_device(groups)
+    if impl == "torch_foreach":
+        return torch.optim.AdamW(groups, foreach=True, **kw)
+    if impl == "torch_fused":
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kw)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ConfigError("optim.impl", f"torch's fused AdamW cannot run on {device.type} parameters here "
+                              f"({exc}); use auto or torch_foreach") from None
+    if impl == "deepspeed":
+        return _deepspeed_adam(groups, device, kw)
+    if impl == "apex":
+        return _apex_adam(groups, device, kw)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, ValueError, TypeError):
         return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def _deepspeed_adam(groups: Any, device: torch.device, kw: Dict[str, Any]) -> torch.optim.Optimizer:
+    """DeepSpeed's AdamW: FusedAdam (CUDA) or DeepSpeedCPUAdam (CPU); both compile an op once."""
+    try:
+        if device.type == "cuda":
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **kw)
+        if device.type == "cpu":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    except Exception as exc:  # an op that fails to compile or load: say which and what to do
+        raise ConfigError("optim.impl", f"DeepSpeed's Adam op could not be built or loaded on {device.type} "
+                          f"({type(exc).__name__}: {exc}); use optim.impl: auto (torch's fused AdamW, "
+                          f"no compile)") from None
+    raise ConfigError("optim.impl", f"deepspeed has no Adam for {device.type} parameters; use auto")
+
+
+def _apex_adam(groups: Any, device: torch.device, kw: Dict[str, Any]) -> torch.optim.Optimizer:
+    """NVIDIA apex's FusedAdam in AdamW mode (optional; CUDA only)."""
+    try:
+        from apex.optimizers import FusedAdam
+    except ImportError:
+        raise ConfigError("optim.impl", "apex was asked for, but NVIDIA apex (apex.optimizers) is not importable; "
+                          "install it from github.com/NVIDIA/apex (the PyPI package named 'apex' is an "
+                          "unrelated library) or use optim.impl: auto") from None
+    if device.type != "cuda":
+        raise ConfigError("optim.impl", f"apex's FusedAdam runs on CUDA parameters, these are on {device.type}; "
+                          f"use optim.impl: auto")
+    return FusedAdam(groups, adam_w_mode=True, **kw)
 
 
 def prepare_frozen(model: nn.Module, device: Union[str, torch.device], dtype: torch.dtype) -> nn.Module:

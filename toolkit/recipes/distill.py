@@ -25,6 +25,7 @@ from toolkit.config import arg, save_config
 from toolkit.data.corpus import CorpusConfig
 from toolkit.data.loader import build_loader
 from toolkit.engine import Engine, OptimConfig, dist, prepare_frozen
+from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.precision import teacher_dtype
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
@@ -118,6 +119,7 @@ class DistillConfig:
     weight_decay: float = arg(0.01, "AdamW weight decay")
     warmup_ratio: float = arg(0.04, "fraction of steps with linear warmup")
     decay: str = arg("linear", "decay after warmup: linear | cosine | constant")
+    optimizer: str = arg("auto", "AdamW implementation: " + OPTIMIZER_HELP)
     log_every: int = arg(10, "log losses and throughput every N steps")
     save_every: int = arg(0, "checkpoint every N steps (0 = at the end and when stopped)")
     keep_last: int = arg(2, "checkpoints kept on disk")
@@ -128,6 +130,7 @@ class DistillConfig:
     mask_prob: float = arg(0.15, "logit_kd only: share of tokens masked for the MLM logits")
 
     def __post_init__(self) -> None:
+        check_optimizer_impl(self.optimizer, "optimizer")
         if self.max_steps <= 0:
             raise ConfigError("max_steps", "must be > 0")
         if self.lr <= 0:
@@ -319,7 +322,8 @@ class DistillRecipe:
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         ds = load_ds_config(resolve_ds_config(cfg.ds_config), world)
-        optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, decay=cfg.decay)
+        optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, decay=cfg.decay,
+                            impl=cfg.optimizer)
         params = [p for p in module.parameters() if p.requires_grad]
         self.engine = Engine(module, ds, optim, total_steps=cfg.max_steps, params=params,
                              max_nonfinite=cfg.max_nonfinite)

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from toolkit.config import arg, save_config
 from toolkit.engine import dist
+from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl
 from toolkit.errors import ConfigError
 from toolkit.recipes.common import mean_std, task_ref, write_json
 from toolkit.recipes.finetune import FinetuneConfig, FinetuneRecipe
@@ -39,6 +40,7 @@ class EvalConfig:
     max_seq_length: int = arg(128, "tokens per sequence")
     warmup_ratio: float = arg(0.1, "warmup fraction")
     weight_decay: float = arg(0.01, "AdamW weight decay")
+    optimizer: str = arg("auto", "AdamW implementation: " + OPTIMIZER_HELP)
     train_limit: int = arg(0, "cut each train split to N examples (low-resource setting); 0 = all")
     eval_each_epoch: bool = arg(True, "score dev after every epoch and report the best epoch (false: last only)")
     eval_batch_size: int = arg(64, "prediction batch size")
@@ -46,6 +48,7 @@ class EvalConfig:
     write_submissions: bool = arg(True, "write leaderboard submission files for test splits that exist")
 
     def __post_init__(self) -> None:
+        check_optimizer_impl(self.optimizer, "optimizer")
         if not self.tasks:
             raise ConfigError("tasks", "give at least one task (e.g. --tasks glue)")
         if not self.lrs:
@@ -80,7 +83,7 @@ class EvalRecipe:
                         data_dir=cfg.data_dir, output_dir=str(run_dir), ds_config=cfg.ds_config,
                         epochs=cfg.epochs, max_steps=cfg.max_steps, lr=lr, seed=seed,
                         max_seq_length=cfg.max_seq_length, warmup_ratio=cfg.warmup_ratio,
-                        weight_decay=cfg.weight_decay, train_limit=cfg.train_limit,
+                        weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, train_limit=cfg.train_limit,
                         eval_each_epoch=cfg.eval_each_epoch,
                         eval_batch_size=cfg.eval_batch_size, save_model=cfg.save_models,
                         write_submissions=cfg.write_submissions)

@@ -17,6 +17,7 @@ import numpy as np
 
 from toolkit.config import arg, save_config
 from toolkit.engine import Engine, OptimConfig, dist
+from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl
 from toolkit.errors import ConfigError, DataError
 from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.dropout import use_fast_dropout
@@ -49,6 +50,7 @@ class FinetuneConfig:
     weight_decay: float = arg(0.01, "AdamW weight decay (not on biases and LayerNorm)")
     warmup_ratio: float = arg(0.1, "fraction of steps with linear warmup")
     decay: str = arg("linear", "learning-rate decay after warmup: linear | cosine | constant")
+    optimizer: str = arg("auto", "AdamW implementation: " + OPTIMIZER_HELP)
     max_seq_length: int = arg(128, "tokens per sequence (longer inputs are truncated / windowed)")
     doc_stride: int = arg(128, "span tasks: stride between context windows")
     max_query_length: int = arg(64, "span tasks: question tokens kept")
@@ -68,6 +70,7 @@ class FinetuneConfig:
     write_submissions: bool = arg(True, "write leaderboard submission files for test splits that exist")
 
     def __post_init__(self) -> None:
+        check_optimizer_impl(self.optimizer, "optimizer")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("epochs", "set epochs > 0 or max_steps > 0")
         if self.lr <= 0:
@@ -130,7 +133,7 @@ class FinetuneRecipe:
         steps_per_epoch = max(1, len(self.train_enc) // global_batch)
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(steps_per_epoch * cfg.epochs)))
         optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-                            decay=cfg.decay)
+                            decay=cfg.decay, impl=cfg.optimizer)
         self.engine = Engine(model, ds, optim, total_steps=self.total_steps)
         self.model = self.engine.module
         self.steps_per_epoch = steps_per_epoch

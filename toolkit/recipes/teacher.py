@@ -24,6 +24,7 @@ import torch
 from toolkit.config import arg, save_config
 from toolkit.data.multitask import SAMPLING_MODES, TaskBatchSampler, task_probabilities
 from toolkit.engine import Engine, OptimConfig, dist
+from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 from toolkit.errors import ConfigError, DataError
@@ -62,6 +63,7 @@ class TeacherConfig:
     weight_decay: float = arg(0.01, "AdamW weight decay")
     warmup_ratio: float = arg(0.1, "fraction of steps with linear warmup")
     decay: str = arg("linear", "decay after warmup: linear | cosine | constant")
+    optimizer: str = arg("auto", "AdamW implementation: " + OPTIMIZER_HELP)
     max_seq_length: int = arg(128, "tokens per sequence")
     eval_every: int = arg(0, "score every task on dev every N steps (0 = at the end only)")
     save_every: int = arg(0, "checkpoint every N steps (0 = only when stopping)")
@@ -77,6 +79,7 @@ class TeacherConfig:
     stop_after: int = arg(0, "testing aid: stop (with a checkpoint) after N steps, as a preemption would")
 
     def __post_init__(self) -> None:
+        check_optimizer_impl(self.optimizer, "optimizer")
         if not self.tasks:
             raise ConfigError("tasks", "give at least one task")
         if self.sampling not in SAMPLING_MODES:
@@ -129,7 +132,8 @@ class TeacherRecipe:
         sizes = [len(e) for e in self.train_enc]
         used = sum(min(s, cfg.task_cap) if cfg.task_cap else s for s in sizes)
         self.total_steps = cfg.max_steps or max(1, math.ceil(used * cfg.epochs / ds["train_batch_size"]))
-        optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, decay=cfg.decay)
+        optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, decay=cfg.decay,
+                            impl=cfg.optimizer)
         self.engine = Engine(model, ds, optim, total_steps=self.total_steps, max_nonfinite=cfg.max_nonfinite)
         eng = self.engine
         self.model = eng.module
