@@ -17,10 +17,13 @@ uses one generator per global worker seeded by ``(seed, g)``.
 Exact resume. A :class:`WorkerStream` is a worker's whole position: epoch, file position,
 reader cursor (byte offset or row), the rows of the current document not yet in the buffer,
 the buffer's rows and generator state, and the stats. ``snapshot()`` returns it as a dict
-of ints, lists and int32 arrays (``to_plain`` makes it JSON-ready); a stream rebuilt from it
-produces exactly the samples the original would have produced next. The snapshot holds the
-buffered token ids, unpadded: about ``4 * shuffle_buffer * mean_tokens`` bytes, e.g. at most
-512 KB for a buffer of 1000 sequences of 128 tokens, plus one document's rows.
+of ints, lists and int32 arrays; a stream rebuilt from it produces exactly the samples the
+original would have produced next. ``state_dict()`` turns the arrays into tensors (uint16
+where the values fit), which ``torch.save`` writes in one block and
+``torch.load(weights_only=True)`` accepts; ``to_plain`` makes a JSON-ready copy. The snapshot
+holds the buffered token ids, unpadded: about ``4 * shuffle_buffer * mean_tokens`` bytes in
+memory (half that saved, for vocabularies below 65536), e.g. at most 512 KB for a buffer of
+1000 sequences of 128 tokens, plus one document's rows.
 :class:`toolkit.data.loader.StatefulLoader` carries these snapshots from DataLoader workers
 and restores them; iterated in-process, :class:`StreamingCorpus` keeps them itself.
 
@@ -111,9 +114,32 @@ def _unflatten(flat: Dict[str, Any]) -> List[Row]:
     return [(tokens[s:e].copy(), int(n)) for s, e, n in zip(starts, ends, flat["n_a"])]
 
 
-def to_plain(obj: Any) -> Any:
-    """Numpy arrays and scalars -> lists and ints, recursively (JSON- and ``weights_only``-safe)."""
+def to_checkpoint(obj: Any, _key: Optional[str] = None) -> Any:
+    """Numpy arrays -> CPU tensors, numpy scalars -> ints, recursively: a checkpoint-ready state.
+
+    Token-id arrays (key ``tokens``) whose values fit are stored as uint16 (vocabularies below
+    65536): half the bytes. A 10k x 512 shuffle buffer saved as Python lists of ints took 1.2 s
+    to ``torch.save`` and 26 MiB; as tensors it is written in one block, 17.5 MiB in 0.01 s
+    (benchmarks/bench_loader.py). Tensors load with ``torch.load(weights_only=True)``; older
+    list-valued states still load. (uint16 tensors support few torch ops: read them through
+    numpy, as :class:`WorkerStream` does, or ``.to(torch.int32)``.)
+    """
     if isinstance(obj, np.ndarray):
+        if _key == "tokens" and obj.dtype.kind in "iu" and obj.size and 0 <= obj.min() and obj.max() < 2 ** 16:
+            obj = obj.astype(np.uint16)
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: to_checkpoint(v, k) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_checkpoint(v) for v in obj]
+    return obj
+
+
+def to_plain(obj: Any) -> Any:
+    """Numpy arrays, tensors and numpy scalars -> lists and ints, recursively (JSON-ready)."""
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
         return obj.tolist()
     if isinstance(obj, np.generic):
         return obj.item()
@@ -233,7 +259,7 @@ class WorkerStream:
         return self._order_cache
 
     def snapshot(self) -> Dict[str, Any]:
-        """This worker's position; small and JSON-ready after :func:`to_plain`."""
+        """This worker's position (token arrays as int32 numpy arrays; see :func:`to_checkpoint`)."""
         return {"version": STATE_VERSION, "worker": self.g, "num_global": self.W, "epoch": self.epoch,
                 "file_pos": self.file_pos, "epoch_docs": self.epoch_docs,
                 "cursor": dict(self.cursor) if self.cursor else None, "pending": _flatten(self.pending),
@@ -388,9 +414,9 @@ class StreamingCorpus(IterableDataset):
             yield pad_row(row, self.cfg.seq_length, self.pad_id)
 
     def state_dict(self) -> Dict[str, Any]:
-        """In-process position (after the last sample yielded), JSON-ready."""
+        """In-process position (after the last sample yielded); arrays as tensors (:func:`to_checkpoint`)."""
         workers = [self._stream.snapshot()] if self._stream is not None else [self._resume.get(0)]
-        return to_plain({"version": STATE_VERSION, "fingerprint": self.fingerprint(), "workers": workers})
+        return to_checkpoint({"version": STATE_VERSION, "fingerprint": self.fingerprint(), "workers": workers})
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue the next in-process iteration from ``state`` (from :meth:`state_dict`)."""

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from toolkit import errors
 from toolkit.data.corpus import (STATE_VERSION, CorpusConfig, StreamingCorpus, check_fingerprint, new_stats,
-                                 to_plain)
+                                 to_checkpoint)
 from toolkit.data.packing import pad_rows
 from toolkit.errors import ConfigError, ToolkitError
 
@@ -184,14 +184,15 @@ class StatefulLoader:
         return {**self.corpus.fingerprint(), "num_workers": self.num_workers}
 
     def state_dict(self) -> Dict[str, Any]:
-        """Position after the last batch handed out: plain ints/lists/dicts (JSON- and torch.save-safe).
+        """Position after the last batch handed out: ints, dicts and integer tensors (the buffered
+        token ids, uint16 for vocabularies below 65536), for ``torch.save`` (``weights_only``-loadable; ``to_plain`` gives a JSON copy).
 
         ``workers[w]`` is ``{"base": snapshot or None, "skip_rows": n, "stats": counters}``. Size:
-        about ``4 bytes x shuffle_buffer x mean tokens`` per worker (as lists of ints).
+        about ``2 bytes x shuffle_buffer x mean tokens`` per worker (4 for larger vocabularies).
         """
         workers = [{"base": p["base"], "skip_rows": p["skip_rows"], "stats": st}
                    for p, st in zip(self._positions, self._stats)]
-        return to_plain({"version": STATE_VERSION, "fingerprint": self._fingerprint(),
+        return to_checkpoint({"version": STATE_VERSION, "fingerprint": self._fingerprint(),
                          "batch_size": self.batch_size, "next_worker": self._next, "active": list(self._active),
                          "batches": self.batches, "workers": workers})
 
