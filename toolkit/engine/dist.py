@@ -38,6 +38,11 @@ def ensure_env() -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
+    index = device_index()
+    if str(index) != os.environ["LOCAL_RANK"]:
+        # srun --gpus-per-task=1 / --gpu-bind: each task sees its own GPU as device 0 while
+        # SLURM_LOCALID counts 0..n-1. DeepSpeed reads LOCAL_RANK as the device index.
+        os.environ["LOCAL_RANK"] = str(index)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
@@ -55,7 +60,7 @@ def init_distributed() -> None:
     import deepspeed
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(device_index())
         backend = "nccl"
     else:
         backend = "gloo"
@@ -80,6 +85,17 @@ def local_rank() -> int:
     return 0
 
 
+def device_index() -> int:
+    """The CUDA device this rank uses: its local rank, modulo the GPUs this process can see.
+
+    A launcher that binds one GPU per task (``srun --gpus-per-task=1``) leaves each task a single
+    visible device 0 while its local rank runs 0..n-1; 0 on hosts without CUDA.
+    """
+    lr = local_rank()
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return lr % count if count and lr >= count else lr
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -89,11 +105,27 @@ def barrier() -> None:
         tdist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where a tensor collective's operands must live: the current GPU under an NCCL-only group
+    (NCCL has no CPU backend: a CPU tensor fails with "No backend type associated with device
+    type cpu"), else the CPU."""
+    backend = str(tdist.get_backend()) if is_initialized() else "gloo"
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks; returns a new tensor (the input is left unchanged)."""
+    """Sum ``t`` over ranks; returns a new tensor on ``t``'s device (the input is unchanged).
+
+    ``t`` may live anywhere: it is moved to :func:`collective_device` for the reduction and back.
+    """
     out = t.detach().clone()
     if is_initialized() and world_size() > 1:
-        tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+        dev = collective_device()
+        work = out if out.device == dev else out.to(dev)
+        tdist.all_reduce(work, op=tdist.ReduceOp.SUM)
+        out = work if work.device == t.device else work.to(t.device)
     return out
 
 

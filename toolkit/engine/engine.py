@@ -193,7 +193,7 @@ class Engine:
         optim = optim or OptimConfig()
         dist.ensure_env()
         dist.init_distributed()
-        self._device = (torch.device("cuda", dist.local_rank()) if torch.cuda.is_available()
+        self._device = (torch.device("cuda", dist.device_index()) if torch.cuda.is_available()
                         else torch.device("cpu"))
         cfg = load_ds_config(ds_config, dist.world_size())
         cfg, self._dtype, self.precision_note = resolve_precision(cfg, self._device)

@@ -200,19 +200,23 @@ class _RelationKLFunction(torch.autograd.Function):
             d_sq.mul_(coef)
             if key_pad is not None:
                 d_sq.mul_(row_valid)
-            grad_q = _merge_heads(d_sq).to(s_q.dtype)
+            grad_q = _merge_heads(d_sq)
         if d_sk is not None:
-            grad_k = _merge_heads(d_sk.mul_(coef)).to(s_k.dtype)
+            grad_k = _merge_heads(d_sk.mul_(coef))
         if grad_q is not None and grad_k is not None and s_q is s_k:
             grad_q, grad_k = grad_q.add_(grad_k), None       # one tensor on both sides: one gradient
+        # Saved in the fp32 compute dtype and cast only after the upstream factor is applied: under
+        # fp16 loss scaling that factor is the loss scale, and rounding the unscaled gradient to fp16
+        # first would flush most of it to zero (it is ~1/(tokens*heads) small).
         ctx.save_for_backward(*(x for x in (grad_q, grad_k) if x is not None))
         ctx.have = (grad_q is not None, grad_k is not None)
+        ctx.dtypes = (s_q.dtype, s_k.dtype)
         return row_kl.sum() / n_rows
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
         saved = iter(ctx.saved_tensors)
-        grads = [next(saved) * grad_out if has else None for has in ctx.have]
+        grads = [(next(saved) * grad_out).to(dt) if has else None for has, dt in zip(ctx.have, ctx.dtypes)]
         return (None, None, grads[0], grads[1]) + (None,) * 5
 
 

@@ -218,7 +218,7 @@ class DistillRecipe:
         self.teacher_layer = idx + 1
         self.teacher_full_layers = n_layers
         self.teacher_params = count_parameters(teacher)
-        self.device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device("cuda", dist.device_index()) if torch.cuda.is_available() else torch.device("cpu")
         self.teacher = prepare_frozen(teacher, self.device, teacher_dtype(self.device))
         self.teacher_capture = QKVCapture(self.teacher, [idx])
         # The truncated teacher's last layer is the one the loss reads: with Q/K/V-only losses

@@ -1,0 +1,58 @@
+"""Device placement of the rank helpers, for GPU launchers this CPU machine can only simulate."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toolkit.engine import dist
+
+
+@pytest.mark.parametrize("backend, expected", [("nccl", "cuda:3"), ("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu")])
+def test_collective_device_follows_the_backend(monkeypatch, backend, expected):
+    # An NCCL-only group cannot reduce CPU tensors ("No backend type associated with device type cpu").
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.tdist, "get_backend", lambda *a: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert str(dist.collective_device()) == expected
+
+
+def test_all_reduce_sum_reduces_on_the_collective_device_and_returns_home(monkeypatch):
+    seen = []
+
+    def fake_all_reduce(t, op=None):
+        seen.append(t.device)
+        t.mul_(2)   # two ranks holding the same values
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "collective_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(dist.tdist, "all_reduce", fake_all_reduce)
+    with pytest.raises(NotImplementedError):   # meta -> cpu has no data: proves the hop happened
+        dist.all_reduce_sum(torch.ones(3))
+    assert seen == [torch.device("meta")]
+    monkeypatch.setattr(dist, "collective_device", lambda: torch.device("cpu"))
+    out = dist.all_reduce_sum(torch.ones(3, dtype=torch.float64))
+    assert out.tolist() == [2.0, 2.0, 2.0] and out.device.type == "cpu"
+
+
+@pytest.mark.parametrize("local, visible, expected", [(0, 4, 0), (3, 4, 3), (3, 1, 0), (5, 2, 1), (2, 0, 2)])
+def test_device_index_wraps_local_rank_onto_visible_gpus(monkeypatch, local, visible, expected):
+    # srun --gpus-per-task=1: every task sees one GPU (index 0) while SLURM_LOCALID counts up.
+    monkeypatch.setenv("LOCAL_RANK", str(local))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert dist.device_index() == expected
+
+
+def test_ensure_env_rewrites_local_rank_for_deepspeed(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    dist.ensure_env()
+    import os
+
+    assert os.environ["RANK"] == "3" and os.environ["LOCAL_RANK"] == "0"
