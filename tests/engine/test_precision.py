@@ -56,3 +56,21 @@ def test_teacher_dtype_cpu_follows_the_job():
     assert teacher_dtype("cpu", torch.float32) == torch.float32
     # resolve_precision only yields bf16 on a CPU with native bf16; the teacher then follows.
     assert teacher_dtype("cpu", torch.bfloat16) == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cuda_bf16_without_native_support_is_named(monkeypatch, native):
+    # V100/T4 emulate bf16: the job keeps what the JSON says but tells the user what to use.
+    monkeypatch.setattr(precision, "native_bf16_supported", lambda device: native)
+    cfg, dtype, note = resolve_precision({"bf16": {"enabled": True}}, "cuda")
+    assert dtype == torch.bfloat16 and cfg["bf16"]["enabled"]
+    assert (note is None) if native else ("zero2_fp16.json" in note)
+
+
+@pytest.mark.parametrize("native, expected", [(True, "zero2_bf16.json"), (False, "zero2_fp16.json")])
+def test_auto_ds_config_counts_only_native_gpu_bf16(monkeypatch, native, expected):
+    from toolkit.recipes.common import auto_ds_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(precision, "native_bf16_supported", lambda device: native)
+    assert auto_ds_config() == expected

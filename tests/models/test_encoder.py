@@ -121,3 +121,34 @@ def test_check_vocab_error(tmp_path):
     with pytest.raises(DataError) as e:
         check_vocab(tok, model, str(vocab))
     assert "85" in str(e.value) and "60" in str(e.value) and str(vocab) in str(e.value)
+
+
+def test_saved_from_a_half_precision_module_reloads_fp32(tmp_path):
+    # Under a bf16 engine the live student is bf16 while the state dict saved is the fp32 masters;
+    # transformers then writes "dtype": "bfloat16" and a default (dtype="auto") load rounds the
+    # weights. save_encoder records the dtype written, and build_encoder loads fp32 regardless.
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    from toolkit.models.encoder import EncoderSpec, build_encoder, save_encoder
+
+    model = build_encoder(EncoderSpec(arch="bert", num_layers=1, hidden_size=32, num_heads=4, intermediate_size=64,
+                                      vocab_size=100))
+    masters = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.to(torch.bfloat16)
+    save_encoder(model, tmp_path / "a", state_dict=dict(masters))   # (save_pretrained empties the dict)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["dtype"] == "float32"
+    assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "a" / "model.safetensors")).values())
+    plain = BertModel.from_pretrained(str(tmp_path / "a"), local_files_only=True)   # a user's default load
+    assert next(plain.parameters()).dtype == torch.float32
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(p, masters[name], rtol=0, atol=0)
+    # An older checkpoint that still says bfloat16 over fp32 weights: build_encoder loads fp32.
+    model.save_pretrained(str(tmp_path / "b"), state_dict=dict(masters))
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["dtype"] == "bfloat16"
+    again = build_encoder(tmp_path / "b")
+    assert {p.dtype for p in again.parameters()} == {torch.float32}
+    torch.testing.assert_close(again.embeddings.word_embeddings.weight, masters["embeddings.word_embeddings.weight"],
+                               rtol=0, atol=0)

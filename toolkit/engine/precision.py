@@ -60,7 +60,12 @@ def resolve_precision(ds_config: Dict[str, Any], device: Device
     bf16, fp16 = _enabled(cfg, "bf16"), _enabled(cfg, "fp16")
     if dev.type == "cuda":
         if bf16:
-            return cfg, torch.bfloat16, None
+            note = None
+            if not native_bf16_supported(dev):
+                note = ("the DeepSpeed config asks for bf16, but this GPU has no native bf16 (before "
+                        "Ampere it is emulated and slow); use ds_configs/zero2_fp16.json (or ds_config: auto)")
+                _warn_once(note)
+            return cfg, torch.bfloat16, note
         if fp16:
             return cfg, torch.float16, None
         return cfg, torch.float32, None

@@ -10,8 +10,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple, Type, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Type, Union
 
+import torch
 from torch import nn
 from transformers import BertConfig, BertModel, ErnieConfig, ErnieModel, PretrainedConfig, PreTrainedModel
 
@@ -157,10 +158,36 @@ def build_encoder(source: Union[str, Path, EncoderSpec, Mapping[str, Any]],
     _, model_cls = ARCHS[model_type]
     try:
         # local_files_only: a typo'd path must never turn into a hub download.
+        # dtype float32: transformers 5 otherwise loads in config.json's dtype ("auto"), and a
+        # checkpoint written from a bf16 engine says bfloat16 over fp32 weights. Training and
+        # inference precision are the engine's (DeepSpeed JSON) business, not the file's.
         return model_cls.from_pretrained(str(source), attn_implementation=attn_implementation,
-                                         local_files_only=True)
+                                         local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ToolkitError(f"{source}: cannot load the {model_type} encoder: {e}") from None
+
+
+def save_encoder(model: nn.Module, out_dir: Union[str, Path],
+                 state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """``model.save_pretrained(out_dir, state_dict=...)`` with config.json's ``dtype`` naming the
+    dtype the weights were written in.
+
+    transformers writes the live module's dtype; under a bf16/fp16 engine that is the half
+    type while the state dict holds the fp32 master weights, and a later ``from_pretrained``
+    with ``dtype="auto"`` (any user's default) would round them to half precision.
+    """
+    tensors = (state_dict if state_dict is not None else model.state_dict()).values()
+    kinds = {t.dtype for t in tensors if torch.is_tensor(t) and t.is_floating_point()}
+    model.save_pretrained(str(out_dir), state_dict=state_dict)   # (it empties a state_dict it is given)
+    if len(kinds) != 1:
+        return
+    written = str(next(iter(kinds))).replace("torch.", "")
+    path = Path(out_dir) / "config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("dtype", written) != written or cfg.get("torch_dtype", written) != written:
+        cfg["dtype"] = written
+        cfg.pop("torch_dtype", None)
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import ConfigError, DataError, ToolkitError
-from toolkit.models.encoder import Encoder, build_encoder, load_tokenizer, uses_task_id
+from toolkit.models.encoder import Encoder, build_encoder, load_tokenizer, save_encoder, uses_task_id
 from toolkit.models.heads import build_head
 from toolkit.tasks.base import MULTIPLE_CHOICE
 
@@ -164,11 +164,11 @@ def save_task_model(model: MultiTaskModel, tokenizer: Any, out_dir: Union[str, P
         if not enc_state:
             raise ToolkitError(f"{out}: the state_dict to save has no 'encoder.*' weights "
                                f"(pass the MultiTaskModel's state dict)")
-        model.encoder.save_pretrained(str(out), state_dict=enc_state)
+        save_encoder(model.encoder, out, state_dict=enc_state)
         head_state = {k[len("heads."):]: v.detach().cpu().contiguous()
                       for k, v in full.items() if k.startswith("heads.")}
     else:
-        model.encoder.save_pretrained(str(out))
+        save_encoder(model.encoder, out)
         head_state = {f"{name}.{k}": v.detach().cpu().contiguous()
                       for name, head in model.heads.items() for k, v in head.state_dict().items()}
     if tokenizer is not None:

@@ -20,7 +20,10 @@ CONFIG_DIR = REPO_ROOT / "configs"
 def auto_ds_config() -> str:
     """The shipped DeepSpeed JSON for this machine: bf16 (or fp16) ZeRO-2 on GPUs, fp32 on CPUs."""
     if torch.cuda.is_available():
-        return "zero2_bf16.json" if torch.cuda.is_bf16_supported() else "zero2_fp16.json"
+        from toolkit.engine.precision import native_bf16_supported
+
+        # Native only: torch's default also counts emulated bf16 (V100, T4), which is slow there.
+        return "zero2_bf16.json" if native_bf16_supported("cuda") else "zero2_fp16.json"
     return "cpu_fp32.json"
 
 

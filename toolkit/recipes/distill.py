@@ -35,7 +35,8 @@ from toolkit.losses import LogitKDLoss, MiniLMv1Loss, MiniLMv2RelationLoss, Tiny
 from toolkit.models.capture import (CheckpointLayers, ProjectionsOnly, QKVCapture, default_teacher_layer, resolve_layer,
                                     truncate_encoder)
 from toolkit.models.dropout import use_fast_dropout
-from toolkit.models.encoder import EncoderSpec, build_encoder, count_parameters, load_tokenizer, spec_from_model
+from toolkit.models.encoder import (EncoderSpec, build_encoder, count_parameters, load_tokenizer, save_encoder,
+                                    spec_from_model)
 from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
 from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
 from toolkit.utils.meter import Throughput
@@ -368,7 +369,8 @@ class DistillRecipe:
         from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
         try:
-            t_mlm = AutoModelForMaskedLM.from_pretrained(self.cfg.teacher)
+            t_mlm = AutoModelForMaskedLM.from_pretrained(self.cfg.teacher, local_files_only=True,
+                                                          dtype=torch.float32)
         except Exception as e:  # noqa: BLE001 - reported with the directory
             raise DataError(self.cfg.teacher, f"logit_kd needs a teacher with an MLM head: {e}") from None
         t_head = t_mlm.cls if hasattr(t_mlm, "cls") else None
@@ -496,9 +498,9 @@ class DistillRecipe:
             if state is not None:
                 prefix = "student."
                 sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-                student.save_pretrained(self.out / "student", state_dict=sd)
+                save_encoder(student, self.out / "student", state_dict=sd)
             else:
-                student.save_pretrained(self.out / "student")
+                save_encoder(student, self.out / "student")
             self.tokenizer.save_pretrained(self.out / "student")
             write_json(self.out / "student" / "distill_info.json", result)
             write_json(self.out / "metrics.json", result)
