@@ -73,3 +73,30 @@ def test_slurm_dry_run_cli():
     assert r.exit_code == 0, r.output
     assert r.output.startswith("#!/bin/bash") and "#SBATCH --nodes=3" in r.output
     assert "--num-gpus 4" in r.output and "train_teacher.py" in r.output
+
+
+def test_visible_gpu_include():
+    from toolkit.launch.commands import visible_gpu_include
+
+    assert visible_gpu_include(None, {"CUDA_VISIBLE_DEVICES": "2,3"}) == "localhost:2,3"
+    assert visible_gpu_include(1, {"CUDA_VISIBLE_DEVICES": "2, 3"}) == "localhost:2"
+    assert visible_gpu_include(2, {}) is None and visible_gpu_include(2, {"CUDA_VISIBLE_DEVICES": ""}) is None
+    assert visible_gpu_include(1, {"CUDA_VISIBLE_DEVICES": "GPU-5c0e"}) is None   # UUIDs: left to the launcher
+    with pytest.raises(ConfigError, match="num_gpus.*CUDA_VISIBLE_DEVICES=2,3"):
+        visible_gpu_include(4, {"CUDA_VISIBLE_DEVICES": "2,3"})
+
+
+def test_launch_on_a_gpu_host_keeps_cuda_visible_devices(monkeypatch):
+    # deepspeed drops CUDA_VISIBLE_DEVICES when given --num_gpus: name the devices instead.
+    import toolkit.launch.cli as launch_cli
+
+    monkeypatch.setattr(launch_cli, "_gpu_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    for extra, include in (([], "localhost:2,3"), (["--num-gpus", "1"], "localhost:2")):
+        r = CliRunner().invoke(main, ["launch", "distill", "--dry-run", *extra])
+        assert r.exit_code == 0, r.output
+        argv = shlex.split(r.output.strip())
+        assert argv[argv.index("--include") + 1] == include and "--num_gpus" not in argv
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    argv = shlex.split(CliRunner().invoke(main, ["launch", "distill", "--dry-run"]).output.strip())
+    assert argv[argv.index("--num_gpus") + 1] == "2" and "--include" not in argv

@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from toolkit.errors import ToolkitError
-from toolkit.launch.commands import SCRIPTS, LaunchSpec, SlurmSpec, cpu_launch_env, deepspeed_command, render_sbatch
+from toolkit.launch.commands import (SCRIPTS, LaunchSpec, SlurmSpec, cpu_launch_env, deepspeed_command, render_sbatch,
+                                     visible_gpu_include)
 
 
 def _fail(e: Exception) -> None:
@@ -51,11 +52,16 @@ def launch(job, overrides, config, ds_config, num_nodes, num_gpus, hostfile, mas
            no_ssh, include, exclude, bind_cores, dry_run):  # noqa: ANN001
     """Run JOB through the deepspeed launcher on one node or many."""
     gpus = _gpu_count()
-    if num_gpus is None:
-        num_gpus = gpus or 1
-    if bind_cores is None:
-        bind_cores = gpus == 0 and shutil.which("numactl") is not None and num_gpus > 1
     try:
+        if gpus and not (include or exclude or hostfile) and num_nodes == 1:
+            # Respect CUDA_VISIBLE_DEVICES: the launcher would drop it on --num_gpus.
+            visible = visible_gpu_include(num_gpus)
+            if visible:
+                include, num_gpus = visible, 1
+        if num_gpus is None:
+            num_gpus = gpus or 1
+        if bind_cores is None:
+            bind_cores = gpus == 0 and shutil.which("numactl") is not None and num_gpus > 1
         spec = LaunchSpec(job=job, config=config, ds_config=ds_config, overrides=overrides, num_nodes=num_nodes,
                           num_gpus=num_gpus, hostfile=hostfile, master_addr=master_addr, master_port=master_port,
                           node_rank=node_rank, no_ssh=no_ssh, include=include, exclude=exclude, bind_cores=bind_cores)

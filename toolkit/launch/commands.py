@@ -61,6 +61,25 @@ class LaunchSpec:
             raise ConfigError("master_addr", "--no-ssh needs --master-addr (the address of node 0)")
 
 
+def visible_gpu_include(num_gpus: Optional[int], env: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """``--include localhost:<ids>`` for the GPUs ``CUDA_VISIBLE_DEVICES`` lists (the first
+    ``num_gpus`` of them; all when None), or None when it is unset or not plain indices.
+
+    The deepspeed launcher drops ``CUDA_VISIBLE_DEVICES`` whenever ``--num_gpus`` is passed and
+    starts ranks on devices ``0..N-1``, which may be another job's GPUs.
+    """
+    import os
+
+    raw = (env if env is not None else os.environ).get("CUDA_VISIBLE_DEVICES", "").strip()
+    ids = [x.strip() for x in raw.split(",") if x.strip()]
+    if not ids or not all(x.isdigit() for x in ids):
+        return None
+    if num_gpus is not None and num_gpus > len(ids):
+        raise ConfigError("num_gpus", f"{num_gpus} ranks per node asked for, but CUDA_VISIBLE_DEVICES={raw} "
+                          f"lists {len(ids)} GPU(s); ask for at most {len(ids)} or widen CUDA_VISIBLE_DEVICES")
+    return "localhost:" + ",".join(ids[:num_gpus] if num_gpus is not None else ids)
+
+
 def deepspeed_command(spec: LaunchSpec, python: Optional[str] = None) -> List[str]:
     """The ``deepspeed ... launchers/<job>.py --config ... --ds_config ... key=value`` argv."""
     ds = shutil.which("deepspeed")

@@ -29,6 +29,7 @@ import yaml
 
 from toolkit.config import arg, load_config, save_config, to_dict
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.launch.commands import visible_gpu_include
 from toolkit.recipes.common import REPO_ROOT, mean_std, write_json
 from toolkit.utils.logging import get_logger
 
@@ -164,8 +165,13 @@ class PipelineRecipe:
         else:
             script = {"teacher": "train_teacher.py", "distill": "distill.py", "eval": "evaluate.py",
                       "finetune": "finetune.py"}[job]
-            cmd = ["deepspeed", "--num_gpus", str(self.cfg.num_gpus), str(REPO_ROOT / "launchers" / script),
-                   "--config", str(job_yaml)]
+            # On a GPU host with CUDA_VISIBLE_DEVICES set, name those devices: the launcher drops
+            # the variable when it gets --num_gpus and would start on GPUs 0..n-1.
+            import torch
+
+            visible = visible_gpu_include(self.cfg.num_gpus) if torch.cuda.is_available() else None
+            resources = ["--include", visible] if visible else ["--num_gpus", str(self.cfg.num_gpus)]
+            cmd = ["deepspeed", *resources, str(REPO_ROOT / "launchers" / script), "--config", str(job_yaml)]
             log.info("pipeline: %s", " ".join(cmd))
             proc = subprocess.run(cmd, cwd=os.getcwd())
             if proc.returncode != 0:
