@@ -56,3 +56,24 @@ def test_ensure_env_rewrites_local_rank_for_deepspeed(monkeypatch):
     import os
 
     assert os.environ["RANK"] == "3" and os.environ["LOCAL_RANK"] == "0"
+
+
+def _any_rank_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        seen = [dist.any_rank(rank == 1), dist.any_rank(False), dist.any_rank(True)]
+        with open(f"{out_dir}/rank{rank}", "w") as f:
+            f.write(",".join(str(int(x)) for x in seen))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_any_rank_agrees_across_two_ranks(tmp_path):
+    # A preemption signal seen by one rank only must stop every rank at the same step.
+    import torch.multiprocessing as mp
+
+    mp.spawn(_any_rank_worker, args=(dist.free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["1,0,1", "1,0,1"]
+    assert dist.any_rank(True) and not dist.any_rank(False)   # a world of one: the flag itself

@@ -129,6 +129,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one (a collective: call it on all ranks
+    at the same point). Used for stop decisions, e.g. a preemption signal that reached some
+    ranks only: ranks that decided differently would enter different collectives and hang."""
+    if not (is_initialized() and world_size() > 1):
+        return bool(flag)
+    return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+
+
 def all_gather_object(obj: Any) -> List[Any]:
     """Picklable ``obj`` from every rank, indexed by rank."""
     if not (is_initialized() and world_size() > 1):

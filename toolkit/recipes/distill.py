@@ -468,11 +468,14 @@ class DistillRecipe:
                     sums, n_sum = {}, 0
                 if cfg.save_every and st["step"] % cfg.save_every == 0:
                     self.save_checkpoint()
-                if pre.requested or (cfg.stop_after and st["step"] >= cfg.stop_after):
+                # All ranks must agree: one that alone saw the signal would checkpoint (collectives)
+                # while the others run the next step's.
+                preempted = dist.any_rank(pre.requested)
+                if preempted or (cfg.stop_after and st["step"] >= cfg.stop_after):
                     self.save_checkpoint()
                     log.warning("stopping at step %d with a checkpoint (%s)", st["step"],
-                                "preemption signal" if pre.requested else "stop_after")
-                    if pre.requested:
+                                "preemption signal" if preempted else "stop_after")
+                    if preempted:
                         self.logger.close()
                         raise SystemExit(REQUEUE_EXIT_CODE)
                     return {"stopped_at": st["step"]}
