@@ -11,7 +11,7 @@ from torch import nn
 from toolkit.engine import Engine, OptimConfig, prepare_frozen
 from toolkit.engine.checkpoint import find_checkpoint, is_complete
 from toolkit.engine.engine import build_optimizer
-from toolkit.errors import ConfigError, TrainingError
+from toolkit.errors import ConfigError, ToolkitError, TrainingError
 
 
 class TinyNet(nn.Module):
@@ -292,3 +292,25 @@ def test_engine_trains_with_deepspeed_cpu_adam(stage):
     losses = run(e, 6)
     assert losses == pytest.approx(ref, rel=1e-4)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_best_weights_go_back_into_the_model(stage):
+    """finetune keeps the best step's weights and loads them back for prediction, on every rank;
+    under ZeRO-3 into the partitions."""
+    e = Engine(TinyNet(), ds_cfg(stage=stage), OptimConfig(lr=1e-2), total_steps=10)
+    run(e, 3)
+    best = e.consolidated_state_dict(all_ranks=True)
+    run(e, 3, start=3)
+    later = e.consolidated_state_dict()
+    assert any(not torch.equal(best[k], later[k]) for k in best)
+    x, y = batch(0)
+    ref = TinyNet()
+    ref.load_state_dict(best)
+    with torch.no_grad():
+        assert not torch.allclose(e(x, y), ref(x, y))
+        e.load_full_state_dict(best)
+        torch.testing.assert_close(e(x, y), ref(x, y))   # the model now computes with the best weights
+    if stage < 3:
+        with pytest.raises(ToolkitError, match="every rank"):
+            e.load_full_state_dict(None)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import subprocess_env
 
@@ -39,9 +40,9 @@ def _losses(out: Path):
     return {r["step"]: r["loss"] for r in rows if r.get("prefix") == "train" and "loss" in r}
 
 
-def _ds(path: Path, micro: int, stage: int) -> Path:
+def _ds(path: Path, micro: int, stage: int, **zero) -> Path:
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-                                "gradient_clipping": CLIP, "zero_optimization": {"stage": stage},
+                                "gradient_clipping": CLIP, "zero_optimization": {"stage": stage, **zero},
                                 "steps_per_print": 100000}))
     return path
 
@@ -173,3 +174,36 @@ def test_distill_two_ranks_end_to_end(stage, checkpointing, tiny_bert4_dir, fixt
     assert len(list(ckpt.glob("client_state_rank*.pt"))) == 2
     # Logs: metrics once (rank 0), a log file per rank.
     assert (out / "logs" / "rank0.log").is_file() and (out / "logs" / "rank1.log").is_file()
+
+
+def test_finetune_two_ranks_zero3_saves_and_predicts_with_the_best_weights(tiny_bert_dir, fixture_tasks, tmp_path):
+    """Under ZeRO-3 the live module holds partitions: the saved model must be the gathered best
+    step's weights, and every rank must predict with them. The saved model, scored again in one
+    process, reproduces the dev metrics the job reported."""
+    _needs_launcher()
+    import yaml
+
+    out = tmp_path / "ft"
+    y = tmp_path / "ft.yaml"
+    y.write_text(yaml.safe_dump({"model": str(tiny_bert_dir), "task": str(fixture_tasks["senti"]),
+                                 "output_dir": str(out), "max_steps": 8, "eval_every": 2, "lr": 5e-4,
+                                 "log_every": 1, "max_seq_length": 64}))
+    proc = _launch(["finetune", "--num-gpus", "2", "--master-port", str(_port()), "--config", str(y),
+                    "--ds-config", str(_ds(tmp_path / "ds.json", 4, 3, stage3_param_persistence_threshold=0))])
+    log = _finish(proc)   # threshold 0: every parameter is partitioned, however small
+    assert (out / "results.json").is_file(), log[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["history"]) == 4 and res["best_step"] in (2, 4, 6, 8)
+
+    from toolkit.models.task_model import load_task_model
+    from toolkit.recipes.predict import predict, score_split
+    from toolkit.tasks import get_task
+    from toolkit.tasks.features import encode_examples
+
+    model, tok = load_task_model(out / "model")
+    assert all(p.numel() > 0 for p in model.parameters())   # not ZeRO-3's empty partitions
+    task = get_task(str(fixture_tasks["senti"]))
+    dev = task.load("dev")
+    preds, extra = predict(model, model, task, encode_examples(task, dev, tok, max_seq_length=64), 32,
+                           torch.device("cpu"))
+    assert score_split(task, dev, preds, extra) == pytest.approx(res["metrics"])

@@ -390,14 +390,15 @@ class Engine:
         log.info("resumed from %s (step %d)", path, self.global_step)
         return read_client_state(path, self.rank)
 
-    def consolidated_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+    def consolidated_state_dict(self, all_ranks: bool = False) -> Optional[Dict[str, torch.Tensor]]:
         """Full fp32 weights (CPU tensors) on rank 0, None elsewhere; all ranks must call it.
 
         Under ZeRO-3 parameters are gathered one at a time; in bf16/fp16 the fp32 master
-        copies are returned, not the half-precision model weights.
+        copies are returned, not the half-precision model weights. ``all_ranks``: every rank
+        gets the full copy (each holds one model's worth of CPU memory).
         """
         module = self._ds.module
-        main = self.is_main
+        main = self.is_main or all_ranks
         if self.zero_stage < 3 and self._dtype == torch.float32:
             if not main:
                 return None
@@ -429,3 +430,23 @@ class Engine:
         for k, v in module.state_dict(keep_vars=True).items():
             out[k] = full[names[k]] if k in names else v.detach().cpu().clone()
         return out
+
+    def load_full_state_dict(self, state: Optional[Dict[str, torch.Tensor]]) -> None:
+        """Put full weights (e.g. the best checkpoint's) into the model on every rank; all ranks
+        must call it. Below ZeRO-3 every rank needs ``state``; under ZeRO-3 rank 0's is
+        scattered to the partitions (the others may pass None). The optimizer's fp32 masters
+        are not touched: use it for evaluation and prediction after training."""
+        module = self._ds.module
+        if self.zero_stage < 3:
+            if state is None:
+                raise ToolkitError(f"rank {self.rank}: load_full_state_dict below ZeRO-3 needs the state on "
+                                   f"every rank (consolidated_state_dict(all_ranks=True))")
+            module.load_state_dict(state, strict=False)
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            if self.is_main:
+                if state is None:
+                    raise ToolkitError("load_full_state_dict: rank 0 has no state to load")
+                module.load_state_dict(state, strict=False)

@@ -190,7 +190,9 @@ class FinetuneRecipe:
             history.append({"step": eng.global_step, "epoch": epoch, **res["metrics"]})
             self.logger.log(eng.global_step, res["metrics"], prefix=f"eval/{self.task.name}")
             if score > best["score"] or best.get("metrics") is None:
-                state = eng.consolidated_state_dict()
+                # Every rank keeps the best weights below ZeRO-3 (each predicts its shard of the
+                # test set with them); under ZeRO-3 rank 0 keeps them and scatters them back.
+                state = eng.consolidated_state_dict(all_ranks=eng.zero_stage < 3)
                 best = {"score": score, "metrics": res["metrics"], "step": eng.global_step,
                         "epoch": epoch, "state": {k: v.detach().cpu().clone() for k, v in state.items()}
                         if state is not None else None}
@@ -247,12 +249,12 @@ class FinetuneRecipe:
                            "host_allocator": allocator_in_use()},
             "train_time_s": time.time() - t0,
         }
-        if best.get("state") is not None:
-            self.model.load_state_dict(best["state"], strict=False)
-        self._write_outputs(result)
+        if best.get("metrics") is not None:
+            eng.load_full_state_dict(best.get("state"))   # all ranks: predictions use the best weights
+        self._write_outputs(result, best.get("state"))
         return result
 
-    def _write_outputs(self, result: Dict[str, Any]) -> None:
+    def _write_outputs(self, result: Dict[str, Any], state: Optional[Dict[str, Any]] = None) -> None:
         cfg = self.cfg
         if cfg.write_submissions:
             subs = {}
@@ -272,8 +274,9 @@ class FinetuneRecipe:
             result["submissions"] = subs
         if self.engine.is_main:
             if cfg.save_model:
+                # The gathered weights: under ZeRO-3 the live module holds only partitions.
                 save_task_model(self.model, self.tokenizer, self.out / "model",
-                                extra={"task": self.task.name, "metrics": result["metrics"]})
+                                extra={"task": self.task.name, "metrics": result["metrics"]}, state_dict=state)
             write_json(self.out / "results.json", result)
         dist.barrier()
 
