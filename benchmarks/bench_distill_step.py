@@ -544,8 +544,10 @@ def relation_kl_kernel(impl: str, device: str) -> str:
     """Which relation-KL code a row's step ran: the baseline's own, Triton or the chunked path."""
     if impl == "baseline":
         return "naive (baseline)"
-    from toolkit.losses.relations import _triton_available
+    from toolkit.losses.relations import _TRITON_FAILED, _triton_available
 
+    if _TRITON_FAILED:   # impl auto fell back after a compile/launch failure: say so in the table
+        return f"chunked (Triton failed: {_TRITON_FAILED['error'][:120]})"
     return "triton" if torch.device(device).type == "cuda" and _triton_available() else "chunked"
 
 

@@ -197,6 +197,27 @@ def test_fp16_inputs_match_chunked_path(rk):
 
 
 @interpreted
+def test_fp16_gradient_does_not_underflow_at_training_scale(rk):
+    # dS = p_s - p_t is rounded to fp16 for the dot; the factor 1/(rows x heads x sqrt(d)) must be
+    # applied after, on the fp32 accumulator, or most of dS falls below fp16's range. Without a
+    # loss scale (grad_out = 1) the kernel lost 38% of the gradient here before the fix; the
+    # chunked path, which only rounds the final gradient, loses 3%.
+    g = torch.Generator().manual_seed(3)
+    b, l, h, heads = 64, 64, 64, 8
+    s16 = torch.randn(b, l, h, generator=g).half()
+    t = (s16.float() + 0.05 * torch.randn(b, l, h, generator=g)).half()
+    mask = torch.ones(b, l, dtype=torch.long)
+    ref = s16.float().requires_grad_(True)
+    chunked_relation_kl(t.float(), ref, mask, heads).backward()
+    errs = {}
+    for name, fn in (("triton", rk.relation_kl), ("chunked", chunked_relation_kl)):
+        x = s16.clone().requires_grad_(True)
+        fn(t, x, mask, heads).backward()
+        errs[name] = ((x.grad.float() - ref.grad).norm() / ref.grad.norm()).item()
+    assert errs["triton"] < 2 * errs["chunked"] + 1e-3, errs
+
+
+@interpreted
 def test_non_contiguous_inputs(rk):
     t, s = _inputs(l=18)
     mask = _ragged_mask([18, 9], 18)
@@ -220,6 +241,34 @@ def test_bad_inputs_raise_toolkit_errors(rk):
         rk.relation_kl(t, s, mask, 4, block_m=0)
     with pytest.raises(ToolkitError, match="dtype"):
         rk.relation_kl(t, s.long(), mask, 4)
+    with pytest.raises(ToolkitError, match="student's query side is torch.float32 but its key side"):
+        rk.relation_kl_qk(t, t, s, s.double(), mask, 4)
+
+
+def test_auto_falls_back_to_chunked_once_when_the_kernel_fails(monkeypatch):
+    # A kernel that cannot compile or launch on some GPU/driver must not kill a long job on "auto".
+    from toolkit.losses import relations
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("ptxas fatal: unsupported architecture")
+
+    monkeypatch.setattr(relations, "_triton_wanted", lambda s_q: True)
+    monkeypatch.setattr(relations, "_relation_kl_triton", broken)
+    monkeypatch.setattr(relations, "_TRITON_FAILED", {})
+    t, s = _inputs(l=9)
+    mask = _ragged_mask([9, 4], 9)
+    with pytest.warns(RuntimeWarning, match="ptxas fatal.*chunked torch path"):
+        got = relations.RELATION_KL_IMPLS["auto"](t, t, s, s, mask, 4)
+    torch.testing.assert_close(got, chunked_relation_kl(t, s, mask, 4))
+    relations.RELATION_KL_IMPLS["auto"](t, t, s, s, mask, 4)
+    assert calls == [1]   # not retried on every step
+    with pytest.raises(ConfigError, match="num_relation_heads"):   # bad input is still an error
+        monkeypatch.setattr(relations, "_TRITON_FAILED", {})
+        monkeypatch.setattr(relations, "_relation_kl_triton", lambda *a, **k: chunked_relation_kl_qk(*a, **k))
+        relations.RELATION_KL_IMPLS["auto"](t, t, s, s, mask, 5)
 
 
 @interpreted
@@ -264,6 +313,20 @@ _GPU_SCRIPT = textwrap.dedent("""
         torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
         err = (s1.grad.float() - s2.grad.float()).abs().max() / s2.grad.float().abs().max()
         assert err < 2e-2, (dtype, err.item())
+    # fp16 at training scale: the gradient must not underflow (dS scaled after the dot).
+    s32 = torch.randn(32, 512, 384, generator=g).to(dev)
+    t16 = (s32 + 0.05 * torch.randn(32, 512, 384, generator=g).to(dev)).half()
+    full = torch.ones(32, 512, dtype=torch.long, device=dev)
+    ref = s32.clone().requires_grad_(True)
+    chunked(t16.float(), ref, full, 12).backward()
+    x16 = s32.half().requires_grad_(True)
+    rk.relation_kl(t16, x16, full, 12).backward()
+    err = ((x16.grad.float() - ref.grad).norm() / ref.grad.norm()).item()
+    assert err < 5e-3, err
+    # More than 65535 (batch x head) programs: B*R sits on grid axis 0.
+    tb, sb = torch.randn(1100, 16, 64, device=dev), torch.randn(1100, 16, 64, device=dev)
+    mb = torch.ones(1100, 16, dtype=torch.long, device=dev)
+    torch.testing.assert_close(rk.relation_kl(tb, sb, mb, 64), chunked(tb, sb, mb, 64), rtol=1e-5, atol=0)
     qkv_s = {k: torch.randn(b, l, hs, generator=g).to(dev).requires_grad_(True) for k in "qkv"}
     qkv_t = {k: torch.randn(b, l, ht, generator=g).to(dev) for k in "qkv"}
     fused = MiniLMv2RelationLoss(8, impl="triton")(qkv_s, qkv_t, mask)["loss"]

@@ -101,14 +101,19 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _relation_kl_fwd(TQ, TK, SQ, SK, MASK, ROW_KL, LSE_T, LSE_S,
-                         L, R, dt, ds, scale_t, scale_s,
+                         L, R, dt, ds, SCALES,
                          t_sb, t_sl, t_sh, s_sb, s_sl, s_sh, m_sb,
                          ACC: tl.constexpr, PREC_T: tl.constexpr, PREC_S: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DT: tl.constexpr,
                          BLOCK_DS: tl.constexpr):
-        """Per-row KL and LSEs for one (query block, batch x head); grid ``(cdiv(L, BM), B*R)``."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        """Per-row KL and LSEs for one (batch x head, query block); grid ``(B*R, cdiv(L, BM))``.
+
+        B*R is on grid axis 0 (up to 2^31 - 1 programs); axes 1 and 2 stop at 65535.
+        """
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        scale_t = tl.load(SCALES)        # in the accumulator dtype: exact for float64 inputs
+        scale_s = tl.load(SCALES + 1)
         b = (pid_bh // R).to(tl.int64)
         r = pid_bh % R
         TQ += b * t_sb
@@ -162,23 +167,30 @@ if TRITON_AVAILABLE:
         tl.store(LSE_S + out, lse_s, mask=row_in)
 
     @triton.jit
-    def _grad_logits(st, ss, lse_t, lse_s, row_ok, key_ok, coef):
-        """``dLoss/dlogit_s * scale_s`` of one tile: ``coef * (p_s - p_t)`` on real rows and keys."""
+    def _grad_logits(st, ss, lse_t, lse_s, row_ok, key_ok):
+        """``p_s - p_t`` of one tile on real rows and keys (0 elsewhere).
+
+        The constant factor (``grad / (n_real * R) / sqrt(ds)``) is applied to the fp32
+        accumulator after the dots, not here: the tile is rounded to the input dtype for the
+        dot, and at training sizes the scaled values fall below fp16's range.
+        """
         p_t = tl.exp(st - lse_t[:, None])
         p_s = tl.exp(ss - lse_s[:, None])
-        return tl.where(row_ok[:, None] & key_ok[None, :], p_s - p_t, 0.0) * coef
+        return tl.where(row_ok[:, None] & key_ok[None, :], p_s - p_t, 0.0)
 
     @triton.jit
     def _relation_kl_bwd_dq(TQ, TK, SQ, SK, MASK, LSE_T, LSE_S, COEF, DQ,
-                            L, R, dt, ds, scale_t, scale_s,
+                            L, R, dt, ds, SCALES,
                             t_sb, t_sl, t_sh, s_sb, s_sl, s_sh, m_sb,
                             ACC: tl.constexpr, PREC_T: tl.constexpr, PREC_S: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DT: tl.constexpr,
                             BLOCK_DS: tl.constexpr):
-        """Gradient of the student query side; grid ``(cdiv(L, BM), B*R, cdiv(ds, BLOCK_DS))``."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        """Gradient of the student query side; grid ``(B*R, cdiv(L, BM), cdiv(ds, BLOCK_DS))``."""
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
         pid_d = tl.program_id(2)
+        scale_t = tl.load(SCALES)
+        scale_s = tl.load(SCALES + 1)
         b = (pid_bh // R).to(tl.int64)
         r = pid_bh % R
         TQ += b * t_sb
@@ -208,25 +220,28 @@ if TRITON_AVAILABLE:
             st, ss = _masked_pair(TQ, TK, SQ, SK, rows, keys, key_ok, L, dt, ds, col_t, col_s,
                                   t_sl, t_sh, s_sl, s_sh, scale_t, scale_s, ACC, PREC_T, PREC_S,
                                   BLOCK_M, BLOCK_N, BLOCK_DT, BLOCK_DS)
-            ds_tile = _grad_logits(st, ss, lse_t, lse_s, row_ok, key_ok, coef)
+            ds_tile = _grad_logits(st, ss, lse_t, lse_s, row_ok, key_ok)
             sk = tl.load(SK + keys[:, None] * s_sl + (col_s + oc)[None, :] * s_sh,
                          mask=key_in[:, None] & oc_in[None, :], other=0.0)
             # Half inputs: dS is rounded to the input type for a tensor-core dot (as flash attention).
             acc = tl.dot(ds_tile.to(sk.dtype), sk, acc, input_precision=PREC_S)
+        acc = acc * coef
         tl.store(DQ + rows[:, None] * s_sl + (col_s + oc)[None, :] * s_sh,
                  acc.to(DQ.dtype.element_ty), mask=row_in[:, None] & oc_in[None, :])
 
     @triton.jit
     def _relation_kl_bwd_dk(TQ, TK, SQ, SK, MASK, LSE_T, LSE_S, COEF, DK,
-                            L, R, dt, ds, scale_t, scale_s,
+                            L, R, dt, ds, SCALES,
                             t_sb, t_sl, t_sh, s_sb, s_sl, s_sh, m_sb,
                             ACC: tl.constexpr, PREC_T: tl.constexpr, PREC_S: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DT: tl.constexpr,
                             BLOCK_DS: tl.constexpr):
-        """Gradient of the student key side; grid ``(cdiv(L, BN), B*R, cdiv(ds, BLOCK_DS))``."""
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        """Gradient of the student key side; grid ``(B*R, cdiv(L, BN), cdiv(ds, BLOCK_DS))``."""
+        pid_bh = tl.program_id(0)
+        pid_n = tl.program_id(1)
         pid_d = tl.program_id(2)
+        scale_t = tl.load(SCALES)
+        scale_s = tl.load(SCALES + 1)
         b = (pid_bh // R).to(tl.int64)
         r = pid_bh % R
         TQ += b * t_sb
@@ -256,10 +271,11 @@ if TRITON_AVAILABLE:
             st, ss = _masked_pair(TQ, TK, SQ, SK, rows, keys, key_ok, L, dt, ds, col_t, col_s,
                                   t_sl, t_sh, s_sl, s_sh, scale_t, scale_s, ACC, PREC_T, PREC_S,
                                   BLOCK_M, BLOCK_N, BLOCK_DT, BLOCK_DS)
-            ds_tile = _grad_logits(st, ss, lse_t, lse_s, row_ok, key_ok, coef)
+            ds_tile = _grad_logits(st, ss, lse_t, lse_s, row_ok, key_ok)
             sq = tl.load(SQ + rows[:, None] * s_sl + (col_s + oc)[None, :] * s_sh,
                          mask=row_in[:, None] & oc_in[None, :], other=0.0)
             acc = tl.dot(tl.trans(ds_tile).to(sq.dtype), sq, acc, input_precision=PREC_S)
+        acc = acc * coef
         tl.store(DK + keys[:, None] * s_sl + (col_s + oc)[None, :] * s_sh,
                  acc.to(DK.dtype.element_ty), mask=key_in[:, None] & oc_in[None, :])
 
@@ -298,6 +314,10 @@ def _check(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, hea
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise ToolkitError(f"relation KL (triton): {name} projections have dtype {x.dtype}; expected "
                                f"float16, bfloat16, float32 or float64")
+    for name, q, k in (("teacher", t_q, t_k), ("student", s_q, s_k)):
+        if q.dtype != k.dtype:
+            raise ToolkitError(f"relation KL (triton): the {name}'s query side is {q.dtype} but its key side is "
+                               f"{k.dtype}; cast both to one dtype")
 
 
 class _Launch:
@@ -314,18 +334,26 @@ class _Launch:
         self.block_m, self.block_n = block_m, block_n
         self.block_dt, self.block_ds = _head_block(self.dt), _head_block(self.ds)
         self.prec_t, self.prec_s = _dot_precision(t_q.dtype), _dot_precision(s_q.dtype)
-        self.scale_t, self.scale_s = self.dt ** -0.5, self.ds ** -0.5
+        self.scale_s = self.ds ** -0.5
+        # A tensor, not Python floats: compiled Triton types float arguments as fp32, which would
+        # cap float64 runs at ~1e-8.
+        self.scales = torch.tensor([self.dt ** -0.5, self.ds ** -0.5], dtype=self.acc_torch, device=s_q.device)
+        # fp32/fp64 dots run on CUDA cores with 4 warps' registers spilling at 64x64 tiles, and
+        # 128-row tiles spill in every dtype: 8 warps there (compiled for sm_90: no spills).
+        wide = self.acc_torch == torch.float64 or s_q.dtype == torch.float32 or max(block_m, block_n) >= 128
+        self.num_warps = 8 if wide else 4
         self.tensors = (t_q, t_k, s_q, s_k, mask)
 
     def common(self) -> Tuple[Any, ...]:
         t_q, _, s_q, _, mask = self.tensors
-        return (self.l, self.heads, self.dt, self.ds, self.scale_t, self.scale_s,
+        return (self.l, self.heads, self.dt, self.ds, self.scales,
                 t_q.stride(0), t_q.stride(1), t_q.stride(2), s_q.stride(0), s_q.stride(1), s_q.stride(2),
                 mask.stride(0))
 
     def meta(self) -> dict:
         return dict(ACC=self.acc, PREC_T=self.prec_t, PREC_S=self.prec_s, BLOCK_M=self.block_m,
-                    BLOCK_N=self.block_n, BLOCK_DT=self.block_dt, BLOCK_DS=self.block_ds)
+                    BLOCK_N=self.block_n, BLOCK_DT=self.block_dt, BLOCK_DS=self.block_ds,
+                    num_warps=self.num_warps)
 
 
 def _on_device(x: Tensor) -> Any:
@@ -357,7 +385,7 @@ class _TritonRelationKL(torch.autograd.Function):
         run = _Launch(tq, tk, sq, sk, m32, heads, block_m, block_n)
         stats = torch.empty(3, run.b, heads, run.l, dtype=run.acc_torch, device=sq.device)
         row_kl, lse_t, lse_s = stats.unbind(0)
-        grid = (triton.cdiv(run.l, block_m), run.b * heads)
+        grid = (run.b * heads, triton.cdiv(run.l, block_m))
         with _on_device(sq):
             _relation_kl_fwd[grid](tq, tk, sq, sk, m32, row_kl, lse_t, lse_s, *run.common(), **run.meta())
         n_rows = m32.sum().clamp_min(1).to(run.acc_torch) * heads
@@ -384,11 +412,11 @@ class _TritonRelationKL(torch.autograd.Function):
         with _on_device(sq):
             if need_q:
                 grad_q = torch.empty_like(sq)
-                grid = (triton.cdiv(run.l, run.block_m), run.b * run.heads, n_d)
+                grid = (run.b * run.heads, triton.cdiv(run.l, run.block_m), n_d)
                 _relation_kl_bwd_dq[grid](*args, grad_q, *run.common(), **run.meta())
             if need_k:
                 grad_k = torch.empty_like(sk)
-                grid = (triton.cdiv(run.l, run.block_n), run.b * run.heads, n_d)
+                grid = (run.b * run.heads, triton.cdiv(run.l, run.block_n), n_d)
                 _relation_kl_bwd_dk[grid](*args, grad_k, *run.common(), **run.meta())
         return None, None, grad_q, grad_k, None, None, None, None
 
@@ -408,7 +436,7 @@ def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Ten
         mask: ``[B, L]``, 1/True for real tokens.
         num_relation_heads: R; must divide Ht and Hs.
         chunk_size: the chunked path's query block; here a hint for ``block_m`` (rounded up to
-            a power of two in [16, 128]) when ``block_m`` is not given.
+            a power of two in [16, 64]) when ``block_m`` is not given.
         block_m, block_n: query/key rows per tile (powers of two in [16, 128]; default 64).
 
     Returns:
@@ -425,9 +453,15 @@ def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Ten
     if len(devices) > 1:
         raise ToolkitError(f"relation KL (triton): teacher, student and mask must be on one device, got "
                            f"{sorted(str(d) for d in devices)}; move the teacher outputs to the student's device")
-    bm = _block(block_m if block_m is not None else chunk_size, DEFAULT_BLOCK_M,
-                "block_m" if block_m is not None else "chunk_size")
+    if block_m is not None:
+        bm = _block(block_m, DEFAULT_BLOCK_M, "block_m")
+    else:
+        # chunk_size is sized for the chunked path's memory (CPU caches): only a hint here, capped
+        # at the default tile (128-row tiles spill registers at 4 warps).
+        bm = min(DEFAULT_BLOCK_M, _block(chunk_size, DEFAULT_BLOCK_M, "chunk_size"))
     bn = _block(block_n, DEFAULT_BLOCK_N, "block_n")
+    if torch.promote_types(s_q.dtype, torch.float32) == torch.float64:
+        bm, bn = min(bm, 64), min(bn, 64)   # float64 128x128 tiles exceed an H100's shared memory
     return _TritonRelationKL.apply(t_q.detach(), t_k.detach(), s_q, s_k, mask.detach(),
                                    num_relation_heads, bm, bn)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import warnings
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
@@ -72,12 +73,37 @@ def _relation_kl_triton(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask
     return module.relation_kl_qk(t_q, t_k, s_q, s_k, mask, num_relation_heads, chunk_size)
 
 
+_TRITON_FAILED: Dict[str, str] = {}
+
+
+def _triton_wanted(s_q: Tensor) -> bool:
+    return _triton_available() and s_q.is_cuda
+
+
+def _relation_kl_auto(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
+                      num_relation_heads: int, chunk_size: Optional[int] = None) -> Tensor:
+    """Triton where it runs, else the chunked path. A kernel that fails to compile or launch on
+    this GPU (driver, Triton version, architecture) is reported once and the job goes on with the
+    chunked path; ``impl: triton`` raises instead."""
+    if not _TRITON_FAILED and _triton_wanted(s_q):
+        try:
+            return _relation_kl_triton(t_q, t_k, s_q, s_k, mask, num_relation_heads, chunk_size)
+        except (ConfigError, ToolkitError):
+            raise   # the caller's inputs are wrong: the chunked path would say the same
+        except Exception as exc:  # noqa: BLE001 - any compile/launch failure of an optional kernel
+            _TRITON_FAILED["error"] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"relation KL: the Triton kernel failed on this machine ({_TRITON_FAILED['error']}); "
+                          f"using the chunked torch path from now on (loss.impl: chunked silences this, "
+                          f"loss.impl: triton makes it an error)", RuntimeWarning, stacklevel=2)
+    return relation_kl_qk(t_q, t_k, s_q, s_k, mask, num_relation_heads, chunk_size)
+
+
 #: Registry of relation-KL implementations by name.
 RELATION_KL_IMPLS: Mapping[str, RelationKLFn] = {
     "chunked": relation_kl_qk,
     "naive": relation_kl_naive,
     "triton": _relation_kl_triton,
-    "auto": _relation_kl_triton,
+    "auto": _relation_kl_auto,
 }
 
 
