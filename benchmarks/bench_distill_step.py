@@ -861,6 +861,13 @@ def _main(args: argparse.Namespace) -> int:
     print(f"loss check (seq {check['seq']}, batch {check['batch']}, padded row, dropout off): toolkit "
           f"{check['toolkit_loss']:.6f} baseline {check['baseline_loss']:.6f} rel diff {check['rel_diff']:.1e} "
           f"-> {'OK' if check['ok'] else 'MISMATCH'}", flush=True)
+    if args.device == "cuda":
+        # The check's models and the peak's matrices stay cached by this process's allocator
+        # (GBs at BERT-large size) while every worker measures: hand them back first.
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
     results = []
     t_start = time.time()

@@ -47,3 +47,15 @@ def test_cpu_peak_memory_tracks_allocation():
     assert peak_memory_mb("cpu") >= before + 50
     del block
     assert memory_kind("cpu") == "cpu_peak_rss"
+
+
+def test_peak_memory_counts_from_the_meter_start():
+    # Set-up spikes (loading, DeepSpeed's fp32 copies) before training must not be the job's peak.
+    import numpy as np
+
+    spike = np.ones(80 * 2 ** 20 // 8)   # 80 MiB touched, then freed
+    del spike
+    before = peak_memory_mb("cpu")
+    m = Throughput("cpu")
+    after = m.summary()["peak_mem_mb"]
+    assert after <= before - 40   # VmHWM was reset to the current RSS (Linux's /proc/self/clear_refs)

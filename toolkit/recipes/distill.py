@@ -39,7 +39,7 @@ from toolkit.models.encoder import (EncoderSpec, build_encoder, count_parameters
                                     spec_from_model)
 from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
 from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
-from toolkit.utils.meter import Throughput
+from toolkit.utils.meter import Throughput, memory_kind
 from toolkit.utils.progress import ProgressBar
 
 log = get_logger(__name__)
@@ -493,7 +493,8 @@ class DistillRecipe:
             "student_params": self.student_params, "teacher_params": self.teacher_params,
             "steps": self.state["step"], "tokens": self.state["tokens"], "samples": self.state["samples"],
             "final_losses": last, "nonfinite_losses": self.state["nonfinite_total"],
-            "throughput": throughput, "host_allocator": allocator_in_use(), "train_time_s": elapsed,
+            "throughput": {**throughput, "memory_kind": memory_kind(eng.device)},
+            "host_allocator": allocator_in_use(), "train_time_s": elapsed,
             "corpus_stats": self.loader.stats,  # this rank's stream: documents, skips, truncations
         }
         if eng.is_main:

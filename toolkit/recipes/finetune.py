@@ -29,7 +29,7 @@ from toolkit.recipes.predict import predict, score_split
 from toolkit.tasks import get_task
 from toolkit.tasks.features import collate, encode_examples
 from toolkit.utils.logging import RunLogger, get_logger
-from toolkit.utils.meter import Throughput
+from toolkit.utils.meter import Throughput, memory_kind
 from toolkit.utils.progress import ProgressBar
 from toolkit.utils.seed import set_seed
 
@@ -245,7 +245,7 @@ class FinetuneRecipe:
             "history": history,
             "throughput": {"train_samples_per_s": summary.get("samples_per_s"),
                            "train_tokens_per_s": summary.get("tokens_per_s"),
-                           "peak_mem_mb": summary.get("peak_mem_mb"),
+                           "peak_mem_mb": summary.get("peak_mem_mb"), "memory_kind": memory_kind(eng.device),
                            "host_allocator": allocator_in_use()},
             "train_time_s": time.time() - t0,
         }

@@ -38,7 +38,7 @@ from toolkit.recipes.predict import predict, score_split
 from toolkit.tasks import resolve_tasks
 from toolkit.tasks.features import collate, encode_examples
 from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
-from toolkit.utils.meter import Throughput
+from toolkit.utils.meter import Throughput, memory_kind
 from toolkit.utils.progress import ProgressBar
 
 log = get_logger(__name__)
@@ -246,7 +246,8 @@ class TeacherRecipe:
         result = {"tasks": [t.name for t in self.tasks], "steps": st["step"], "best_step": st["best_step"],
                   "best_average": st["best_score"], "history": st["history"],
                   "nonfinite_losses": st["nonfinite_total"], "train_time_s": time.time() - t0,
-                  "throughput": summary, "host_allocator": allocator_in_use()}
+                  "throughput": {**summary, "memory_kind": memory_kind(eng.device)},
+                  "host_allocator": allocator_in_use()}
         if eng.is_main:
             write_json(self.out / "metrics.json", result)
         self.save_checkpoint()

@@ -86,7 +86,9 @@ class Throughput:
         self.reset()
 
     def reset(self) -> None:
-        """Forget all history and restart the clock."""
+        """Forget all history, restart the clock and the peak-memory counter (so ``peak_mem_mb``
+        covers training, not the set-up before it: model loading, DeepSpeed's fp32 copies)."""
+        reset_peak_memory(self.device)
         self._win: Deque[Tuple[float, float, int, int]] = collections.deque(maxlen=self.window)
         self._last = time.perf_counter()
         self._wait = 0.0
