@@ -10,6 +10,7 @@ in ``benchmarks/bench_optimizer.py``).
 from __future__ import annotations
 
 import collections
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -430,6 +431,25 @@ class Engine:
         for k, v in module.state_dict(keep_vars=True).items():
             out[k] = full[names[k]] if k in names else v.detach().cpu().clone()
         return out
+
+    def close(self) -> None:
+        """Release DeepSpeed's hooks and buffers and this engine's model and optimizer.
+
+        For processes that build many engines one after another (``toolkit eval``'s grid of
+        fine-tuning runs): without it each engine's ZeRO hooks, pinned buffers and optimizer
+        state can outlive it (DeepSpeed issue #5143). The engine is unusable afterwards.
+        """
+        ds = self.__dict__.pop("_ds", None)
+        if ds is None:
+            return
+        try:
+            ds.destroy()
+        except Exception as exc:  # noqa: BLE001 - best effort; the caller is done with the engine
+            log.debug("DeepSpeed engine destroy() failed: %s", exc)
+        del ds
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def load_full_state_dict(self, state: Optional[Dict[str, torch.Tensor]]) -> None:
         """Put full weights (e.g. the best checkpoint's) into the model on every rank; all ranks

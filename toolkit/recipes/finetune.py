@@ -283,6 +283,10 @@ class FinetuneRecipe:
     def cleanup(self) -> None:
         if getattr(self, "logger", None) is not None:
             self.logger.close()
+        if getattr(self, "engine", None) is not None:
+            # toolkit eval runs many of these in one process: free each engine when its run ends.
+            self.engine.close()
+            self.engine = None
 
     def run(self) -> Dict[str, Any]:
         try:
