@@ -46,6 +46,10 @@ def test_distill_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
         # student.fast_dropout (default on) swapped every student dropout module.
         kinds = {type(m).__name__ for m in rec.module.student.modules() if isinstance(m, torch.nn.Dropout)}
         assert kinds == {"FastDropout"}
+        # AdamW groups as in BERT: matrices decayed, biases and LayerNorm weights not.
+        groups = rec.engine.ds.optimizer.param_groups
+        assert [g["weight_decay"] for g in groups] == [rec.cfg.weight_decay, 0.0]
+        assert all(p.ndim == 1 for p in groups[1]["params"]) and all(p.ndim >= 2 for p in groups[0]["params"])
         res = rec.train()
     finally:
         rec.cleanup()

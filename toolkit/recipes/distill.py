@@ -25,7 +25,7 @@ from toolkit.config import arg, save_config
 from toolkit.data.corpus import CorpusConfig
 from toolkit.data.loader import build_loader
 from toolkit.engine import Engine, OptimConfig, dist, prepare_frozen
-from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl
+from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl, param_groups
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.precision import teacher_dtype
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
@@ -325,9 +325,9 @@ class DistillRecipe:
         ds = load_ds_config(resolve_ds_config(cfg.ds_config), world)
         optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, decay=cfg.decay,
                             impl=cfg.optimizer)
-        params = [p for p in module.parameters() if p.requires_grad]
-        self.engine = Engine(module, ds, optim, total_steps=cfg.max_steps, params=params,
-                             max_nonfinite=cfg.max_nonfinite)
+        # The BERT recipe's two groups: no weight decay on biases and LayerNorm weights.
+        self.engine = Engine(module, ds, optim, total_steps=cfg.max_steps,
+                             params=param_groups(module, cfg.weight_decay), max_nonfinite=cfg.max_nonfinite)
         eng = self.engine
         self.module = eng.module
         # On a CPU with native bf16 a bf16 job runs its frozen teacher in bf16 too (as on GPUs);
