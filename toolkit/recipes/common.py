@@ -181,12 +181,13 @@ def check_task_tokenizer(task: Any, examples: Sequence[Any], tokenizer: Any, mod
     return rate
 
 
-def mean_across_ranks(sums: Dict[str, float], n: int) -> Dict[str, float]:
+def mean_across_ranks(sums: Dict[str, Any], n: int) -> Dict[str, float]:
     """Average logged values over every rank's micro batches (what a one-process run logs)."""
     from toolkit.engine import dist
 
     keys = sorted(sums)
-    t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64)
+    # Values may be device tensors (accumulated without a host sync per step): read them here.
+    t = torch.tensor([float(sums[k]) for k in keys] + [float(n)], dtype=torch.float64)
     t = dist.all_reduce_sum(t)
     total = float(t[-1]) or 1.0
     return {k: float(v) / total for k, v in zip(keys, t[:-1].tolist())}

@@ -421,7 +421,7 @@ class DistillRecipe:
     def train(self) -> Dict[str, Any]:
         cfg, eng, st = self.cfg, self.engine, self.state
         meter = Throughput(eng.device)
-        sums: Dict[str, float] = {}
+        sums: Dict[str, Any] = {}
         n_sum = 0
         t0 = time.time()
         it = iter(self.loader)
@@ -435,6 +435,10 @@ class DistillRecipe:
                         log.warning("the corpus ended after %d steps (corpus.epochs=%d); stopping early",
                                     st["step"], cfg.corpus.epochs)
                         break
+                    # Counted on the host copy: on a GPU, counting the device mask would wait for
+                    # the queued work every micro step.
+                    n_samples = batch["input_ids"].shape[0] * eng.world_size
+                    n_tokens = int(batch["attention_mask"].sum()) * eng.world_size
                     batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                              if isinstance(v, torch.Tensor)}
                 if "logit_kd" in self.module.losses:
@@ -447,20 +451,20 @@ class DistillRecipe:
                 ok = eng.backward(parts["loss"])
                 st["micro_step"] += 1
                 if ok:
-                    for k, v in parts.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    for k, v in parts.items():   # device tensors: read back only when logged
+                        sums[k] = sums.get(k, 0.0) + v.detach().float()
                     n_sum += 1
                 else:
                     st["nonfinite_total"] += 1
-                n_samples = batch["input_ids"].shape[0] * eng.world_size
-                n_tokens = int(batch["attention_mask"].sum()) * eng.world_size
+                # Step times stay the device's: Engine.backward reads the loss's finiteness (one
+                # host sync per micro step), so no work is still queued when the meter ticks.
                 st["samples"] += n_samples
                 st["tokens"] += n_tokens
                 meter.step(n_samples, n_tokens)
                 if not eng.step():
                     continue
                 st["step"] = eng.global_step
-                bar.update(1, loss=float(parts["loss"].detach()) if ok else None,
+                bar.update(1, loss=parts["loss"].detach() if ok else None,   # read only when shown
                            tokens_per_s=meter.summary().get("tokens_per_s"))
                 if st["step"] % cfg.log_every == 0:
                     last = mean_across_ranks(sums, n_sum)
