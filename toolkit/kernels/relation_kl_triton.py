@@ -460,8 +460,10 @@ def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Ten
         # at the default tile (128-row tiles spill registers at 4 warps).
         bm = min(DEFAULT_BLOCK_M, _block(chunk_size, DEFAULT_BLOCK_M, "chunk_size"))
     bn = _block(block_n, DEFAULT_BLOCK_N, "block_n")
-    if torch.promote_types(s_q.dtype, torch.float32) == torch.float64:
-        bm, bn = min(bm, 64), min(bn, 64)   # float64 128x128 tiles exceed an H100's shared memory
+    if s_q.dtype in (torch.float32, torch.float64):
+        # float64 128x128 tiles exceed an H100's shared memory; fp32 ones (CUDA-core dots) spill
+        # 2.5 KB of registers per thread even at 8 warps (scripts/triton_aot_check.py).
+        bm, bn = min(bm, 64), min(bn, 64)
     return _TritonRelationKL.apply(t_q.detach(), t_k.detach(), s_q, s_k, mask.detach(),
                                    num_relation_heads, bm, bn)
 
