@@ -452,7 +452,7 @@ class DistillRecipe:
                 st["micro_step"] += 1
                 if ok:
                     for k, v in parts.items():   # device tensors: read back only when logged
-                        sums[k] = sums.get(k, 0.0) + v.detach().float()
+                        sums[k] = sums.get(k, 0.0) + v.detach().double()
                     n_sum += 1
                 else:
                     st["nonfinite_total"] += 1

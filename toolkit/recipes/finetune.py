@@ -205,17 +205,18 @@ class FinetuneRecipe:
                     batch = next(it, None)
                 if batch is None:
                     break
+                n_samples, n_tokens = batch_size_of(batch), count_tokens(batch)   # host copy: no sync
                 batch = to_device(batch, eng.device)
                 out = eng(task=self.task.name, **forward_kwargs(self.model.forward, batch))
                 if eng.backward(out.loss):
-                    running += float(out.loss.detach())
+                    running += out.loss.detach().double()   # on the device; read at log steps
                     n_loss += 1
                 stepped = eng.step()
-                meter.step(batch_size_of(batch) * eng.world_size, count_tokens(batch) * eng.world_size)
+                meter.step(n_samples * eng.world_size, n_tokens * eng.world_size)
                 if stepped:
-                    bar.update(1, loss=float(out.loss.detach()))
+                    bar.update(1, loss=out.loss.detach())
                 if stepped and eng.global_step % cfg.log_every == 0 and n_loss:
-                    self.logger.log(eng.global_step, {"loss": running / n_loss, "lr": eng.lr, **meter.summary()})
+                    self.logger.log(eng.global_step, {"loss": float(running) / n_loss, "lr": eng.lr, **meter.summary()})
                     running, n_loss = 0.0, 0
                 if stepped and cfg.eval_every and eng.global_step % cfg.eval_every == 0:
                     do_eval("step")

@@ -206,21 +206,23 @@ class TeacherRecipe:
                     draw = self.sampler.next()
                     task = self.tasks[draw["task"]]
                     batch = collate([self.train_enc[draw["task"]][i] for i in draw["indices"]])
+                    # Counted on the host copy (the device mask would cost a sync per micro step).
+                    n_samples, n_tokens = batch_size_of(batch), count_tokens(batch)
                     batch = to_device(batch, eng.device)
                 # Dropout depends only on (seed, micro step, rank): exact resume without RNG state.
                 torch.manual_seed(cfg.seed * 1_000_003 + st["micro_step"] * 1009 + eng.rank)
                 out = eng(task=task.name, **forward_kwargs(self.model.forward, batch))
                 if eng.backward(out.loss):
-                    running += float(out.loss.detach())
+                    running += out.loss.detach().double()   # on the device; read at log steps
                     n_loss += 1
                 else:
                     st["nonfinite_total"] += 1
                 st["micro_step"] += 1
-                meter.step(batch_size_of(batch) * eng.world_size, count_tokens(batch) * eng.world_size)
+                meter.step(n_samples * eng.world_size, n_tokens * eng.world_size)
                 if not eng.step():
                     continue
                 st["step"] = eng.global_step
-                bar.update(1, loss=float(out.loss.detach()), tokens_per_s=meter.summary().get("tokens_per_s"))
+                bar.update(1, loss=out.loss.detach(), tokens_per_s=meter.summary().get("tokens_per_s"))
                 if st["step"] % cfg.log_every == 0:
                     loss = mean_across_ranks({"loss": running}, n_loss)
                     self.logger.log(st["step"], {**loss, "lr": eng.lr, **meter.summary()})
