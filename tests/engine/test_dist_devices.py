@@ -46,7 +46,11 @@ def test_device_index_wraps_local_rank_onto_visible_gpus(monkeypatch, local, vis
 
 def test_ensure_env_rewrites_local_rank_for_deepspeed(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
+        # setenv first so teardown restores the variable's original state even when it was unset
+        # (delenv of an unset variable records nothing, and ensure_env's RANK=3 of 4 would leak
+        # into the next test's process group, which then waits for ranks that never come).
+        monkeypatch.setenv(var, "unset")
+        monkeypatch.delenv(var)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "3")
