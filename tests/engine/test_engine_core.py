@@ -234,7 +234,7 @@ def test_optim_config_validation():
         OptimConfig(decay="step")
     with pytest.raises(ConfigError, match="optim.lr"):
         OptimConfig(lr=0)
-    with pytest.raises(ConfigError, match="optim.impl.*adam8bit.*torch_fused"):
+    with pytest.raises(ConfigError, match="optimizer.*adam8bit.*torch_fused"):
         OptimConfig(impl="adam8bit")
 
 
@@ -262,7 +262,7 @@ def test_optimizer_impls_take_the_same_step(impl, cls_name, flag):
 
 def test_optimizer_impl_errors_say_what_to_use():
     # apex: the PyPI package of that name is unrelated; NVIDIA apex is not installable here.
-    with pytest.raises(ConfigError, match="optim.impl.*(apex.optimizers|CUDA)"):
+    with pytest.raises(ConfigError, match="optimizer.*(apex.optimizers|CUDA)"):
         build_optimizer(TinyNet(), OptimConfig(impl="apex"))
 
 

@@ -185,7 +185,8 @@ class StatefulLoader:
 
     def state_dict(self) -> Dict[str, Any]:
         """Position after the last batch handed out: ints, dicts and integer tensors (the buffered
-        token ids, uint16 for vocabularies below 65536), for ``torch.save`` (``weights_only``-loadable; ``to_plain`` gives a JSON copy).
+        token ids, uint16 for vocabularies below 65536), for ``torch.save``; it loads with
+        ``weights_only=True``, and ``to_plain`` gives a JSON copy.
 
         ``workers[w]`` is ``{"base": snapshot or None, "skip_rows": n, "stats": counters}``. Size:
         about ``2 bytes x shuffle_buffer x mean tokens`` per worker (4 for larger vocabularies).

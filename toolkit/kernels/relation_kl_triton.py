@@ -320,6 +320,18 @@ def _check(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, hea
                                f"{k.dtype}; cast both to one dtype")
 
 
+_SCALES: dict = {}
+
+
+def _scales(dt: int, ds: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[1/sqrt(dt), 1/sqrt(ds)]`` on ``device``, made once per shape: building it per launch
+    would be a blocking host-to-device copy in every forward and backward."""
+    key = (dt, ds, dtype, device)
+    if key not in _SCALES:
+        _SCALES[key] = torch.tensor([dt ** -0.5, ds ** -0.5], dtype=dtype, device=device)
+    return _SCALES[key]
+
+
 class _Launch:
     """Kernel arguments shared by the forward and both backward kernels (no state of its own)."""
 
@@ -337,7 +349,7 @@ class _Launch:
         self.scale_s = self.ds ** -0.5
         # A tensor, not Python floats: compiled Triton types float arguments as fp32, which would
         # cap float64 runs at ~1e-8.
-        self.scales = torch.tensor([self.dt ** -0.5, self.ds ** -0.5], dtype=self.acc_torch, device=s_q.device)
+        self.scales = _scales(self.dt, self.ds, self.acc_torch, s_q.device)
         # fp32/fp64 dots run on CUDA cores with 4 warps' registers spilling at 64x64 tiles, and
         # 128-row tiles spill in every dtype: 8 warps there (compiled for sm_90: no spills).
         wide = self.acc_torch == torch.float64 or s_q.dtype == torch.float32 or max(block_m, block_n) >= 128

@@ -193,9 +193,9 @@ class FinetuneRecipe:
                 # Every rank keeps the best weights below ZeRO-3 (each predicts its shard of the
                 # test set with them); under ZeRO-3 rank 0 keeps them and scatters them back.
                 state = eng.consolidated_state_dict(all_ranks=eng.zero_stage < 3)
-                best = {"score": score, "metrics": res["metrics"], "step": eng.global_step,
-                        "epoch": epoch, "state": {k: v.detach().cpu().clone() for k, v in state.items()}
-                        if state is not None else None}
+                # (already detached CPU copies: no second clone of the model)
+                best = {"score": score, "metrics": res["metrics"], "step": eng.global_step, "epoch": epoch,
+                        "state": state}
 
         bar = ProgressBar(self.total_steps, eng.is_main, desc=f"finetune {self.task.name}")
         while not done:
@@ -216,7 +216,8 @@ class FinetuneRecipe:
                 if stepped:
                     bar.update(1, loss=out.loss.detach())
                 if stepped and eng.global_step % cfg.log_every == 0 and n_loss:
-                    self.logger.log(eng.global_step, {"loss": float(running) / n_loss, "lr": eng.lr, **meter.summary()})
+                    self.logger.log(eng.global_step,
+                                    {"loss": float(running) / n_loss, "lr": eng.lr, **meter.summary()})
                     running, n_loss = 0.0, 0
                 if stepped and cfg.eval_every and eng.global_step % cfg.eval_every == 0:
                     do_eval("step")
