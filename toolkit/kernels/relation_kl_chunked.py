@@ -125,6 +125,29 @@ def _block_logits(q_blk: Tensor, k_t: Tensor, key_pad: Optional[Tensor]) -> Tens
     return logits
 
 
+def _block_kl(tq_blk: Tensor, tk_t: Tensor, sq_blk: Tensor, sk_t: Tensor, key_pad: Optional[Tensor],
+              want_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """One query block: per-row ``KL(p_t || p_s)`` ``[B, R, b]`` and, if ``want_grad``, the
+    block's ``dKL/dlogit_s = p_s - p_t`` ``[B, R, b, L]`` (zero on padded keys).
+
+    Each step is one pass over ``[B, R, b, L]`` (in place where possible). ``torch.compile``
+    of this function was measured (2026-11-25, docs/KERNELS.md): 8-14% faster blocks without
+    padding, slower with it, plus a compile at start-up; not used.
+    """
+    t_logits = _block_logits(tq_blk, tk_t, key_pad)
+    logp_t = torch.log_softmax(t_logits, dim=-1)
+    # Probabilities come from softmax, not exp(log-probabilities): torch's CPU exp takes a slow
+    # path (~8-10x) for arguments below ~-88, which every padded key and every near-zero
+    # probability produces; softmax's own exp does not (measured: docs/KERNELS.md).
+    p_t = torch.softmax(t_logits, dim=-1)
+    del t_logits
+    s_logits = _block_logits(sq_blk, sk_t, key_pad)
+    logp_s = torch.log_softmax(s_logits, dim=-1)
+    row_kl = torch.linalg.vecdot(p_t, logp_t.sub_(logp_s))    # log p_t - log p_s: 0 on padded keys
+    del logp_t, logp_s
+    return row_kl, (torch.softmax(s_logits, dim=-1).sub_(p_t) if want_grad else None)
+
+
 def validate_relation_inputs(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, heads: int,
                              who: str = "relation KL") -> None:
     """Shape checks shared by the chunked and the Triton path; ``who`` prefixes every message.
@@ -176,21 +199,16 @@ class _RelationKLFunction(torch.autograd.Function):
         sq_rows = sq_raw * row_valid if (want_k and key_pad is not None) else sq_raw
         d_sq = torch.empty_like(sq_raw) if want_q else None   # [B, R, L, ds]
         d_sk = torch.zeros_like(sk) if want_k else None
+        want_grad = d_sq is not None or d_sk is not None
         for i0 in range(0, l, block):
             i1 = min(l, i0 + block)
-            logp_t = torch.log_softmax(_block_logits(tq[:, :, i0:i1], tk_t, key_pad), dim=-1)
-            logp_s = torch.log_softmax(_block_logits(sq[:, :, i0:i1], sk_t, key_pad), dim=-1)
-            p_t = torch.exp(logp_t)
-            diff = logp_t.sub_(logp_s)                           # log p_t - log p_s (0 on padded keys)
-            row_kl[:, :, i0:i1] = torch.linalg.vecdot(p_t, diff)
-            if d_sq is not None or d_sk is not None:
-                g = logp_s.exp_().sub_(p_t)                      # p_s - p_t
+            row_kl[:, :, i0:i1], g = _block_kl(tq[:, :, i0:i1], tk_t, sq[:, :, i0:i1], sk_t, key_pad, want_grad)
+            if g is not None:                                    # p_s - p_t
                 if d_sq is not None:
                     d_sq[:, :, i0:i1] = torch.matmul(g, sk)
                 if d_sk is not None:
                     d_sk += torch.matmul(g.transpose(-1, -2), sq_rows[:, :, i0:i1])
                 del g
-            del logp_t, logp_s, p_t, diff
         if key_pad is not None:
             row_kl.masked_fill_(~valid[:, None, :], 0.0)      # padded query rows count nothing
         n_rows = valid.sum().clamp_min(1).to(cdt) * heads

@@ -43,17 +43,18 @@ def relation_kl_naive(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: 
     valid = mask.to(torch.bool)
     key_pad = ~valid[:, None, None, :]
 
-    def log_rel(q: Tensor, k: Tensor) -> Tensor:
+    def rel_logits(q: Tensor, k: Tensor) -> Tensor:
         b, l, h = q.shape
         d = h // num_relation_heads
         qr = q.to(cdt).view(b, l, num_relation_heads, d).transpose(1, 2)
         kr = k.to(cdt).view(b, l, num_relation_heads, d).transpose(1, 2)
         logits = (qr @ kr.transpose(-1, -2)) * d ** -0.5
-        return torch.log_softmax(logits.masked_fill(key_pad, torch.finfo(cdt).min), dim=-1)
+        return logits.masked_fill(key_pad, torch.finfo(cdt).min)
 
-    logp_t = log_rel(t_q.detach(), t_k.detach())
-    logp_s = log_rel(s_q, s_k)
-    terms = (logp_t.exp() * (logp_t - logp_s)).masked_fill(key_pad, 0.0)
+    t_logits = rel_logits(t_q.detach(), t_k.detach())
+    logp_t = torch.log_softmax(t_logits, dim=-1)
+    logp_s = torch.log_softmax(rel_logits(s_q, s_k), dim=-1)
+    terms = (torch.softmax(t_logits, dim=-1) * (logp_t - logp_s)).masked_fill(key_pad, 0.0)
     row_kl = terms.sum(-1).masked_fill(~valid[:, None, :], 0.0)
     return row_kl.sum() / (valid.sum().clamp_min(1) * num_relation_heads)
 
