@@ -20,7 +20,9 @@ report shows in one run:
   must add up to it, which the worker checks) over the kernel sum, against the matmul peak;
 * ``ceiling ratio``: the baseline's measured step time over the kernel sum, i.e. the largest
   tokens/s ratio against this baseline that these kernels allow. Where it is below a target
-  ratio, the target cannot be met on this machine without faster kernels.
+  ratio, the target cannot be met on this machine without faster kernels;
+* ``GEMM bound``: the same ratio if every FLOP ran at the rate the linear layers reach (large
+  GEMMs), i.e. with attention and relation kernels as efficient as a large matmul.
 
 Timings only; nothing is asserted about them in the tests. Usage::
 
@@ -139,6 +141,12 @@ def measure_components(step: ToolkitStep, batch: int, seq: int, relation_heads: 
     return rows
 
 
+def _time_step(impl: Any, data: Dict[str, torch.Tensor], args: argparse.Namespace, device: torch.device) -> float:
+    """Median seconds of one whole optimizer step of ``impl`` (a bench_distill_step step)."""
+    phases: Dict[str, float] = {}
+    return time_median(lambda: impl.step(data, phases), args.steps, args.warmup, device)
+
+
 def run_worker(seq: int, batch: int, args: argparse.Namespace) -> Dict[str, Any]:
     """Components, then the toolkit step, then the baseline step, all in this process."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -154,11 +162,9 @@ def run_worker(seq: int, batch: int, args: argparse.Namespace) -> Dict[str, Any]
         raise ToolkitError(f"the components' FLOPs ({comp_flops:.6e}) differ from the step's FLOP count "
                            f"({flops:.6e}): the component list and _common.step_flops disagree")
     data = {k: v.to(device) for k, v in make_batch(models, batch, seq).items()}
-    phases: Dict[str, float] = {}
-    steps = {"toolkit": time_median(lambda: tk.step(data, phases), args.steps, args.warmup, device)}
-    del tk
-    bl = BaselineStep(models, device=args.device, dtype=args.dtype)
-    steps["baseline"] = time_median(lambda: bl.step(data, phases), args.steps, args.warmup, device)
+    steps = {"toolkit": _time_step(tk, data, args, device)}
+    del tk   # the toolkit's models go before the baseline's are built
+    steps["baseline"] = _time_step(BaselineStep(models, device=args.device, dtype=args.dtype), data, args, device)
     return {"seq": seq, "batch": batch, "threads": torch.get_num_threads(), "allocator": allocator_in_use(),
             "matmul_peak": peak.as_dict(), "components": comps, "flops_per_step": flops,
             "kernel_sum_s": sum(c["s"] for c in comps), "toolkit_step_s": steps["toolkit"],
@@ -168,8 +174,13 @@ def run_worker(seq: int, batch: int, args: argparse.Namespace) -> Dict[str, Any]
 def summarize(r: Dict[str, Any], peak_flops: float) -> Dict[str, Any]:
     """MFU of the measured steps and of the kernel sum; speed-up measured and at the ceiling."""
     f, ks, tk, bl = r["flops_per_step"], r["kernel_sum_s"], r["toolkit_step_s"], r["baseline_step_s"]
+    lin = [c for c in r["components"] if " linear " in c["component"]]
+    # All of the step's FLOPs at the linear layers' own rate: attention and relation kernels as
+    # efficient as large GEMMs, and nothing else costing anything.
+    gemm_rate = sum(c["flops"] for c in lin) / sum(c["s"] for c in lin)
     return {"toolkit_mfu": f / tk / peak_flops, "ceiling_mfu": f / ks / peak_flops, "baseline_mfu": f / bl / peak_flops,
-            "overhead_s": tk - ks, "measured_ratio": bl / tk, "ceiling_ratio": bl / ks}
+            "overhead_s": tk - ks, "measured_ratio": bl / tk, "ceiling_ratio": bl / ks,
+            "gemm_rate_gflops": gemm_rate / 1e9, "gemm_bound_ratio": bl / (f / gemm_rate)}
 
 
 def spawn(seq: int, batch: int, args: argparse.Namespace) -> Dict[str, Any]:
@@ -209,7 +220,8 @@ def render(r: Dict[str, Any], peak_flops: float) -> str:
             f"- ceiling MFU (kernel sum only): {100 * s['ceiling_mfu']:.1f}%\n"
             f"- baseline step {1e3 * r['baseline_step_s']:.0f} ms (MFU {100 * s['baseline_mfu']:.1f}%): "
             f"toolkit/baseline tokens/s measured {s['measured_ratio']:.2f}x, at most {s['ceiling_ratio']:.2f}x "
-            f"with these kernels")
+            f"with these kernels, {s['gemm_bound_ratio']:.2f}x if all of it ran at the linear layers' "
+            f"{s['gemm_rate_gflops']:.0f} GFLOP/s")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -202,3 +202,24 @@ def test_gpu_smoke_bf16_table(tmp_path):
         assert r["memory_kind"] == "cuda_allocated" and r["peak_growth_mib"] > 0 and r["loss_finite"]
     assert data["results"][0]["relation_kl_kernel"] == "triton"   # the recipe's GPU path, not the CPU one
     assert [t["target"].split(":")[1].strip() for t in data["targets"]] == ["MFU >= 45% of the bf16 matmul peak"]
+
+
+def test_ceiling_bench_components_add_up_to_the_step(tmp_path):
+    # The worker itself raises if the components' FLOPs differ from _common.step_flops.
+    out = tmp_path / "ceiling.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ceiling.py"), "--smoke", "--threads", "1",
+                           "--steps", "1", "--warmup", "1", "--reps", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    assert "| component | calls | GFLOP | ms | GFLOP/s | % of peak |" in proc.stdout
+    (r,) = json.loads(out.read_text())["results"]
+    names = [c["component"] for c in r["components"]]
+    assert any("teacher linear" in n for n in names) and any("weight grad" in n for n in names)
+    assert any("relation KL" in n for n in names) and any("student attention" in n for n in names)
+    assert abs(sum(c["flops"] for c in r["components"]) - r["flops_per_step"]) <= 1e-9 * r["flops_per_step"]
+    s = r["summary"]
+    assert s["ceiling_mfu"] > s["toolkit_mfu"] > 0          # the kernel sum is part of the step
+    assert s["gemm_bound_ratio"] > 0 and s["ceiling_ratio"] > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ceiling.py"), "--allocator", "hoard"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "--allocator" in bad.stderr
