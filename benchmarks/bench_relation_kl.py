@@ -53,12 +53,19 @@ def parse_shapes(text: str) -> List[Tuple[int, int]]:
 
 
 def time_loss(fn: Callable[..., Tensor], batch: int, seq: int, reps: int,
-              chunk_size: Optional[int]) -> Dict[str, object]:
-    """Median forward and backward ms of three relations; loss and gradients of the last call."""
+              chunk_size: Optional[int], pad_frac: float = 0.0) -> Dict[str, object]:
+    """Median forward and backward ms of three relations; loss and gradients of the last call.
+
+    ``pad_frac``: every other row has its last ``pad_frac * seq`` positions padded (a corpus
+    that is not packed, or an evaluation batch); 0 is the packed corpus.
+    """
     g = torch.Generator().manual_seed(0)
     teacher = [torch.randn(batch, seq, HIDDEN, generator=g) for _ in range(3)]
     student = [torch.randn(batch, seq, HIDDEN, generator=g).requires_grad_(True) for _ in range(3)]
     mask = torch.ones(batch, seq, dtype=torch.long)
+    n_pad = int(pad_frac * seq)
+    if n_pad:
+        mask[1::2, seq - n_pad:] = 0
     fwd, bwd = [], []
     for i in range(reps + 1):
         for s in student:
@@ -80,6 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--shapes", default="32x128,8x128,4x512,8x512", help="BATCHxSEQ list")
     ap.add_argument("--impls", default="chunked,naive", help="chunked and/or naive")
     ap.add_argument("--chunk-size", type=int, default=None, help="chunked query block (default: auto)")
+    ap.add_argument("--pad-frac", type=float, default=0.0,
+                    help="pad this fraction of every other row (0: packed, no padding)")
     ap.add_argument("--reps", type=int, default=5, help="timed calls per shape (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     args = ap.parse_args(argv)
@@ -91,19 +100,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError("--impls", f"choose from chunked, naive; got {args.impls!r}")
         if args.reps < 1:
             raise ConfigError("--reps", f"must be >= 1, got {args.reps}")
+        if not 0.0 <= args.pad_frac < 1.0:
+            raise ConfigError("--pad-frac", f"must be in [0, 1), got {args.pad_frac}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     fns = {"chunked": relation_kl_qk, "naive": relation_kl_naive}
     print(f"toolkit from {toolkit.__file__}; torch {torch.__version__}, {args.threads} threads; "
-          f"3 relations, hidden {HIDDEN}, {HEADS} relation heads, fp32, no padding\n")
+          f"3 relations, hidden {HIDDEN}, {HEADS} relation heads, fp32, "
+          + (f"every other row {100 * args.pad_frac:.0f}% padded\n" if args.pad_frac else "no padding\n"))
     print("| batch x seq | impl | forward ms | backward ms | total ms | max rel. diff to the first impl |")
     print("|---|---|---|---|---|---|")
     for batch, seq in shapes:
         first = None
         for impl in impls:
-            r = time_loss(fns[impl], batch, seq, args.reps, args.chunk_size)
+            r = time_loss(fns[impl], batch, seq, args.reps, args.chunk_size, args.pad_frac)
             if first is None:
                 first, diff = r, "-"
             else:
