@@ -104,6 +104,20 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_calls(fn: Any, device: Any, reps: int, warmup: int) -> List[float]:
+    """Seconds of each of ``reps`` calls of ``fn()`` after ``warmup`` untimed ones (GPU synchronized)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def measure_matmul_peak(n: int = 2048, reps: int = 7, warmup: int = 2, dtype: str = "fp32",
                         device: Any = "cpu") -> MatmulPeak:
     """Time ``a @ b`` for two ``[n, n]`` matrices (``2 n^3`` FLOPs each) of ``dtype`` on ``device``."""

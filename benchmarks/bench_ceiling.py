@@ -38,7 +38,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import (DTYPES, machine_info, markdown_table, measure_matmul_peak, parse_int_list,
-                     relation_loss_flops, step_flops, sync)
+                     relation_loss_flops, step_flops, time_calls)
 from bench_distill_step import (MODEL_PRESETS, RELATIONS, BaselineStep, ToolkitStep, _shape, allocator_env,
                                 bench_models, make_batch, parse_batches, peak_size)
 from toolkit.errors import ConfigError, ToolkitError
@@ -58,16 +57,7 @@ RESULT_PREFIX = "CEILING_RESULT "
 
 def time_median(fn: Callable[[], Any], reps: int, warmup: int, device: Any) -> float:
     """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs (GPU synchronized)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, device, reps, warmup))
 
 
 def linear_counts(layers: int, hidden: int, inter: int) -> Dict[tuple, int]:

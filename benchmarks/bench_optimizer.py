@@ -30,13 +30,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, markdown_table, sync  # noqa: E402
+from benchmarks._common import machine_info, markdown_table, time_calls  # noqa: E402
 from toolkit.engine.engine import param_groups  # noqa: E402
 from toolkit.errors import ConfigError  # noqa: E402
 from toolkit.models.encoder import EncoderSpec, build_encoder  # noqa: E402
@@ -108,19 +108,6 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
                if torch.is_tensor(v))
 
 
-def time_steps(step: Callable[[], Any], device: torch.device, steps: int, warmup: int) -> List[float]:
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def run_model(model: str, impls: Sequence[str], device: torch.device, steps: int, warmup: int) -> List[Dict[str, Any]]:
     base = make_params(model, device)
     n_params = sum(p.numel() for g in base for p in g["params"])
@@ -131,7 +118,7 @@ def run_model(model: str, impls: Sequence[str], device: torch.device, steps: int
         t0 = time.perf_counter()
         opt = build(impl, groups, device)
         build_s = time.perf_counter() - t0    # DeepSpeed ops: compile on first use, else load from the cache
-        times = time_steps(opt.step, device, steps, warmup)
+        times = time_calls(opt.step, device, steps, warmup)
         params = [p.detach() for g in groups for p in g["params"]]
         if impl == "torch_loop":
             reference = params
