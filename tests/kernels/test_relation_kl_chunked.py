@@ -242,3 +242,44 @@ def test_fp16_student_gradient_survives_loss_scaling():
     g = y.grad.float() / scale
     assert (g == 0).float().mean().item() < 1e-3
     assert ((g - x.grad).norm() / x.grad.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("budget, want_batch_block", [(1, 1), (None, 5)])
+def test_batch_sliced_blocks_match_reference_with_padding(budget, want_batch_block):
+    """CPU blocks slice the batch (plan_blocks): with a tiny budget every sample is its own
+    block (5 slices, padded rows in some); values and both gradients of a cross relation must
+    not change, the mean still over the real rows of the whole batch."""
+    from toolkit.kernels.relation_kl_chunked import plan_blocks
+
+    assert plan_blocks(5, 2, 7, on_cpu=True, chunk_size=3, budget_bytes=budget)[0] == want_batch_block
+    g = torch.Generator().manual_seed(11)
+    tq, tk = (torch.randn(5, 7, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    sq0, sk0 = (torch.randn(5, 7, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = _ragged_mask([7, 3, 7, 1, 5], 7)
+    sq, sk = sq0.clone().requires_grad_(True), sk0.clone().requires_grad_(True)
+    relation_kl_qk(tq, tk, sq, sk, mask, 2, chunk_size=3, budget_bytes=budget).backward()
+    rq, rk = sq0.clone().requires_grad_(True), sk0.clone().requires_grad_(True)
+    ref = relation_kl_naive(tq, tk, rq, rk, mask, 2)
+    ref.backward()
+    got = relation_kl_qk(tq, tk, sq0, sk0, mask, 2, chunk_size=3, budget_bytes=budget)
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sq.grad, rq.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(sk.grad, rk.grad, rtol=1e-10, atol=1e-14)
+    # A self relation through the public entry point, auto rows, one sample per block.
+    t, s = _inputs(b=5, l=9)
+    m = _ragged_mask([9, 2, 9, 6, 4], 9)
+    torch.testing.assert_close(relation_kl(t, s, m, 4, budget_bytes=1).double(),
+                               relation_kl_reference(t, s, m, 4), rtol=1e-5, atol=0)
+
+
+def test_plan_blocks_cpu_and_accelerator():
+    from toolkit.kernels.relation_kl_chunked import plan_blocks
+
+    # CPU: 32-128 rows, the batch sliced to fit the 24 MiB budget (the benchmark's shapes).
+    assert plan_blocks(16, 12, 512, on_cpu=True) == (1, 128)
+    assert plan_blocks(32, 12, 128, on_cpu=True) == (5, 128)
+    assert plan_blocks(2, 4, 16, on_cpu=True) == (2, 16)
+    # Accelerators: the whole batch, rows from the 256 MiB budget.
+    assert plan_blocks(16, 12, 512, on_cpu=False) == (16, auto_chunk_size(16, 12, 512))
+    with pytest.raises(ConfigError, match="chunk_size"):
+        plan_blocks(2, 4, 16, on_cpu=True, chunk_size=0)

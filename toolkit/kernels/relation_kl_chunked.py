@@ -40,6 +40,9 @@ DEFAULT_BLOCK_BUDGET_BYTES = 256 * 1024 * 1024
 CPU_BLOCK_BUDGET_BYTES = 24 * 1024 * 1024
 #: Smallest query block on CPUs: thinner blocks leave the logits matmuls far from peak.
 CPU_MIN_BLOCK_ROWS = 32
+#: Largest query block on CPUs; the batch is sliced instead (docs/KERNELS.md: 1 sample x 128
+#: rows at seq 512 ran the loss 10-28% faster than all samples x 32 rows).
+CPU_MAX_BLOCK_ROWS = 128
 # Live [B, R, block, L] fp32 temporaries inside one block of the forward, with headroom (the
 # logits, both log-probabilities, p_t, and matmul workspace).
 _LIVE_BLOCK_TENSORS = 6
@@ -71,6 +74,33 @@ def auto_chunk_size(batch: int, heads: int, seq_len: int,
     """Largest query block whose ``[B, R, block, L]`` fp32 temporaries fit in ``budget_bytes``."""
     per_row = max(1, batch * heads * seq_len * 4 * _LIVE_BLOCK_TENSORS)
     return int(max(1, min(seq_len, budget_bytes // per_row)))
+
+
+def plan_blocks(batch: int, heads: int, seq_len: int, on_cpu: bool, chunk_size: Optional[int] = None,
+                budget_bytes: Optional[int] = None) -> Tuple[int, int]:
+    """``(batch_block, rows)``: samples and query rows per block of the chunked loss.
+
+    Accelerators (256 MiB default budget): every sample in each block, rows from the budget
+    (:func:`auto_chunk_size`). CPUs (24 MiB): blocks that stay near the caches, with 32-128
+    rows, and the batch sliced so the block's ``[b, R, rows, L]`` temporaries fit the budget:
+    wide enough for the matmuls, small enough that the softmax/KL passes hit cache. An explicit
+    ``chunk_size`` sets the rows (the batch is still sliced on CPUs).
+    """
+    if budget_bytes is None:
+        budget_bytes = CPU_BLOCK_BUDGET_BYTES if on_cpu else DEFAULT_BLOCK_BUDGET_BYTES
+    seq_len = max(seq_len, 1)
+    if chunk_size is not None:
+        if not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1):
+            raise ConfigError("chunk_size", f"must be a positive integer or null (auto), got {chunk_size!r}")
+        rows = min(chunk_size, seq_len)
+    elif on_cpu:
+        rows = min(seq_len, CPU_MAX_BLOCK_ROWS, max(CPU_MIN_BLOCK_ROWS, auto_chunk_size(1, heads, seq_len, budget_bytes)))
+    else:
+        rows = auto_chunk_size(batch, heads, seq_len, budget_bytes)
+    if not on_cpu:
+        return batch, rows
+    per_sample = heads * rows * seq_len * 4 * _LIVE_BLOCK_TENSORS
+    return int(min(batch, max(1, budget_bytes // per_sample))), rows
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -187,7 +217,7 @@ class _RelationKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
-                heads: int, block: int, want_q: bool, want_k: bool) -> Tensor:
+                heads: int, block: int, batch_block: int, want_q: bool, want_k: bool) -> Tensor:
         cdt = _compute_dtype(s_q.dtype)
         tq, tk_t, sq_raw, sq, sk, valid, key_pad = _prepare(t_q, t_k, s_q, s_k, mask, heads, cdt)
         sk_t = sk.transpose(-1, -2)
@@ -200,15 +230,19 @@ class _RelationKLFunction(torch.autograd.Function):
         d_sq = torch.empty_like(sq_raw) if want_q else None   # [B, R, L, ds]
         d_sk = torch.zeros_like(sk) if want_k else None
         want_grad = d_sq is not None or d_sk is not None
-        for i0 in range(0, l, block):
-            i1 = min(l, i0 + block)
-            row_kl[:, :, i0:i1], g = _block_kl(tq[:, :, i0:i1], tk_t, sq[:, :, i0:i1], sk_t, key_pad, want_grad)
-            if g is not None:                                    # p_s - p_t
-                if d_sq is not None:
-                    d_sq[:, :, i0:i1] = torch.matmul(g, sk)
-                if d_sk is not None:
-                    d_sk += torch.matmul(g.transpose(-1, -2), sq_rows[:, :, i0:i1])
-                del g
+        for b0 in range(0, b, batch_block):
+            bs = slice(b0, min(b, b0 + batch_block))
+            pad_b = None if key_pad is None else key_pad[bs]
+            tk_tb, sk_b, sk_tb = tk_t[bs], sk[bs], sk_t[bs]
+            for i0 in range(0, l, block):
+                rows = slice(i0, min(l, i0 + block))
+                row_kl[bs, :, rows], g = _block_kl(tq[bs, :, rows], tk_tb, sq[bs, :, rows], sk_tb, pad_b, want_grad)
+                if g is not None:                                # p_s - p_t
+                    if d_sq is not None:
+                        d_sq[bs, :, rows] = torch.matmul(g, sk_b)
+                    if d_sk is not None:
+                        d_sk[bs] += torch.matmul(g.transpose(-1, -2), sq_rows[bs, :, rows])
+                    del g
         if key_pad is not None:
             row_kl.masked_fill_(~valid[:, None, :], 0.0)      # padded query rows count nothing
         n_rows = valid.sum().clamp_min(1).to(cdt) * heads
@@ -235,7 +269,7 @@ class _RelationKLFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
         saved = iter(ctx.saved_tensors)
         grads = [(next(saved) * grad_out).to(dt) if has else None for has, dt in zip(ctx.have, ctx.dtypes)]
-        return (None, None, grads[0], grads[1]) + (None,) * 5
+        return (None, None, grads[0], grads[1]) + (None,) * 6
 
 
 def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
@@ -260,26 +294,14 @@ def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Ten
     """
     validate_relation_inputs(t_q, t_k, s_q, s_k, mask, num_relation_heads)
     b, l, _ = s_q.shape
-    on_cpu = s_q.device.type == "cpu"
-    if budget_bytes is None:
-        budget_bytes = CPU_BLOCK_BUDGET_BYTES if on_cpu else DEFAULT_BLOCK_BUDGET_BYTES
-    if chunk_size is None:
-        block = auto_chunk_size(b, num_relation_heads, l, budget_bytes)
-        if on_cpu:
-            # Below ~32 rows the per-block matmuls are too thin to run near the CPU's peak
-            # (measured on the distillation benchmark's shapes, seq 128 and 512).
-            block = min(max(l, 1), max(block, CPU_MIN_BLOCK_ROWS))
-    elif isinstance(chunk_size, int) and chunk_size >= 1:
-        block = min(chunk_size, max(l, 1))
-    else:
-        raise ConfigError("chunk_size", f"must be a positive integer or null (auto), got {chunk_size!r}")
+    batch_block, block = plan_blocks(b, num_relation_heads, l, s_q.device.type == "cpu", chunk_size, budget_bytes)
     # One detached teacher tensor for a self relation, so the kernel splits its heads once.
     t_q_d = t_q.detach()
     t_k_d = t_q_d if t_k is t_q else t_k.detach()
     # The gradient is computed in the forward (see _RelationKLFunction), so only when one will
     # be asked for: grad mode on and a student side that requires it.
     grad_on = torch.is_grad_enabled()
-    return _RelationKLFunction.apply(t_q_d, t_k_d, s_q, s_k, mask.detach(), num_relation_heads, block,
+    return _RelationKLFunction.apply(t_q_d, t_k_d, s_q, s_k, mask.detach(), num_relation_heads, block, batch_block,
                                      grad_on and s_q.requires_grad, grad_on and s_k.requires_grad)
 
 
