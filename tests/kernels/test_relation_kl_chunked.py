@@ -275,8 +275,8 @@ def test_batch_sliced_blocks_match_reference_with_padding(budget, want_batch_blo
 def test_plan_blocks_cpu_and_accelerator():
     from toolkit.kernels.relation_kl_chunked import plan_blocks
 
-    # CPU: 32-128 rows, the batch sliced to fit the 24 MiB budget (the benchmark's shapes).
-    assert plan_blocks(16, 12, 512, on_cpu=True) == (1, 128)
+    # CPU: 32-256 rows, the batch sliced to fit the 24 MiB budget (the benchmark's shapes).
+    assert plan_blocks(16, 12, 512, on_cpu=True) == (1, 170)
     assert plan_blocks(32, 12, 128, on_cpu=True) == (5, 128)
     assert plan_blocks(2, 4, 16, on_cpu=True) == (2, 16)
     # Accelerators: the whole batch, rows from the 256 MiB budget.

@@ -40,9 +40,9 @@ DEFAULT_BLOCK_BUDGET_BYTES = 256 * 1024 * 1024
 CPU_BLOCK_BUDGET_BYTES = 24 * 1024 * 1024
 #: Smallest query block on CPUs: thinner blocks leave the logits matmuls far from peak.
 CPU_MIN_BLOCK_ROWS = 32
-#: Largest query block on CPUs; the batch is sliced instead (docs/KERNELS.md: 1 sample x 128
-#: rows at seq 512 ran the loss 10-28% faster than all samples x 32 rows).
-CPU_MAX_BLOCK_ROWS = 128
+#: Largest query block on CPUs; the batch is sliced instead (docs/KERNELS.md: 1 sample x
+#: 128-170 rows at seq 512 ran the loss 12-35% faster than all samples x 32 rows).
+CPU_MAX_BLOCK_ROWS = 256
 # Live [B, R, block, L] fp32 temporaries inside one block of the forward, with headroom (the
 # logits, both log-probabilities, p_t, and matmul workspace).
 _LIVE_BLOCK_TENSORS = 6
@@ -81,7 +81,7 @@ def plan_blocks(batch: int, heads: int, seq_len: int, on_cpu: bool, chunk_size: 
     """``(batch_block, rows)``: samples and query rows per block of the chunked loss.
 
     Accelerators (256 MiB default budget): every sample in each block, rows from the budget
-    (:func:`auto_chunk_size`). CPUs (24 MiB): blocks that stay near the caches, with 32-128
+    (:func:`auto_chunk_size`). CPUs (24 MiB): blocks that stay near the caches, with 32-256
     rows, and the batch sliced so the block's ``[b, R, rows, L]`` temporaries fit the budget:
     wide enough for the matmuls, small enough that the softmax/KL passes hit cache. An explicit
     ``chunk_size`` sets the rows (the batch is still sliced on CPUs).
