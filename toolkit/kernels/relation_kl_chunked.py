@@ -94,7 +94,8 @@ def plan_blocks(batch: int, heads: int, seq_len: int, on_cpu: bool, chunk_size: 
             raise ConfigError("chunk_size", f"must be a positive integer or null (auto), got {chunk_size!r}")
         rows = min(chunk_size, seq_len)
     elif on_cpu:
-        rows = min(seq_len, CPU_MAX_BLOCK_ROWS, max(CPU_MIN_BLOCK_ROWS, auto_chunk_size(1, heads, seq_len, budget_bytes)))
+        rows = auto_chunk_size(1, heads, seq_len, budget_bytes)     # one sample's rows in the budget
+        rows = min(seq_len, CPU_MAX_BLOCK_ROWS, max(CPU_MIN_BLOCK_ROWS, rows))
     else:
         rows = auto_chunk_size(batch, heads, seq_len, budget_bytes)
     if not on_cpu:
