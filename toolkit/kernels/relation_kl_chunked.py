@@ -7,14 +7,15 @@ relation heads ``[B, R, L, d]`` (``d = H / R``; teacher and student ``d`` may di
 the whole batch.
 
 A naive implementation keeps several ``[B, R, L, L]`` tensors alive for the backward, which
-dominates memory at long sequence lengths. Here query rows are processed in blocks: a block
-needs only ``[B, R, block, L]`` temporaries and nothing of size ``L x L`` outlives it. Because
+dominates memory at long sequence lengths. Here query rows are processed in blocks (on CPUs
+also slices of the batch, :func:`plan_blocks`): a block needs only ``[b, R, block, L]``
+temporaries and nothing of size ``L x L`` outlives it. Because
 the loss is a terminal scalar, the forward also computes the student gradient block by block
 while the block's probabilities are at hand (when a gradient will be asked for), and the
 backward only scales that ``[B, L, Hs]`` tensor: no block is recomputed. Extra memory is
-``O(B*R*block*L + B*L*H)``, linear in ``L``. Each block is a few fused passes
-(``log_softmax`` / ``softmax``, one subtraction, one ``exp``, a row dot product); masking
-passes run only when the batch has padding.
+``O(b*R*block*L + B*L*H)``, linear in ``L``. Each block is a few fused passes
+(``log_softmax`` / ``softmax``, one subtraction, a row dot product); masking passes run only
+when the batch has padding.
 
 The gradient is analytic: for a row, ``dKL/dlogit_s = p_s - p_t`` (zero on padded keys), and
 because ``logit_ij = x_i . x_j / sqrt(d)`` uses the student tensor on both the query and the
