@@ -70,3 +70,13 @@ def test_config_errors():
 def test_registry_names():
     assert LOSSES["minilm_v2"] is MiniLMv2RelationLoss
     assert {"minilm_v1", "tinybert", "logit_kd"} <= set(LOSSES)
+
+
+def test_describe_relation_kl_names_the_code_and_cpu_blocks():
+    from toolkit.losses.relations import describe_relation_kl
+
+    cpu = torch.device("cpu")
+    assert describe_relation_kl("auto", cpu, 16, 12, 512) == "chunked (blocks of 1 sample x 170 query rows)"
+    assert describe_relation_kl("chunked", cpu, 32, 12, 128) == "chunked (blocks of 5 samples x 128 query rows)"
+    assert describe_relation_kl("auto", cpu, 2, 4, 16, chunk_size=8) == "chunked (blocks of 2 samples x 8 query rows)"
+    assert describe_relation_kl("naive", cpu, 2, 4, 16).startswith("naive")

@@ -62,6 +62,9 @@ def test_distill_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
     assert (out / "student" / "tokenizer.json").is_file() or (out / "student" / "vocab.txt").is_file()
     losses = _losses(out)
     assert all(v == v and v >= 0 for v in losses.values())  # finite, non-negative KL
+    # The job log says which relation-KL code runs, with its CPU blocking.
+    log_text = "\n".join(p.read_text() for p in (out / "logs").glob("rank*.log"))
+    assert "relation KL chunked (blocks of" in log_text
 
 
 def test_distill_resume_matches_uninterrupted(tiny_bert4_dir, fixture_corpus, tmp_path):

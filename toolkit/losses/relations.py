@@ -108,6 +108,20 @@ RELATION_KL_IMPLS: Mapping[str, RelationKLFn] = {
 }
 
 
+def describe_relation_kl(impl: str, device: torch.device, batch: int, heads: int, seq_len: int,
+                         chunk_size: Optional[int] = None) -> str:
+    """What ``impl`` will run for ``[batch, seq_len]`` inputs on ``device``, for the job log:
+    ``"triton"``, or ``"chunked (blocks of b samples x r rows)"``."""
+    from toolkit.kernels.relation_kl_chunked import plan_blocks
+
+    if impl in ("auto", "triton") and not _TRITON_FAILED and device.type == "cuda" and _triton_available():
+        return "triton"
+    if impl == "naive":
+        return "naive (materializes [B, R, L, L])"
+    samples, rows = plan_blocks(batch, heads, seq_len, device.type == "cpu", chunk_size)
+    return f"chunked (blocks of {samples} sample{'s' if samples > 1 else ''} x {rows} query rows)"
+
+
 def validate_relations(relations: Sequence[str]) -> tuple:
     """Normalize relation names (``"qq"``, ``"KK"``, ``"q-k"`` ...) or raise ConfigError('relations')."""
     if isinstance(relations, str):

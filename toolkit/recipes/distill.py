@@ -32,6 +32,7 @@ from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 from toolkit.errors import ConfigError, DataError
 from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.losses import LogitKDLoss, MiniLMv1Loss, MiniLMv2RelationLoss, TinyBERTLoss
+from toolkit.losses.relations import describe_relation_kl
 from toolkit.models.capture import (CheckpointLayers, ProjectionsOnly, QKVCapture, default_teacher_layer, resolve_layer,
                                     truncate_encoder)
 from toolkit.models.dropout import use_fast_dropout
@@ -363,6 +364,10 @@ class DistillRecipe:
                  self.teacher_full_layers, self.teacher_layer, self.teacher.dtype if hasattr(self.teacher, "dtype")
                  else "", student.config.num_hidden_layers, student.config.hidden_size, self.student_params / 1e6,
                  rel_heads, eng.train_batch_size, cfg.corpus.seq_length, eng.compute_dtype)
+        if "minilmv2" in weights:
+            log.info("distill: relation KL %s", describe_relation_kl(cfg.loss.impl, self.device, eng.micro_batch_size,
+                                                                      rel_heads, cfg.corpus.seq_length,
+                                                                      cfg.loss.chunk_size or None))
 
     def _mlm_heads(self, student: nn.Module):
         from transformers import AutoModelForMaskedLM
