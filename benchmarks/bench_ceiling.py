@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from _common import (DTYPES, machine_info, markdown_table, measure_matmul_peak, parse_int_list,
                      relation_loss_flops, step_flops, time_calls)
 from bench_distill_step import (MODEL_PRESETS, RELATIONS, BaselineStep, ToolkitStep, _shape, allocator_env,
-                                bench_models, make_batch, parse_batches, peak_size)
+                                bench_models, check_device, make_batch, parse_batches, peak_size)
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.launch import allocator
 from toolkit.launch.allocator import in_use as allocator_in_use
@@ -251,8 +251,7 @@ def _main(args: argparse.Namespace) -> int:
         raise ConfigError("--warmup", "must be >= 0")
     if args.allocator not in ("system", "tcmalloc", "jemalloc"):
         raise ConfigError("--allocator", f"unknown allocator {args.allocator!r}; choose system, tcmalloc or jemalloc")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", "cuda was asked for but torch sees no GPU; run on a GPU host or use --device cpu")
+    check_device(argparse.Namespace(**vars(args), profile=False))   # no GPU, or emulated bf16 on this CPU
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -265,7 +264,10 @@ def _main(args: argparse.Namespace) -> int:
     allocator.resolve(args.allocator)   # a missing library fails here, with how to install it
     batches = parse_batches(args.batches, seqs, args.smoke)
     info = machine_info(args.threads)
-    print(f"# distillation step ceiling\n\nmachine: {info['cpu']}, {args.threads} threads, torch {info['torch']}, "
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    where = info.get("gpu", info["cpu"])
+    print(f"# distillation step ceiling\n\nmachine: {where}, {args.threads} threads, torch {info['torch']}, "
           f"{info['date']}, loadavg {info['loadavg']}; {args.dtype} on {args.device}, models {args.models}\n")
     results = [spawn(seq, b, args) for seq in seqs for b in batches[seq]]
     ok = [r for r in results if "error" not in r]

@@ -223,3 +223,22 @@ def test_ceiling_bench_components_add_up_to_the_step(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ceiling.py"), "--allocator", "hoard"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--allocator" in bad.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_ceiling_bench_bf16(tmp_path):
+    # The ceiling on a GPU: bf16 kernels, the Triton relation KL (impl auto), CUDA timing.
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu marker was selected on a host where torch sees no GPU")
+    out = tmp_path / "ceiling.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ceiling.py"), "--smoke", "--device", "cuda",
+                           "--dtype", "bf16", "--models", "bert-large", "--steps", "2", "--warmup", "1", "--reps", "2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    data = json.loads(out.read_text())
+    assert data["machine"]["gpu"]
+    (r,) = data["results"]
+    assert r["matmul_peak"]["device"] == "cuda" and r["matmul_peak"]["dtype"] == "bf16"
+    assert r["summary"]["ceiling_mfu"] > 0
