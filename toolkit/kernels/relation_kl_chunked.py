@@ -44,8 +44,8 @@ CPU_MIN_BLOCK_ROWS = 32
 #: Largest query block on CPUs; the batch is sliced instead (docs/KERNELS.md: 1 sample x
 #: 128-170 rows at seq 512 ran the loss 12-35% faster than all samples x 32 rows).
 CPU_MAX_BLOCK_ROWS = 256
-# Live [B, R, block, L] fp32 temporaries inside one block of the forward, with headroom (the
-# logits, both log-probabilities, p_t, and matmul workspace).
+# Live [b, R, block, L] fp32 temporaries inside one block of the forward, with headroom (at
+# most four at once: p_t, both log-probabilities and the student logits; matmul workspace).
 _LIVE_BLOCK_TENSORS = 6
 
 
