@@ -10,6 +10,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,28 @@ def step_flops(teacher: EncoderShape, student: EncoderShape, batch: int, seq: in
     """
     return (encoder_forward_flops(teacher, batch, seq) + 3.0 * encoder_forward_flops(student, batch, seq)
             + relation_loss_flops(batch, seq, teacher.hidden, student.hidden, relations))
+
+
+def cli_main(parser: Any, body: Any, argv: Any = None) -> int:
+    """Parse ``argv`` and run ``body(args)``; a ToolkitError (bad option, missing library) is one
+    ``error: ...`` line on stderr and exit code 2, not a traceback."""
+    from toolkit.errors import ToolkitError
+
+    args = parser.parse_args(argv)
+    try:
+        return body(args)
+    except ToolkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def check_counts(args: Any, at_least_one: Sequence[str]) -> None:
+    """ConfigError naming the option unless each of ``at_least_one`` is >= 1 and ``warmup`` >= 0."""
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name}", f"must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "warmup", 0) < 0:
+        raise ConfigError("--warmup", f"must be >= 0, got {args.warmup}")
 
 
 def parse_int_list(text: str, field: str) -> List[int]:

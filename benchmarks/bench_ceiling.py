@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -44,10 +42,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from _common import (DTYPES, machine_info, markdown_table, measure_matmul_peak, parse_int_list,
+from _common import (DTYPES, check_counts, cli_main, machine_info, markdown_table, measure_matmul_peak, parse_int_list,
                      relation_loss_flops, step_flops, time_calls)
-from bench_distill_step import (MODEL_PRESETS, RELATIONS, BaselineStep, ToolkitStep, _shape, allocator_env,
-                                bench_models, check_device, make_batch, parse_batches, peak_size)
+from bench_distill_step import (MODEL_PRESETS, RELATIONS, BaselineStep, ToolkitStep, _shape,
+                                bench_models, check_device, make_batch, parse_batches, peak_size,
+                                run_worker_process)
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.launch import allocator
 from toolkit.launch.allocator import in_use as allocator_in_use
@@ -180,19 +179,8 @@ def spawn(seq: int, batch: int, args: argparse.Namespace) -> Dict[str, Any]:
            "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype, "--models", args.models]
     if args.smoke:
         cmd.append("--smoke")
-    env = allocator_env(args.allocator, dict(os.environ, OMP_NUM_THREADS=str(args.threads),
-                                             MKL_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1",
-                                             TRANSFORMERS_OFFLINE="1"))
-    base = {"seq": seq, "batch": batch}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout)
-    except subprocess.TimeoutExpired:
-        return {**base, "error": f"timed out after {args.worker_timeout}s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {**base, "error": f"exit code {proc.returncode}: {' | '.join(tail)}"}
+    return run_worker_process(cmd, args.allocator, args.threads, args.worker_timeout, RESULT_PREFIX,
+                              {"seq": seq, "batch": batch})
 
 
 def render(r: Dict[str, Any], peak_flops: float) -> str:
@@ -235,20 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except ToolkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(build_parser(), _main, argv)
 
 
 def _main(args: argparse.Namespace) -> int:
-    for name in ("steps", "reps", "threads"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name}", "must be >= 1")
-    if args.warmup < 0:
-        raise ConfigError("--warmup", "must be >= 0")
+    check_counts(args, ("steps", "reps", "threads"))
     if args.allocator not in ("system", "tcmalloc", "jemalloc"):
         raise ConfigError("--allocator", f"unknown allocator {args.allocator!r}; choose system, tcmalloc or jemalloc")
     check_device(argparse.Namespace(**vars(args), profile=False))   # no GPU, or emulated bf16 on this CPU

@@ -54,8 +54,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from _common import (DTYPES, EncoderShape, cpu_seconds, load_average, machine_info, markdown_table,
-                     measure_matmul_peak, parse_int_list, peak_rss_bytes, rss_bytes, step_flops, sync)
+from _common import (DTYPES, EncoderShape, check_counts, cli_main, cpu_seconds, load_average, machine_info,
+                     markdown_table, measure_matmul_peak, parse_int_list, peak_rss_bytes, rss_bytes, step_flops, sync)
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.launch import allocator
 from toolkit.launch.allocator import in_use as allocator_in_use
@@ -582,6 +582,33 @@ def label(r: Mapping[str, Any]) -> str:
     return r["impl"] if alloc == "system" else f"{r['impl']} +{alloc}"
 
 
+def worker_env(alloc: str, threads: int) -> Dict[str, str]:
+    """Environment of a benchmark worker: ``threads`` BLAS/OpenMP threads, offline hub, and the
+    host allocator ``alloc`` set up as the toolkit's entry points do it."""
+    return allocator_env(alloc, dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                                     TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+
+
+def run_worker_process(cmd: Sequence[str], alloc: str, threads: int, timeout: int, prefix: str,
+                       base: Dict[str, Any]) -> Dict[str, Any]:
+    """Run a worker command under ``alloc``; its JSON line after ``prefix``, or ``base`` plus an
+    ``error`` (timeout, crash, out of memory, or a worker that ran on another allocator)."""
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, env=worker_env(alloc, threads),
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timed out after {timeout}s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(prefix):
+            out = {**json.loads(line[len(prefix):]), "allocator_asked": alloc}
+            if out["allocator"] != alloc:
+                return {**base, "error": f"asked for the {alloc} allocator, the worker ran with {out['allocator']}"}
+            return out
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
+    return {**base, "error": f"{why}: {' | '.join(tail)}"}
+
+
 def spawn_worker(impl: str, seq: int, batch: int, args: argparse.Namespace,
                  alloc: str = "system") -> Dict[str, Any]:
     """Run :func:`run_worker` in a fresh interpreter; a crash becomes a row with ``error`` set."""
@@ -592,23 +619,8 @@ def spawn_worker(impl: str, seq: int, batch: int, args: argparse.Namespace,
         cmd.append("--smoke")
     if args.profile:
         cmd.append("--profile")
-    env = allocator_env(alloc, dict(os.environ, OMP_NUM_THREADS=str(args.threads),
-                                    MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
-                                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
     base = {"impl": impl, "seq": seq, "batch": batch, "allocator_asked": alloc}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout)
-    except subprocess.TimeoutExpired:
-        return {**base, "error": f"timed out after {args.worker_timeout}s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            out = {**json.loads(line[len(RESULT_PREFIX):]), "allocator_asked": alloc}
-            if out["allocator"] != alloc:
-                return {**base, "error": f"asked for the {alloc} allocator, the worker ran with {out['allocator']}"}
-            return out
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
-    return {**base, "error": f"{why}: {' | '.join(tail)}"}
+    return run_worker_process(cmd, alloc, args.threads, args.worker_timeout, RESULT_PREFIX, base)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -802,20 +814,11 @@ def check_device(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except ToolkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(build_parser(), _main, argv)
 
 
 def _main(args: argparse.Namespace) -> int:
-    for name in ("steps", "threads"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name}", "must be >= 1")
-    if args.warmup < 0:
-        raise ConfigError("--warmup", "must be >= 0")
+    check_counts(args, ("steps", "threads"))
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
