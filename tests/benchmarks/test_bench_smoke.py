@@ -242,3 +242,14 @@ def test_gpu_ceiling_bench_bf16(tmp_path):
     (r,) = data["results"]
     assert r["matmul_peak"]["device"] == "cuda" and r["matmul_peak"]["dtype"] == "bf16"
     assert r["summary"]["ceiling_mfu"] > 0
+
+
+def test_exp_bench_rows_and_bad_shape():
+    script = str(ROOT / "benchmarks" / "bench_exp.py")
+    proc = subprocess.run([sys.executable, script, "--shape", "1x2x4x48", "--reps", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| fill | exp ms | softmax ms | log_softmax ms |" in proc.stdout and "finfo.min" in proc.stdout
+    bad = subprocess.run([sys.executable, script, "--shape", "2x3"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and "--shape" in bad.stderr
