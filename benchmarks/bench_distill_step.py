@@ -544,11 +544,11 @@ def relation_kl_kernel(impl: str, device: str) -> str:
     """Which relation-KL code a row's step ran: the baseline's own, Triton or the chunked path."""
     if impl == "baseline":
         return "naive (baseline)"
-    from toolkit.losses.relations import _TRITON_FAILED, _triton_available
+    from toolkit.losses.relations import _TRITON_FAILED, _runs_triton
 
     if _TRITON_FAILED:   # impl auto fell back after a compile/launch failure: say so in the table
         return f"chunked (Triton failed: {_TRITON_FAILED['error'][:120]})"
-    return "triton" if torch.device(device).type == "cuda" and _triton_available() else "chunked"
+    return "triton" if _runs_triton("auto", torch.device(device).type) else "chunked"
 
 
 def peak_size(smoke: bool, device: str) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from corpus_testlib import tok  # noqa: F401  (fixture)
 from toolkit.config import load_config
 from toolkit.data import CorpusConfig, SequencePacker, pad_rows, split_sentences
 from toolkit.errors import ConfigError, ToolkitError

@@ -9,7 +9,7 @@ from typing import List, Tuple
 
 import pytest
 
-from corpus_testlib import count_ids, doc_text, expected_counts, tok, write_text  # noqa: F401  (tok: fixture)
+from corpus_testlib import count_ids, doc_text, expected_counts, write_text
 from toolkit.data import CorpusConfig, StatefulLoader, StreamingCorpus
 from toolkit.data.sources import READERS, ReadOptions, SkipTracker, resolve_shards, start_cursor
 from toolkit.errors import DataError

@@ -11,7 +11,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from corpus_testlib import count_ids, expected_counts, tok, write_text  # noqa: F401  (tok: fixture)
+from corpus_testlib import count_ids, expected_counts, write_text
 from toolkit.data import CorpusConfig, StreamingCorpus, build_loader, to_plain
 from toolkit.data.packing import pad_rows
 from toolkit.errors import ConfigError, DataError, ToolkitError

@@ -255,7 +255,9 @@ def test_auto_falls_back_to_chunked_once_when_the_kernel_fails(monkeypatch):
         calls.append(1)
         raise RuntimeError("ptxas fatal: unsupported architecture")
 
-    monkeypatch.setattr(relations, "_triton_wanted", lambda s_q: True)
+    # CPU tensors stand in for a GPU's: only the "has it failed before" part of the choice stays real.
+    monkeypatch.setattr(relations, "_runs_triton",
+                        lambda impl, device_type: impl == "triton" or not relations._TRITON_FAILED)
     monkeypatch.setattr(relations, "_relation_kl_triton", broken)
     monkeypatch.setattr(relations, "_TRITON_FAILED", {})
     t, s = _inputs(l=9)

@@ -68,7 +68,7 @@ def _triton_available() -> bool:
 def _relation_kl_triton(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
                         num_relation_heads: int, chunk_size: Optional[int] = None) -> Tensor:
     # The Triton kernel only handles CUDA tensors; CPU tensors take the portable path.
-    if not (_triton_available() and s_q.is_cuda):
+    if not _runs_triton("triton", s_q.device.type):
         return relation_kl_qk(t_q, t_k, s_q, s_k, mask, num_relation_heads, chunk_size)
     module = importlib.import_module("toolkit.kernels.relation_kl_triton")
     return module.relation_kl_qk(t_q, t_k, s_q, s_k, mask, num_relation_heads, chunk_size)
@@ -77,8 +77,12 @@ def _relation_kl_triton(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask
 _TRITON_FAILED: Dict[str, str] = {}
 
 
-def _triton_wanted(s_q: Tensor) -> bool:
-    return _triton_available() and s_q.is_cuda
+def _runs_triton(impl: str, device_type: str) -> bool:
+    """Whether ``impl`` runs the Triton kernel on ``device_type``: the one place that decides,
+    for the loss and for the job log. ``auto`` stops trying after a failure; ``triton`` does not."""
+    if impl not in ("auto", "triton") or device_type != "cuda" or not _triton_available():
+        return False
+    return impl == "triton" or not _TRITON_FAILED
 
 
 def _relation_kl_auto(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
@@ -86,7 +90,7 @@ def _relation_kl_auto(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: 
     """Triton where it runs, else the chunked path. A kernel that fails to compile or launch on
     this GPU (driver, Triton version, architecture) is reported once and the job goes on with the
     chunked path; ``impl: triton`` raises instead."""
-    if not _TRITON_FAILED and _triton_wanted(s_q):
+    if _runs_triton("auto", s_q.device.type):
         try:
             return _relation_kl_triton(t_q, t_k, s_q, s_k, mask, num_relation_heads, chunk_size)
         except (ConfigError, ToolkitError):
@@ -114,7 +118,7 @@ def describe_relation_kl(impl: str, device: torch.device, batch: int, heads: int
     ``"triton"``, or ``"chunked (blocks of b samples x r rows)"``."""
     from toolkit.kernels.relation_kl_chunked import plan_blocks
 
-    if impl in ("auto", "triton") and not _TRITON_FAILED and device.type == "cuda" and _triton_available():
+    if _runs_triton(impl, device.type):
         return "triton"
     if impl == "naive":
         return "naive (materializes [B, R, L, L])"
