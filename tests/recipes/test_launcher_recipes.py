@@ -162,6 +162,19 @@ def test_distill_two_ranks_end_to_end(stage, checkpointing, tiny_bert4_dir, fixt
     assert (out / "student" / "config.json").is_file(), log[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 4 and m["samples"] == 4 * 8
+    # The token count is every rank's real tokens, not rank 0's times 2: rebuild both ranks'
+    # streams (deterministic) and count the first 4 micro batches of 4 rows.
+    from toolkit.data import build_loader
+    from toolkit.models.encoder import load_tokenizer
+    from toolkit.recipes.distill import DistillConfig
+    from toolkit.config import load_config
+
+    cfg = load_config(DistillConfig, y)
+    tok = load_tokenizer(cfg.teacher)
+    real = {r: sum(int(b["attention_mask"].sum()) for _, b in zip(range(4), build_loader(
+        cfg.corpus, tok, 4, rank=r, world_size=2))) for r in (0, 1)}
+    assert real[0] != real[1], real   # the fixture's short sequences make the ranks differ
+    assert m["tokens"] == real[0] + real[1], (m["tokens"], real)
     # Each rank re-executed itself with the allocator TOOLKIT_CPU_ALLOCATOR picks (auto: tcmalloc here).
     from toolkit.launch import allocator as A
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from toolkit.utils.meter import Throughput, memory_kind, peak_memory_mb, reset_peak_memory
 
@@ -59,3 +60,39 @@ def test_peak_memory_counts_from_the_meter_start():
     m = Throughput("cpu")
     after = m.summary()["peak_mem_mb"]
     assert after <= before - 40   # VmHWM was reset to the current RSS (Linux's /proc/self/clear_refs)
+
+
+def test_sync_ranks_replaces_the_per_step_estimate_with_every_ranks_counts():
+    # Rank 0 of 2 saw 3 + 2 samples and 40 + 25 tokens; rank 1 (through the fake all-reduce) 3 + 2
+    # samples and 48 + 31 tokens. Per step the meter estimates rank 1 as a copy of rank 0.
+    other_rank = torch.tensor([5.0, 79.0], dtype=torch.float64)
+    seen = []
+
+    def fake_all_reduce_sum(t):
+        seen.append(t.clone())
+        return t + other_rank
+
+    m = Throughput("cpu", world_size=2)
+    m.step(3, 40)
+    m.step(2, 25)
+    assert m._tot_tokens == 130 and m._tot_samples == 10     # the estimate: 2 x this rank
+    assert m.sync_ranks(fake_all_reduce_sum) == (0, 79 - 65)
+    assert seen[0].tolist() == [5.0, 65.0]                    # this rank's own counts go in
+    assert m._tot_tokens == 65 + 79 and m._tot_samples == 10
+    s = m.summary()
+    assert s["overall_tokens_per_s"] == pytest.approx(144 / m._tot_time)
+    # Only the counts since the last sync are sent again.
+    m.step(1, 10)
+    assert m.sync_ranks(lambda t: t + torch.tensor([1.0, 7.0], dtype=torch.float64)) == (0, 7 - 10)
+    assert m._tot_tokens == 144 + 17 and m._tot_samples == 12
+
+
+def test_sync_ranks_is_free_for_one_process():
+    m = Throughput("cpu")
+    m.step(4, 100)
+
+    def no_collective(t):
+        raise AssertionError("a one-process meter must not reduce")
+
+    assert m.sync_ranks(no_collective) == (0, 0)
+    assert m._tot_tokens == 100 and m._tot_samples == 4

@@ -341,6 +341,7 @@ class DistillRecipe:
         self.loader = build_loader(cfg.corpus, self.tokenizer, batch_size=eng.micro_batch_size, rank=eng.rank,
                                    world_size=eng.world_size)
         self.state: Dict[str, Any] = {"step": 0, "micro_step": 0, "tokens": 0, "samples": 0, "nonfinite_total": 0}
+        self._meter: Optional[Throughput] = None   # train()'s, for _sync_counts
         if cfg.resume:
             client = eng.load_checkpoint(self.ckpt_dir)
             if client is not None:
@@ -417,7 +418,17 @@ class DistillRecipe:
         batch["input_ids"] = ids
         batch["mlm_mask"] = mask.to(ids.device)
 
+    def _sync_counts(self) -> None:
+        """Make ``state["tokens"]``/``["samples"]`` and the meter's run totals exact (they are
+        estimated per micro step as this rank's count times the world size). A collective: every
+        rank calls it at the same points (log steps, checkpoints)."""
+        if self._meter is not None:
+            d_samples, d_tokens = self._meter.sync_ranks(dist.all_reduce_sum)
+            self.state["samples"] += d_samples
+            self.state["tokens"] += d_tokens
+
     def save_checkpoint(self) -> None:
+        self._sync_counts()
         # Client state is stored per rank by the engine: each rank keeps its own stream position.
         self.engine.save_checkpoint(self.ckpt_dir, f"step{self.state['step']}",
                                     {"loader": self.loader.state_dict(), "world_size": self.engine.world_size,
@@ -425,7 +436,7 @@ class DistillRecipe:
 
     def train(self) -> Dict[str, Any]:
         cfg, eng, st = self.cfg, self.engine, self.state
-        meter = Throughput(eng.device)
+        meter = self._meter = Throughput(eng.device, world_size=eng.world_size)
         sums: Dict[str, Any] = {}
         n_sum = 0
         t0 = time.time()
@@ -440,10 +451,10 @@ class DistillRecipe:
                         log.warning("the corpus ended after %d steps (corpus.epochs=%d); stopping early",
                                     st["step"], cfg.corpus.epochs)
                         break
-                    # Counted on the host copy: on a GPU, counting the device mask would wait for
-                    # the queued work every micro step.
-                    n_samples = batch["input_ids"].shape[0] * eng.world_size
-                    n_tokens = int(batch["attention_mask"].sum()) * eng.world_size
+                    # This rank's counts, on the host copy: on a GPU, counting the device mask
+                    # would wait for the queued work every micro step.
+                    n_samples = batch["input_ids"].shape[0]
+                    n_tokens = int(batch["attention_mask"].sum())
                     batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                              if isinstance(v, torch.Tensor)}
                 if "logit_kd" in self.module.losses:
@@ -463,8 +474,8 @@ class DistillRecipe:
                     st["nonfinite_total"] += 1
                 # Step times stay the device's: Engine.backward reads the loss's finiteness (one
                 # host sync per micro step), so no work is still queued when the meter ticks.
-                st["samples"] += n_samples
-                st["tokens"] += n_tokens
+                st["samples"] += n_samples * eng.world_size   # estimates until _sync_counts
+                st["tokens"] += n_tokens * eng.world_size
                 meter.step(n_samples, n_tokens)
                 if not eng.step():
                     continue
@@ -472,6 +483,7 @@ class DistillRecipe:
                 bar.update(1, loss=parts["loss"].detach() if ok else None,   # read only when shown
                            tokens_per_s=meter.summary().get("tokens_per_s"))
                 if st["step"] % cfg.log_every == 0:
+                    self._sync_counts()
                     last = mean_across_ranks(sums, n_sum)
                     self.logger.log(st["step"], {**last, "lr": eng.lr, **meter.summary()})
                     sums, n_sum = {}, 0

@@ -176,7 +176,7 @@ class FinetuneRecipe:
 
     def train(self) -> Dict[str, Any]:
         cfg, eng = self.cfg, self.engine
-        meter = Throughput(eng.device)
+        meter = Throughput(eng.device, world_size=eng.world_size)
         best: Dict[str, Any] = {"score": -math.inf}
         history: List[Dict[str, Any]] = []
         epoch, done = 0, False
@@ -212,9 +212,11 @@ class FinetuneRecipe:
                     running += out.loss.detach().double()   # on the device; read at log steps
                     n_loss += 1
                 stepped = eng.step()
-                meter.step(n_samples * eng.world_size, n_tokens * eng.world_size)
+                meter.step(n_samples, n_tokens)   # this rank's; sync_ranks sums all ranks' at log steps
                 if stepped:
                     bar.update(1, loss=out.loss.detach())
+                if stepped and eng.global_step % cfg.log_every == 0:
+                    meter.sync_ranks(dist.all_reduce_sum)
                 if stepped and eng.global_step % cfg.log_every == 0 and n_loss:
                     self.logger.log(eng.global_step,
                                     {"loss": float(running) / n_loss, "lr": eng.lr, **meter.summary()})
@@ -232,6 +234,7 @@ class FinetuneRecipe:
                 break
 
         bar.close()
+        meter.sync_ranks(dist.all_reduce_sum)
         summary = meter.summary()
         result = {
             "task": self.task.name,

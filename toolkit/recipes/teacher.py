@@ -196,7 +196,7 @@ class TeacherRecipe:
 
     def train(self) -> Dict[str, Any]:
         cfg, eng, st = self.cfg, self.engine, self.state
-        meter = Throughput(eng.device)
+        meter = Throughput(eng.device, world_size=eng.world_size)
         running, n_loss = 0.0, 0
         t0 = time.time()
         bar = ProgressBar(self.total_steps, eng.is_main, initial=st["step"], desc="teacher")
@@ -218,12 +218,13 @@ class TeacherRecipe:
                 else:
                     st["nonfinite_total"] += 1
                 st["micro_step"] += 1
-                meter.step(n_samples * eng.world_size, n_tokens * eng.world_size)
+                meter.step(n_samples, n_tokens)   # this rank's; sync_ranks sums all ranks' at log steps
                 if not eng.step():
                     continue
                 st["step"] = eng.global_step
                 bar.update(1, loss=out.loss.detach(), tokens_per_s=meter.summary().get("tokens_per_s"))
                 if st["step"] % cfg.log_every == 0:
+                    meter.sync_ranks(dist.all_reduce_sum)
                     loss = mean_across_ranks({"loss": running}, n_loss)
                     self.logger.log(st["step"], {**loss, "lr": eng.lr, **meter.summary()})
                     running, n_loss = 0.0, 0
@@ -244,6 +245,7 @@ class TeacherRecipe:
                     return {"stopped_at": st["step"]}
         if not st["history"] or st["history"][-1]["step"] != st["step"]:
             self._eval_and_keep()
+        meter.sync_ranks(dist.all_reduce_sum)
         summary = meter.summary()
         result = {"tasks": [t.name for t in self.tasks], "steps": st["step"], "best_step": st["best_step"],
                   "best_average": st["best_score"], "history": st["history"],

@@ -12,7 +12,7 @@ import contextlib
 import resource
 import time
 from pathlib import Path
-from typing import Deque, Dict, Iterator, Tuple, Union
+from typing import Callable, Deque, Dict, Iterator, Tuple, Union
 
 import torch
 
@@ -78,11 +78,17 @@ class Throughput:
 
     A step's time runs from the end of the previous ``step()`` (or construction/``reset``)
     to this one, so data loading inside ``data_wait`` counts as part of the step.
+
+    Data-parallel jobs pass ``world_size`` and this rank's counts to ``step()``; all ranks'
+    counts are estimated as this rank's times ``world_size`` (no collective per step) until
+    :meth:`sync_ranks` sums the real ones into the run totals (ranks' batches can hold different
+    numbers of real tokens: padding, tasks of different lengths).
     """
 
-    def __init__(self, device: Device = None, window: int = 50):
+    def __init__(self, device: Device = None, window: int = 50, world_size: int = 1):
         self.device = _as_device(device)
         self.window = int(window)
+        self.world_size = max(int(world_size), 1)
         self.reset()
 
     def reset(self) -> None:
@@ -96,6 +102,7 @@ class Throughput:
         self._tot_wait = 0.0
         self._tot_samples = 0
         self._tot_tokens = 0
+        self._pending_local = [0, 0]   # this rank's (samples, tokens) since the last sync_ranks
         self.steps = 0
 
     @contextlib.contextmanager
@@ -108,18 +115,37 @@ class Throughput:
             self._wait += time.perf_counter() - t0
 
     def step(self, samples: int, tokens: int = 0) -> float:
-        """Close the current step; returns its duration in seconds."""
+        """Close the current step (``samples``/``tokens``: this rank's); returns its duration in
+        seconds."""
         now = time.perf_counter()
         dt = max(now - self._last, 1e-9)
-        self._win.append((dt, self._wait, int(samples), int(tokens)))
+        self._pending_local[0] += int(samples)
+        self._pending_local[1] += int(tokens)
+        samples, tokens = int(samples) * self.world_size, int(tokens) * self.world_size
+        self._win.append((dt, self._wait, samples, tokens))
         self._tot_time += dt
         self._tot_wait += self._wait
-        self._tot_samples += int(samples)
-        self._tot_tokens += int(tokens)
+        self._tot_samples += samples
+        self._tot_tokens += tokens
         self.steps += 1
         self._last = now
         self._wait = 0.0
         return dt
+
+    def sync_ranks(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> Tuple[int, int]:
+        """Replace the estimated counts since the last call by every rank's real ones, summed with
+        ``all_reduce_sum`` (a collective when ``world_size > 1``: call it on every rank at the same
+        point). Returns the ``(samples, tokens)`` correction added to the run totals, for callers
+        that keep their own totals. The window rates keep the estimates."""
+        local, self._pending_local = self._pending_local, [0, 0]
+        if self.world_size == 1:
+            return 0, 0
+        exact = all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        d_samples = int(round(exact[0])) - local[0] * self.world_size
+        d_tokens = int(round(exact[1])) - local[1] * self.world_size
+        self._tot_samples += d_samples
+        self._tot_tokens += d_tokens
+        return d_samples, d_tokens
 
     def summary(self) -> Dict[str, float]:
         """Window rates plus ``overall_*`` rates since reset, and ``peak_mem_mb``.
