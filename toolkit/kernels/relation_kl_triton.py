@@ -81,7 +81,7 @@ if TRITON_AVAILABLE:
                         mask=q_in[:, None] & c_in[None, :], other=0.0)
             k = tl.load(XK + k_rows[:, None] * stride_l + (col0 + c)[None, :] * stride_h,
                         mask=k_in[:, None] & c_in[None, :], other=0.0)
-            acc = tl.dot(q, tl.trans(k), acc, input_precision=PREC)
+            acc = tl.dot(q, tl.trans(k), acc, input_precision=PREC, out_dtype=acc.dtype)
         return acc * scale
 
     @triton.jit
@@ -224,7 +224,7 @@ if TRITON_AVAILABLE:
             sk = tl.load(SK + keys[:, None] * s_sl + (col_s + oc)[None, :] * s_sh,
                          mask=key_in[:, None] & oc_in[None, :], other=0.0)
             # Half inputs: dS is rounded to the input type for a tensor-core dot (as flash attention).
-            acc = tl.dot(ds_tile.to(sk.dtype), sk, acc, input_precision=PREC_S)
+            acc = tl.dot(ds_tile.to(sk.dtype), sk, acc, input_precision=PREC_S, out_dtype=acc.dtype)
         acc = acc * coef
         tl.store(DQ + rows[:, None] * s_sl + (col_s + oc)[None, :] * s_sh,
                  acc.to(DQ.dtype.element_ty), mask=row_in[:, None] & oc_in[None, :])
@@ -274,7 +274,7 @@ if TRITON_AVAILABLE:
             ds_tile = _grad_logits(st, ss, lse_t, lse_s, row_ok, key_ok)
             sq = tl.load(SQ + rows[:, None] * s_sl + (col_s + oc)[None, :] * s_sh,
                          mask=row_in[:, None] & oc_in[None, :], other=0.0)
-            acc = tl.dot(tl.trans(ds_tile).to(sq.dtype), sq, acc, input_precision=PREC_S)
+            acc = tl.dot(tl.trans(ds_tile).to(sq.dtype), sq, acc, input_precision=PREC_S, out_dtype=acc.dtype)
         acc = acc * coef
         tl.store(DK + keys[:, None] * s_sl + (col_s + oc)[None, :] * s_sh,
                  acc.to(DK.dtype.element_ty), mask=key_in[:, None] & oc_in[None, :])
