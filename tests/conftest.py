@@ -96,6 +96,14 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tok(tiny_tokenizer_dir):
+    """The tiny WordPiece vocabulary above as a fast BERT tokenizer."""
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab=str(tiny_tokenizer_dir / "vocab.txt"), do_lower_case=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """2 layers, hidden 32, 4 heads: the default teacher in tests."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_bert"), "bert", num_layers=2, hidden=32, heads=4)

@@ -1,4 +1,4 @@
-"""Corpus test helpers (imported by the tests/data modules): a tokenizer and documents whose sentences carry their document id.
+"""Corpus test helpers (imported by the tests/data modules): documents whose sentences carry their document id.
 
 Document ``k`` has ``1 + k % 3`` sentences; each starts with ``k`` spelled as three digit words
 (``one``=0 ... ``ten``=9). No other word is a digit word, so the ids in any packed batch can be
@@ -10,7 +10,6 @@ import collections
 from pathlib import Path
 from typing import Counter, Dict, Iterable, List
 
-import pytest
 import torch
 
 DIGITS = "one two three four five six seven eight nine ten".split()
@@ -52,11 +51,3 @@ def write_text(path: Path, ids: List[int], separator: str = "blank_line") -> Pat
     else:
         path.write_text("".join(doc_text(k, "\n") + "\n\n" for k in ids), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="session")
-def tok(tiny_tokenizer_dir):
-    """The tiny WordPiece vocabulary of tests/conftest.py as a fast BERT tokenizer."""
-    from transformers import BertTokenizerFast
-
-    return BertTokenizerFast(vocab=str(tiny_tokenizer_dir / "vocab.txt"), do_lower_case=True)
