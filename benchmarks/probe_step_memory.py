@@ -86,27 +86,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     peaks: Dict[str, List[float]] = {}
     stop = threading.Event()
 
+    lock = threading.Lock()
+
+    def take(name: str) -> None:
+        live, held = read()
+        vals = (live - live0, held - held0, rss_bytes() - rss0)
+        with lock:
+            p = peaks.setdefault(name, [0.0, 0.0, 0.0])
+            for i, v in enumerate(vals):
+                p[i] = max(p[i], v)
+
     def sample() -> None:
         while not stop.is_set():
-            live, held = read()
-            p = peaks.setdefault(phase[0], [0.0, 0.0, 0.0])
-            for i, v in enumerate((live - live0, held - held0, rss_bytes() - rss0)):
-                p[i] = max(p[i], v)
+            take(phase[0])
             time.sleep(0.0005)
+
+    def enter(name: str) -> None:
+        # Every phase gets at least the sample at its end, even one too short for the thread.
+        take(phase[0])
+        phase[0] = name
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     for i in range(args.steps):
-        phase[0] = f"step {i + 1}: teacher forward"
+        enter(f"step {i + 1}: teacher forward")
         t_qkv = step.teacher_qkv(data)
-        phase[0] = f"step {i + 1}: student forward + loss"
+        enter(f"step {i + 1}: student forward + loss")
         loss = step.student_loss(data, t_qkv)
         del t_qkv
-        phase[0] = f"step {i + 1}: backward"
+        enter(f"step {i + 1}: backward")
         loss.backward()
-        phase[0] = f"step {i + 1}: optimizer"
+        enter(f"step {i + 1}: optimizer")
         step.optimizer.step()
         step.optimizer.zero_grad(set_to_none=True)
+    enter("done")
     time.sleep(0.01)
     stop.set()
     thread.join()
@@ -114,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("| phase | live tensors | malloc held | RSS |")
     print("|---|---|---|---|")
     for name, (live, held, rss) in peaks.items():
-        if name != "setup":
+        if name not in ("setup", "done"):
             print(f"| {name} | {live / MIB:.0f} | {held / MIB:.0f} | {rss / MIB:.0f} |")
     return 0
 
