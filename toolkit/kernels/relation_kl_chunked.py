@@ -172,7 +172,7 @@ def _block_kl(tq_blk: Tensor, tk_t: Tensor, sq_blk: Tensor, sk_t: Tensor, key_pa
     Padded keys hold the same large negative logit on both sides, so ``a_j - s_j`` is 0 there.
 
     Each step is one pass over ``[B, R, b, L]`` (in place where possible). Measured against the
-    earlier two-``log_softmax`` block (2026-11-25, docs/KERNELS.md): 4-8% faster. ``torch.compile``
+    earlier two-``log_softmax`` block (2026-11-25, docs/KERNELS.md): 3-9% faster. ``torch.compile``
     of this function was measured too: 8-14% faster blocks without padding, slower with it, plus
     a compile at start-up; not used.
     """
