@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from test_distill import _cfg as _distill_cfg
-from test_distill import _losses
+from test_distill import _losses, check_resume_matches_uninterrupted
 
 pytestmark = pytest.mark.gpu
 
@@ -83,17 +83,8 @@ def test_distill_triton_and_chunked_losses_agree(tiny_bert4_dir, fixture_corpus,
 def test_distill_resume_on_gpu(tiny_bert4_dir, fixture_corpus, tmp_path):
     # fp32 so the comparison is tight: the Triton kernel has no atomics, so only the GPU's
     # attention backward can make two runs differ.
-    from toolkit.recipes.distill import run_distill
-
-    kw = dict(ds_config="ds_configs/cpu_fp32.json")
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_distill(_distill_cfg(tiny_bert4_dir, fixture_corpus, full, **kw))
-    assert run_distill(_distill_cfg(tiny_bert4_dir, fixture_corpus, part, stop_after=3, **kw)) == {"stopped_at": 3}
-    res = run_distill(_distill_cfg(tiny_bert4_dir, fixture_corpus, part, **kw))
-    assert res["steps"] == 6
-    a, b = _losses(full), _losses(part)
-    for step in range(1, 7):
-        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-6), step
+    check_resume_matches_uninterrupted(tiny_bert4_dir, fixture_corpus, tmp_path, stop_after=3, rel=1e-4, abs_=1e-6,
+                                       ds_config="ds_configs/cpu_fp32.json")
 
 
 def test_distill_zero3_offload(tiny_bert4_dir, fixture_corpus, tmp_path):
