@@ -2,7 +2,8 @@
 # Everything issue #8 still needs from a GPU, in phases that each fit one device-tool call
 # (10 minutes). Run on the GPU machine, from the repository root:
 #
-#   scripts/gpu_session.sh env tests     # versions, then every gpu-marked test        (~5 min)
+#   scripts/gpu_session.sh env tests     # versions, the Triton kernel and benchmark smokes (~3 min)
+#   scripts/gpu_session.sh recipes       # the recipes on bf16/fp16 engines, ZeRO 2/3, offload (~5 min)
 #   scripts/gpu_session.sh bench         # the bf16 BERT-large table and its ceiling   (~5 min)
 #   scripts/gpu_session.sh optimizer     # torch fused AdamW vs DeepSpeed FusedAdam    (~3 min)
 #
@@ -19,7 +20,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 [ $# -gt 0 ] || set -- env tests
 for phase in "$@"; do
-  case "$phase" in env|tests|bench|optimizer) ;; *) echo "unknown phase '$phase': use env, tests, bench or optimizer" >&2; exit 2 ;; esac
+  case "$phase" in env|tests|recipes|bench|optimizer) ;;
+    *) echo "unknown phase '$phase': use env, tests, recipes, bench or optimizer" >&2; exit 2 ;; esac
 done
 if ls .whl/*.whl >/dev/null 2>&1; then
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
@@ -48,10 +50,16 @@ EOF
 }
 
 phase_tests() {
-  # The compiled Triton kernel against the float64 reference, the GPU benchmark smokes, and the
-  # recipes on bf16/fp16 engines, ZeRO 2/3 and offload (tests/recipes/test_gpu_recipes.py).
-  timeout 560 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/benchmarks tests/recipes \
+  # The compiled Triton kernel against the float64 reference, and the GPU benchmark smokes.
+  timeout 560 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/benchmarks \
     2>&1 | tee "$OUT/tests.log"
+  return "${PIPESTATUS[0]}"
+}
+
+phase_recipes() {
+  # tests/recipes/test_gpu_recipes.py: bf16/fp16 engines, ZeRO 2/3, offload (builds cpu_adam),
+  # Triton vs chunked losses, a resume.
+  timeout 560 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/recipes 2>&1 | tee "$OUT/recipes.log"
   return "${PIPESTATUS[0]}"
 }
 
