@@ -813,6 +813,14 @@ def check_device(args: argparse.Namespace) -> None:
                           "use --dtype fp32 here, or bf16 on a CPU with AVX512-BF16/AMX or on a GPU")
 
 
+def _write_json(path: str, payload: Mapping[str, Any]) -> None:
+    """Write ``payload`` to ``path`` whole (temporary file, then rename): a reader never sees half."""
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(target)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return cli_main(build_parser(), _main, argv)
 
@@ -872,7 +880,11 @@ def _main(args: argparse.Namespace) -> int:
         gc.collect()
         torch.cuda.empty_cache()
 
-    results = []
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    base = {"machine": info, "command": command, "teacher": models.teacher_note, "device": args.device,
+            "dtype": args.dtype, "models": args.models, "matmul_peak": peak.as_dict(), "loss_check": check}
+    results: List[Dict[str, Any]] = []
     t_start = time.time()
     for seq in seqs:
         for batch in batches[seq]:
@@ -888,6 +900,11 @@ def _main(args: argparse.Namespace) -> int:
                 else:
                     print(f"  {name:8s} seq {seq:4d} batch {batch:3d}: FAILED {r['error']}", flush=True)
                 results.append(r)
+                if args.json:
+                    # Rewritten after every row, so a run stopped by a time limit (a lent GPU's
+                    # call) still leaves the rows it finished; "partial" until the end.
+                    _write_json(args.json, dict(base, partial=True, results=results,
+                                                mfu_peak_gflops=peak.best_flops / 1e9))
     peak_after = measure_matmul_peak(peak_n, dtype=args.dtype, device=args.device)
     # MFU divides by the best matmul rate seen anywhere in this run (parent before/after, each
     # worker just before its steps): on a shared VM a slow measurement means contention, not a
@@ -908,15 +925,9 @@ def _main(args: argparse.Namespace) -> int:
           f"matmul after the runs: best {peak_after.best_flops / 1e9:.1f} GFLOP/s; "
           f"loadavg {load_average()}; runs took {time.time() - t_start:.0f} s")
     if args.json:
-        if args.device == "cuda":
-            info["gpu"] = torch.cuda.get_device_name(0)
-        payload = {"machine": info, "command": command, "teacher": models.teacher_note,
-                   "device": args.device, "dtype": args.dtype, "models": args.models,
-                   "matmul_peak": peak.as_dict(), "matmul_peak_after": peak_after.as_dict(),
-                   "mfu_peak_gflops": best_peak / 1e9, "loss_check": check,
-                   "results": results, "ratios": ratios, "targets": targets,
-                   "loadavg_end": load_average()}
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        _write_json(args.json, dict(base, partial=False, matmul_peak_after=peak_after.as_dict(),
+                                    mfu_peak_gflops=best_peak / 1e9, results=results, ratios=ratios,
+                                    targets=targets, loadavg_end=load_average()))
     return 0 if check["ok"] and all("error" not in r for r in results) else 1
 
 

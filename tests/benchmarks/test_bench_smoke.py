@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ def test_smoke_writes_table_and_json(tmp_path):
     assert "loss check" in proc.stdout and "-> OK" in proc.stdout
     data = json.loads(out.read_text())
     assert {"machine", "command", "matmul_peak", "loss_check", "results", "ratios", "targets"} <= set(data)
+    assert data["partial"] is False
     assert data["machine"]["threads"] == 1 and data["machine"]["cpu"]
     assert data["loss_check"]["ok"] and data["loss_check"]["rel_diff"] <= 1e-4
     assert [r["impl"] for r in data["results"]] == ["toolkit", "baseline"]
@@ -38,6 +40,30 @@ def test_smoke_writes_table_and_json(tmp_path):
         assert r["peak_rss_mib"] >= r["rss_after_setup_mib"]
     (ratio,) = data["ratios"]
     assert {"impl", "seq", "batch", "tokens_per_s_ratio", "peak_growth_ratio"} <= set(ratio)
+
+
+def test_json_is_written_after_every_row(tmp_path):
+    """A run stopped early (a lent GPU's time limit) keeps the rows it finished: the JSON is
+    rewritten after each row, marked partial, and completed at the end."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--steps", "1", "--warmup", "0", "--threads",
+                             "1", "--batches", "2,3,4", "--json", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = None
+    deadline = time.monotonic() + 240
+    while first is None and proc.poll() is None and time.monotonic() < deadline:
+        if out.exists():
+            first = json.loads(out.read_text())
+        time.sleep(0.02)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    assert first is not None, "no JSON appeared while the run was going"
+    assert first["partial"] is True and 1 <= len(first["results"]) < 6
+    assert first["loss_check"]["ok"] and first["matmul_peak"]
+    final = json.loads(out.read_text())
+    assert final["partial"] is False and len(final["results"]) == 6 and final["ratios"]
+    assert [r["batch"] for r in final["results"][:len(first["results"])]] == [r["batch"] for r in first["results"]]
+    assert not (tmp_path / "bench.json.tmp").exists()
 
 
 def test_smoke_bf16_large_preset_reads_an_inner_teacher_layer(tmp_path):
