@@ -6,6 +6,7 @@ Nothing here runs on import. Memory figures are Linux process figures in bytes: 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import resource
@@ -14,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 
@@ -240,3 +241,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_json(path: str, payload: Mapping[str, Any]) -> None:
+    """Write ``payload`` to ``path`` whole (a temporary file, then a rename): a reader, or a run
+    stopped by a time limit, never leaves half a file. The benchmarks call it after every row
+    with ``partial: true`` and once more at the end, so a stopped run keeps what it finished."""
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(target)

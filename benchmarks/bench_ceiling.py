@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import (DTYPES, check_counts, cli_main, machine_info, markdown_table, measure_matmul_peak, parse_int_list,
-                     relation_loss_flops, step_flops, time_calls)
+                     relation_loss_flops, step_flops, time_calls, write_json)
 from bench_distill_step import (MODEL_PRESETS, RELATIONS, BaselineStep, ToolkitStep, _shape,
                                 bench_models, check_device, make_batch, parse_batches, peak_size,
                                 run_worker_process)
@@ -248,7 +248,13 @@ def _main(args: argparse.Namespace) -> int:
     where = info.get("gpu", info["cpu"])
     print(f"# distillation step ceiling\n\nmachine: {where}, {args.threads} threads, torch {info['torch']}, "
           f"{info['date']}, loadavg {info['loadavg']}; {args.dtype} on {args.device}, models {args.models}\n")
-    results = [spawn(seq, b, args) for seq in seqs for b in batches[seq]]
+    command = "python benchmarks/bench_ceiling.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    results: List[Dict[str, Any]] = []
+    for seq in seqs:
+        for b in batches[seq]:
+            results.append(spawn(seq, b, args))
+            if args.json:   # after every row: a run stopped by a time limit keeps what it finished
+                write_json(args.json, {"machine": info, "command": command, "partial": True, "results": results})
     ok = [r for r in results if "error" not in r]
     # As bench_distill_step: MFU divides by the best matmul rate seen in the run.
     peak_flops = max([1e9 * r["matmul_peak"]["best_gflops"] for r in ok], default=float("nan"))
@@ -260,9 +266,8 @@ def _main(args: argparse.Namespace) -> int:
         print(render(r, peak_flops) + "\n")
     print(f"MFU peak (best {args.dtype} matmul seen in the run): {peak_flops / 1e9:.1f} GFLOP/s")
     if args.json:
-        command = "python benchmarks/bench_ceiling.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        Path(args.json).write_text(json.dumps({"machine": info, "command": command, "peak_gflops": peak_flops / 1e9,
-                                               "results": results}, indent=1), encoding="utf-8")
+        write_json(args.json, {"machine": info, "command": command, "partial": False,
+                               "peak_gflops": peak_flops / 1e9, "results": results})
     return 0 if len(ok) == len(results) else 1
 
 

@@ -55,7 +55,8 @@ import torch
 from torch import Tensor, nn
 
 from _common import (DTYPES, EncoderShape, check_counts, cli_main, cpu_seconds, load_average, machine_info,
-                     markdown_table, measure_matmul_peak, parse_int_list, peak_rss_bytes, rss_bytes, step_flops, sync)
+                     markdown_table, measure_matmul_peak, parse_int_list, peak_rss_bytes, rss_bytes, step_flops, sync,
+                     write_json)
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.launch import allocator
 from toolkit.launch.allocator import in_use as allocator_in_use
@@ -813,14 +814,6 @@ def check_device(args: argparse.Namespace) -> None:
                           "use --dtype fp32 here, or bf16 on a CPU with AVX512-BF16/AMX or on a GPU")
 
 
-def _write_json(path: str, payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` to ``path`` whole (temporary file, then rename): a reader never sees half."""
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(target)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return cli_main(build_parser(), _main, argv)
 
@@ -903,7 +896,7 @@ def _main(args: argparse.Namespace) -> int:
                 if args.json:
                     # Rewritten after every row, so a run stopped by a time limit (a lent GPU's
                     # call) still leaves the rows it finished; "partial" until the end.
-                    _write_json(args.json, dict(base, partial=True, results=results,
+                    write_json(args.json, dict(base, partial=True, results=results,
                                                 mfu_peak_gflops=peak.best_flops / 1e9))
     peak_after = measure_matmul_peak(peak_n, dtype=args.dtype, device=args.device)
     # MFU divides by the best matmul rate seen anywhere in this run (parent before/after, each
@@ -925,7 +918,7 @@ def _main(args: argparse.Namespace) -> int:
           f"matmul after the runs: best {peak_after.best_flops / 1e9:.1f} GFLOP/s; "
           f"loadavg {load_average()}; runs took {time.time() - t_start:.0f} s")
     if args.json:
-        _write_json(args.json, dict(base, partial=False, matmul_peak_after=peak_after.as_dict(),
+        write_json(args.json, dict(base, partial=False, matmul_peak_after=peak_after.as_dict(),
                                     mfu_peak_gflops=best_peak / 1e9, results=results, ratios=ratios,
                                     targets=targets, loadavg_end=load_average()))
     return 0 if check["ok"] and all("error" not in r for r in results) else 1

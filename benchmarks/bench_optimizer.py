@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, markdown_table, time_calls  # noqa: E402
+from benchmarks._common import machine_info, markdown_table, time_calls, write_json  # noqa: E402
 from toolkit.engine.engine import param_groups  # noqa: E402
 from toolkit.errors import ConfigError  # noqa: E402
 from toolkit.models.encoder import EncoderSpec, build_encoder  # noqa: E402
@@ -181,6 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if args.json:   # after every model: a run stopped by a time limit keeps what it finished
+            write_json(args.json, {"machine": info, "partial": True, "rows": rows})
     print()
     loop_ms = {r["model"]: r["step_ms"] for r in rows if r["impl"] == "torch_loop"}
     print(markdown_table(
@@ -191,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{loop_ms[r['model']] / r['step_ms']:.2f}x" if r["model"] in loop_ms else "-",
           f"{r['state_mib']:.0f}", f"{r['max_abs_diff_vs_torch_loop']:.1e}", f"{r['build_s']:.1f}"] for r in rows]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n", encoding="utf-8")
+        write_json(args.json, {"machine": info, "partial": False, "rows": rows})
         print(f"\nwrote {args.json}")
     return 0
 

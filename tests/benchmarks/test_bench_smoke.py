@@ -186,7 +186,9 @@ def test_optimizer_bench_rows_match_the_plain_loop_and_bad_input_is_named(tmp_pa
     proc = subprocess.run([sys.executable, str(script), "--models", "tiny", "--steps", "2", "--warmup", "1",
                            "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    data = json.loads(out.read_text())
+    assert data["partial"] is False
+    rows = data["rows"]
     assert [r["impl"] for r in rows] == ["torch_loop", "torch_foreach", "torch_fused", "ds_cpu_adam"]
     assert sum(r["fastest"] for r in rows) == 1
     for r in rows:   # every implementation took the same 3 steps as torch's plain loop
@@ -238,7 +240,9 @@ def test_ceiling_bench_components_add_up_to_the_step(tmp_path):
                           capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     assert "| component | calls | GFLOP | ms | GFLOP/s | % of peak |" in proc.stdout
-    (r,) = json.loads(out.read_text())["results"]
+    data = json.loads(out.read_text())
+    assert data["partial"] is False and not (tmp_path / "ceiling.json.tmp").exists()
+    (r,) = data["results"]
     names = [c["component"] for c in r["components"]]
     assert any("teacher linear" in n for n in names) and any("weight grad" in n for n in names)
     assert any("relation KL" in n for n in names) and any("student attention" in n for n in names)
