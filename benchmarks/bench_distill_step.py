@@ -472,8 +472,15 @@ def profile_step(step: Any, batch: Mapping[str, Tensor]) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Worker (one implementation, one size, fresh process)
 def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: bool,
-               profile: bool, device: str = "cpu", dtype: str = "fp32", preset: str = "minilm") -> Dict[str, Any]:
-    """Build, warm up, time ``steps`` steps; memory is measured from right after set-up."""
+               profile: bool, device: str = "cpu", dtype: str = "fp32", preset: str = "minilm",
+               paired_peak: bool = False) -> Dict[str, Any]:
+    """Build, warm up, time ``steps`` steps; memory is measured from right after set-up.
+
+    With ``paired_peak`` the matmul peak is timed again (best of 3 products) right after every
+    timed step, outside the step's time: ``mfu_paired`` is the median over steps of each step's
+    FLOP rate divided by its own adjacent peak, which the host's drift (a shared VM's rate moves
+    by +-5-30% within minutes) cancels out of, unlike a best-of-run peak against a median step.
+    """
     models = bench_models(smoke, preset)
     step = IMPLS[impl](models, device=device, dtype=dtype)
     data = {k: v.to(device) for k, v in make_batch(models, batch, seq).items()}
@@ -497,6 +504,7 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     phases_per_step: List[Dict[str, float]] = []
     ru0 = None
+    paired: List[float] = []
     for i in range(warmup + steps):
         if i == warmup:
             ru0 = resource.getrusage(resource.RUSAGE_SELF)   # page faults / system time of the timed steps
@@ -507,6 +515,9 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
         if i >= warmup:
             times.append(dt)
             phases_per_step.append(phases)
+            if paired_peak:
+                paired.append(measure_matmul_peak(peak_size(smoke, device), reps=3, warmup=0, dtype=dtype,
+                                                  device=device).best_flops)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu_util = (cpu_seconds() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
     peak = peak_rss_bytes()
@@ -536,6 +547,9 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
         "minor_faults_per_step": (ru1.ru_minflt - ru0.ru_minflt) / steps,
         "sys_s_per_step": (ru1.ru_stime - ru0.ru_stime) / steps,
     }
+    if paired:
+        out["paired_peak_gflops"] = [p / 1e9 for p in paired]
+        out["mfu_paired"] = statistics.median(flops / t / p for t, p in zip(times, paired))
     if profile:
         out["profile"] = profile_step(step, data)
     return out
@@ -620,6 +634,8 @@ def spawn_worker(impl: str, seq: int, batch: int, args: argparse.Namespace,
         cmd.append("--smoke")
     if args.profile:
         cmd.append("--profile")
+    if args.paired_peak:
+        cmd.append("--paired-peak")
     base = {"impl": impl, "seq": seq, "batch": batch, "allocator_asked": alloc}
     return run_worker_process(cmd, alloc, args.threads, args.worker_timeout, RESULT_PREFIX, base)
 
@@ -732,19 +748,24 @@ def render(results: Sequence[Dict[str, Any]], ratios: Sequence[Dict[str, Any]],
            targets: Sequence[Dict[str, Any]], device: str = "cpu") -> str:
     """Markdown: per-run table, ratio table, targets."""
     mem = "GPU memory (allocated)" if device == "cuda" else "RSS"
+    paired = any("mfu_paired" in r for r in results)
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["seq"], r["batch"], label(r), "failed: " + r["error"], "", "", "", "", "", "", ""])
+            rows.append([r["seq"], r["batch"], label(r), "failed: " + r["error"]] + [""] * (7 + paired))
             continue
         ph = r["phases_s_median"]
+        mfu = [f"{100 * r['mfu']:.1f}"]
+        if paired:
+            mfu.append(f"{100 * r['mfu_paired']:.1f}" if "mfu_paired" in r else "")
         rows.append([r["seq"], r["batch"], label(r), f"{1000 * r['step_s_median']:.0f}",
-                     f"{r['tokens_per_s']:.0f}", f"{r['samples_per_s']:.2f}", f"{100 * r['mfu']:.1f}",
+                     f"{r['tokens_per_s']:.0f}", f"{r['samples_per_s']:.2f}", *mfu,
                      f"{r['peak_growth_mib']:.0f}", f"{r['peak_rss_mib']:.0f}",
                      f"{100 * r['cpu_util']:.0f}% / {r['local_matmul_gflops']:.0f}",
                      " / ".join(f"{1000 * ph[k]:.0f}" for k in ("teacher_fwd", "student_fwd_loss", "backward",
                                                                   "optimizer"))])
-    parts = [markdown_table(["seq", "batch", "impl", "step ms (median)", "tokens/s", "samples/s", "MFU %",
+    mfu_head = ["MFU %", "MFU % (paired)"] if paired else ["MFU %"]
+    parts = [markdown_table(["seq", "batch", "impl", "step ms (median)", "tokens/s", "samples/s", *mfu_head,
                              f"peak {mem} growth MiB", f"peak {mem} MiB", "CPU busy / matmul GFLOP/s before",
                              "ms: teacher fwd / student fwd+loss / backward / optimizer"], rows)]
     if ratios:
@@ -796,6 +817,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write all figures to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny random models, seq 16, batch 2: checks the plumbing")
     p.add_argument("--profile", action="store_true", help="profile one extra step per run (op categories)")
+    p.add_argument("--paired-peak", action="store_true",
+                   help="also time the matmul peak right after every timed step and report 'MFU % (paired)': "
+                        "the median of each step's rate over its own adjacent peak, robust to the host's drift "
+                        "(longer runs; the MFU column and the targets keep the best-of-run peak)")
     p.add_argument("--worker-timeout", type=int, default=900, help="seconds before a run is abandoned")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
@@ -828,7 +853,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.worker is not None:
         batch = parse_int_list(args.batches or "2", "--batches")[0]
         result = run_worker(args.worker, seqs[0], batch, args.steps, args.warmup, args.smoke, args.profile,
-                            args.device, args.dtype, args.models)
+                            args.device, args.dtype, args.models, args.paired_peak)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
@@ -888,7 +913,8 @@ def _main(args: argparse.Namespace) -> int:
                     r["mfu"] = r["achieved_flops"] / peak.best_flops  # provisional; final peak below
                     print(f"  {name:8s} seq {seq:4d} batch {batch:3d}: {1000 * r['step_s_median']:8.0f} ms/step "
                           f"{r['tokens_per_s']:8.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
-                          f"growth {r['peak_growth_mib']:7.0f} MiB  "
+                          + (f"(paired {100 * r['mfu_paired']:5.1f}%)  " if "mfu_paired" in r else "")
+                          + f"growth {r['peak_growth_mib']:7.0f} MiB  "
                           f"{r['minor_faults_per_step']:7.0f} page faults/step", flush=True)
                 else:
                     print(f"  {name:8s} seq {seq:4d} batch {batch:3d}: FAILED {r['error']}", flush=True)

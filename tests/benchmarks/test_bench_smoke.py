@@ -42,6 +42,22 @@ def test_smoke_writes_table_and_json(tmp_path):
     assert {"impl", "seq", "batch", "tokens_per_s_ratio", "peak_growth_ratio"} <= set(ratio)
 
 
+def test_paired_peak_reports_a_drift_robust_mfu_next_to_the_best_of_run_one(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run("--smoke", "--steps", "3", "--warmup", "1", "--threads", "1", "--impls", "toolkit",
+                "--paired-peak", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    assert "| MFU % | MFU % (paired) |" in proc.stdout and "(paired" in proc.stdout
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| seq | batch | impl"))
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| 16 | 2 | toolkit"))
+    assert header.count("|") == row.count("|")          # the extra column is a real column
+    (r,) = json.loads(out.read_text())["results"]
+    assert len(r["paired_peak_gflops"]) == 3 and all(p > 0 for p in r["paired_peak_gflops"])
+    per_step = sorted(r["flops_per_step"] / t / (1e9 * p) for t, p in zip(r["step_s_all"], r["paired_peak_gflops"]))
+    assert r["mfu_paired"] == pytest.approx(per_step[1], rel=1e-9)   # the median of the per-step ratios
+    assert r["mfu"] > 0                                  # the best-of-run figure stays
+
+
 def test_json_is_written_after_every_row(tmp_path):
     """A run stopped early (a lent GPU's time limit) keeps the rows it finished: the JSON is
     rewritten after each row, marked partial, and completed at the end."""
