@@ -120,24 +120,36 @@ def time_calls(fn: Any, device: Any, reps: int, warmup: int) -> List[float]:
     return times
 
 
+class MatmulProbe:
+    """Two ``[n, n]`` matrices of ``dtype`` on ``device`` and an output, made once, so the peak
+    can be timed again and again (``--paired-peak``: after every step) without allocating."""
+
+    def __init__(self, n: int = 2048, dtype: str = "fp32", device: Any = "cpu"):
+        dt = DTYPES[dtype]
+        self.n, self.dtype, self.device = n, dtype, device
+        self.a = torch.randn(n, n, device=device).to(dt)
+        self.b = torch.randn(n, n, device=device).to(dt)
+        self.out = torch.empty(n, n, device=device, dtype=dt)
+
+    def measure(self, reps: int = 7, warmup: int = 2) -> MatmulPeak:
+        """Time ``a @ b`` (``2 n^3`` FLOPs) ``reps`` times after ``warmup`` untimed products."""
+        for _ in range(warmup):
+            torch.matmul(self.a, self.b, out=self.out)
+        sync(self.device)
+        rates = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.matmul(self.a, self.b, out=self.out)
+            sync(self.device)
+            rates.append(2.0 * self.n ** 3 / (time.perf_counter() - t0))
+        return MatmulPeak(self.n, torch.get_num_threads(), max(rates), statistics.median(rates), self.dtype,
+                          torch.device(self.device).type)
+
+
 def measure_matmul_peak(n: int = 2048, reps: int = 7, warmup: int = 2, dtype: str = "fp32",
                         device: Any = "cpu") -> MatmulPeak:
     """Time ``a @ b`` for two ``[n, n]`` matrices (``2 n^3`` FLOPs each) of ``dtype`` on ``device``."""
-    dt = DTYPES[dtype]
-    a = torch.randn(n, n, device=device).to(dt)
-    b = torch.randn(n, n, device=device).to(dt)
-    out = torch.empty(n, n, device=device, dtype=dt)
-    for _ in range(warmup):
-        torch.matmul(a, b, out=out)
-    sync(device)
-    rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        sync(device)
-        rates.append(2.0 * n ** 3 / (time.perf_counter() - t0))
-    return MatmulPeak(n, torch.get_num_threads(), max(rates), statistics.median(rates), dtype,
-                      torch.device(device).type)
+    return MatmulProbe(n, dtype, device).measure(reps, warmup)
 
 
 @dataclass(frozen=True)

@@ -63,10 +63,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   fi
 fi
 
-# Each phase runs under `timeout $1` (seconds) and appends to session.log.
+# Each phase runs under `timeout $1` (seconds; SIGKILL 15 s after SIGTERM, so a hung process
+# cannot push the call past the tool's limit) and appends to session.log.
 phase_env() {
   { nvidia-smi || true
-    timeout "$1" "$PY" - <<'EOF'
+    timeout -k 15 "$1" "$PY" - <<'EOF'
 import importlib, platform
 import torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
@@ -86,12 +87,12 @@ EOF
 
 phase_tests() {
   # The compiled Triton kernel against the float64 reference, and the GPU benchmark smokes.
-  timeout "$1" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/benchmarks 2>&1 | tee -a "$LOG"
+  timeout -k 15 "$1" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/benchmarks 2>&1 | tee -a "$LOG"
   return "${PIPESTATUS[0]}"
 }
 
 phase_bench() {
-  timeout "$1" "$PY" benchmarks/bench_distill_step.py --device cuda --dtype bf16 --models bert-large \
+  timeout -k 15 "$1" "$PY" benchmarks/bench_distill_step.py --device cuda --dtype bf16 --models bert-large \
     --seqs 128,512 --batches "128=32,128;512=8,32" --json "$OUT/results_gpu.json" 2>&1 | tee -a "$LOG"
   return "${PIPESTATUS[0]}"
 }
@@ -99,18 +100,18 @@ phase_bench() {
 phase_recipes() {
   # tests/recipes/test_gpu_recipes.py: bf16/fp16 engines, ZeRO 2/3, offload (builds cpu_adam),
   # Triton vs chunked losses, a resume.
-  timeout "$1" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/recipes 2>&1 | tee -a "$LOG"
+  timeout -k 15 "$1" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/recipes 2>&1 | tee -a "$LOG"
   return "${PIPESTATUS[0]}"
 }
 
 phase_optimizer() {
-  timeout "$1" "$PY" benchmarks/bench_optimizer.py --device cuda --models student6,bert-base,bert-large \
+  timeout -k 15 "$1" "$PY" benchmarks/bench_optimizer.py --device cuda --models student6,bert-base,bert-large \
     --json "$OUT/results_optimizer_gpu.json" 2>&1 | tee -a "$LOG"
   return "${PIPESTATUS[0]}"
 }
 
 phase_ceiling() {
-  timeout "$1" "$PY" benchmarks/bench_ceiling.py --device cuda --dtype bf16 --models bert-large \
+  timeout -k 15 "$1" "$PY" benchmarks/bench_ceiling.py --device cuda --dtype bf16 --models bert-large \
     --seqs 128,512 --batches "128=32,128;512=8,32" --json "$OUT/results_ceiling_gpu.json" 2>&1 | tee -a "$LOG"
   return "${PIPESTATUS[0]}"
 }
