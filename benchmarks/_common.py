@@ -146,6 +146,62 @@ class MatmulProbe:
                           torch.device(self.device).type)
 
 
+class MatmulProbeProcess:
+    """A :class:`MatmulProbe` in a child process, timed on request.
+
+    A benchmark worker reads its memory growth from its own RSS (or CUDA allocations): matrices
+    it made for the peak, even freed, stay resident in tcmalloc's caches, where the step then
+    reuses them, and the step's growth read ~45 MiB low at seq 512 batch 4 (checked 2026-12-04;
+    runs E-L measured this way). Here the matrices live in a sibling process that runs on the same
+    cores while the worker waits on the pipe, so the rate is the one the worker's cores give, and
+    nothing of it is in the worker's memory, page faults or CPU time. The child exits when its
+    stdin closes: :meth:`close`, or the worker's own exit.
+    """
+
+    def __init__(self, n: int = 2048, dtype: str = "fp32", device: Any = "cpu", threads: int = 1):
+        import subprocess
+
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from _common import probe_server; "
+                "probe_server(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(n), dtype,
+                                      str(device), str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        self.n, self.dtype, self.device = n, dtype, str(device)
+
+    def measure(self, reps: int = 7, warmup: int = 2) -> MatmulPeak:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{reps} {warmup}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the matmul probe process exited (code {self.proc.wait()}); run it alone: "
+                               f"python -c 'from _common import probe_server' in benchmarks/ to see why")
+        d = json.loads(line)
+        return MatmulPeak(d["n"], d["threads"], d["best_gflops"] * 1e9, d["median_gflops"] * 1e9, d["dtype"],
+                          d["device"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+    def __enter__(self) -> "MatmulProbeProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def probe_server(n: int, dtype: str, device: str, threads: int) -> None:
+    """The child side of :class:`MatmulProbeProcess`: one line ``reps warmup`` in, one JSON line out."""
+    torch.set_num_threads(threads)
+    probe = MatmulProbe(n, dtype, device)
+    for line in sys.stdin:
+        reps, warmup = (int(x) for x in line.split())
+        print(json.dumps(probe.measure(reps, warmup).as_dict()), flush=True)
+
+
 def measure_matmul_peak(n: int = 2048, reps: int = 7, warmup: int = 2, dtype: str = "fp32",
                         device: Any = "cpu") -> MatmulPeak:
     """Time ``a @ b`` for two ``[n, n]`` matrices (``2 n^3`` FLOPs each) of ``dtype`` on ``device``."""

@@ -54,7 +54,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from _common import (DTYPES, EncoderShape, MatmulProbe, check_counts, cli_main, cpu_seconds, load_average,
+from _common import (DTYPES, EncoderShape, MatmulProbeProcess, check_counts, cli_main, cpu_seconds, load_average,
                      machine_info, markdown_table, measure_matmul_peak, parse_int_list, peak_rss_bytes, rss_bytes,
                      step_flops, sync, write_json)
 from toolkit.errors import ConfigError, ToolkitError
@@ -489,15 +489,13 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
     # first forward reads them; read every page now so the models count in the set-up RSS
     # (they are not part of the step's memory growth), the same for both implementations.
     _fault_in(step.teacher, step.student)
-    # The matmul rate seen by this very process just before its steps shows whether the run had
-    # the cores to itself (the machine is shared). Its 48 MiB of buffers (fp32 at 2048^2) are
-    # freed before the RSS baseline is read, so they never show in the growth; with
-    # ``paired_peak`` they are kept for the per-step probes, so they count in the set-up memory
-    # (and in the absolute peak), not in the growth, and no probe allocates or faults pages.
-    probe = MatmulProbe(peak_size(smoke, device), dtype, device)
+    # The matmul rate of this worker's cores just before its steps shows whether the run had
+    # them to itself (the machine is shared); with ``paired_peak`` it is timed again after every
+    # step. The matrices live in a sibling process (MatmulProbeProcess), so none of their memory
+    # is in this worker's RSS growth, faults or CPU time.
+    # (It ends with this worker: when the pipe closes, on an error too.)
+    probe = MatmulProbeProcess(peak_size(smoke, device), dtype, device, torch.get_num_threads())
     local_peak = probe.measure(reps=3, warmup=1)
-    if not paired_peak:
-        del probe
     gc.collect()
     rss_setup = rss_bytes()
     peak_setup = peak_rss_bytes()
@@ -510,8 +508,7 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
     phases_per_step: List[Dict[str, float]] = []
     ru0 = None
     paired: List[float] = []
-    # What the probes cost (wall, CPU, faults, kernel time) is taken out of the step figures.
-    probe_wall = probe_cpu = probe_faults = probe_sys = 0.0
+    probe_wall = 0.0   # the worker waits while the probe runs: taken out of its CPU-busy figure
     for i in range(warmup + steps):
         if i == warmup:
             ru0 = resource.getrusage(resource.RUSAGE_SELF)   # page faults / system time of the timed steps
@@ -523,16 +520,12 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
             times.append(dt)
             phases_per_step.append(phases)
             if paired_peak:
-                w_a, c_a, r_a = time.perf_counter(), cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
+                w_a = time.perf_counter()
                 paired.append(probe.measure(reps=3, warmup=0).best_flops)
-                r_b = resource.getrusage(resource.RUSAGE_SELF)
                 probe_wall += time.perf_counter() - w_a
-                probe_cpu += cpu_seconds() - c_a
-                probe_faults += r_b.ru_minflt - r_a.ru_minflt
-                probe_sys += r_b.ru_stime - r_a.ru_stime
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_util = ((cpu_seconds() - cpu0 - probe_cpu)
-                / ((time.perf_counter() - wall0 - probe_wall) * torch.get_num_threads()))
+    cpu_util = (cpu_seconds() - cpu0) / ((time.perf_counter() - wall0 - probe_wall) * torch.get_num_threads())
+    probe.close()
     peak = peak_rss_bytes()
     # Peak memory: host RSS on CPU; on a GPU, what PyTorch allocated on the device.
     mem_setup, mem_peak = (gpu_setup, torch.cuda.max_memory_allocated(device)) if on_gpu else (rss_setup, peak)
@@ -557,8 +550,8 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
         "loadavg_end": load_average(), "allocator": allocator_in_use(),
         # Minor page faults and kernel time per timed step: what an allocator that gives memory
         # back to the kernel costs (glibc above its mmap/trim thresholds).
-        "minor_faults_per_step": (ru1.ru_minflt - ru0.ru_minflt - probe_faults) / steps,
-        "sys_s_per_step": (ru1.ru_stime - ru0.ru_stime - probe_sys) / steps,
+        "minor_faults_per_step": (ru1.ru_minflt - ru0.ru_minflt) / steps,
+        "sys_s_per_step": (ru1.ru_stime - ru0.ru_stime) / steps,
     }
     if paired:
         out["paired_peak_gflops"] = [p / 1e9 for p in paired]

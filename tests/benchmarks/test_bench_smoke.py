@@ -60,23 +60,29 @@ def test_paired_peak_reports_a_drift_robust_mfu_next_to_the_best_of_run_one(tmp_
     assert r["minor_faults_per_step"] >= 0 and r["sys_s_per_step"] >= 0 and 0 < r["cpu_util"] <= 1.05
 
 
-def test_matmul_probe_reuses_its_matrices():
-    # --paired-peak times the peak after every step: a probe that allocated its 48 MiB each time
-    # page-faulted ~12k pages per step on glibc into the step's fault count (run L, first try).
+def test_matmul_probe_process_keeps_its_matrices_out_of_the_worker():
+    # The workers time the matmul peak before their steps (and after each one with --paired-peak).
+    # Matrices made in the worker itself stayed resident in tcmalloc's caches and the step reused
+    # them: its memory growth read ~45 MiB low at seq 512 batch 4. In a sibling process they cost
+    # the worker nothing.
     import resource
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from _common import MatmulProbe
+        from _common import MatmulProbeProcess
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    probe = MatmulProbe(512)
-    probe.measure(reps=1, warmup=1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    peak = probe.measure(reps=3, warmup=0)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert peak.best_flops >= peak.median_flops > 0 and peak.n == 512
-    assert faults < 16, faults     # 3 x 1 MiB of matrices would be ~768 pages
+    probe = MatmulProbeProcess(1024, "fp32", "cpu", threads=1)
+    try:
+        probe.measure(reps=1, warmup=1)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        peaks = [probe.measure(reps=3, warmup=0) for _ in range(3)]
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    finally:
+        probe.close()
+    assert all(p.best_flops >= p.median_flops > 0 and p.n == 1024 and p.threads == 1 for p in peaks)
+    assert faults < 64, faults       # 3 x 4 MiB of matrices would be ~3000 pages
+    assert probe.proc.returncode == 0  # closing the pipe ends the child
 
 
 def test_json_is_written_after_every_row(tmp_path):
