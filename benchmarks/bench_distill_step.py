@@ -479,7 +479,7 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
     With ``paired_peak`` the matmul peak is timed again (best of 3 products) right after every
     timed step, outside the step's time: ``mfu_paired`` is the median over steps of each step's
     FLOP rate divided by its own adjacent peak, which the host's drift (a shared VM's rate moves
-    by +-5-30% within minutes) cancels out of, unlike a best-of-run peak against a median step.
+    by 5-25% within minutes) cancels out of, unlike a best-of-run peak against a median step.
     """
     models = bench_models(smoke, preset)
     step = IMPLS[impl](models, device=device, dtype=dtype)
