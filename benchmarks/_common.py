@@ -174,8 +174,8 @@ class MatmulProbeProcess:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the matmul probe process exited (code {self.proc.wait()}); run it alone: "
-                               f"python -c 'from _common import probe_server' in benchmarks/ to see why")
+            raise RuntimeError(f"the matmul probe process ({self.n}x{self.n} {self.dtype} on {self.device}) exited "
+                               f"with code {self.proc.wait()}; its own error is printed above")
         d = json.loads(line)
         return MatmulPeak(d["n"], d["threads"], d["best_gflops"] * 1e9, d["median_gflops"] * 1e9, d["dtype"],
                           d["device"])
