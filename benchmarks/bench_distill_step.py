@@ -824,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny random models, seq 16, batch 2: checks the plumbing")
     p.add_argument("--profile", action="store_true", help="profile one extra step per run (op categories)")
     p.add_argument("--paired-peak", action="store_true",
-                   help="also time the matmul peak right after every timed step and report 'MFU % (paired)': "
+                   help="also time the matmul peak right after every timed step and report 'MFU %% (paired)': "
                         "the median of each step's rate over its own adjacent peak, robust to the host's drift "
                         "(longer runs; the MFU column and the targets keep the best-of-run peak)")
     p.add_argument("--worker-timeout", type=int, default=900, help="seconds before a run is abandoned")
