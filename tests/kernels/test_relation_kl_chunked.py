@@ -6,9 +6,23 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.kernels import cpu_rows
 from toolkit.kernels.relation_kl_chunked import auto_chunk_size, relation_kl, relation_kl_qk
 from toolkit.losses.reference import relation_kl_reference
 from toolkit.losses.relations import relation_kl_naive
+
+
+@pytest.fixture(autouse=True, params=["compiled rows", "torch rows"])
+def block_math(request):
+    """Every test runs with both block maths of the chunked path on the CPU: the compiled row
+    kernel (fp32 inputs; float64 always takes the torch math) and the torch passes."""
+    if request.param == "torch rows":
+        with cpu_rows.disabled():
+            yield request.param
+        return
+    if cpu_rows.load() is None:
+        pytest.skip(f"the compiled CPU row kernel does not run here: {cpu_rows.unavailable_reason()}")
+    yield request.param
 
 
 def _ragged_mask(lengths, seq_len):

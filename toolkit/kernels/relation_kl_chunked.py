@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.kernels import cpu_rows
 
 #: Default memory budget for one block's temporaries (bytes). Immutable module constant.
 DEFAULT_BLOCK_BUDGET_BYTES = 256 * 1024 * 1024
@@ -238,9 +239,15 @@ class _RelationKLFunction(torch.autograd.Function):
         # The key side of dKL/dlogit_s: padded query rows must add nothing, so they are zeroed
         # in the query-side operand of that matmul.
         row_valid = valid[:, None, :, None].to(cdt)           # [B, 1, L, 1]
-        sq_rows = sq_raw * row_valid if (want_k and key_pad is not None) else sq_raw
+        # The compiled row kernel (CPUs, fp32 statistics) replaces _block_kl's torch passes. For
+        # the student's self relation with whole-row blocks it returns g + g^T, and one matmul
+        # gives the query-side and the key-side gradient together (sq_raw is sk then).
+        kernel = cpu_rows.load() if (sq.device.type == "cpu" and cdt == torch.float32) else None
+        merged = kernel is not None and want_q and want_k and s_q is s_k and block >= l
+        key_valid = None if (kernel is None or key_pad is None) else valid.to(torch.uint8).contiguous()
+        sq_rows = sq_raw * row_valid if (want_k and key_pad is not None and not merged) else sq_raw
         d_sq = torch.empty_like(sq_raw) if want_q else None   # [B, R, L, ds]
-        d_sk = torch.zeros_like(sk) if want_k else None
+        d_sk = torch.zeros_like(sk) if (want_k and not merged) else None
         want_grad = d_sq is not None or d_sk is not None
         for b0 in range(0, b, batch_block):
             bs = slice(b0, min(b, b0 + batch_block))
@@ -248,8 +255,18 @@ class _RelationKLFunction(torch.autograd.Function):
             tk_tb, sk_b, sk_tb = tk_t[bs], sk[bs], sk_t[bs]
             for i0 in range(0, l, block):
                 rows = slice(i0, min(l, i0 + block))
-                row_kl[bs, :, rows], g = _block_kl(tq[bs, :, rows], tk_tb, sq[bs, :, rows], sk_tb, pad_b, want_grad)
-                if g is not None:                                # p_s - p_t
+                if kernel is not None:
+                    g = torch.matmul(sq[bs, :, rows], sk_tb)     # student logits, then the gradient
+                    row_kl[bs, :, rows] = kernel.block(torch.matmul(tq[bs, :, rows], tk_tb), g, heads, i0,
+                                                       None if key_valid is None else key_valid[bs], want_grad,
+                                                       merged)
+                    if not want_grad:
+                        del g
+                        continue
+                else:
+                    row_kl[bs, :, rows], g = _block_kl(tq[bs, :, rows], tk_tb, sq[bs, :, rows], sk_tb, pad_b,
+                                                       want_grad)
+                if g is not None:                                # p_s - p_t (merged: plus its transpose)
                     if d_sq is not None:
                         d_sq[bs, :, rows] = torch.matmul(g, sk_b)
                     if d_sk is not None:

@@ -115,15 +115,22 @@ RELATION_KL_IMPLS: Mapping[str, RelationKLFn] = {
 def describe_relation_kl(impl: str, device: torch.device, batch: int, heads: int, seq_len: int,
                          chunk_size: Optional[int] = None) -> str:
     """What ``impl`` will run for ``[batch, seq_len]`` inputs on ``device``, for the job log:
-    ``"triton"``, or ``"chunked (blocks of b samples x r rows)"``."""
+    ``"triton"``, or ``"chunked (blocks of b samples x r rows)"``, on CPUs followed by the block
+    math (the compiled row kernel, or the torch passes and why)."""
     from toolkit.kernels.relation_kl_chunked import plan_blocks
 
     if _runs_triton(impl, device.type):
         return "triton"
     if impl == "naive":
         return "naive (materializes [B, R, L, L])"
-    samples, rows = plan_blocks(batch, heads, seq_len, device.type == "cpu", chunk_size)
-    return f"chunked (blocks of {samples} sample{'s' if samples > 1 else ''} x {rows} query rows)"
+    on_cpu = device.type == "cpu"
+    samples, rows = plan_blocks(batch, heads, seq_len, on_cpu, chunk_size)
+    blocks = f"blocks of {samples} sample{'s' if samples > 1 else ''} x {rows} query rows"
+    if on_cpu:
+        from toolkit.kernels import cpu_rows
+
+        blocks += f"; {cpu_rows.describe()}"
+    return f"chunked ({blocks})"
 
 
 def validate_relations(relations: Sequence[str]) -> tuple:

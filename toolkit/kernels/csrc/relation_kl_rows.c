@@ -1,0 +1,132 @@
+/* Fused row math of the chunked relation KL on CPUs (toolkit/kernels/cpu_rows.py builds this
+ * file with the system C compiler and loads it with ctypes; see docs/KERNELS.md).
+ *
+ * One query block holds teacher logits `a` and student logits `s`, both [n_mat, rows, L] fp32,
+ * row-major (n_mat = samples x relation heads). For every row, in one sweep that stays in L1:
+ *   m_t, m_s = row maxima over real keys
+ *   e_t = exp(a - m_t), e_s = exp(s - m_s)       (0 on padded keys)
+ *   KL  = sum_j e_t,j ((a_j - m_t) - (s_j - m_s)) / sum e_t - log sum e_t + log sum e_s
+ *   g   = e_s / sum e_s - e_t / sum e_t           (= p_s - p_t = dKL/ds, written over s)
+ * The torch block math (relation_kl_chunked._block_kl) needs about ten passes over the block
+ * for the same numbers. Padded query rows get KL 0 and g 0. With `symmetric` (rows == L, the
+ * student's self relation) g is replaced by g + g^T per matrix, so the caller needs one
+ * gradient matmul instead of two (query side and key side use the same tensor).
+ *
+ * Only portable C: the loops are written so that gcc/clang vectorise them (`omp simd`), and
+ * exp is a polynomial (no libm call in the loop). Threads: OpenMP, as many as torch uses.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* e^x for x <= 0 (the logits are centred on their row maximum). Cody-Waite reduction
+ * x = n ln2 + r, |r| <= ln2/2, and a degree-7 Taylor polynomial for e^r (truncation error
+ * < 6e-9 relative, below fp32 rounding). Exactly 0 below -87, where e^x would be subnormal:
+ * padded keys (-FLT_MAX) and negligible probabilities. */
+static inline float exp_nonpos(float x) {
+    float xc = x < -87.0f ? -87.0f : x;
+    float n = __builtin_roundf(xc * 1.44269504088896341f);
+    float r = xc - n * 0.693145751953125f; /* ln2 high part: n * hi is exact */
+    r = r - n * 1.42860682030941723e-06f;   /* ln2 low part */
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23; /* 2^n, n in [-126, 0] */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+/* For the tests: y[i] = exp_nonpos(x[i]). */
+void relkl_exp_nonpos(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = exp_nonpos(x[i]);
+}
+
+/* Version of the calling convention below; cpu_rows.py refuses a library with another. */
+int relkl_abi_version(void) { return 1; }
+
+/* a, s: [n_mat, rows, L] teacher and student logits of query rows row0 .. row0 + rows - 1
+ * (already scaled; padded keys may hold anything). key_valid: NULL (no padding) or
+ * [n_mat / heads, L] bytes, 1 for a real token (keys and query rows of a sample).
+ * row_kl: [n_mat, rows] out. a is clobbered (it holds e_t afterwards). With want_grad, s
+ * becomes p_s - p_t, or (p_s - p_t) + its transpose with symmetric (requires rows == L). */
+void relkl_block(float *a, float *s, int64_t n_mat, int64_t rows, int64_t L, int64_t heads, int64_t row0,
+                 const uint8_t *key_valid, float *row_kl, int want_grad, int symmetric, int nthreads) {
+    if (symmetric && rows != L) symmetric = 0; /* the caller checks; never transpose a partial block */
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n_mat * rows; i++) {
+            const int64_t m = i / rows, q = row0 + i % rows;
+            const uint8_t *kv = key_valid ? key_valid + (m / heads) * L : NULL;
+            float *ar = a + i * L, *sr = s + i * L;
+            if (kv && !kv[q]) { /* padded query row: no loss, no gradient */
+                row_kl[i] = 0.0f;
+                if (want_grad) memset(sr, 0, (size_t)L * sizeof(float));
+                continue;
+            }
+            float mt = -INFINITY, ms = -INFINITY;
+            float st = 0.0f, ss = 0.0f, dot = 0.0f;
+            if (kv) {
+#pragma omp simd reduction(max : mt, ms)
+                for (int64_t j = 0; j < L; j++) {
+                    float va = kv[j] ? ar[j] : -INFINITY, vs = kv[j] ? sr[j] : -INFINITY;
+                    mt = va > mt ? va : mt;
+                    ms = vs > ms ? vs : ms;
+                }
+#pragma omp simd reduction(+ : st, ss, dot)
+                for (int64_t j = 0; j < L; j++) {
+                    float ca = ar[j] - mt, cs = sr[j] - ms;
+                    float et = kv[j] ? exp_nonpos(ca) : 0.0f, es = kv[j] ? exp_nonpos(cs) : 0.0f;
+                    st += et;
+                    ss += es;
+                    dot += kv[j] ? et * (ca - cs) : 0.0f;
+                    ar[j] = et;
+                    sr[j] = es;
+                }
+            } else {
+#pragma omp simd reduction(max : mt, ms)
+                for (int64_t j = 0; j < L; j++) {
+                    mt = ar[j] > mt ? ar[j] : mt;
+                    ms = sr[j] > ms ? sr[j] : ms;
+                }
+#pragma omp simd reduction(+ : st, ss, dot)
+                for (int64_t j = 0; j < L; j++) {
+                    float ca = ar[j] - mt, cs = sr[j] - ms;
+                    float et = exp_nonpos(ca), es = exp_nonpos(cs);
+                    st += et;
+                    ss += es;
+                    dot += et * (ca - cs);
+                    ar[j] = et;
+                    sr[j] = es;
+                }
+            }
+            /* st, ss >= 1: the maximum's own term is exp(0). */
+            row_kl[i] = dot / st - logf(st) + logf(ss);
+            if (want_grad) {
+#pragma omp simd
+                for (int64_t j = 0; j < L; j++) sr[j] = sr[j] / ss - ar[j] / st;
+            }
+        }
+        if (want_grad && symmetric) { /* g <- g + g^T, per matrix, in 16 x 16 tiles */
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < n_mat; m++) {
+                float *g = s + m * L * L;
+                const int64_t T = 16;
+                for (int64_t ib = 0; ib < L; ib += T)
+                    for (int64_t jb = ib; jb < L; jb += T)
+                        for (int64_t r = ib; r < ib + T && r < L; r++)
+                            for (int64_t c = (jb == ib ? r : jb); c < jb + T && c < L; c++) {
+                                float v = g[r * L + c] + g[c * L + r];
+                                g[r * L + c] = v;
+                                g[c * L + r] = v;
+                            }
+            }
+        }
+    }
+}
