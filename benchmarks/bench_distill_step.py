@@ -387,11 +387,19 @@ def _timed_step(impl: Any, batch: Mapping[str, Tensor], phases: Dict[str, float]
 #: with ``student.activation_checkpointing: true`` (memory for time at long sequences);
 #: ``toolkit_attndrop01`` sets the student's attention dropout to 0.1 (CPU sdpa then has no
 #: fused kernel and falls back to the math path): what the recipe's default of 0 avoids.
+#: ``toolkit_torchrows`` runs the chunked relation KL with its torch block math instead of the
+#: compiled CPU row kernel (``TOOLKIT_CPU_KERNEL=0`` in that worker; each worker is a process).
+def _toolkit_torch_rows(models: BenchModels, **kw: Any) -> "ToolkitStep":
+    os.environ["TOOLKIT_CPU_KERNEL"] = "0"
+    return ToolkitStep(models, **kw)
+
+
 IMPLS: Dict[str, Callable[..., Any]] = {
     "toolkit": ToolkitStep,
     "baseline": BaselineStep,
     "toolkit_ckpt": lambda models, **kw: ToolkitStep(models, activation_checkpointing=True, **kw),
     "toolkit_attndrop01": lambda models, **kw: ToolkitStep(models, student_attention_dropout=0.1, **kw),
+    "toolkit_torchrows": _toolkit_torch_rows,
 }
 
 
@@ -569,7 +577,14 @@ def relation_kl_kernel(impl: str, device: str) -> str:
 
     if _TRITON_FAILED:   # impl auto fell back after a compile/launch failure: say so in the table
         return f"chunked (Triton failed: {_TRITON_FAILED['error'][:120]})"
-    return "triton" if _runs_triton("auto", torch.device(device).type) else "chunked"
+    if _runs_triton("auto", torch.device(device).type):
+        return "triton"
+    if torch.device(device).type != "cpu":
+        return "chunked"
+    from toolkit.kernels import cpu_rows
+
+    reason = cpu_rows.unavailable_reason()
+    return "chunked, compiled CPU rows" if reason is None else f"chunked, torch rows ({reason[:120]})"
 
 
 def peak_size(smoke: bool, device: str) -> int:
