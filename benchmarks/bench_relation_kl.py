@@ -14,6 +14,7 @@ path; this script then times its ``toolkit``::
 Usage::
 
     python benchmarks/bench_relation_kl.py --shapes 32x128,4x512,8x512 --threads 2
+    python benchmarks/bench_relation_kl.py --impls chunked,chunked_torchrows   # the CPU row kernel
 """
 from __future__ import annotations
 
@@ -28,11 +29,24 @@ from torch import Tensor
 
 import toolkit
 from toolkit.errors import ConfigError
+from toolkit.kernels import cpu_rows
 from toolkit.kernels.relation_kl_chunked import relation_kl_qk
 from toolkit.losses.relations import relation_kl_naive
 
 HIDDEN = 384
 HEADS = 12
+
+
+def relation_kl_torch_rows(*args: object) -> Tensor:
+    """The chunked path with its torch block math (the compiled CPU row kernel turned off)."""
+    with cpu_rows.disabled():
+        return relation_kl_qk(*args)  # type: ignore[arg-type]
+
+
+#: ``chunked``: the toolkit's default (on CPUs the compiled row kernel where it builds);
+#: ``chunked_torchrows``: the same blocks with torch's passes; ``naive``: materialising.
+FNS: Dict[str, Callable[..., Tensor]] = {"chunked": relation_kl_qk, "chunked_torchrows": relation_kl_torch_rows,
+                                         "naive": relation_kl_naive}
 
 
 def parse_shapes(text: str) -> List[Tuple[int, int]]:
@@ -85,7 +99,7 @@ def time_loss(fn: Callable[..., Tensor], batch: int, seq: int, reps: int,
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="32x128,8x128,4x512,8x512", help="BATCHxSEQ list")
-    ap.add_argument("--impls", default="chunked,naive", help="chunked and/or naive")
+    ap.add_argument("--impls", default="chunked,naive", help=f"among {', '.join(FNS)}")
     ap.add_argument("--chunk-size", type=int, default=None, help="chunked query block (default: auto)")
     ap.add_argument("--pad-frac", type=float, default=0.0,
                     help="pad this fraction of every other row (0: packed, no padding)")
@@ -95,9 +109,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         shapes = parse_shapes(args.shapes)
         impls = [x.strip() for x in args.impls.split(",") if x.strip()]
-        bad = [x for x in impls if x not in ("chunked", "naive")]
+        bad = [x for x in impls if x not in FNS]
         if bad or not impls:
-            raise ConfigError("--impls", f"choose from chunked, naive; got {args.impls!r}")
+            raise ConfigError("--impls", f"choose from {', '.join(FNS)}; got {args.impls!r}")
         if args.reps < 1:
             raise ConfigError("--reps", f"must be >= 1, got {args.reps}")
         if not 0.0 <= args.pad_frac < 1.0:
@@ -106,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    fns = {"chunked": relation_kl_qk, "naive": relation_kl_naive}
+    fns = FNS
+    print(f"chunked block math on this CPU: {cpu_rows.describe()}")
     print(f"toolkit from {toolkit.__file__}; torch {torch.__version__}, {args.threads} threads; "
           f"3 relations, hidden {HIDDEN}, {HEADS} relation heads, fp32, "
           + (f"every other row {100 * args.pad_frac:.0f}% padded\n" if args.pad_frac else "no padding\n"))
