@@ -23,6 +23,12 @@ key side, the gradient is accumulated into both. The teacher never receives a gr
 
 Statistics are always computed in fp32 (float64 stays float64): bf16/fp16 inputs are upcast
 once, because rounding the logits themselves to bf16 costs ~1e-2 absolute error per logit.
+
+On CPUs with fp32 statistics a block's row math (everything between the logits matmuls and
+the gradient matmuls) runs in the compiled row kernel of :mod:`toolkit.kernels.cpu_rows` when
+it builds on the machine, else in the torch passes of :func:`_block_kl`; both give the same
+numbers to fp32 rounding. With the kernel, the student's self relation over whole-row blocks
+takes its query- and key-side gradient from one matmul with ``g + g^T``.
 """
 from __future__ import annotations
 
