@@ -905,8 +905,10 @@ def _main(args: argparse.Namespace) -> int:
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{args.threads} threads"
     print(f"steps: {args.dtype} on {args.device}; models: {args.models}")
     peak = measure_matmul_peak(peak_n, dtype=args.dtype, device=args.device)
+    libs = ", ".join(f"{k} {v:.1f}" for k, v in (peak.by_backend or {}).items())
     print(f"{args.dtype} {peak_n}x{peak_n} matmul on {where}: best {peak.best_flops / 1e9:.1f} GFLOP/s, "
-          f"median {peak.median_flops / 1e9:.1f} GFLOP/s (MFU divides by the best seen in the run)")
+          f"median {peak.median_flops / 1e9:.1f} GFLOP/s (best per GEMM library: {libs}; MFU divides by the "
+          f"best seen in the run)")
     check = loss_check(models, min(seqs[0], 128), device=args.device)
     print(f"loss check (seq {check['seq']}, batch {check['batch']}, padded row, dropout off): toolkit "
           f"{check['toolkit_loss']:.6f} baseline {check['baseline_loss']:.6f} rel diff {check['rel_diff']:.1e} "

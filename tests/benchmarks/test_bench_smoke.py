@@ -85,6 +85,27 @@ def test_matmul_probe_process_keeps_its_matrices_out_of_the_worker():
     assert probe.proc.returncode == 0  # closing the pipe ends the child
 
 
+def test_matmul_peak_is_the_faster_gemm_library():
+    """On CPUs in fp32 the teacher runs oneDNN's GEMM (toolkit/models/onednn.py), ~20% faster than
+    torch.matmul's MKL on the AMD hosts measured: the peak MFU divides by is the faster of the two,
+    each reported, so MFU never credits the step with beating a slower reference GEMM."""
+    from toolkit.models.onednn import onednn_unavailable_reason
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _common import MatmulProbeProcess, measure_matmul_peak
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    want = {"torch.matmul"} if onednn_unavailable_reason() else {"torch.matmul", "oneDNN"}
+    peak = measure_matmul_peak(256, reps=3, warmup=1)
+    assert set(peak.by_backend) == want
+    assert peak.best_flops / 1e9 == pytest.approx(max(peak.by_backend.values()))
+    assert peak.as_dict()["by_backend_gflops"] == peak.by_backend
+    with MatmulProbeProcess(256, "fp32", "cpu", threads=1) as probe:   # the same through the child's JSON
+        child = probe.measure(reps=2, warmup=1)
+    assert set(child.by_backend) == want and child.best_flops / 1e9 == pytest.approx(max(child.by_backend.values()))
+
+
 def test_json_is_written_after_every_row(tmp_path):
     """A run stopped early (a lent GPU's time limit) keeps the rows it finished: the JSON is
     rewritten after each row, marked partial, and completed at the end."""

@@ -166,11 +166,16 @@ def _apex_adam(groups: Any, device: torch.device, kw: Dict[str, Any]) -> torch.o
 def prepare_frozen(model: nn.Module, device: Union[str, torch.device], dtype: torch.dtype) -> nn.Module:
     """Move a frozen model (the teacher) to ``device``/``dtype``, eval mode, no grads.
 
-    No optimizer or DeepSpeed engine: a frozen model only needs forward passes.
+    No optimizer or DeepSpeed engine: a frozen model only needs forward passes. On CPUs in fp32
+    its linear layers run oneDNN's GEMM (:func:`toolkit.models.onednn.use_onednn_linears`; ~20%
+    faster than MKL's on the AMD hosts measured; ``TOOLKIT_ONEDNN_LINEAR=0`` keeps MKL).
     """
+    from toolkit.models.onednn import use_onednn_linears
+
     model.to(device=device, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
+    use_onednn_linears(model)
     return model
 
 

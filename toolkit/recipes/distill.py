@@ -365,6 +365,12 @@ class DistillRecipe:
                  self.teacher_full_layers, self.teacher_layer, self.teacher.dtype if hasattr(self.teacher, "dtype")
                  else "", student.config.num_hidden_layers, student.config.hidden_size, self.student_params / 1e6,
                  rel_heads, eng.train_batch_size, cfg.corpus.seq_length, eng.compute_dtype)
+        if self.device.type == "cpu":
+            from toolkit.models.onednn import FrozenOneDNNLinear, onednn_unavailable_reason
+
+            n_dnn = sum(type(m) is FrozenOneDNNLinear for m in self.teacher.modules())
+            log.info("distill: teacher linears on %s", f"oneDNN ({n_dnn} layers)" if n_dnn else
+                     f"MKL ({onednn_unavailable_reason() or 'not fp32'})")
         if "minilmv2" in weights:
             log.info("distill: relation KL %s", describe_relation_kl(cfg.loss.impl, self.device, eng.micro_batch_size,
                                                                       rel_heads, cfg.corpus.seq_length,
