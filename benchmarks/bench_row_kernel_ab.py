@@ -1,16 +1,22 @@
-"""The distillation step with and without the compiled CPU row kernel, alternated in one process.
+"""The distillation step with one CPU fast path on and off, alternated in one process.
 
-``bench_distill_step.py --impls toolkit,toolkit_torchrows`` runs the two in separate worker
-processes one after the other, so a shared VM's drift (+-5% within minutes) lands between
-them. Here one toolkit step (the recipe's: truncated sdpa teacher, chunked relation KL, fused
-AdamW) alternates blocks of steps with the kernel on and off (``cpu_rows.disabled()``); the
-ratio of the medians and the median of per-round ratios are printed. Memory is not measured
-(``bench_distill_step.py`` does that). Nothing is asserted on time.
+``bench_distill_step.py --impls toolkit,toolkit_torchrows`` runs two variants in separate
+worker processes one after the other, so a shared VM's drift (+-5% within minutes) lands
+between them. Here one toolkit step (the recipe's: truncated sdpa teacher, chunked relation KL,
+fused AdamW) alternates blocks of steps with a switch on and off:
+
+* ``--switch cpu-rows``: the compiled CPU row kernel of the relation KL (off:
+  ``cpu_rows.disabled()``, the torch block math);
+* ``--switch teacher-onednn``: the frozen teacher's linears on oneDNN's GEMM (off: MKL's,
+  ``restore_linears``).
+
+The ratio of the medians and the median of per-round ratios are printed. Memory is not
+measured (``bench_distill_step.py`` does that). Nothing is asserted on time.
 
 Usage::
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
-        python benchmarks/bench_row_kernel_ab.py --shapes 128x8,128x32,512x4 --rounds 6
+        python benchmarks/bench_row_kernel_ab.py --shapes 128x8,128x32,512x4 --rounds 6 [--switch teacher-onednn]
 """
 from __future__ import annotations
 
@@ -30,6 +36,9 @@ from _common import check_counts, cli_main, write_json  # noqa: E402
 
 from toolkit.errors import ConfigError  # noqa: E402
 from toolkit.kernels import cpu_rows  # noqa: E402
+from toolkit.models.onednn import onednn_unavailable_reason, restore_linears, use_onednn_linears  # noqa: E402
+
+SWITCHES = ("cpu-rows", "teacher-onednn")
 
 
 def parse_shapes(text: str) -> List[tuple]:
@@ -50,40 +59,53 @@ def parse_shapes(text: str) -> List[tuple]:
     return out
 
 
-def run_shape(step: Any, batch: Dict[str, torch.Tensor], rounds: int, per_arm: int, warmup: int) -> Dict[str, Any]:
+def _one_step(step: Any, batch: Dict[str, torch.Tensor], switch: str, on: bool) -> None:
     from bench_distill_step import _timed_step
 
-    for _ in range(warmup):
+    if switch == "teacher-onednn":
+        (use_onednn_linears if on else restore_linears)(step.teacher)
         _timed_step(step, batch, {})
+    elif on:
+        _timed_step(step, batch, {})
+    else:
         with cpu_rows.disabled():
             _timed_step(step, batch, {})
-    times: Dict[str, List[float]] = {"kernel": [], "torch": []}
+
+
+def run_shape(step: Any, batch: Dict[str, torch.Tensor], rounds: int, per_arm: int, warmup: int,
+              switch: str = "cpu-rows") -> Dict[str, Any]:
+    """Median step ms with the switch on and off, blocks of ``per_arm`` steps, order swapped each round."""
+    for _ in range(warmup):
+        _one_step(step, batch, switch, True)
+        _one_step(step, batch, switch, False)
+    times: Dict[str, List[float]] = {"on": [], "off": []}
     ratios = []
     for r in range(rounds):
         # Alternate which arm goes first, so neither always follows the other.
-        order = ("kernel", "torch") if r % 2 == 0 else ("torch", "kernel")
-        this: Dict[str, List[float]] = {"kernel": [], "torch": []}
+        order = ("on", "off") if r % 2 == 0 else ("off", "on")
+        this: Dict[str, List[float]] = {"on": [], "off": []}
         for arm in order:
             for _ in range(per_arm):
                 t0 = time.perf_counter()
-                if arm == "torch":
-                    with cpu_rows.disabled():
-                        _timed_step(step, batch, {})
-                else:
-                    _timed_step(step, batch, {})
+                _one_step(step, batch, switch, arm == "on")
                 this[arm].append(time.perf_counter() - t0)
         for arm in this:
             times[arm].extend(this[arm])
-        ratios.append(statistics.median(this["torch"]) / statistics.median(this["kernel"]))
-    return {"kernel_ms": 1e3 * statistics.median(times["kernel"]), "torch_ms": 1e3 * statistics.median(times["torch"]),
-            "speedup_of_medians": statistics.median(times["torch"]) / statistics.median(times["kernel"]),
+        ratios.append(statistics.median(this["off"]) / statistics.median(this["on"]))
+    if switch == "teacher-onednn":
+        use_onednn_linears(step.teacher)   # leave the step as the recipe runs it
+    return {"switch": switch, "on_ms": 1e3 * statistics.median(times["on"]),
+            "off_ms": 1e3 * statistics.median(times["off"]),
+            "speedup_of_medians": statistics.median(times["off"]) / statistics.median(times["on"]),
             "speedup_median_of_rounds": statistics.median(ratios), "round_speedups": ratios,
-            "kernel_ms_all": [1e3 * t for t in times["kernel"]], "torch_ms_all": [1e3 * t for t in times["torch"]]}
+            "on_ms_all": [1e3 * t for t in times["on"]], "off_ms_all": [1e3 * t for t in times["off"]]}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="128x8,128x32,512x4", help="SEQxBATCH list")
+    p.add_argument("--switch", default="cpu-rows", choices=SWITCHES,
+                   help="cpu-rows: the relation KL's compiled row kernel; teacher-onednn: the teacher's oneDNN GEMMs")
     p.add_argument("--rounds", type=int, default=6, help="rounds of (kernel, torch) blocks per shape")
     p.add_argument("--per-arm", type=int, default=2, help="steps per arm per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per arm before the rounds")
@@ -99,25 +121,32 @@ def _main(args: argparse.Namespace) -> int:
     check_counts(args, ["rounds", "per_arm", "threads"])
     shapes = parse_shapes(args.shapes)
     torch.set_num_threads(args.threads)
-    kernel = cpu_rows.load()
-    if kernel is None:
-        raise ConfigError("TOOLKIT_CPU_KERNEL",
-                          f"the compiled CPU row kernel does not run here ({cpu_rows.unavailable_reason()}): "
-                          f"nothing to compare")
+    if args.switch == "cpu-rows":
+        kernel = cpu_rows.load()
+        if kernel is None:
+            raise ConfigError("TOOLKIT_CPU_KERNEL",
+                              f"the compiled CPU row kernel does not run here ({cpu_rows.unavailable_reason()}): "
+                              f"nothing to compare")
+        what, on_name, off_name = f"kernel {kernel.path.name}", "compiled rows", "torch rows"
+    else:
+        reason = onednn_unavailable_reason()
+        if reason is not None:
+            raise ConfigError("TOOLKIT_ONEDNN_LINEAR", f"the teacher cannot use oneDNN here ({reason}): nothing to compare")
+        what, on_name, off_name = "teacher linears on oneDNN vs MKL", "teacher oneDNN", "teacher MKL"
     models = bench_models(args.smoke)
-    print(f"teacher: {models.teacher_note}; kernel {kernel.path.name}; torch {torch.__version__}, {args.threads} threads; "
+    print(f"teacher: {models.teacher_note}; {what}; torch {torch.__version__}, {args.threads} threads; "
           f"{args.rounds} rounds x {args.per_arm} steps per arm\n")
-    print("| seq | batch | step ms, compiled rows | step ms, torch rows | speed-up (medians) | "
+    print(f"| seq | batch | step ms, {on_name} | step ms, {off_name} | speed-up (medians) | "
           "speed-up (median of rounds) | rounds min-max |")
     print("|---|---|---|---|---|---|---|")
     results = []
     step = ToolkitStep(models)
     for seq, batch in shapes:
         data = make_batch(models, batch, seq)
-        r = run_shape(step, data, args.rounds, args.per_arm, args.warmup)
+        r = run_shape(step, data, args.rounds, args.per_arm, args.warmup, args.switch)
         r.update(seq=seq, batch=batch)
         results.append(r)
-        print(f"| {seq} | {batch} | {r['kernel_ms']:.0f} | {r['torch_ms']:.0f} | {r['speedup_of_medians']:.3f}x | "
+        print(f"| {seq} | {batch} | {r['on_ms']:.0f} | {r['off_ms']:.0f} | {r['speedup_of_medians']:.3f}x | "
               f"{r['speedup_median_of_rounds']:.3f}x | {min(r['round_speedups']):.3f}-{max(r['round_speedups']):.3f} |",
               flush=True)
         if args.json:

@@ -4,9 +4,8 @@ torch sends an fp32 ``nn.Linear`` on x86 CPUs to MKL's sgemm. On the AMD EPYC ho
 project runs on, oneDNN's fp32 GEMM (``torch.ops.mkldnn._linear_pointwise``, the op torch's
 own inductor uses for frozen CPU linears) is ~20% faster for the same product: 2048^2 at 2
 threads 216 against 180 GFLOP/s, a teacher feed-forward ``[4096, 384] x [384, 1536]`` 209
-against 179, the whole truncated all-MiniLM-L6-v2 teacher forward at batch 32 x 128 ~27%
-shorter (docs/DESIGN.md, benchmarks/RESULTS.md run N). It also adds the bias inside the GEMM
-instead of copying it into the output first, as ``addmm`` does.
+against 179; the distillation step 1-4% shorter (benchmarks/RESULTS.md run N). It also adds
+the bias inside the GEMM instead of copying it into the output first, as ``addmm`` does.
 
 :func:`use_onednn_linears` switches every plain ``nn.Linear`` of a *frozen* model to
 :class:`FrozenOneDNNLinear` by changing the module's class: parameters, state-dict keys and
