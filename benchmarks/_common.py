@@ -305,6 +305,28 @@ def check_counts(args: Any, at_least_one: Sequence[str]) -> None:
         raise ConfigError("--warmup", f"must be >= 0, got {args.warmup}")
 
 
+def parse_dims(text: str, field: str, names: Sequence[str], example: str) -> List[tuple]:
+    """``"32x128,4x512"`` -> ``[(32, 128), (4, 512)]``: one positive int per name in each item;
+    ConfigError naming ``field`` and the bad item otherwise (``names`` only words the message)."""
+    out = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            dims = tuple(int(x) for x in part.lower().split("x"))
+        except ValueError:
+            dims = ()
+        if len(dims) != len(names):
+            raise ConfigError(field, f"expected {'x'.join(n.upper() for n in names)} items such as {example}, "
+                                     f"got {part!r}")
+        if min(dims) < 1:
+            raise ConfigError(field, f"{' and '.join(names)} must be >= 1, got {part!r}")
+        out.append(dims)
+    if not out:
+        raise ConfigError(field, f"name at least one shape, e.g. {example}")
+    return out
+
+
 def parse_int_list(text: str, field: str) -> List[int]:
     """``"128,512"`` -> ``[128, 512]``; ConfigError naming the option otherwise."""
     values = []

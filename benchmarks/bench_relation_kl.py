@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 import toolkit
+from _common import parse_dims
 from toolkit.errors import ConfigError
 from toolkit.kernels import cpu_rows
 from toolkit.kernels.relation_kl_chunked import relation_kl_qk
@@ -51,19 +52,7 @@ FNS: Dict[str, Callable[..., Tensor]] = {"chunked": relation_kl_qk, "chunked_tor
 
 def parse_shapes(text: str) -> List[Tuple[int, int]]:
     """``"32x128,4x512"`` -> ``[(32, 128), (4, 512)]`` (batch x seq)."""
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            b, l = (int(x) for x in part.lower().split("x"))
-        except ValueError:
-            raise ConfigError("--shapes", f"expected BATCHxSEQ items such as 32x128, got {part!r}") from None
-        if b < 1 or l < 1:
-            raise ConfigError("--shapes", f"batch and seq must be >= 1, got {part!r}")
-        out.append((b, l))
-    if not out:
-        raise ConfigError("--shapes", "name at least one shape, e.g. 32x128")
-    return out
+    return parse_dims(text, "--shapes", ("batch", "seq"), "32x128")
 
 
 def time_loss(fn: Callable[..., Tensor], batch: int, seq: int, reps: int,

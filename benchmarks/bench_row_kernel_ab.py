@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import check_counts, cli_main, write_json  # noqa: E402
+from _common import check_counts, cli_main, parse_dims, write_json  # noqa: E402
 
 from toolkit.errors import ConfigError  # noqa: E402
 from toolkit.kernels import cpu_rows  # noqa: E402
@@ -43,20 +43,7 @@ SWITCHES = ("cpu-rows", "teacher-onednn")
 
 def parse_shapes(text: str) -> List[tuple]:
     """``"128x8,512x4"`` -> ``[(128, 8), (512, 4)]`` (seq x batch)."""
-    out = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            seq, batch = (int(x) for x in part.lower().split("x"))
-        except ValueError:
-            raise ConfigError("--shapes", f"expected SEQxBATCH items such as 128x32, got {part!r}") from None
-        if seq < 1 or batch < 1:
-            raise ConfigError("--shapes", f"seq and batch must be >= 1, got {part!r}")
-        out.append((seq, batch))
-    if not out:
-        raise ConfigError("--shapes", "name at least one shape, e.g. 128x32")
-    return out
+    return parse_dims(text, "--shapes", ("seq", "batch"), "128x32")
 
 
 def _one_step(step: Any, batch: Dict[str, torch.Tensor], switch: str, on: bool) -> None:
