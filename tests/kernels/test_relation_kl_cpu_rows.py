@@ -181,6 +181,17 @@ def test_results_do_not_depend_on_the_thread_count(kernel):
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
 
 
+def test_block_refuses_what_its_pointers_cannot_walk(kernel):
+    a, s = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        kernel.block(a, s.transpose(-1, -2).contiguous().transpose(-1, -2), 3, 0, None, True, False)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        kernel.block(a.double(), s.double(), 3, 0, None, True, False)
+    with pytest.raises(ValueError, match="uint8"):
+        kernel.block(a, s, 3, 0, torch.ones(2, 4, dtype=torch.uint8), True, False)   # mask [n, rows], not [n, L]
+    assert kernel.block(a, s, 3, 0, torch.ones(2, 5, dtype=torch.uint8), True, False).shape == (2, 3, 4)
+
+
 def test_no_grad_forward_uses_the_kernel_and_matches(kernel):
     g = torch.Generator().manual_seed(4)
     t, s = torch.randn(2, 30, 32, generator=g), torch.randn(2, 30, 32, generator=g)

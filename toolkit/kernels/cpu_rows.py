@@ -62,6 +62,17 @@ class RowKernel:
         a contiguous uint8 ``[n, L]``.
         """
         n, r, rows, length = s.shape
+        # The C code walks raw pointers: anything but contiguous fp32 CPU blocks of one shape
+        # (and a [n, L] byte mask) would read or write the wrong memory.
+        ok = (a.shape == s.shape and a.dtype == s.dtype == torch.float32 and a.device.type == s.device.type == "cpu"
+              and a.is_contiguous() and s.is_contiguous())
+        if key_valid is not None:
+            ok = ok and (key_valid.dtype == torch.uint8 and key_valid.is_contiguous()
+                         and tuple(key_valid.shape) == (n, length) and n * r > 0 and r == heads)
+        if not ok:
+            raise ValueError(f"cpu_rows: expected contiguous fp32 CPU logits of one shape and a contiguous uint8 "
+                             f"[n, L] mask, got {tuple(a.shape)} {a.dtype}, {tuple(s.shape)} {s.dtype}, mask "
+                             f"{None if key_valid is None else (tuple(key_valid.shape), key_valid.dtype)}")
         row_kl = torch.empty(n, r, rows, dtype=torch.float32)
         self.lib.relkl_block(a.data_ptr(), s.data_ptr(), n * r, rows, length, heads, row0,
                              None if key_valid is None else key_valid.data_ptr(), row_kl.data_ptr(),
