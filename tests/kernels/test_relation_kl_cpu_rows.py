@@ -3,6 +3,7 @@ builds here, its exp, its values and gradients against the float64 reference and
 torch block math, the merged self-relation gradient, and every way of falling back."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -249,8 +250,10 @@ def test_a_fresh_process_builds_and_runs_it(tmp_path):
     code = ("import torch; from toolkit.kernels import cpu_rows; from toolkit.kernels.relation_kl_chunked "
             "import relation_kl; t=torch.randn(2,8,16); s=torch.randn(2,8,16,requires_grad=True); "
             "relation_kl(t,s,torch.ones(2,8),4).backward(); print(cpu_rows.describe())")
-    env = {"PATH": "/usr/bin:/bin", "TOOLKIT_KERNEL_CACHE": str(tmp_path), "HOME": str(tmp_path),
-           "PYTHONPATH": str(ROOT)}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TOOLKIT_KERNEL_CACHE": str(tmp_path),
+           "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    if os.environ.get("CC"):
+        env["CC"] = os.environ["CC"]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
