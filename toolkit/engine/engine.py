@@ -167,7 +167,7 @@ def prepare_frozen(model: nn.Module, device: Union[str, torch.device], dtype: to
     """Move a frozen model (the teacher) to ``device``/``dtype``, eval mode, no grads.
 
     No optimizer or DeepSpeed engine: a frozen model only needs forward passes. On CPUs in fp32
-    its linear layers run oneDNN's GEMM (:func:`toolkit.models.onednn.use_onednn_linears`; ~20%
+    its linear layers run oneDNN's GEMM (:func:`toolkit.models.onednn.use_onednn_linears`; ~17%
     faster than MKL's on the AMD hosts measured; ``TOOLKIT_ONEDNN_LINEAR=0`` keeps MKL).
     """
     from toolkit.models.onednn import use_onednn_linears

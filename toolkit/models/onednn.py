@@ -2,10 +2,9 @@
 
 torch sends an fp32 ``nn.Linear`` on x86 CPUs to MKL's sgemm. On the AMD EPYC hosts this
 project runs on, oneDNN's fp32 GEMM (``torch.ops.mkldnn._linear_pointwise``, the op torch's
-own inductor uses for frozen CPU linears) is ~20% faster for the same product: 2048^2 at 2
-threads 216 against 180 GFLOP/s, a teacher feed-forward ``[4096, 384] x [384, 1536]`` 209
-against 179; the distillation step 1-4% shorter (benchmarks/RESULTS.md run N). It also adds
-the bias inside the GEMM instead of copying it into the output first, as ``addmm`` does.
+own inductor uses for frozen CPU linears) is ~17% faster for the same product: 2048^2 at 2
+threads 214.8 against 183.9 GFLOP/s (the benchmark's own probe), and the distillation step
+1-4% shorter (benchmarks/RESULTS.md run N). It also adds the bias inside the GEMM instead of copying it into the output first, as ``addmm`` does.
 
 :func:`use_onednn_linears` switches every plain ``nn.Linear`` of a *frozen* model to
 :class:`FrozenOneDNNLinear` by changing the module's class: parameters, state-dict keys and
