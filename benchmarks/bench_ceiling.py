@@ -3,8 +3,9 @@
 For one (seq, batch), a fresh worker process times every matmul-class kernel the toolkit's step
 runs, at the step's exact shapes and with PyTorch's kernels:
 
-* the linear layers: teacher and student forward (``addmm``), the student's input and weight
-  gradients (``mm``);
+* the linear layers: teacher and student forward, the student's input and weight gradients, each
+  with the GEMM library the step uses (oneDNN's forward and input gradient on CPU fp32 runs,
+  ``toolkit/models/onednn.py``; MKL's ``addmm``/``mm`` otherwise and for the weight gradient);
 * attention (``scaled_dot_product_attention``): forward for the teacher's layers, forward +
   backward for the student's;
 * the MiniLMv2 relation KL, the three relations forward + backward, with the toolkit's own
@@ -50,6 +51,7 @@ from bench_distill_step import (MODEL_PRESETS, RELATIONS, BaselineStep, ToolkitS
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.launch import allocator
 from toolkit.launch.allocator import in_use as allocator_in_use
+from toolkit.models.onednn import count_onednn_linears, onednn_linear
 
 RESULT_PREFIX = "CEILING_RESULT "
 
@@ -83,20 +85,27 @@ def measure_components(step: ToolkitStep, batch: int, seq: int, relation_heads: 
             s = time_median(fn, reps, warmup, device)
             rows.append({"component": name, "calls": calls, "flops": calls * flops_per_call, "s": calls * s})
 
-    def linears(who: str, counts: Dict[tuple, int], wdtype: torch.dtype, backward: bool) -> None:
+    def linears(who: str, counts: Dict[tuple, int], wdtype: torch.dtype, backward: bool, onednn: bool) -> None:
+        # The GEMM library the step's layers use: oneDNN's for the forward and the input gradient
+        # where the model's linears were switched (toolkit/models/onednn.py), MKL's otherwise.
+        lib = " (oneDNN)" if onednn else ""
         for (k, n), calls in counts.items():
             x = torch.randn(m, k, device=device, dtype=wdtype)
             w = torch.randn(n, k, device=device, dtype=wdtype)
             b = torch.randn(n, device=device, dtype=wdtype)
-            add(f"{who} linear {k}->{n} forward", calls, 2.0 * m * k * n, lambda: F.linear(x, w, b))
+            fwd = (lambda: onednn_linear(x, w, b)) if onednn else (lambda: F.linear(x, w, b))
+            add(f"{who} linear {k}->{n} forward{lib}", calls, 2.0 * m * k * n, fwd)
             if backward:
                 go = torch.randn(m, n, device=device, dtype=wdtype)
-                add(f"{who} linear {k}->{n} input grad", calls, 2.0 * m * k * n, lambda: go @ w)
+                dx = (lambda: onednn_linear(go, w.t(), None)) if onednn else (lambda: go @ w)
+                add(f"{who} linear {k}->{n} input grad{lib}", calls, 2.0 * m * k * n, dx)
                 add(f"{who} linear {k}->{n} weight grad", calls, 2.0 * m * k * n, lambda: go.t() @ x)
 
     with torch.no_grad():
-        linears("teacher", linear_counts(t_layers, tc.hidden_size, tc.intermediate_size), t_dtype, False)
-    linears("student", linear_counts(s_layers, sc.hidden_size, sc.intermediate_size), dtype, True)
+        linears("teacher", linear_counts(t_layers, tc.hidden_size, tc.intermediate_size), t_dtype, False,
+                count_onednn_linears(step.teacher) > 0)
+    linears("student", linear_counts(s_layers, sc.hidden_size, sc.intermediate_size), dtype, True,
+            count_onednn_linears(step.student) > 0)
 
     def attention_inputs(cfg: Any, wdtype: torch.dtype, grad: bool) -> List[torch.Tensor]:
         h = cfg.num_attention_heads

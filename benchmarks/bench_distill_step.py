@@ -235,6 +235,10 @@ class ToolkitStep:
         self.module.train()
         self.module.to(self.device)
         self.student = student
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            from toolkit.models.onednn import use_onednn_linears
+
+            use_onednn_linears(self.module, trainable=True)   # as the recipe's engine on a CPU fp32 run
         params = [p for p in self.module.parameters() if p.requires_grad]
         if self.dtype == torch.float32:
             self.optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
@@ -408,6 +412,7 @@ IMPLS: Dict[str, Callable[..., Any]] = {
 _OP_CATEGORIES = {
     "aten::addmm": "linear matmuls (QKV/O/FFN)",
     "aten::mm": "linear matmuls (QKV/O/FFN)",
+    "mkldnn::_linear_pointwise": "linear matmuls (QKV/O/FFN)",   # oneDNN's GEMM (toolkit/models/onednn.py)
     "aten::bmm": "batched matmuls (attention, relation logits)",
     "aten::baddbmm": "batched matmuls (attention, relation logits)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "sdpa flash kernel",

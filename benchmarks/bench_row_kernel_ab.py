@@ -8,7 +8,9 @@ fused AdamW) alternates blocks of steps with a switch on and off:
 * ``--switch cpu-rows``: the compiled CPU row kernel of the relation KL (off:
   ``cpu_rows.disabled()``, the torch block math);
 * ``--switch teacher-onednn``: the frozen teacher's linears on oneDNN's GEMM (off: MKL's,
-  ``restore_linears``).
+  ``restore_linears``);
+* ``--switch student-onednn``: the trained student's linears on oneDNN's GEMM, forward and input
+  gradient (off: ``nn.Linear`` on MKL's).
 
 The ratio of the medians and the median of per-round ratios are printed. Memory is not
 measured (``bench_distill_step.py`` does that). Nothing is asserted on time.
@@ -16,7 +18,7 @@ measured (``bench_distill_step.py`` does that). Nothing is asserted on time.
 Usage::
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
-        python benchmarks/bench_row_kernel_ab.py --shapes 128x8,128x32,512x4 --rounds 6 [--switch teacher-onednn]
+        python benchmarks/bench_row_kernel_ab.py --shapes 128x8,128x32,512x4 --rounds 6 [--switch teacher-onednn|student-onednn]
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from toolkit.errors import ConfigError  # noqa: E402
 from toolkit.kernels import cpu_rows  # noqa: E402
 from toolkit.models.onednn import onednn_unavailable_reason, restore_linears, use_onednn_linears  # noqa: E402
 
-SWITCHES = ("cpu-rows", "teacher-onednn")
+SWITCHES = ("cpu-rows", "teacher-onednn", "student-onednn")
 
 
 def parse_shapes(text: str) -> List[tuple]:
@@ -51,6 +53,12 @@ def _one_step(step: Any, batch: Dict[str, torch.Tensor], switch: str, on: bool) 
 
     if switch == "teacher-onednn":
         (use_onednn_linears if on else restore_linears)(step.teacher)
+        _timed_step(step, batch, {})
+    elif switch == "student-onednn":
+        if on:
+            use_onednn_linears(step.module, trainable=True)
+        else:
+            restore_linears(step.module)
         _timed_step(step, batch, {})
     elif on:
         _timed_step(step, batch, {})
@@ -81,6 +89,8 @@ def run_shape(step: Any, batch: Dict[str, torch.Tensor], rounds: int, per_arm: i
         ratios.append(statistics.median(this["off"]) / statistics.median(this["on"]))
     if switch == "teacher-onednn":
         use_onednn_linears(step.teacher)   # leave the step as the recipe runs it
+    elif switch == "student-onednn":
+        use_onednn_linears(step.module, trainable=True)
     return {"switch": switch, "on_ms": 1e3 * statistics.median(times["on"]),
             "off_ms": 1e3 * statistics.median(times["off"]),
             "speedup_of_medians": statistics.median(times["off"]) / statistics.median(times["on"]),
@@ -92,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="128x8,128x32,512x4", help="SEQxBATCH list")
     p.add_argument("--switch", default="cpu-rows", choices=SWITCHES,
-                   help="cpu-rows: the relation KL's compiled row kernel; teacher-onednn: the teacher's oneDNN GEMMs")
+                   help="cpu-rows: the relation KL's compiled row kernel; teacher-onednn / student-onednn: the "
+                        "teacher's / the student's linears on oneDNN's GEMM instead of MKL's")
     p.add_argument("--rounds", type=int, default=6, help="rounds of (kernel, torch) blocks per shape")
     p.add_argument("--per-arm", type=int, default=2, help="steps per arm per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per arm before the rounds")
@@ -118,8 +129,9 @@ def _main(args: argparse.Namespace) -> int:
     else:
         reason = onednn_unavailable_reason()
         if reason is not None:
-            raise ConfigError("TOOLKIT_ONEDNN_LINEAR", f"the teacher cannot use oneDNN here ({reason}): nothing to compare")
-        what, on_name, off_name = "teacher linears on oneDNN vs MKL", "teacher oneDNN", "teacher MKL"
+            raise ConfigError("TOOLKIT_ONEDNN_LINEAR", f"oneDNN's linear does not run here ({reason}): nothing to compare")
+        who = args.switch.split("-")[0]
+        what, on_name, off_name = f"{who} linears on oneDNN vs MKL", f"{who} oneDNN", f"{who} MKL"
     models = bench_models(args.smoke)
     print(f"teacher: {models.teacher_note}; {what}; torch {torch.__version__}, {args.threads} threads; "
           f"{args.rounds} rounds x {args.per_arm} steps per arm\n")

@@ -227,17 +227,19 @@ def test_row_kernel_ab_alternates_both_arms_and_names_bad_input(tmp_path):
     assert r["switch"] == "cpu-rows"
     assert len(r["on_ms_all"]) == len(r["off_ms_all"]) == 2 and len(r["round_speedups"]) == 2
     assert r["speedup_of_medians"] == pytest.approx(r["off_ms"] / r["on_ms"])
-    # The teacher's GEMM library as the switch; the step is left as the recipe runs it.
+    # The teacher's GEMM library as the switch; the step is left as the recipe runs it ...
     from toolkit.models.onednn import onednn_unavailable_reason
 
-    proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "1", "--per-arm", "1",
-                           "--warmup", "0", "--threads", "1", "--switch", "teacher-onednn"],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
-    if onednn_unavailable_reason() is None:
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "| seq | batch | step ms, teacher oneDNN | step ms, teacher MKL |" in proc.stdout
-    else:
-        assert proc.returncode == 2 and "TOOLKIT_ONEDNN_LINEAR" in proc.stderr
+    # ... and the student's.
+    for who in ("teacher", "student"):
+        proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "1", "--per-arm",
+                               "1", "--warmup", "0", "--threads", "1", "--switch", f"{who}-onednn"],
+                              capture_output=True, text=True, timeout=240, cwd=ROOT)
+        if onednn_unavailable_reason() is None:
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert f"| seq | batch | step ms, {who} oneDNN | step ms, {who} MKL |" in proc.stdout
+        else:
+            assert proc.returncode == 2 and "TOOLKIT_ONEDNN_LINEAR" in proc.stderr
     bad = subprocess.run([sys.executable, str(script), "--shapes", "16by2"], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--shapes" in bad.stderr and "16by2" in bad.stderr

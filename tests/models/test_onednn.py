@@ -1,6 +1,6 @@
-"""oneDNN GEMMs for frozen CPU models (toolkit/models/onednn.py): same numbers as nn.Linear to
-fp32 rounding, hooks and state dicts untouched, only frozen fp32 CPU models switched, and the
-ways it stays off."""
+"""oneDNN GEMMs for CPU models (toolkit/models/onednn.py): same numbers and gradients as nn.Linear to
+fp32 rounding, hooks and state dicts untouched, only fp32 CPU models switched (frozen ones unless
+asked for a trained one), and the ways it stays off."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from torch import nn
 
 from toolkit.engine import prepare_frozen
 from toolkit.models import onednn
-from toolkit.models.onednn import FrozenOneDNNLinear, onednn_unavailable_reason, restore_linears, use_onednn_linears
+from toolkit.models.onednn import OneDNNLinear, onednn_unavailable_reason, restore_linears, use_onednn_linears
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_frozen_model_switches_and_matches_linear(available):
     captured = []
     model[2].register_forward_hook(lambda m, i, o: captured.append(o))
     assert use_onednn_linears(model) == 3
-    assert all(type(m) is FrozenOneDNNLinear for m in model if isinstance(m, nn.Linear))
+    assert all(type(m) is OneDNNLinear for m in model if isinstance(m, nn.Linear))
     with torch.no_grad():
         got = model(x)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
@@ -41,12 +41,12 @@ def test_frozen_model_switches_and_matches_linear(available):
     # Non-contiguous input, and the same numbers with grad mode on (no gradient is wanted).
     xt = torch.randn(9, 4, 40).transpose(0, 1)
     torch.testing.assert_close(model(xt), nn.Sequential(*[m for m in _mlp()])(xt).detach(), rtol=1e-5, atol=1e-5)
-    assert restore_linears(model) == 3 and all(type(m) is not FrozenOneDNNLinear for m in model)
+    assert restore_linears(model) == 3 and all(type(m) is not OneDNNLinear for m in model)
 
 
 def test_prepare_frozen_switches_a_cpu_fp32_teacher(available):
     model = prepare_frozen(_mlp(), "cpu", torch.float32)
-    assert sum(type(m) is FrozenOneDNNLinear for m in model.modules()) == 3
+    assert sum(type(m) is OneDNNLinear for m in model.modules()) == 3
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
@@ -56,7 +56,7 @@ def test_trainable_or_non_fp32_models_are_left_alone(available):
     frozen64 = _mlp().double().requires_grad_(False)
     assert use_onednn_linears(frozen64) == 0                    # float64: MKL's path, exact reference runs
     bf = prepare_frozen(_mlp(), "cpu", torch.bfloat16)
-    assert not any(type(m) is FrozenOneDNNLinear for m in bf.modules())
+    assert not any(type(m) is OneDNNLinear for m in bf.modules())
 
 
 def test_a_switched_layer_that_needs_a_gradient_uses_linear(available):
@@ -92,3 +92,78 @@ def test_env_switch_and_a_failing_op_keep_mkl(monkeypatch):
     assert use_onednn_linears(_mlp().requires_grad_(False)) == 0
     monkeypatch.undo()
     onednn._CHECK.clear()
+
+
+# ----- trained models (the engine's student / task model on a CPU fp32 run) ------------------
+def _grads_f64(layer: nn.Linear, x: torch.Tensor, go: torch.Tensor):
+    """Output and gradients of ``F.linear`` in float64: the reference."""
+    x64 = x.detach().double().requires_grad_(x.requires_grad)
+    w64 = layer.weight.detach().double().requires_grad_(layer.weight.requires_grad)
+    b64 = None if layer.bias is None else layer.bias.detach().double().requires_grad_(layer.bias.requires_grad)
+    y = torch.nn.functional.linear(x64, w64, b64)
+    y.backward(go.double())
+    return y.detach(), x64.grad, w64.grad, None if b64 is None else b64.grad
+
+
+def _close(got, want):
+    assert (got is None) == (want is None)
+    if got is not None:
+        assert got.dtype == torch.float32
+        err = float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+        assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("case", ["2d", "3d", "transposed input", "no bias", "frozen weight", "input without grad"])
+def test_trainable_linear_values_and_gradients_match_float64(available, case):
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 24, bias=case != "no bias")
+    shape = (13, 40) if case == "2d" else (3, 5, 40)
+    x = torch.randn(*shape)
+    if case == "transposed input":
+        x = torch.randn(5, 3, 40).transpose(0, 1)
+    if case == "frozen weight":
+        layer.requires_grad_(False)
+    x.requires_grad_(case != "input without grad")
+    assert use_onednn_linears(layer, trainable=True) == 1 and type(layer) is OneDNNLinear
+    go = torch.randn(*x.shape[:-1], 24)
+    y = layer(x)
+    assert y.grad_fn is not None and "OneDNNLinear" in type(y.grad_fn).__name__
+    y.backward(go)
+    want = _grads_f64(layer, x, go)
+    _close(y.detach(), want[0])
+    _close(x.grad, want[1])
+    _close(layer.weight.grad, want[2])
+    _close(None if layer.bias is None else layer.bias.grad, want[3])
+
+
+def test_trainable_linear_falls_back_off_its_path(available):
+    """float64 (gradcheck), CPU autocast and no-grad each take the path that fits them."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    use_onednn_linears(layer, trainable=True)
+    # float64: nn.Linear's own forward, so gradcheck holds exactly.
+    layer64 = nn.Linear(6, 4).double()
+    layer64.__class__ = OneDNNLinear
+    assert torch.autograd.gradcheck(layer64, (torch.randn(3, 6, dtype=torch.float64, requires_grad=True),))
+    # Under CPU autocast the layer computes in bf16 as nn.Linear does there.
+    x = torch.randn(3, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    # No grad wanted: no graph.
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+
+
+def test_trainable_linear_under_activation_checkpointing(available):
+    from torch.utils.checkpoint import checkpoint
+
+    model = _mlp()
+    use_onednn_linears(model, trainable=True)
+    x = torch.randn(4, 9, 40, requires_grad=True)
+    model(x).square().sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad()
+    x.grad = None
+    checkpoint(model, x, use_reentrant=False).square().sum().backward()
+    for a, b in zip(plain, [p.grad for p in model.parameters()] + [x.grad]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -65,11 +65,13 @@ def test_distill_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
     # The job log says which relation-KL code runs, with its CPU blocking.
     log_text = "\n".join(p.read_text() for p in (out / "logs").glob("rank*.log"))
     assert "relation KL chunked (blocks of" in log_text
-    # ... and which GEMM the frozen teacher's linears use on this CPU.
+    # ... and which GEMM the frozen teacher's and the trained student's linears use on this CPU.
     from toolkit.models.onednn import onednn_unavailable_reason
 
-    assert ("teacher linears on oneDNN (" if onednn_unavailable_reason() is None else "teacher linears on MKL (") \
-        in log_text
+    gemm = "oneDNN" if onednn_unavailable_reason() is None else "MKL"
+    assert f"teacher linears on {gemm} (" in log_text and f"student linears on {gemm} (" in log_text
+    if gemm == "oneDNN":   # 2 student layers x (Q, K, V, output, intermediate, output dense) + pooler
+        assert "student linears on oneDNN (13 layers)" in log_text
 
 
 def check_resume_matches_uninterrupted(teacher, corpus, tmp_path, stop_after: int, rel: float, abs_: float,

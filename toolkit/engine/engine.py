@@ -168,7 +168,8 @@ def prepare_frozen(model: nn.Module, device: Union[str, torch.device], dtype: to
 
     No optimizer or DeepSpeed engine: a frozen model only needs forward passes. On CPUs in fp32
     its linear layers run oneDNN's GEMM (:func:`toolkit.models.onednn.use_onednn_linears`; ~17%
-    faster than MKL's on the AMD hosts measured; ``TOOLKIT_ONEDNN_LINEAR=0`` keeps MKL).
+    faster than MKL's on the AMD hosts measured; ``TOOLKIT_ONEDNN_LINEAR=0`` keeps MKL). The
+    engine does the same for the model it trains (forward and input gradient).
     """
     from toolkit.models.onednn import use_onednn_linears
 
@@ -222,14 +223,30 @@ class Engine:
         self._skip_pending = False
 
         model.to(self._device)
+        # CPU fp32: the model's linear layers train on oneDNN's GEMM (forward and input
+        # gradient), 5-12% faster than MKL's at the encoders' shapes on the hosts measured.
+        self.onednn_linears = 0
+        if self._device.type == "cpu" and self._dtype == torch.float32:
+            from toolkit.models.onednn import use_onednn_linears
+
+            self.onednn_linears = use_onednn_linears(model, trainable=True)
         optimizer = build_optimizer(model, optim, params)
         scheduler = build_scheduler(optimizer, self.total_steps, optim.warmup_steps, optim.warmup_ratio,
                                     optim.decay, optim.min_lr_ratio)
         self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                  config=cfg)
-        log.info("engine: world %d, micro batch %d x accum %d = global batch %d, ZeRO-%d, %s",
+        log.info("engine: world %d, micro batch %d x accum %d = global batch %d, ZeRO-%d, %s%s",
                  self.world_size, self.micro_batch_size, self.grad_accum, self.train_batch_size,
-                 self.zero_stage, str(self._dtype).replace("torch.", ""))
+                 self.zero_stage, str(self._dtype).replace("torch.", ""), self._linears_note())
+
+    def _linears_note(self) -> str:
+        if self._device.type != "cpu":
+            return ""
+        if self.onednn_linears:
+            return f", linears on oneDNN ({self.onednn_linears} layers)"
+        from toolkit.models.onednn import onednn_unavailable_reason
+
+        return f", linears on MKL ({onednn_unavailable_reason() or 'not fp32'})"
 
     # ----- read-back of engine settings -------------------------------------------------
     @property

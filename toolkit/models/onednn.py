@@ -1,41 +1,88 @@
-"""oneDNN GEMMs for a frozen model's linear layers on CPUs (the distillation teacher).
+"""oneDNN GEMMs for the linear layers of CPU fp32 models: the frozen teacher and the trained student.
 
 torch sends an fp32 ``nn.Linear`` on x86 CPUs to MKL's sgemm. On the AMD EPYC hosts this
 project runs on, oneDNN's fp32 GEMM (``torch.ops.mkldnn._linear_pointwise``, the op torch's
 own inductor uses for frozen CPU linears) is ~17% faster for the same product: 2048^2 at 2
-threads 214.8 against 183.9 GFLOP/s (the benchmark's own probe), and the distillation step
-1-4% shorter (benchmarks/RESULTS.md run N). It also adds the bias inside the GEMM instead of copying it into the output first, as ``addmm`` does.
+threads 214.8 against 183.9 GFLOP/s (the benchmark's own probe), 5-12% at the encoders' shapes
+(``[4096, 384] x [384, 1536]`` and the like). It also adds the bias inside the GEMM instead of
+copying it into the output first, as ``addmm`` does.
 
-:func:`use_onednn_linears` switches every plain ``nn.Linear`` of a *frozen* model to
-:class:`FrozenOneDNNLinear` by changing the module's class: parameters, state-dict keys and
-registered hooks (the Q/K/V captures) stay as they are. Its forward takes the oneDNN op only
-for fp32 CPU tensors with no gradient wanted, and ``nn.Linear``'s otherwise, so a model that
-moves to a GPU or is unfrozen keeps working. The results differ from MKL's in the last bits
-(~2e-6 relative on the teacher's Q/K/V). Before the first switch in a process the op is
-checked against ``F.linear``; a missing op, a failed check or ``TOOLKIT_ONEDNN_LINEAR=0``
-leaves the model alone (the reason is in :func:`onednn_unavailable_reason`).
+:func:`use_onednn_linears` switches every plain ``nn.Linear`` of a model to
+:class:`OneDNNLinear` by changing the module's class: parameters, state-dict keys and
+registered hooks (the Q/K/V captures, DeepSpeed's ZeRO-3 gather hooks) stay as they are.
+
+* **Frozen** (``prepare_frozen``, the teacher): the no-grad forward is one oneDNN call.
+* **Trained** (``trainable=True``, the engine's model on a CPU fp32 run): a small autograd
+  function runs the forward and the input gradient ``dY @ W`` on oneDNN (5-12% faster than MKL
+  at these shapes), and the weight gradient ``dYᵀ X`` on MKL (``mm``; oneDNN was not faster for
+  this reduction over the tokens). It saves the same two tensors ``F.linear`` saves (input and
+  weight), so memory is unchanged, and it works under activation checkpointing and ZeRO-3 (the
+  weight is read from the module's parameter when the backward runs, after ZeRO gathered it).
+
+Either way, the oneDNN path is taken only for fp32 CPU tensors outside CPU autocast;
+``nn.Linear``'s forward runs otherwise, so a model that moves to a GPU, is cast to bf16 or runs
+under autocast keeps working. The results differ from MKL's in the last bits (~1e-6 relative).
+Before the first switch in a process the op is checked against ``F.linear`` (forward and the
+transposed-weight product of the backward); a missing op, a failed check or
+``TOOLKIT_ONEDNN_LINEAR=0`` leaves the model alone (the reason is in
+:func:`onednn_unavailable_reason`).
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 _DISABLE_VALUES = ("0", "false", "off", "no")
 _CHECK: dict = {}
 
 
-class FrozenOneDNNLinear(nn.Linear):
-    """``nn.Linear`` whose no-grad fp32 CPU forward runs oneDNN's GEMM with the bias fused."""
+def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``x @ weight.T + bias`` on oneDNN (``weight`` may be a strided view, e.g. a transpose)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """``F.linear`` with oneDNN's forward and input gradient and MKL's weight gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = onednn_linear(grad, weight.t(), None)          # dY @ W
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            grad2 = grad.reshape(-1, grad.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_w = grad2.t().mm(x.reshape(-1, x.shape[-1]))   # dY^T X, summed over the tokens
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = grad2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class OneDNNLinear(nn.Linear):
+    """``nn.Linear`` whose fp32 CPU forward (and backward) runs oneDNN's GEMM with the bias fused."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return super().forward(x)
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
+                or torch.is_autocast_enabled("cpu")):
+            return super().forward(x)
+        bias = self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _OneDNNLinearFunction.apply(x, self.weight, bias)
+        return onednn_linear(x, self.weight, bias)
 
 
 def onednn_unavailable_reason() -> Optional[str]:
@@ -55,9 +102,14 @@ def _check() -> Optional[str]:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(3, 7, 40, generator=gen)
         w, b = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
-        got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        want = F.linear(x.double(), w.double(), b.double())
-        err = float((got.double() - want).abs().max() / want.abs().max())
+        g = torch.randn(3, 7, 24, generator=gen)
+        errs = []
+        for got, want in ((torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),
+                           F.linear(x.double(), w.double(), b.double())),
+                          (torch.ops.mkldnn._linear_pointwise(g, w.t(), None, "none", [], ""),
+                           g.double() @ w.double())):
+            errs.append(float((got.double() - want).abs().max() / want.abs().max()))
+        err = max(errs)
     except Exception as e:  # noqa: BLE001 - an optional fast path: any failure means "not here"
         return f"the oneDNN linear op failed: {type(e).__name__}: {e}"
     if not err <= 1e-5:
@@ -65,14 +117,16 @@ def _check() -> Optional[str]:
     return None
 
 
-def use_onednn_linears(model: nn.Module) -> int:
-    """Switch the plain ``nn.Linear`` layers of a frozen CPU fp32 model to oneDNN; returns how many.
+def use_onednn_linears(model: nn.Module, trainable: bool = False) -> int:
+    """Switch the plain ``nn.Linear`` layers of a CPU fp32 model to oneDNN; returns how many.
 
-    Does nothing (returns 0) where :func:`onednn_unavailable_reason` gives a reason, or when the
-    model has parameters that require gradients, or lives off the CPU, or is not fp32.
+    Without ``trainable`` only a frozen model is switched (no parameter requires a gradient):
+    the teacher. With it, any CPU fp32 model (the engine's student or task model). Does nothing
+    (returns 0) where :func:`onednn_unavailable_reason` gives a reason, or when the model lives
+    off the CPU or is not fp32.
     """
     params = list(model.parameters())
-    if not params or any(p.requires_grad for p in params):
+    if not params or (not trainable and any(p.requires_grad for p in params)):
         return 0
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
         return 0
@@ -81,16 +135,21 @@ def use_onednn_linears(model: nn.Module) -> int:
     n = 0
     for module in model.modules():
         if type(module) is nn.Linear:
-            module.__class__ = FrozenOneDNNLinear
+            module.__class__ = OneDNNLinear
             n += 1
     return n
 
 
+def count_onednn_linears(model: nn.Module) -> int:
+    """How many of ``model``'s layers :func:`use_onednn_linears` switched."""
+    return sum(type(m) is OneDNNLinear for m in model.modules())
+
+
 def restore_linears(model: nn.Module) -> int:
-    """Undo :func:`use_onednn_linears` (e.g. before training a model that was frozen)."""
+    """Undo :func:`use_onednn_linears` (MKL's ``nn.Linear`` again); returns how many."""
     n = 0
     for module in model.modules():
-        if type(module) is FrozenOneDNNLinear:
+        if type(module) is OneDNNLinear:
             module.__class__ = nn.Linear
             n += 1
     return n
