@@ -31,6 +31,10 @@ from toolkit.errors import ConfigError, ToolkitError  # noqa: E402
 from toolkit.launch import allocator  # noqa: E402
 
 
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "CROSS_RANK", "CROSS_SIZE")
+
+
 def run_job(alloc: str, teacher: str, corpus: str, out: Path, args: argparse.Namespace) -> Dict[str, object]:
     """One `toolkit distill` run; the job's throughput summary and allocator."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +42,9 @@ def run_job(alloc: str, teacher: str, corpus: str, out: Path, args: argparse.Nam
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
                               "gradient_clipping": 1.0, "steps_per_print": 10 ** 9,
                               "zero_optimization": {"stage": 0}}))
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV_ACTIVE)}
+    # Each job is its own one-process world: a rendezvous inherited from the caller (a launcher,
+    # or a test process that built an engine and still holds MASTER_PORT) would collide with it.
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV_ACTIVE) + RENDEZVOUS_VARS}
     env.update({allocator.ENV_CHOICE: alloc, "TOOLKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": str(args.threads)})
     cmd = [sys.executable, "-m", "toolkit", "distill", "--teacher", teacher, "--corpus", corpus,
            "--max-steps", str(args.steps), "--output-dir", str(out), "--ds-config", str(ds),
