@@ -224,7 +224,7 @@ class Engine:
 
         model.to(self._device)
         # CPU fp32: the model's linear layers train on oneDNN's GEMM (forward and input
-        # gradient), 5-12% faster than MKL's at the encoders' shapes on the hosts measured.
+        # gradient): the step is ~2-3% shorter on the hosts measured (benchmarks/RESULTS.md run O).
         self.onednn_linears = 0
         if self._device.type == "cpu" and self._dtype == torch.float32:
             from toolkit.models.onednn import use_onednn_linears

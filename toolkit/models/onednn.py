@@ -3,8 +3,7 @@
 torch sends an fp32 ``nn.Linear`` on x86 CPUs to MKL's sgemm. On the AMD EPYC hosts this
 project runs on, oneDNN's fp32 GEMM (``torch.ops.mkldnn._linear_pointwise``, the op torch's
 own inductor uses for frozen CPU linears) is ~17% faster for the same product: 2048^2 at 2
-threads 214.8 against 183.9 GFLOP/s (the benchmark's own probe), 5-12% at the encoders' shapes
-(``[4096, 384] x [384, 1536]`` and the like). It also adds the bias inside the GEMM instead of
+threads 214.8 against 183.9 GFLOP/s (the benchmark's own probe). It also adds the bias inside the GEMM instead of
 copying it into the output first, as ``addmm`` does.
 
 :func:`use_onednn_linears` switches every plain ``nn.Linear`` of a model to
@@ -13,11 +12,11 @@ registered hooks (the Q/K/V captures, DeepSpeed's ZeRO-3 gather hooks) stay as t
 
 * **Frozen** (``prepare_frozen``, the teacher): the no-grad forward is one oneDNN call.
 * **Trained** (``trainable=True``, the engine's model on a CPU fp32 run): a small autograd
-  function runs the forward and the input gradient ``dY @ W`` on oneDNN (5-12% faster than MKL
-  at these shapes), and the weight gradient ``dYᵀ X`` on MKL (``mm``; oneDNN was not faster for
+  function runs the forward and the input gradient ``dY @ W`` on oneDNN (the distillation step
+  2-3% shorter, benchmarks/RESULTS.md run O), and the weight gradient ``dYᵀ X`` on MKL (``mm``; oneDNN was not faster for
   this reduction over the tokens). It saves the same two tensors ``F.linear`` saves (input and
   weight), so memory is unchanged, and it works under activation checkpointing and ZeRO-3 (the
-  weight is read from the module's parameter when the backward runs, after ZeRO gathered it).
+  parameter itself is saved, not a view, so the backward reads the weight ZeRO gathered for it).
 
 Either way, the oneDNN path is taken only for fp32 CPU tensors outside CPU autocast;
 ``nn.Linear``'s forward runs otherwise, so a model that moves to a GPU, is cast to bf16 or runs
