@@ -136,6 +136,21 @@ def test_trainable_linear_values_and_gradients_match_float64(available, case):
     _close(None if layer.bias is None else layer.bias.grad, want[3])
 
 
+def test_a_frozen_layer_keeps_only_its_weight_for_the_backward(available):
+    """As F.linear's autograd: the input is saved only where the weight gets a gradient."""
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 24)
+    use_onednn_linears(layer, trainable=True)
+    x = torch.randn(5, 40, requires_grad=True)
+    saved = layer(x).grad_fn.saved_tensors
+    assert any(t is not None and t.data_ptr() == x.data_ptr() for t in saved)
+    layer.requires_grad_(False)
+    y = layer(x)
+    assert not any(t is not None and t.data_ptr() == x.data_ptr() for t in y.grad_fn.saved_tensors)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(5, 40), rtol=1e-5, atol=1e-6)
+
+
 def test_trainable_linear_falls_back_off_its_path(available):
     """float64 (gradcheck), CPU autocast and no-grad each take the path that fits them."""
     torch.manual_seed(0)

@@ -37,12 +37,13 @@ from typing import Iterator, List, Optional
 import torch
 from torch import Tensor
 
+from toolkit.utils.env import switched_off
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "relation_kl_rows.c"
 ABI_VERSION = 1
 #: Tried in order when ``-march=native`` is refused (other compilers, other architectures).
 _ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])
 _BASE_FLAGS = ["-O3", "-std=c11", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
-_DISABLE_VALUES = ("0", "false", "off", "no")
 
 
 @dataclass
@@ -93,8 +94,7 @@ _FORCED_OFF: List[bool] = []
 
 
 def _disabled_by_env() -> Optional[str]:
-    value = os.environ.get("TOOLKIT_CPU_KERNEL", "").strip().lower()
-    return f"TOOLKIT_CPU_KERNEL={value}" if value in _DISABLE_VALUES else None
+    return switched_off("TOOLKIT_CPU_KERNEL")
 
 
 def cache_dir() -> Path:
@@ -204,7 +204,8 @@ def _self_check(kernel: RowKernel) -> None:
 
 def load() -> Optional[RowKernel]:
     """The kernel, built and checked on the first call; None (and :func:`unavailable_reason`)
-    where it cannot run. Thread-safe; never raises."""
+    where it cannot run. Thread-safe; raises only a ConfigError for a malformed
+    ``TOOLKIT_CPU_KERNEL`` value."""
     if _FORCED_OFF:
         return None
     env_off = _disabled_by_env()

@@ -14,9 +14,11 @@ registered hooks (the Q/K/V captures, DeepSpeed's ZeRO-3 gather hooks) stay as t
 * **Trained** (``trainable=True``, the engine's model on a CPU fp32 run): a small autograd
   function runs the forward and the input gradient ``dY @ W`` on oneDNN (the distillation step
   2-3% shorter, benchmarks/RESULTS.md run O), and the weight gradient ``dYᵀ X`` on MKL (``mm``; oneDNN was not faster for
-  this reduction over the tokens). It saves the same two tensors ``F.linear`` saves (input and
-  weight), so memory is unchanged, and it works under activation checkpointing and ZeRO-3 (the
+  this reduction over the tokens). It saves what ``F.linear`` saves (the weight, and the input
+  where the weight gets a gradient), so memory is unchanged, and it works under activation checkpointing and ZeRO-3 (the
   parameter itself is saved, not a view, so the backward reads the weight ZeRO gathered for it).
+  It is differentiable once: a double backward (``create_graph=True`` through the gradient)
+  raises, so switch such a model back with :func:`restore_linears` or ``TOOLKIT_ONEDNN_LINEAR=0``.
 
 Either way, the oneDNN path is taken only for fp32 CPU tensors outside CPU autocast;
 ``nn.Linear``'s forward runs otherwise, so a model that moves to a GPU, is cast to bf16 or runs
@@ -28,7 +30,6 @@ transposed-weight product of the backward); a missing op, a failed check or
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Tuple
 
 import torch
@@ -36,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-_DISABLE_VALUES = ("0", "false", "off", "no")
+from toolkit.utils.env import switched_off
+
 _CHECK: dict = {}
 
 
@@ -50,7 +52,9 @@ class _OneDNNLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        ctx.save_for_backward(x, weight)
+        # The input only for the weight gradient: a frozen layer keeps only its weight, as
+        # F.linear's autograd does.
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         ctx.has_bias = bias is not None
         return onednn_linear(x, weight, bias)
 
@@ -86,9 +90,9 @@ class OneDNNLinear(nn.Linear):
 
 def onednn_unavailable_reason() -> Optional[str]:
     """None when :func:`use_onednn_linears` would switch layers here, else why not."""
-    value = os.environ.get("TOOLKIT_ONEDNN_LINEAR", "").strip().lower()
-    if value in _DISABLE_VALUES:
-        return f"turned off by TOOLKIT_ONEDNN_LINEAR={value}"
+    env_off = switched_off("TOOLKIT_ONEDNN_LINEAR")
+    if env_off:
+        return f"turned off by {env_off}"
     if "reason" not in _CHECK:
         _CHECK["reason"] = _check()
     return _CHECK["reason"]
@@ -103,10 +107,8 @@ def _check() -> Optional[str]:
         w, b = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
         g = torch.randn(3, 7, 24, generator=gen)
         errs = []
-        for got, want in ((torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),
-                           F.linear(x.double(), w.double(), b.double())),
-                          (torch.ops.mkldnn._linear_pointwise(g, w.t(), None, "none", [], ""),
-                           g.double() @ w.double())):
+        for got, want in ((onednn_linear(x, w, b), F.linear(x.double(), w.double(), b.double())),
+                          (onednn_linear(g, w.t(), None), g.double() @ w.double())):
             errs.append(float((got.double() - want).abs().max() / want.abs().max()))
         err = max(errs)
     except Exception as e:  # noqa: BLE001 - an optional fast path: any failure means "not here"
