@@ -92,7 +92,7 @@ class MatmulPeak:
     dtype: str = "fp32"
     device: str = "cpu"
     #: best GFLOP/s per GEMM library timed: ``torch.matmul`` (MKL on x86 CPUs, cuBLAS on GPUs)
-    #: and, on CPUs in fp32, oneDNN (the teacher's GEMM, toolkit/models/onednn.py)
+    #: and, on CPUs in fp32, oneDNN (the teacher's and the student's GEMM, toolkit/models/onednn.py)
     by_backend: Optional[Dict[str, float]] = None
 
     def as_dict(self) -> Dict[str, Any]:
@@ -139,12 +139,11 @@ class MatmulProbe:
         # never divides by a slower GEMM than the step itself uses (from run N on).
         self.products: Dict[str, Any] = {"torch.matmul": lambda: torch.matmul(self.a, self.b, out=self.out)}
         if torch.device(device).type == "cpu" and dt == torch.float32:
-            from toolkit.models.onednn import onednn_unavailable_reason
+            from toolkit.models.onednn import onednn_linear, onednn_unavailable_reason
 
             if onednn_unavailable_reason() is None:
                 b_t = self.b.t().contiguous()   # linear's weight layout: a @ b == linear(a, b^T)
-                self.products["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(self.a, b_t, None, "none", [],
-                                                                                      "")
+                self.products["oneDNN"] = lambda: onednn_linear(self.a, b_t, None)
 
     def measure(self, reps: int = 7, warmup: int = 2) -> MatmulPeak:
         """Time each GEMM library's ``a @ b`` (``2 n^3`` FLOPs) ``reps`` times, interleaved, after
