@@ -37,10 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import check_counts, cli_main, parse_dims, write_json  # noqa: E402
 
 from toolkit.errors import ConfigError  # noqa: E402
-from toolkit.kernels import cpu_rows  # noqa: E402
+from toolkit.kernels import cpu_attention, cpu_rows  # noqa: E402
+from toolkit.kernels.cpu_attention import restore_attention, use_cpu_attention  # noqa: E402
+from toolkit.models.fused_qkv import fused_qkv_unavailable_reason, fuse_qkv, unfuse_qkv  # noqa: E402
 from toolkit.models.onednn import onednn_unavailable_reason, restore_linears, use_onednn_linears  # noqa: E402
 
-SWITCHES = ("cpu-rows", "teacher-onednn", "student-onednn")
+SWITCHES = ("cpu-rows", "teacher-onednn", "student-onednn", "fused-qkv", "cpu-attention")
 
 
 def parse_shapes(text: str) -> List[tuple]:
@@ -59,6 +61,14 @@ def _one_step(step: Any, batch: Dict[str, torch.Tensor], switch: str, on: bool) 
             use_onednn_linears(step.module, trainable=True)
         else:
             restore_linears(step.module)
+        _timed_step(step, batch, {})
+    elif switch == "fused-qkv":
+        for model in (step.teacher, step.module):
+            (fuse_qkv if on else unfuse_qkv)(model)
+        _timed_step(step, batch, {})
+    elif switch == "cpu-attention":
+        for model in (step.teacher, step.module):
+            (use_cpu_attention if on else restore_attention)(model)
         _timed_step(step, batch, {})
     elif on:
         _timed_step(step, batch, {})
@@ -91,6 +101,12 @@ def run_shape(step: Any, batch: Dict[str, torch.Tensor], rounds: int, per_arm: i
         use_onednn_linears(step.teacher)   # leave the step as the recipe runs it
     elif switch == "student-onednn":
         use_onednn_linears(step.module, trainable=True)
+    elif switch == "fused-qkv":
+        fuse_qkv(step.teacher)
+        fuse_qkv(step.module)
+    elif switch == "cpu-attention":
+        use_cpu_attention(step.teacher)
+        use_cpu_attention(step.module)
     return {"switch": switch, "on_ms": 1e3 * statistics.median(times["on"]),
             "off_ms": 1e3 * statistics.median(times["off"]),
             "speedup_of_medians": statistics.median(times["off"]) / statistics.median(times["on"]),
@@ -126,6 +142,16 @@ def _main(args: argparse.Namespace) -> int:
                               f"the compiled CPU row kernel does not run here ({cpu_rows.unavailable_reason()}): "
                               f"nothing to compare")
         what, on_name, off_name = f"kernel {kernel.path.name}", "compiled rows", "torch rows"
+    elif args.switch == "cpu-attention":
+        if cpu_attention.load() is None:
+            raise ConfigError("TOOLKIT_CPU_ATTENTION", f"the compiled CPU attention kernel does not run here "
+                              f"({cpu_attention.unavailable_reason()}): nothing to compare")
+        what, on_name, off_name = "attention on the compiled CPU kernel vs sdpa", "attention kernel", "sdpa"
+    elif args.switch == "fused-qkv":
+        reason = fused_qkv_unavailable_reason()
+        if reason is not None:
+            raise ConfigError("TOOLKIT_FUSED_QKV", f"Q/K/V fusing is {reason}: nothing to compare")
+        what, on_name, off_name = "one Q/K/V GEMM per block vs three", "fused Q/K/V", "separate Q/K/V"
     else:
         reason = onednn_unavailable_reason()
         if reason is not None:

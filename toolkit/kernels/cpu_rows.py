@@ -32,7 +32,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -136,21 +136,29 @@ def _compiler_version(cc: str) -> str:
 
 def _build(cc: str, out_dir: Path) -> Path:
     """Compile SOURCE into ``out_dir`` (atomically: concurrent ranks may build at once)."""
-    src = SOURCE.read_bytes()
+    return build_shared(SOURCE, cc, out_dir, ABI_VERSION)
+
+
+def build_shared(source: Path, cc: str, out_dir: Path, abi: int, extra_flags: Sequence[str] = ()) -> Path:
+    """Compile the C file ``source`` into a shared library in ``out_dir``, cached by the source,
+    flags, compiler, this CPU and ``abi`` (atomically: concurrent ranks may build at once).
+    ``-march=native`` first, then the fallbacks of ``_ARCH_FLAGS``; RuntimeError with the
+    compiler's messages if none builds."""
+    src = source.read_bytes()
     version = _compiler_version(cc)
     errors = []
     for arch in _ARCH_FLAGS:
-        flags = _BASE_FLAGS + arch
+        flags = _BASE_FLAGS + list(extra_flags) + arch
         key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), cc.encode(),
-                                         _cpu_id().encode(), str(ABI_VERSION).encode()])).hexdigest()[:16]
-        target = out_dir / f"relation_kl_rows-{key}.so"
+                                         _cpu_id().encode(), str(abi).encode()])).hexdigest()[:16]
+        target = out_dir / f"{source.stem}-{key}.so"
         if target.exists():
             return target
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+            proc = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True,
                                   timeout=300)
             if proc.returncode == 0:
                 os.replace(tmp, target)
@@ -161,7 +169,7 @@ def _build(cc: str, out_dir: Path) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise RuntimeError("could not compile " + str(SOURCE) + ": " + " | ".join(errors))
+    raise RuntimeError("could not compile " + str(source) + ": " + " | ".join(errors))
 
 
 def _bind(path: Path) -> ctypes.CDLL:

@@ -78,14 +78,19 @@ class OneDNNLinear(nn.Linear):
     """``nn.Linear`` whose fp32 CPU forward (and backward) runs oneDNN's GEMM with the bias fused."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or torch.is_autocast_enabled("cpu")):
-            return super().forward(x)
-        bias = self.bias
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            return _OneDNNLinearFunction.apply(x, self.weight, bias)
-        return onednn_linear(x, self.weight, bias)
+        return linear_forward(x, self.weight, self.bias)
+
+
+def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x, weight, bias)``, on oneDNN (with its backward) for fp32 CPU tensors outside
+    CPU autocast, else ``F.linear`` itself."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _OneDNNLinearFunction.apply(x, weight, bias)
+    return onednn_linear(x, weight, bias)
 
 
 def onednn_unavailable_reason() -> Optional[str]:

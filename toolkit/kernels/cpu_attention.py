@@ -1,0 +1,344 @@
+"""A compiled CPU attention forward for small head sizes (optional, with fallback to sdpa).
+
+At the MiniLM shapes (head size 32, 128 tokens) torch's CPU flash-attention kernel runs at about
+a third of the fp32 GEMM peak: its blocks go through a general GEMM whose inner dimension is the
+head size. ``csrc/attention_fwd.c`` packs K^T once per (sample, head) and runs register-blocked
+micro-kernels for ``Q K^T`` and ``P V`` around the row softmax (docs/KERNELS.md has the figures).
+
+* **Forward**: the kernel, writing ``out`` and ``logsumexp`` in the layouts of torch's CPU
+  flash op ``aten::_scaled_dot_product_flash_attention_for_cpu``.
+* **Backward**: that op's own backward (``..._for_cpu_backward``) from the kernel's ``out`` and
+  ``logsumexp``, so the gradients are torch's and the memory kept for the backward is what sdpa
+  keeps (Q, K, V, out, logsumexp).
+
+:func:`use_cpu_attention` switches a model's ``"sdpa"`` attention to the name this module
+registers with transformers (``"toolkit_cpu"``, masks built as for sdpa; not saved by
+``save_pretrained``). The attention function runs the kernel only where it applies (fp32 CPU
+tensors outside autocast, no attention dropout in training, not causal, a boolean or no mask, the
+same number of heads for Q, K and V) and hands everything else to transformers' sdpa function,
+so a switched model that moves to a GPU, to bf16 or into training with attention dropout runs
+as before.
+
+The C file is built on first use like :mod:`toolkit.kernels.cpu_rows` (same compiler search and
+cache) and checked against float64 attention before it is used; anything that goes wrong is
+reported once as a warning and sdpa runs instead. ``TOOLKIT_CPU_ATTENTION=0`` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from toolkit.kernels.cpu_rows import build_shared, cache_dir, find_compiler
+from toolkit.utils.env import switched_off
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "attention_fwd.c"
+ABI_VERSION = 1
+#: The attention-implementation name registered with transformers.
+ATTN_NAME = "toolkit_cpu"
+#: ISO C turns FMA contraction off; the micro-kernels are FMAs.
+_EXTRA_FLAGS = ("-ffp-contract=fast",)
+
+
+@dataclass
+class AttentionKernel:
+    """A loaded build of ``attention_fwd.c``."""
+
+    lib: ctypes.CDLL
+    path: Path
+    built_s: float
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
+        """``softmax(scale q k^T + mask) v`` and its logsumexp.
+
+        Args:
+            q, k, v: fp32 CPU ``[B, H, L, D]`` (``Lk`` for k and v), any strides with a
+                contiguous last dimension (the transposed views of ``[B, L, H, D]`` projections).
+            mask: None, or a bool tensor broadcastable to ``[B, H, Lq, Lk]``, True = attend.
+            scale: the logits' scale.
+
+        Returns:
+            ``out`` ``[B, H, Lq, D]`` (memory ``[B, Lq, H, D]``) and ``lse`` ``[B, H, Lq]``
+            (memory ``[B, Lq, H]``), as torch's CPU flash op returns them.
+        """
+        b, h, lq, d = q.shape
+        lk = k.shape[2]
+        for name, t in (("query", q), ("key", k), ("value", v)):
+            if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or t.stride(-1) != 1:
+                raise ValueError(f"cpu_attention: {name} must be a 4-D fp32 CPU tensor with a contiguous last "
+                                 f"dimension, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
+        if tuple(k.shape) != (b, h, lk, d) or tuple(v.shape) != (b, h, lk, d):
+            raise ValueError(f"cpu_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                             f"do not match")
+        mask_ptr, mstrides = None, (0, 0, 0, 0)
+        if mask is not None:
+            if mask.dtype != torch.bool or mask.dim() != 4:
+                raise ValueError(f"cpu_attention: the mask must be a 4-D bool tensor, got {tuple(mask.shape)} "
+                                 f"{mask.dtype}")
+            m = mask.expand(b, h, lq, lk)         # broadcast dims get stride 0
+            mask_ptr = m.data_ptr()
+            mstrides = tuple(m.stride())
+        out = torch.empty(b, lq, h, d, dtype=torch.float32)
+        lse = torch.empty(b, lq, h, dtype=torch.float32)
+        rc = self.lib.attn_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, h, lq, lk, d,
+                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                               v.stride(0), v.stride(1), v.stride(2), mask_ptr, *mstrides, float(scale),
+                               out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"cpu_attention: the kernel could not allocate its scratch memory "
+                              f"(B={b}, H={h}, Lq={lq}, Lk={lk}, D={d})")
+        return out.transpose(1, 2), lse.transpose(1, 2)
+
+
+_LOCK = threading.Lock()
+_STATE: dict = {}
+_FORCED_OFF: List[bool] = []
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.attn_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path} has calling convention {lib.attn_abi_version()}, expected {ABI_VERSION}")
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.attn_fwd.argtypes = [ptr, ptr, ptr] + [i64] * 5 + [i64] * 9 + [ptr] + [i64] * 4 + [ctypes.c_float, ptr, ptr,
+                                                                                             cint]
+    lib.attn_fwd.restype = cint
+    return lib
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
+    """float64 attention (out ``[B, H, Lq, D]``, logsumexp ``[B, H, Lq]``); rows whose keys are
+    all masked give 0 and 0, as torch's CPU flash kernel does."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    dead = torch.isinf(lse)
+    p = torch.exp(s - lse.masked_fill(dead, 0.0)[..., None])
+    out = p @ v.double()
+    return out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, 0.0)
+
+
+def _self_check(kernel: AttentionKernel) -> None:
+    """The build against float64 attention: ragged padding, a query-dependent mask with a fully
+    masked row, a head size that is not a multiple of the vector width, strided inputs."""
+    gen = torch.Generator().manual_seed(0)
+    b, h, length, d = 2, 3, 37, 20
+    x = torch.randn(b, length, 3 * h * d, generator=gen) * 2.0
+    q, k, v = (t.view(b, length, h, d).transpose(1, 2) for t in x.split(h * d, dim=-1))
+    valid = torch.ones(b, length, dtype=torch.bool)
+    valid[1, 29:] = False
+    tril = torch.ones(length, length, dtype=torch.bool).tril()
+    tril[5] = False
+    for mask in (None, valid[:, None, None, :], tril[None, None] & valid[:, None, None, :]):
+        out, lse = kernel.forward(q, k, v, mask, d ** -0.5)
+        ref_out, ref_lse = reference(q, k, v, mask, d ** -0.5)
+        for what, got, want in (("output", out, ref_out), ("logsumexp", lse, ref_lse)):
+            err = float((got.double() - want).abs().max())
+            if not err <= 1e-5 * (1.0 + float(want.abs().max())):
+                raise RuntimeError(f"{kernel.path}: {what} differs from float64 attention by {err:.2e}")
+
+
+def load() -> Optional[AttentionKernel]:
+    """The kernel, built and checked on the first call; None (and :func:`unavailable_reason`)
+    where it cannot run. Thread-safe; raises only a ConfigError for a malformed
+    ``TOOLKIT_CPU_ATTENTION`` value."""
+    if _FORCED_OFF or switched_off("TOOLKIT_CPU_ATTENTION"):
+        return None
+    with _LOCK:
+        if "reason" in _STATE:
+            return _STATE["kernel"]
+        kernel, reason = None, ""
+        try:
+            if not sys.platform.startswith("linux"):
+                raise RuntimeError(f"built only on Linux (this is {sys.platform})")
+            cc = find_compiler()
+            if cc is None:
+                raise RuntimeError("no C compiler (set $CC, or install gcc)")
+            t0 = time.perf_counter()
+            path = build_shared(SOURCE, cc, cache_dir(), ABI_VERSION, _EXTRA_FLAGS)
+            kernel = AttentionKernel(_bind(path), path, time.perf_counter() - t0)
+            _self_check(kernel)
+        except Exception as e:  # noqa: BLE001 - an optional accelerator: any failure means fallback
+            kernel, reason = None, f"{type(e).__name__}: {e}"
+            warnings.warn(f"attention: the compiled CPU attention kernel is not used ({reason}); torch's sdpa "
+                          f"runs instead (same numbers, slower on CPUs). TOOLKIT_CPU_ATTENTION=0 silences this.",
+                          RuntimeWarning, stacklevel=3)
+        _STATE.update(kernel=kernel, reason=reason)
+        return kernel
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why :func:`load` returns None, or None when the kernel runs."""
+    if _FORCED_OFF:
+        return "turned off in this process (cpu_attention.disabled())"
+    env_off = switched_off("TOOLKIT_CPU_ATTENTION")
+    if env_off:
+        return f"turned off by {env_off}"
+    if "reason" not in _STATE:
+        load()
+    return _STATE["reason"] or None
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Run sdpa instead of the kernel inside this block (tests, comparisons)."""
+    _FORCED_OFF.append(True)
+    try:
+        yield
+    finally:
+        _FORCED_OFF.pop()
+
+
+def reset() -> None:
+    """Forget the loaded kernel and its failure reason (tests)."""
+    with _LOCK:
+        _STATE.clear()
+
+
+class _CPUAttentionFunction(torch.autograd.Function):
+    """The kernel's forward; torch's CPU flash backward from its ``out`` and ``logsumexp``."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
+        kernel = _STATE["kernel"]
+        with torch.profiler.record_function("toolkit::cpu_attention_fwd"):
+            out, lse = kernel.forward(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        add_mask = None
+        if mask is not None:   # the op takes an additive mask of the query's dtype
+            add_mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, False, attn_mask=add_mask, scale=ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """``scaled_dot_product_attention(q, k, v, mask, scale=scale)`` (no dropout, not causal) on the
+    kernel, differentiable; torch's sdpa where the kernel does not apply (see :func:`applies`)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if applies(q, k, v, mask):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _CPUAttentionFunction.apply(q, k, v, mask, scale)
+        with torch.profiler.record_function("toolkit::cpu_attention_fwd"):
+            return _STATE["kernel"].forward(q, k, v, mask, scale)[0]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def applies(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool:
+    """True when the kernel can compute this attention: fp32 CPU ``[B, H, L, D]`` tensors with
+    contiguous last dimensions, one head count and head size, outside CPU autocast, a bool or no
+    mask, and a loaded kernel."""
+    if q.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return False
+    if any(t.dtype != torch.float32 or t.dim() != 4 or t.stride(-1) != 1 for t in (q, k, v)):
+        return False
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3] or 0 in q.shape or 0 in k.shape:
+        return False
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4:
+            return False
+        try:
+            torch.broadcast_shapes(mask.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+        except RuntimeError:
+            return False
+    return load() is not None
+
+
+def hf_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                 dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                 **kwargs: Any) -> Tuple[Tensor, None]:
+    """The attention function registered with transformers as ``"toolkit_cpu"``.
+
+    Same contract as transformers' sdpa function (``query`` ``[B, H, L, D]``, returns
+    ``[B, L, H, D]`` and no weights); the kernel runs where it applies and there is no dropout to
+    do and nothing causal, anything else goes to that function unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal and query.shape[2] > 1 and attention_mask is None)
+    drop = dropout if module.training else 0.0
+    if (not causal and not drop and kwargs.get("position_bias") is None and kwargs.get("s_aux") is None
+            and applies(query, key, value, attention_mask)):
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        out = attention(query, key, value, attention_mask, scale)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def register() -> None:
+    """Register :func:`hf_attention` (and sdpa's mask builder) with transformers under ATTN_NAME."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, hf_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _configs(model: nn.Module) -> Iterator[Any]:
+    seen = set()
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in seen:
+            seen.add(id(cfg))
+            yield cfg
+
+
+def use_cpu_attention(model: nn.Module) -> int:
+    """Switch a CPU fp32 model's sdpa attention to the kernel's; returns how many configs changed.
+
+    Only configs on ``"sdpa"`` change (a model on eager or flash attention stays as it is). Does
+    nothing when the kernel cannot run here, or when the model lives off the CPU or is not fp32.
+    """
+    params = list(model.parameters())
+    if not params or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+        return 0
+    if load() is None:
+        return 0
+    register()
+    n = 0
+    for cfg in _configs(model):
+        if cfg._attn_implementation == "sdpa":
+            cfg._attn_implementation = ATTN_NAME
+            n += 1
+    return n
+
+
+def uses_cpu_attention(model: nn.Module) -> bool:
+    """Whether :func:`use_cpu_attention` switched ``model``."""
+    return any(cfg._attn_implementation == ATTN_NAME for cfg in _configs(model))
+
+
+def restore_attention(model: nn.Module) -> int:
+    """Undo :func:`use_cpu_attention` (sdpa again); returns how many configs changed."""
+    n = 0
+    for cfg in _configs(model):
+        if cfg._attn_implementation == ATTN_NAME:
+            cfg._attn_implementation = "sdpa"
+            n += 1
+    return n
+
+
+def describe() -> str:
+    """One phrase for the job log."""
+    kernel = load()
+    if kernel is not None:
+        return f"compiled CPU attention kernel ({kernel.path.name})"
+    return f"sdpa ({unavailable_reason()})"

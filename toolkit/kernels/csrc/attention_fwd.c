@@ -1,0 +1,203 @@
+/* Attention forward on CPUs for small head sizes (toolkit/kernels/cpu_attention.py builds this
+ * file with the system C compiler and loads it with ctypes; see docs/KERNELS.md).
+ *
+ * out = softmax(scale Q K^T + mask) V and logsumexp, per (sample, head), in the layouts of
+ * torch's CPU flash-attention op (out [B, Lq, H, D], lse [B, Lq, H]) so that op's backward can
+ * differentiate it. torch's flash kernel runs its blocks through a general GEMM with an inner
+ * dimension of D (32 for the MiniLM shapes): it spends most of its time outside the FMAs. Here
+ * each (sample, head) packs K^T once and runs two register-blocked micro-kernels, 8 query rows x
+ * 32 columns held in 16 vector accumulators, for S = Q K^T and for O = P V, with the row
+ * softmax between them on an 8 x Lk block that stays in L1.
+ *
+ * Portable C: GNU vector extensions (16 floats, what AVX-512 holds in one register; other
+ * targets split them) and `omp simd` loops; exp is a polynomial. Threads: OpenMP over
+ * (sample, head) pairs, as many as torch uses. A row whose keys are all masked gets out 0 and
+ * lse 0, as torch's kernel does.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+/* x in every lane (not (vf){0} + x, which costs an add: 0 + x is not x for x = -0). */
+#define BCAST(x) ((vf){(x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x)})
+
+#define RB 8  /* query rows per micro-kernel */
+#define CB 32 /* columns per micro-kernel (two vectors) */
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+/* e^x for x <= 0, 0 below -87 (as in relation_kl_rows.c). */
+static inline float exp_nonpos(float x) {
+    float xc = x < -87.0f ? -87.0f : x;
+    float n = __builtin_roundf(xc * 1.44269504088896341f);
+    float r = xc - n * 0.693145751953125f;
+    r = r - n * 1.42860682030941723e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+int attn_abi_version(void) { return 1; }
+
+/* s[r][c0 .. c0+31] = sum_j q[r][j] kt[j][c0 ..], r < 8. q rows: stride ldq; kt: [dp][ldk]. */
+static inline void mk_qk(const float *q, int64_t ldq, const float *kt, int64_t ldk, int64_t dp, float *s,
+                         int64_t lds) {
+    vf acc[RB][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = (vf){0};
+    for (int64_t j = 0; j < dp; j++) {
+        const vf k0 = *(const vf *)(kt + j * ldk), k1 = *(const vf *)(kt + j * ldk + 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; r++) {
+            const vf b = BCAST(q[r * ldq + j]);
+            acc[r][0] += b * k0;
+            acc[r][1] += b * k1;
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; r++) {
+        *(vf *)(s + r * lds) = acc[r][0];
+        *(vf *)(s + r * lds + 16) = acc[r][1];
+    }
+}
+
+/* o[r][0..31] = sum_{j < n} p[r][j] v[j][0..31], r < 8. p rows: stride ldp; v rows: stride ldv. */
+static inline void mk_pv(const float *p, int64_t ldp, const float *v, int64_t ldv, int64_t n, vf acc[RB][2]) {
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = (vf){0};
+    for (int64_t j = 0; j < n; j++) {
+        const vf v0 = *(const vf *)(v + j * ldv), v1 = *(const vf *)(v + j * ldv + 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; r++) {
+            const vf b = BCAST(p[r * ldp + j]);
+            acc[r][0] += b * v0;
+            acc[r][1] += b * v1;
+        }
+    }
+}
+
+/* q, k, v: element (b, h, l, d) at x + b*sb + h*sh + l*sl + d (d contiguous). mask: NULL, or
+ * bytes (1 = attend) at mask + b*mb + h*mh + i*mq + j*mk (strides may be 0 to broadcast).
+ * out: [B, Lq, H, D] contiguous; lse: [B, Lq, H] contiguous. */
+int attn_fwd(const float *q, const float *k, const float *v, int64_t B, int64_t H, int64_t Lq, int64_t Lk,
+             int64_t D, int64_t qsb, int64_t qsh, int64_t qsl, int64_t ksb, int64_t ksh, int64_t ksl, int64_t vsb,
+             int64_t vsh, int64_t vsl, const uint8_t *mask, int64_t mb, int64_t mh, int64_t mq, int64_t mk,
+             float scale, float *out, float *lse, int nthreads) {
+    const int64_t dp = round_up(D, CB), lkp = round_up(Lk, CB), lqp = round_up(Lq, RB);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        /* Per thread: q rows (scaled, padded to dp), K^T [dp][lkp], V [lkp][dp], an 8 x lkp
+         * block of logits / probabilities, and one key-bias row. */
+        const size_t n_q = (size_t)lqp * dp, n_kt = (size_t)dp * lkp, n_v = (size_t)lkp * dp,
+                     n_s = (size_t)RB * lkp, n_bias = (size_t)lkp;
+        float *buf = aligned_alloc(64, (n_q + n_kt + n_v + n_s + n_bias) * sizeof(float));
+        float *qp = buf, *ktp = qp + n_q, *vp = ktp + n_kt, *sb = vp + n_v, *bias = sb + n_s;
+        /* Every thread must reach the worksharing loop, even one without scratch memory. */
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (!buf) {
+                failed = 1;
+                continue;
+            }
+            {
+                const int64_t b = bh / H, h = bh % H;
+                const float *qb = q + b * qsb + h * qsh, *kb = k + b * ksb + h * ksh, *vb = v + b * vsb + h * vsh;
+                /* Pack: Q scaled, K transposed, V; zero padding contributes nothing. */
+                for (int64_t i = 0; i < lqp; i++) {
+                    float *dst = qp + i * dp;
+                    if (i < Lq) {
+                        const float *src = qb + i * qsl;
+                        for (int64_t d = 0; d < D; d++) dst[d] = src[d] * scale;
+                        for (int64_t d = D; d < dp; d++) dst[d] = 0.0f;
+                    } else {
+                        memset(dst, 0, (size_t)dp * sizeof(float));
+                    }
+                }
+                memset(ktp, 0, n_kt * sizeof(float));
+                for (int64_t j = 0; j < Lk; j++) {
+                    const float *src = kb + j * ksl;
+                    for (int64_t d = 0; d < D; d++) ktp[d * lkp + j] = src[d];
+                }
+                for (int64_t j = 0; j < lkp; j++) {
+                    float *dst = vp + j * dp;
+                    if (j < Lk) {
+                        memcpy(dst, vb + j * vsl, (size_t)D * sizeof(float));
+                        for (int64_t d = D; d < dp; d++) dst[d] = 0.0f;
+                    } else {
+                        memset(dst, 0, (size_t)dp * sizeof(float));
+                    }
+                }
+                const uint8_t *mbh = mask ? mask + b * mb + h * mh : NULL;
+                /* A query-independent mask (key padding) becomes one bias row for all queries. */
+                if (!mbh || mq == 0) {
+                    for (int64_t j = 0; j < lkp; j++)
+                        bias[j] = (j < Lk && (!mbh || mbh[j * mk])) ? 0.0f : -INFINITY;
+                }
+                for (int64_t i0 = 0; i0 < Lq; i0 += RB) {
+                    for (int64_t c0 = 0; c0 < lkp; c0 += CB)
+                        mk_qk(qp + i0 * dp, dp, ktp + c0, lkp, dp, sb + c0, lkp);
+                    float inv[RB];
+                    for (int r = 0; r < RB; r++) {
+                        const int64_t i = i0 + r;
+                        float *s = sb + r * lkp;
+                        inv[r] = 0.0f;
+                        if (i >= Lq) continue;
+                        if (mbh && mq != 0) {
+                            const uint8_t *mrow = mbh + i * mq;
+                            for (int64_t j = 0; j < lkp; j++) bias[j] = (j < Lk && mrow[j * mk]) ? 0.0f : -INFINITY;
+                        }
+                        float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+                        for (int64_t j = 0; j < lkp; j++) {
+                            const float x = s[j] + bias[j];
+                            mx = x > mx ? x : mx;
+                        }
+                        float *lrow = lse + (b * Lq + i) * H + h;
+                        if (mx == -INFINITY) { /* every key masked: out 0, lse 0 (torch's convention) */
+                            memset(s, 0, (size_t)lkp * sizeof(float));
+                            *lrow = 0.0f;
+                            continue;
+                        }
+                        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                        for (int64_t j = 0; j < lkp; j++) {
+                            const float e = exp_nonpos(s[j] + bias[j] - mx);
+                            s[j] = e;
+                            sum += e;
+                        }
+                        inv[r] = 1.0f / sum;
+                        *lrow = mx + logf(sum);
+                    }
+                    for (int64_t c0 = 0; c0 < dp; c0 += CB) {
+                        vf acc[RB][2];
+                        mk_pv(sb, lkp, vp + c0, dp, Lk, acc);
+                        for (int r = 0; r < RB && i0 + r < Lq; r++) {
+                            const vf sc = BCAST(inv[r]);
+                            float tmp[CB] __attribute__((aligned(64)));
+                            *(vf *)tmp = acc[r][0] * sc;
+                            *(vf *)(tmp + 16) = acc[r][1] * sc;
+                            const int64_t n = D - c0 < CB ? D - c0 : CB;
+                            memcpy(out + ((b * Lq + i0 + r) * H + h) * D + c0, tmp, (size_t)n * sizeof(float));
+                        }
+                    }
+                }
+            }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
