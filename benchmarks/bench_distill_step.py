@@ -238,7 +238,10 @@ class ToolkitStep:
         if self.device.type == "cpu" and self.dtype == torch.float32:
             from toolkit.models.onednn import use_onednn_linears
 
+            from toolkit.kernels.cpu_attention import use_cpu_attention
+
             use_onednn_linears(self.module, trainable=True)   # as the recipe's engine on a CPU fp32 run
+            use_cpu_attention(self.module)                     # (the teacher's: prepare_frozen)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if self.dtype == torch.float32:
             self.optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
@@ -417,6 +420,9 @@ _OP_CATEGORIES = {
     "aten::baddbmm": "batched matmuls (attention, relation logits)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "sdpa flash kernel",
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "sdpa flash kernel",
+    # The compiled CPU attention forward (toolkit/kernels/cpu_attention.py); its backward is the
+    # flash op's above.
+    "toolkit::cpu_attention_fwd": "CPU attention kernel (forward)",
     "aten::_softmax": "softmax / logsumexp / exp",
     "aten::_log_softmax": "softmax / logsumexp / exp",
     "aten::_softmax_backward_data": "softmax / logsumexp / exp",
@@ -440,6 +446,7 @@ _NAMED_TOTALS = {
     "relation KL backward (chunked kernel)": "_RelationKLFunctionBackward",
     "sdpa math path (no fused kernel)": "aten::_scaled_dot_product_attention_math",
     "sdpa flash kernel (forward + backward)": "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "CPU attention kernel (forward)": "toolkit::cpu_attention_fwd",
 }
 
 

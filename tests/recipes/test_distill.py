@@ -72,6 +72,12 @@ def test_distill_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
     assert f"teacher linears on {gemm} (" in log_text and f"student linears on {gemm} (" in log_text
     if gemm == "oneDNN":   # 2 student layers x (Q, K, V, output, intermediate, output dense) + pooler
         assert "student linears on oneDNN (13 layers)" in log_text
+    # ... and what runs their attention (the compiled CPU kernel wherever it builds).
+    from toolkit.kernels import cpu_attention
+
+    attn = "the CPU kernel" if cpu_attention.unavailable_reason() is None else "sdpa ("
+    assert f"teacher linears on {gemm} (" in log_text
+    assert f", attention on {attn}; student linears" in log_text and log_text.count(f"attention on {attn}") >= 2
 
 
 def check_resume_matches_uninterrupted(teacher, corpus, tmp_path, stop_after: int, rel: float, abs_: float,

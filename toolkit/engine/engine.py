@@ -168,15 +168,19 @@ def prepare_frozen(model: nn.Module, device: Union[str, torch.device], dtype: to
 
     No optimizer or DeepSpeed engine: a frozen model only needs forward passes. On CPUs in fp32
     its linear layers run oneDNN's GEMM (:func:`toolkit.models.onednn.use_onednn_linears`; ~17%
-    faster than MKL's on the AMD hosts measured; ``TOOLKIT_ONEDNN_LINEAR=0`` keeps MKL). The
-    engine does the same for the model it trains (forward and input gradient).
+    faster than MKL's on the AMD hosts measured; ``TOOLKIT_ONEDNN_LINEAR=0`` keeps MKL), and its
+    sdpa attention runs the compiled CPU attention kernel
+    (:func:`toolkit.kernels.cpu_attention.use_cpu_attention`; ``TOOLKIT_CPU_ATTENTION=0`` keeps
+    sdpa). The engine does the same for the model it trains.
     """
+    from toolkit.kernels.cpu_attention import use_cpu_attention
     from toolkit.models.onednn import use_onednn_linears
 
     model.to(device=device, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     use_onednn_linears(model)
+    use_cpu_attention(model)
     return model
 
 
@@ -225,11 +229,16 @@ class Engine:
         model.to(self._device)
         # CPU fp32: the model's linear layers train on oneDNN's GEMM (forward and input
         # gradient): the step is ~2-3% shorter on the hosts measured (benchmarks/RESULTS.md run O).
+        # Its sdpa attention runs the compiled CPU attention forward where no attention dropout
+        # is due (toolkit/kernels/cpu_attention.py; sdpa otherwise).
         self.onednn_linears = 0
+        self.cpu_attention = False
         if self._device.type == "cpu" and self._dtype == torch.float32:
+            from toolkit.kernels.cpu_attention import use_cpu_attention
             from toolkit.models.onednn import use_onednn_linears
 
             self.onednn_linears = use_onednn_linears(model, trainable=True)
+            self.cpu_attention = use_cpu_attention(model) > 0
         optimizer = build_optimizer(model, optim, params)
         scheduler = build_scheduler(optimizer, self.total_steps, optim.warmup_steps, optim.warmup_ratio,
                                     optim.decay, optim.min_lr_ratio)
@@ -242,11 +251,14 @@ class Engine:
     def _linears_note(self) -> str:
         if self._device.type != "cpu":
             return ""
-        if self.onednn_linears:
-            return f", linears on oneDNN ({self.onednn_linears} layers)"
+        from toolkit.kernels.cpu_attention import attention_note
         from toolkit.models.onednn import onednn_unavailable_reason
 
-        return f", linears on MKL ({onednn_unavailable_reason() or 'not fp32'})"
+        if self.onednn_linears:
+            linears = f", linears on oneDNN ({self.onednn_linears} layers)"
+        else:
+            linears = f", linears on MKL ({onednn_unavailable_reason() or 'not fp32'})"
+        return f"{linears}, attention on {attention_note(self._ds.module)}"
 
     # ----- read-back of engine settings -------------------------------------------------
     @property

@@ -336,9 +336,17 @@ def restore_attention(model: nn.Module) -> int:
     return n
 
 
-def describe() -> str:
-    """One phrase for the job log."""
-    kernel = load()
-    if kernel is not None:
-        return f"compiled CPU attention kernel ({kernel.path.name})"
-    return f"sdpa ({unavailable_reason()})"
+def attention_note(model: nn.Module) -> str:
+    """What runs ``model``'s attention, for the job log: ``"the CPU kernel"``, else the
+    implementation and why not the kernel."""
+    if uses_cpu_attention(model):
+        return "the CPU kernel"
+    impls = sorted({str(cfg._attn_implementation) for cfg in _configs(model)}) or ["unknown"]
+    params = list(model.parameters())
+    if params and any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+        why = "not fp32 on the CPU"
+    elif impls != ["sdpa"]:
+        why = "the kernel replaces sdpa only"
+    else:
+        why = unavailable_reason() or "not switched"
+    return f"{'/'.join(impls)} ({why})"

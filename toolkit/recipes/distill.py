@@ -366,12 +366,14 @@ class DistillRecipe:
                  else "", student.config.num_hidden_layers, student.config.hidden_size, self.student_params / 1e6,
                  rel_heads, eng.train_batch_size, cfg.corpus.seq_length, eng.compute_dtype)
         if self.device.type == "cpu":
+            from toolkit.kernels.cpu_attention import attention_note
             from toolkit.models.onednn import count_onednn_linears, onednn_unavailable_reason
 
             def gemm(n: int) -> str:
                 return f"oneDNN ({n} layers)" if n else f"MKL ({onednn_unavailable_reason() or 'not fp32'})"
-            log.info("distill: teacher linears on %s; student linears on %s", gemm(count_onednn_linears(self.teacher)),
-                     gemm(eng.onednn_linears))
+            log.info("distill: teacher linears on %s, attention on %s; student linears on %s, attention on %s",
+                     gemm(count_onednn_linears(self.teacher)), attention_note(self.teacher),
+                     gemm(eng.onednn_linears), attention_note(student))
         if "minilmv2" in weights:
             log.info("distill: relation KL %s", describe_relation_kl(cfg.loss.impl, self.device, eng.micro_batch_size,
                                                                       rel_heads, cfg.corpus.seq_length,
