@@ -127,10 +127,15 @@ int attn_fwd(const float *q, const float *k, const float *v, int64_t B, int64_t 
                         memset(dst, 0, (size_t)dp * sizeof(float));
                     }
                 }
+                /* K^T in tiles of 16 keys: contiguous stores, loads from 16 rows that stay in L1. */
                 memset(ktp, 0, n_kt * sizeof(float));
-                for (int64_t j = 0; j < Lk; j++) {
-                    const float *src = kb + j * ksl;
-                    for (int64_t d = 0; d < D; d++) ktp[d * lkp + j] = src[d];
+                for (int64_t j0 = 0; j0 < Lk; j0 += 16) {
+                    const int64_t jn = Lk - j0 < 16 ? Lk - j0 : 16;
+                    for (int64_t d = 0; d < D; d++) {
+                        float *dst = ktp + d * lkp + j0;
+                        const float *src = kb + j0 * ksl + d;
+                        for (int64_t j = 0; j < jn; j++) dst[j] = src[j * ksl];
+                    }
                 }
                 for (int64_t j = 0; j < lkp; j++) {
                     float *dst = vp + j * dp;
@@ -141,6 +146,14 @@ int attn_fwd(const float *q, const float *k, const float *v, int64_t B, int64_t 
                         memset(dst, 0, (size_t)dp * sizeof(float));
                     }
                 }
+                /* The next (sample, head)'s Q, K and V rows (D floats each, a row stride apart)
+                 * are fetched while this one computes, a share per row block: without it the
+                 * packing below waits on memory for most of them. */
+                const int has_next = bh + 1 < B * H;
+                const int64_t nb = (bh + 1) / H, nh = (bh + 1) % H, nblocks = (Lq + RB - 1) / RB;
+                const char *nq = (const char *)(q + nb * qsb + nh * qsh);
+                const char *nk = (const char *)(k + nb * ksb + nh * ksh);
+                const char *nv = (const char *)(v + nb * vsb + nh * vsh);
                 const uint8_t *mbh = mask ? mask + b * mb + h * mh : NULL;
                 /* A query-independent mask (key padding) becomes one bias row for all queries. */
                 if (!mbh || mq == 0) {
@@ -148,6 +161,16 @@ int attn_fwd(const float *q, const float *k, const float *v, int64_t B, int64_t 
                         bias[j] = (j < Lk && (!mbh || mbh[j * mk])) ? 0.0f : -INFINITY;
                 }
                 for (int64_t i0 = 0; i0 < Lq; i0 += RB) {
+                    if (has_next) {
+                        const int64_t t = i0 / RB;
+                        for (int64_t i = t * Lq / nblocks; i < (t + 1) * Lq / nblocks; i++)
+                            for (int64_t off = 0; off < D * 4; off += 64) __builtin_prefetch(nq + i * qsl * 4 + off, 0, 3);
+                        for (int64_t j = t * Lk / nblocks; j < (t + 1) * Lk / nblocks; j++)
+                            for (int64_t off = 0; off < D * 4; off += 64) {
+                                __builtin_prefetch(nk + j * ksl * 4 + off, 0, 3);
+                                __builtin_prefetch(nv + j * vsl * 4 + off, 0, 3);
+                            }
+                    }
                     for (int64_t c0 = 0; c0 < lkp; c0 += CB)
                         mk_qk(qp + i0 * dp, dp, ktp + c0, lkp, dp, sb + c0, lkp);
                     float inv[RB];
