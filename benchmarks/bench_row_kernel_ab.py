@@ -10,7 +10,9 @@ fused AdamW) alternates blocks of steps with a switch on and off:
 * ``--switch teacher-onednn``: the frozen teacher's linears on oneDNN's GEMM (off: MKL's,
   ``restore_linears``);
 * ``--switch student-onednn``: the trained student's linears on oneDNN's GEMM, forward and input
-  gradient (off: ``nn.Linear`` on MKL's).
+  gradient (off: ``nn.Linear`` on MKL's);
+* ``--switch cpu-attention``: the teacher's and the student's attention forward on the compiled
+  CPU attention kernel (off: sdpa, ``restore_attention``).
 
 The ratio of the medians and the median of per-round ratios are printed. Memory is not
 measured (``bench_distill_step.py`` does that). Nothing is asserted on time.
@@ -18,7 +20,7 @@ measured (``bench_distill_step.py`` does that). Nothing is asserted on time.
 Usage::
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
-        python benchmarks/bench_row_kernel_ab.py --shapes 128x8,128x32,512x4 --rounds 6 [--switch teacher-onednn|student-onednn]
+        python benchmarks/bench_row_kernel_ab.py --shapes 128x8,128x32,512x4 --rounds 6 [--switch teacher-onednn|student-onednn|cpu-attention]
 """
 from __future__ import annotations
 
@@ -39,10 +41,9 @@ from _common import check_counts, cli_main, parse_dims, write_json  # noqa: E402
 from toolkit.errors import ConfigError  # noqa: E402
 from toolkit.kernels import cpu_attention, cpu_rows  # noqa: E402
 from toolkit.kernels.cpu_attention import restore_attention, use_cpu_attention  # noqa: E402
-from toolkit.models.fused_qkv import fused_qkv_unavailable_reason, fuse_qkv, unfuse_qkv  # noqa: E402
 from toolkit.models.onednn import onednn_unavailable_reason, restore_linears, use_onednn_linears  # noqa: E402
 
-SWITCHES = ("cpu-rows", "teacher-onednn", "student-onednn", "fused-qkv", "cpu-attention")
+SWITCHES = ("cpu-rows", "teacher-onednn", "student-onednn", "cpu-attention")
 
 
 def parse_shapes(text: str) -> List[tuple]:
@@ -61,10 +62,6 @@ def _one_step(step: Any, batch: Dict[str, torch.Tensor], switch: str, on: bool) 
             use_onednn_linears(step.module, trainable=True)
         else:
             restore_linears(step.module)
-        _timed_step(step, batch, {})
-    elif switch == "fused-qkv":
-        for model in (step.teacher, step.module):
-            (fuse_qkv if on else unfuse_qkv)(model)
         _timed_step(step, batch, {})
     elif switch == "cpu-attention":
         for model in (step.teacher, step.module):
@@ -101,9 +98,6 @@ def run_shape(step: Any, batch: Dict[str, torch.Tensor], rounds: int, per_arm: i
         use_onednn_linears(step.teacher)   # leave the step as the recipe runs it
     elif switch == "student-onednn":
         use_onednn_linears(step.module, trainable=True)
-    elif switch == "fused-qkv":
-        fuse_qkv(step.teacher)
-        fuse_qkv(step.module)
     elif switch == "cpu-attention":
         use_cpu_attention(step.teacher)
         use_cpu_attention(step.module)
@@ -119,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="128x8,128x32,512x4", help="SEQxBATCH list")
     p.add_argument("--switch", default="cpu-rows", choices=SWITCHES,
                    help="cpu-rows: the relation KL's compiled row kernel; teacher-onednn / student-onednn: the "
-                        "teacher's / the student's linears on oneDNN's GEMM instead of MKL's")
+                        "teacher's / the student's linears on oneDNN's GEMM instead of MKL's; cpu-attention: "
+                        "both models' attention forward on the compiled CPU kernel instead of sdpa")
     p.add_argument("--rounds", type=int, default=6, help="rounds of (kernel, torch) blocks per shape")
     p.add_argument("--per-arm", type=int, default=2, help="steps per arm per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per arm before the rounds")
@@ -147,11 +142,6 @@ def _main(args: argparse.Namespace) -> int:
             raise ConfigError("TOOLKIT_CPU_ATTENTION", f"the compiled CPU attention kernel does not run here "
                               f"({cpu_attention.unavailable_reason()}): nothing to compare")
         what, on_name, off_name = "attention on the compiled CPU kernel vs sdpa", "attention kernel", "sdpa"
-    elif args.switch == "fused-qkv":
-        reason = fused_qkv_unavailable_reason()
-        if reason is not None:
-            raise ConfigError("TOOLKIT_FUSED_QKV", f"Q/K/V fusing is {reason}: nothing to compare")
-        what, on_name, off_name = "one Q/K/V GEMM per block vs three", "fused Q/K/V", "separate Q/K/V"
     else:
         reason = onednn_unavailable_reason()
         if reason is not None:

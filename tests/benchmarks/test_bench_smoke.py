@@ -240,6 +240,17 @@ def test_row_kernel_ab_alternates_both_arms_and_names_bad_input(tmp_path):
             assert f"| seq | batch | step ms, {who} oneDNN | step ms, {who} MKL |" in proc.stdout
         else:
             assert proc.returncode == 2 and "TOOLKIT_ONEDNN_LINEAR" in proc.stderr
+    # ... and the attention kernel of both models.
+    from toolkit.kernels import cpu_attention
+
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "1", "--per-arm",
+                           "1", "--warmup", "0", "--threads", "1", "--switch", "cpu-attention"],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    if cpu_attention.load() is not None:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "| seq | batch | step ms, attention kernel | step ms, sdpa |" in proc.stdout
+    else:
+        assert proc.returncode == 2 and "TOOLKIT_CPU_ATTENTION" in proc.stderr
     bad = subprocess.run([sys.executable, str(script), "--shapes", "16by2"], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--shapes" in bad.stderr and "16by2" in bad.stderr
