@@ -41,9 +41,11 @@ from _common import check_counts, cli_main, parse_dims, write_json  # noqa: E402
 from toolkit.errors import ConfigError  # noqa: E402
 from toolkit.kernels import cpu_attention, cpu_rows  # noqa: E402
 from toolkit.kernels.cpu_attention import restore_attention, use_cpu_attention  # noqa: E402
-from toolkit.models.onednn import onednn_unavailable_reason, restore_linears, use_onednn_linears  # noqa: E402
+from toolkit.models import onednn  # noqa: E402
+from toolkit.models.onednn import (fuse_dense_gelu, onednn_unavailable_reason, restore_linears,  # noqa: E402
+                                   unfuse_dense_gelu, use_onednn_linears)
 
-SWITCHES = ("cpu-rows", "teacher-onednn", "student-onednn", "cpu-attention")
+SWITCHES = ("cpu-rows", "teacher-onednn", "student-onednn", "cpu-attention", "teacher-gelu")
 
 
 def parse_shapes(text: str) -> List[tuple]:
@@ -66,6 +68,9 @@ def _one_step(step: Any, batch: Dict[str, torch.Tensor], switch: str, on: bool) 
     elif switch == "cpu-attention":
         for model in (step.teacher, step.module):
             (use_cpu_attention if on else restore_attention)(model)
+        _timed_step(step, batch, {})
+    elif switch == "teacher-gelu":
+        (fuse_dense_gelu if on else unfuse_dense_gelu)(step.teacher)
         _timed_step(step, batch, {})
     elif on:
         _timed_step(step, batch, {})
@@ -101,6 +106,8 @@ def run_shape(step: Any, batch: Dict[str, torch.Tensor], rounds: int, per_arm: i
     elif switch == "cpu-attention":
         use_cpu_attention(step.teacher)
         use_cpu_attention(step.module)
+    elif switch == "teacher-gelu":
+        fuse_dense_gelu(step.teacher)
     return {"switch": switch, "on_ms": 1e3 * statistics.median(times["on"]),
             "off_ms": 1e3 * statistics.median(times["off"]),
             "speedup_of_medians": statistics.median(times["off"]) / statistics.median(times["on"]),
@@ -137,6 +144,13 @@ def _main(args: argparse.Namespace) -> int:
                               f"the compiled CPU row kernel does not run here ({cpu_rows.unavailable_reason()}): "
                               f"nothing to compare")
         what, on_name, off_name = f"kernel {kernel.path.name}", "compiled rows", "torch rows"
+    elif args.switch == "teacher-gelu":
+        reason = onednn_unavailable_reason() or onednn._gelu_postop_reason()
+        if reason is not None:
+            raise ConfigError("TOOLKIT_ONEDNN_LINEAR", f"oneDNN's GEMM + GELU does not run here ({reason}): "
+                              f"nothing to compare")
+        what, on_name, off_name = "teacher feed-forward GEMM + GELU in one oneDNN call vs two", "fused GELU", \
+            "separate GELU"
     elif args.switch == "cpu-attention":
         if cpu_attention.load() is None:
             raise ConfigError("TOOLKIT_CPU_ATTENTION", f"the compiled CPU attention kernel does not run here "

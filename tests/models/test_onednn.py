@@ -182,3 +182,58 @@ def test_trainable_linear_under_activation_checkpointing(available):
     checkpoint(model, x, use_reentrant=False).square().sum().backward()
     for a, b in zip(plain, [p.grad for p in model.parameters()] + [x.grad]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _tiny_bert(hidden_act="gelu"):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=99, hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
+                     intermediate_size=72, hidden_act=hidden_act, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return BertModel(cfg)
+
+
+def test_feed_forward_gemm_and_gelu_run_as_one_call_without_grad(available, monkeypatch):
+    """The feed-forward's GEMM + bias + erf GELU as one oneDNN call where nothing needs a gradient
+    (the teacher; a trained model in evaluation): same numbers, and the block's own forward when
+    a gradient is due or the activation is not the exact GELU."""
+    if onednn._gelu_postop_reason() is not None:
+        pytest.skip(onednn._gelu_postop_reason())
+    model = _tiny_bert()
+    ids = torch.randint(1, 99, (2, 11))
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch.ops.mkldnn, name)
+
+        def _linear_pointwise(self, *args):
+            calls.append(args[3])
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", Spy(), raising=False)
+    model.requires_grad_(False)
+    assert use_onednn_linears(model) > 0 and onednn.count_fused_gelu(model) == 2
+    with torch.no_grad():
+        got = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert calls.count("gelu") == 2
+    # A trained model: fused in evaluation, the plain block (and autograd) while training.
+    restore_linears(model)
+    assert onednn.count_fused_gelu(model) == 0 and "forward" not in model.encoder.layer[0].intermediate.__dict__
+    model.requires_grad_(True)
+    use_onednn_linears(model, trainable=True)
+    calls.clear()
+    out = model(input_ids=ids).last_hidden_state
+    out.sum().backward()
+    assert "gelu" not in calls and model.encoder.layer[0].intermediate.dense.weight.grad is not None
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
+    # Not the exact GELU: left alone.
+    other = _tiny_bert("gelu_new").requires_grad_(False)
+    use_onednn_linears(other)
+    assert onednn.count_fused_gelu(other) == 0

@@ -30,6 +30,7 @@ transposed-weight product of the backward); a missing op, a failed check or
 """
 from __future__ import annotations
 
+import types
 from typing import Any, Optional, Tuple
 
 import torch
@@ -123,6 +124,75 @@ def _check() -> Optional[str]:
     return None
 
 
+def _is_exact_gelu(act: Any) -> bool:
+    """transformers' ``"gelu"`` activation (erf GELU through ``F.gelu``) or ``nn.GELU()``."""
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
+
+
+def _gelu_postop_reason() -> Optional[str]:
+    """None when oneDNN's GELU post-op matches ``F.gelu`` here, else why not (checked once)."""
+    if "gelu" not in _CHECK:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(3, 7, 40, generator=gen) * 2.0
+            w, b = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
+            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none").double()
+            want = F.gelu(F.linear(x.double(), w.double(), b.double()))
+            err = float((got - want).abs().max() / want.abs().max())
+            _CHECK["gelu"] = None if err <= 1e-5 else f"oneDNN's GELU post-op differs from F.gelu by {err:.1e}"
+        except Exception as e:  # noqa: BLE001 - an optional fusion: any failure means "not here"
+            _CHECK["gelu"] = f"oneDNN's GELU post-op failed: {type(e).__name__}: {e}"
+    return _CHECK["gelu"]
+
+
+def _dense_gelu_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    """``gelu(dense(x))`` of a feed-forward block as one oneDNN call (GEMM, bias, GELU) where
+    nothing needs a gradient (bound by :func:`use_onednn_linears`); the block's own forward
+    otherwise."""
+    dense = self.dense
+    bias = dense.bias
+    if (type(dense) is OneDNNLinear and hidden_states.device.type == "cpu" and hidden_states.dtype == torch.float32
+            and dense.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not dense._forward_hooks and not dense._forward_pre_hooks
+            and not (torch.is_grad_enabled() and (hidden_states.requires_grad or dense.weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))):
+        return torch.ops.mkldnn._linear_pointwise(hidden_states, dense.weight, bias, "gelu", [], "none")
+    return type(self).forward(self, hidden_states)
+
+
+def fuse_dense_gelu(model: nn.Module) -> int:
+    """Bind the one-call GEMM + GELU forward to ``model``'s feed-forward blocks whose dense layer is
+    on oneDNN and whose activation is the exact GELU; returns how many (done by
+    :func:`use_onednn_linears`)."""
+    if _gelu_postop_reason() is not None:
+        return 0
+    n = 0
+    for module in model.modules():
+        dense = getattr(module, "dense", None)
+        if (type(dense) is OneDNNLinear and _is_exact_gelu(getattr(module, "intermediate_act_fn", None))
+                and "forward" not in module.__dict__):
+            module.forward = types.MethodType(_dense_gelu_forward, module)
+            n += 1
+    return n
+
+
+def count_fused_gelu(model: nn.Module) -> int:
+    """How many feed-forward blocks of ``model`` run GEMM + GELU as one oneDNN call without grad."""
+    return sum(getattr(m.__dict__.get("forward"), "__func__", None) is _dense_gelu_forward for m in model.modules())
+
+
+def unfuse_dense_gelu(model: nn.Module) -> int:
+    """Undo :func:`fuse_dense_gelu`; returns how many blocks."""
+    n = 0
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) is _dense_gelu_forward:
+            del module.__dict__["forward"]
+            n += 1
+    return n
+
+
 def use_onednn_linears(model: nn.Module, trainable: bool = False) -> int:
     """Switch the plain ``nn.Linear`` layers of a CPU fp32 model to oneDNN; returns how many.
 
@@ -143,6 +213,7 @@ def use_onednn_linears(model: nn.Module, trainable: bool = False) -> int:
         if type(module) is nn.Linear:
             module.__class__ = OneDNNLinear
             n += 1
+    fuse_dense_gelu(model)
     return n
 
 
@@ -153,6 +224,7 @@ def count_onednn_linears(model: nn.Module) -> int:
 
 def restore_linears(model: nn.Module) -> int:
     """Undo :func:`use_onednn_linears` (MKL's ``nn.Linear`` again); returns how many."""
+    unfuse_dense_gelu(model)
     n = 0
     for module in model.modules():
         if type(module) is OneDNNLinear:
