@@ -37,12 +37,13 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from toolkit.kernels.cpu_rows import build_shared, cache_dir, find_compiler
 from toolkit.utils.env import switched_off
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "attention_fwd.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 #: The attention-implementation name registered with transformers.
 ATTN_NAME = "toolkit_cpu"
 #: ISO C turns FMA contraction off; the micro-kernels are FMAs.
@@ -98,6 +99,33 @@ class AttentionKernel:
                               f"(B={b}, H={h}, Lq={lq}, Lk={lk}, D={d})")
         return out.transpose(1, 2), lse.transpose(1, 2)
 
+    def backward(self, grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 mask: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+        """Gradients of Q, K and V (``[B, H, L, D]`` views of contiguous ``[B, L, H, D]``) from the
+        output's gradient ``grad`` and what :meth:`forward` returned for these inputs."""
+        b, h, lq, d = q.shape
+        lk = k.shape[2]
+        if grad.shape != q.shape or grad.dtype != torch.float32 or grad.stride(-1) != 1:
+            grad = grad.to(torch.float32).contiguous()
+        if not (out.transpose(1, 2).is_contiguous() and lse.transpose(1, 2).is_contiguous()):
+            raise ValueError("cpu_attention: backward needs the out and logsumexp that forward returned")
+        mask_ptr, mstrides = None, (0, 0, 0, 0)
+        if mask is not None:
+            m = mask.expand(b, h, lq, lk)
+            mask_ptr, mstrides = m.data_ptr(), tuple(m.stride())
+        dq = torch.empty(b, lq, h, d, dtype=torch.float32)
+        dk = torch.empty(b, lk, h, d, dtype=torch.float32)
+        dv = torch.empty(b, lk, h, d, dtype=torch.float32)
+        rc = self.lib.attn_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad.data_ptr(),
+                               lse.data_ptr(), b, h, lq, lk, d, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+                               k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), grad.stride(0),
+                               grad.stride(1), grad.stride(2), mask_ptr, *mstrides, float(scale), dq.data_ptr(),
+                               dk.data_ptr(), dv.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"cpu_attention: the backward could not allocate its scratch memory "
+                              f"(B={b}, H={h}, Lq={lq}, Lk={lk}, D={d})")
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
 
 _LOCK = threading.Lock()
 _STATE: dict = {}
@@ -112,6 +140,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.attn_fwd.argtypes = [ptr, ptr, ptr] + [i64] * 5 + [i64] * 9 + [ptr] + [i64] * 4 + [ctypes.c_float, ptr, ptr,
                                                                                              cint]
     lib.attn_fwd.restype = cint
+    lib.attn_bwd.argtypes = [ptr] * 6 + [i64] * 5 + [i64] * 12 + [ptr] + [i64] * 4 + [ctypes.c_float, ptr, ptr, ptr,
+                                                                                       cint]
+    lib.attn_bwd.restype = cint
     return lib
 
 
@@ -139,10 +170,16 @@ def _self_check(kernel: AttentionKernel) -> None:
     valid[1, 29:] = False
     tril = torch.ones(length, length, dtype=torch.bool).tril()
     tril[5] = False
+    g = torch.randn(b, h, length, d, generator=gen)
     for mask in (None, valid[:, None, None, :], tril[None, None] & valid[:, None, None, :]):
         out, lse = kernel.forward(q, k, v, mask, d ** -0.5)
         ref_out, ref_lse = reference(q, k, v, mask, d ** -0.5)
-        for what, got, want in (("output", out, ref_out), ("logsumexp", lse, ref_lse)):
+        grads = kernel.backward(g, q, k, v, out, lse, mask, d ** -0.5)
+        qkv = [t.double().requires_grad_() for t in (q, k, v)]
+        ref_grads = torch.autograd.grad(reference(*qkv, mask, d ** -0.5)[0], qkv, g.double())
+        checks = [("output", out, ref_out), ("logsumexp", lse, ref_lse)]
+        checks += [(f"gradient of {n}", got, want) for n, got, want in zip("QKV", grads, ref_grads)]
+        for what, got, want in checks:
             err = float((got.double() - want).abs().max())
             if not err <= 1e-5 * (1.0 + float(want.abs().max())):
                 raise RuntimeError(f"{kernel.path}: {what} differs from float64 attention by {err:.2e}")
@@ -206,7 +243,7 @@ def reset() -> None:
 
 
 class _CPUAttentionFunction(torch.autograd.Function):
-    """The kernel's forward; torch's CPU flash backward from its ``out`` and ``logsumexp``."""
+    """The kernel's forward and backward (differentiable once, as sdpa's flash kernel)."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
@@ -218,13 +255,11 @@ class _CPUAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         q, k, v, out, lse, mask = ctx.saved_tensors
-        add_mask = None
-        if mask is not None:   # the op takes an additive mask of the query's dtype
-            add_mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad, q, k, v, out, lse, 0.0, False, attn_mask=add_mask, scale=ctx.scale)
+        with torch.profiler.record_function("toolkit::cpu_attention_bwd"):
+            dq, dk, dv = _STATE["kernel"].backward(grad, q, k, v, out, lse, mask, ctx.scale)
         return dq, dk, dv, None, None
 
 

@@ -1,4 +1,4 @@
-/* Attention forward on CPUs for small head sizes (toolkit/kernels/cpu_attention.py builds this
+/* Attention forward and backward on CPUs for small head sizes (toolkit/kernels/cpu_attention.py builds this
  * file with the system C compiler and loads it with ctypes; see docs/KERNELS.md).
  *
  * out = softmax(scale Q K^T + mask) V and logsumexp, per (sample, head), in the layouts of
@@ -50,7 +50,7 @@ static inline float exp_nonpos(float x) {
     return x < -87.0f ? 0.0f : p * scale;
 }
 
-int attn_abi_version(void) { return 1; }
+int attn_abi_version(void) { return 2; }
 
 /* s[r][c0 .. c0+31] = sum_j q[r][j] kt[j][c0 ..], r < 8. q rows: stride ldq; kt: [dp][ldk]. */
 static inline void mk_qk(const float *q, int64_t ldq, const float *kt, int64_t ldk, int64_t dp, float *s,
@@ -218,6 +218,140 @@ int attn_fwd(const float *q, const float *k, const float *v, int64_t B, int64_t 
                         }
                     }
                 }
+            }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* acc[j][0..31] += sum_{r < 8} a[r][j] x[r][0..31] for j < n: the rank-8 updates of dK and dV
+ * (x rows held in 16 vectors, acc rows loaded and stored once per block). */
+static inline void mk_outer(const float *a, int64_t lda, const float *x, int64_t ldx, float *acc, int64_t ldacc,
+                            int64_t n) {
+    vf x0[RB], x1[RB];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; r++) {
+        x0[r] = *(const vf *)(x + r * ldx);
+        x1[r] = *(const vf *)(x + r * ldx + 16);
+    }
+    for (int64_t j = 0; j < n; j++) {
+        vf s0 = *(vf *)(acc + j * ldacc), s1 = *(vf *)(acc + j * ldacc + 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; r++) {
+            const vf b = BCAST(a[r * lda + j]);
+            s0 += b * x0[r];
+            s1 += b * x1[r];
+        }
+        *(vf *)(acc + j * ldacc) = s0;
+        *(vf *)(acc + j * ldacc + 16) = s1;
+    }
+}
+
+/* The backward of attn_fwd. q, k, v, mask as there; o: attn_fwd's out [B, Lq, H, D]; dout:
+ * (b, h, i, d) at dout + b*gsb + h*gsh + i*gsl + d; lse: attn_fwd's [B, Lq, H]. dq: [B, Lq, H, D],
+ * dk, dv: [B, Lk, H, D], all contiguous. Per (sample, head), 8 query rows at a time:
+ *   S = scale Q K^T (recomputed), P = exp(S + mask - lse), dP = dO V^T,
+ *   dS = P (dP - rowsum(dO o O)), dQ = scale dS K, dK += scale dS^T Q, dV += P^T dO. */
+int attn_bwd(const float *q, const float *k, const float *v, const float *o, const float *dout, const float *lse,
+             int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, int64_t qsb, int64_t qsh, int64_t qsl,
+             int64_t ksb, int64_t ksh, int64_t ksl, int64_t vsb, int64_t vsh, int64_t vsl, int64_t gsb, int64_t gsh,
+             int64_t gsl, const uint8_t *mask, int64_t mb, int64_t mh, int64_t mq, int64_t mk, float scale, float *dq,
+             float *dk, float *dv, int nthreads) {
+    const int64_t dp = round_up(D, CB), lkp = round_up(Lk, CB), lqp = round_up(Lq, RB);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        /* Per thread: Q (scaled) and dO rows [lqp][dp], K^T and V^T [dp][lkp], K rows [lkp][dp],
+         * dK and dV accumulators [lkp][dp], P and dS blocks [8][lkp], the key-bias row and the
+         * row sums rowsum(dO o O). */
+        const size_t n_q = (size_t)lqp * dp, n_t = (size_t)dp * lkp, n_k = (size_t)lkp * dp, n_s = (size_t)RB * lkp;
+        const size_t total = (size_t)round_up((int64_t)(2 * n_q + 2 * n_t + 3 * n_k + 2 * n_s + lkp + lqp), 16);
+        float *buf = aligned_alloc(64, total * sizeof(float)); /* a multiple of 64 bytes, as C11 asks */
+        float *qp = buf, *dop = qp + n_q, *ktp = dop + n_q, *vtp = ktp + n_t, *kp = vtp + n_t, *dka = kp + n_k,
+              *dva = dka + n_k, *pb = dva + n_k, *db = pb + n_s, *bias = db + n_s, *drow = bias + lkp;
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (!buf) {
+                failed = 1;
+                continue;
+            }
+            const int64_t b = bh / H, h = bh % H;
+            const float *qb = q + b * qsb + h * qsh, *kb = k + b * ksb + h * ksh, *vb = v + b * vsb + h * vsh;
+            const float *gb = dout + b * gsb + h * gsh;
+            memset(buf, 0, (2 * n_q + 2 * n_t + 3 * n_k) * sizeof(float));
+            for (int64_t i = 0; i < Lq; i++) {
+                const float *src = qb + i * qsl, *g = gb + i * gsl, *orow = o + ((b * Lq + i) * H + h) * D;
+                float dsum = 0.0f;
+                for (int64_t d = 0; d < D; d++) {
+                    qp[i * dp + d] = src[d] * scale;
+                    dop[i * dp + d] = g[d];
+                    dsum += g[d] * orow[d];
+                }
+                drow[i] = dsum;
+            }
+            for (int64_t j0 = 0; j0 < Lk; j0 += 16) {
+                const int64_t jn = Lk - j0 < 16 ? Lk - j0 : 16;
+                for (int64_t d = 0; d < D; d++) {
+                    const float *ks = kb + j0 * ksl + d, *vs = vb + j0 * vsl + d;
+                    float *kt = ktp + d * lkp + j0, *vt = vtp + d * lkp + j0;
+                    for (int64_t j = 0; j < jn; j++) {
+                        kt[j] = ks[j * ksl];
+                        vt[j] = vs[j * vsl];
+                    }
+                }
+            }
+            for (int64_t j = 0; j < Lk; j++) memcpy(kp + j * dp, kb + j * ksl, (size_t)D * sizeof(float));
+            const uint8_t *mbh = mask ? mask + b * mb + h * mh : NULL;
+            if (!mbh || mq == 0) {
+                for (int64_t j = 0; j < lkp; j++) bias[j] = (j < Lk && (!mbh || mbh[j * mk])) ? 0.0f : -INFINITY;
+            }
+            for (int64_t i0 = 0; i0 < Lq; i0 += RB) {
+                for (int64_t c0 = 0; c0 < lkp; c0 += CB) {
+                    mk_qk(qp + i0 * dp, dp, ktp + c0, lkp, dp, pb + c0, lkp);
+                    mk_qk(dop + i0 * dp, dp, vtp + c0, lkp, dp, db + c0, lkp);
+                }
+                for (int r = 0; r < RB; r++) {
+                    const int64_t i = i0 + r;
+                    float *p = pb + r * lkp, *ds = db + r * lkp;
+                    if (i >= Lq) {
+                        memset(p, 0, (size_t)lkp * sizeof(float));
+                        memset(ds, 0, (size_t)lkp * sizeof(float));
+                        continue;
+                    }
+                    if (mbh && mq != 0) {
+                        const uint8_t *mrow = mbh + i * mq;
+                        for (int64_t j = 0; j < lkp; j++) bias[j] = (j < Lk && mrow[j * mk]) ? 0.0f : -INFINITY;
+                    }
+                    const float l = lse[(b * Lq + i) * H + h], dr = drow[i];
+#pragma omp simd
+                    for (int64_t j = 0; j < lkp; j++) {
+                        const float x = p[j] + bias[j] - l;
+                        /* exp_nonpos wants x <= 0: true up to rounding (lse is the row's
+                         * log-sum-exp); a masked key is -inf, which gives 0. */
+                        const float e = exp_nonpos(x < 0.0f ? x : 0.0f);
+                        p[j] = e;
+                        ds[j] = e * (ds[j] - dr);
+                    }
+                }
+                for (int64_t c0 = 0; c0 < dp; c0 += CB) {
+                    vf acc[RB][2];
+                    mk_pv(db, lkp, kp + c0, dp, Lk, acc);
+                    const vf sc = BCAST(scale);
+                    for (int r = 0; r < RB && i0 + r < Lq; r++) {
+                        float tmp[CB] __attribute__((aligned(64)));
+                        *(vf *)tmp = acc[r][0] * sc;
+                        *(vf *)(tmp + 16) = acc[r][1] * sc;
+                        const int64_t n = D - c0 < CB ? D - c0 : CB;
+                        memcpy(dq + ((b * Lq + i0 + r) * H + h) * D + c0, tmp, (size_t)n * sizeof(float));
+                    }
+                    mk_outer(db, lkp, qp + i0 * dp + c0, dp, dka + c0, dp, Lk);
+                    mk_outer(pb, lkp, dop + i0 * dp + c0, dp, dva + c0, dp, Lk);
+                }
+            }
+            for (int64_t j = 0; j < Lk; j++) {
+                memcpy(dk + ((b * Lk + j) * H + h) * D, dka + j * dp, (size_t)D * sizeof(float));
+                memcpy(dv + ((b * Lk + j) * H + h) * D, dva + j * dp, (size_t)D * sizeof(float));
             }
         }
         free(buf);
