@@ -420,9 +420,9 @@ _OP_CATEGORIES = {
     "aten::baddbmm": "batched matmuls (attention, relation logits)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "sdpa flash kernel",
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "sdpa flash kernel",
-    # The compiled CPU attention forward (toolkit/kernels/cpu_attention.py); its backward is the
-    # flash op's above.
-    "toolkit::cpu_attention_fwd": "CPU attention kernel (forward)",
+    # The compiled CPU attention kernel (toolkit/kernels/cpu_attention.py).
+    "toolkit::cpu_attention_fwd": "CPU attention kernel",
+    "toolkit::cpu_attention_bwd": "CPU attention kernel",
     "aten::_softmax": "softmax / logsumexp / exp",
     "aten::_log_softmax": "softmax / logsumexp / exp",
     "aten::_softmax_backward_data": "softmax / logsumexp / exp",
@@ -446,7 +446,8 @@ _NAMED_TOTALS = {
     "relation KL backward (chunked kernel)": "_RelationKLFunctionBackward",
     "sdpa math path (no fused kernel)": "aten::_scaled_dot_product_attention_math",
     "sdpa flash kernel (forward + backward)": "aten::_scaled_dot_product_flash_attention_for_cpu",
-    "CPU attention kernel (forward)": "toolkit::cpu_attention_fwd",
+    "CPU attention kernel, forward": "toolkit::cpu_attention_fwd",
+    "CPU attention kernel, backward": "toolkit::cpu_attention_bwd",
 }
 
 

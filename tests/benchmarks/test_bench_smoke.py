@@ -251,6 +251,17 @@ def test_row_kernel_ab_alternates_both_arms_and_names_bad_input(tmp_path):
         assert "| seq | batch | step ms, attention kernel | step ms, sdpa |" in proc.stdout
     else:
         assert proc.returncode == 2 and "TOOLKIT_CPU_ATTENTION" in proc.stderr
+    # ... and the teacher's one-call GEMM + GELU.
+    from toolkit.models import onednn
+
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "1", "--per-arm",
+                           "1", "--warmup", "0", "--threads", "1", "--switch", "teacher-gelu"],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    if onednn_unavailable_reason() is None and onednn._gelu_postop_reason() is None:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "| seq | batch | step ms, fused GELU | step ms, separate GELU |" in proc.stdout
+    else:
+        assert proc.returncode == 2 and "TOOLKIT_ONEDNN_LINEAR" in proc.stderr
     bad = subprocess.run([sys.executable, str(script), "--shapes", "16by2"], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--shapes" in bad.stderr and "16by2" in bad.stderr
@@ -429,3 +440,25 @@ def test_exp_bench_rows_and_bad_shape():
     bad = subprocess.run([sys.executable, script, "--shape", "2x3"], capture_output=True, text=True, timeout=120,
                          cwd=ROOT)
     assert bad.returncode == 2 and "--shape" in bad.stderr
+
+
+def test_attention_bench_times_both_and_checks_both_against_float64(tmp_path):
+    from toolkit.kernels import cpu_attention
+
+    script = ROOT / "benchmarks" / "bench_attention.py"
+    out = tmp_path / "attn.json"
+    proc = subprocess.run([sys.executable, str(script), "--shapes", "2x24", "--heads", "2", "--head-dim", "26",
+                           "--reps", "2", "--warmup", "1", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    if cpu_attention.load() is None:   # nothing to compare: a one-line error naming why
+        assert proc.returncode == 2 and "TOOLKIT_CPU_ATTENTION" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())["results"][0]
+    assert (r["batch"], r["seq"], r["heads"], r["head_dim"]) == (2, 24, 2, 26)
+    for arm in ("kernel fwd", "sdpa fwd", "kernel fwd+bwd", "sdpa fwd+bwd"):
+        assert len(r[arm]["all_ms"]) == 2 and r[arm]["ms"] > 0
+    assert r["max_abs_err_vs_fp64"]["kernel"] < 1e-5 and r["max_abs_err_vs_fp64"]["sdpa"] < 1e-5
+    bad = subprocess.run([sys.executable, str(script), "--shapes", "2by24"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "--shapes" in bad.stderr

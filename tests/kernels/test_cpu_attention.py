@@ -1,6 +1,6 @@
 """The compiled CPU attention forward (toolkit/kernels/cpu_attention.py): it builds here, its
-output and logsumexp against float64 attention, its gradients (torch's flash backward from the
-kernel's out/logsumexp) against float64, the transformers integration, and every fallback."""
+output and logsumexp against float64 attention, its own backward against float64 gradients, the
+transformers integration, and every fallback."""
 from __future__ import annotations
 
 import sys
@@ -111,9 +111,31 @@ def test_query_dependent_mask_and_fully_masked_rows(kernel):
     assert out[0, 1, 4].abs().max() == 0 and lse[0, 1, 4] == 0 and out[1, :, 0].abs().max() == 0
 
 
+@pytest.mark.parametrize("b,h,lq,lk,d", [(2, 3, 37, 37, 32), (1, 2, 1, 1, 32), (2, 2, 13, 45, 26),
+                                         (2, 2, 70, 70, 64), (1, 1, 40, 9, 80)])
+def test_kernel_backward_matches_float64(kernel, b, h, lq, lk, d):
+    """The kernel's own backward: dQ, dK, dV within 1e-5 of float64 autograd for head sizes on
+    and off the vector width, lengths off the blocking, cross lengths, key padding and a
+    query-dependent mask with fully masked rows, and an upstream gradient with any strides."""
+    q, k, v = _qkv(b, h, lq, d, lk, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    lengths = [max(1, lk - 5 * i) for i in range(b)]
+    rand = torch.rand(b, h, lq, lk, generator=gen) < 0.7
+    rand[:, :, 0] = False
+    for mask in (None, _key_padding(lengths, lk), rand & _key_padding(lengths, lk)):
+        grad = torch.randn(b, lq, h, d, generator=gen).transpose(1, 2)         # as the model hands it back
+        out, lse = kernel.forward(q, k, v, mask, d ** -0.5)
+        got = kernel.backward(grad, q, k, v, out, lse, mask, d ** -0.5)
+        qkv = [t.double().requires_grad_() for t in (q, k, v)]
+        want = torch.autograd.grad(ca.reference(*qkv, mask, d ** -0.5)[0], qkv, grad.double())
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.transpose(1, 2).is_contiguous()
+            _close(g, w)
+
+
 def test_gradients_match_float64(kernel):
-    """Gradients of Q, K, V (through the flash backward fed with the kernel's out/logsumexp)
-    within 1e-5 of float64 autograd, with padding and a fused-projection input."""
+    """Gradients of Q, K, V through autograd (the kernel's forward and backward) within 1e-5 of
+    float64 autograd, with padding and a fused-projection input."""
     b, h, length, d = 3, 4, 29, 26
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(b, length, 3 * h * d, generator=gen, dtype=torch.float64)
@@ -275,11 +297,16 @@ def test_a_build_that_fails_its_check_is_not_used(fresh, monkeypatch, tmp_path):
 
     if not sys.platform.startswith("linux") or find_compiler() is None:
         pytest.skip("needs Linux and a C compiler")
-    bad = tmp_path / "attention_fwd.c"
-    bad.write_text(ca.SOURCE.read_text().replace("*lrow = mx + logf(sum);", "*lrow = mx + logf(sum) + 0.5f;"))
-    monkeypatch.setattr(ca, "SOURCE", bad)
-    with pytest.warns(RuntimeWarning, match="logsumexp differs from float64"):
-        assert ca.load() is None
+    src = ca.SOURCE.read_text()
+    for wrong, message in (("*lrow = mx + logf(sum);", "logsumexp differs from float64"),
+                           ("mk_outer(pb, lkp, dop + i0 * dp + c0, dp, dva + c0, dp, Lk);", "gradient of V differs")):
+        assert wrong in src
+        bad = tmp_path / "attention_fwd.c"
+        bad.write_text(src.replace(wrong, wrong.replace("logf(sum)", "logf(sum) + 0.5f").replace("Lk);", "Lk - 1);")))
+        monkeypatch.setattr(ca, "SOURCE", bad)
+        ca.reset()
+        with pytest.warns(RuntimeWarning, match=message):
+            assert ca.load() is None
 
 
 def test_a_compile_error_falls_back(fresh, monkeypatch, tmp_path):
