@@ -46,8 +46,6 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "attention_fwd.c"
 ABI_VERSION = 2
 #: The attention-implementation name registered with transformers.
 ATTN_NAME = "toolkit_cpu"
-#: ISO C turns FMA contraction off; the micro-kernels are FMAs.
-_EXTRA_FLAGS = ("-ffp-contract=fast",)
 
 
 @dataclass
@@ -202,7 +200,7 @@ def load() -> Optional[AttentionKernel]:
             if cc is None:
                 raise RuntimeError("no C compiler (set $CC, or install gcc)")
             t0 = time.perf_counter()
-            path = build_shared(SOURCE, cc, cache_dir(), ABI_VERSION, _EXTRA_FLAGS)
+            path = build_shared(SOURCE, cc, cache_dir(), ABI_VERSION)
             kernel = AttentionKernel(_bind(path), path, time.perf_counter() - t0)
             _self_check(kernel)
         except Exception as e:  # noqa: BLE001 - an optional accelerator: any failure means fallback
