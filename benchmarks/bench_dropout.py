@@ -1,5 +1,8 @@
 """Dropout on CPU: torch's ``F.dropout`` against the toolkit's ``fast_dropout``, side by side.
 
+``fast_dropout`` runs twice: with its masks from the compiled generator (the default where it
+builds, ``toolkit/kernels/cpu_dropout.py``) and from torch's ``random_()``.
+
 Times forward and forward + backward of one dropout site on ``[batch, seq, hidden]`` fp32
 activations (the distillation student has five such sites per step at the default sizes),
 median of ``--reps`` calls after one warm-up, in this process. Nothing is asserted on time.
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toolkit.errors import ConfigError  # noqa: E402
+from toolkit.kernels import cpu_dropout  # noqa: E402
 from toolkit.models.dropout import fast_dropout  # noqa: E402
 
 
@@ -66,7 +70,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    impls = {"torch F.dropout": F.dropout, "toolkit fast_dropout": fast_dropout}
+    def fast_dropout_torch_rng(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+        with cpu_dropout.disabled():
+            return fast_dropout(x, p, training)
+
+    impls = {"torch F.dropout": F.dropout, "toolkit fast_dropout": fast_dropout,
+             "toolkit fast_dropout, torch random_() masks": fast_dropout_torch_rng}
     print(f"torch {torch.__version__}, {args.threads} threads, p={args.p}, fp32, median of {args.reps}\n")
     print("| shape | impl | forward ms | forward + backward ms | kept fraction |")
     print("|---|---|---|---|---|")

@@ -11,8 +11,11 @@ fused AdamW) alternates blocks of steps with a switch on and off:
   ``restore_linears``);
 * ``--switch student-onednn``: the trained student's linears on oneDNN's GEMM, forward and input
   gradient (off: ``nn.Linear`` on MKL's);
-* ``--switch cpu-attention``: the teacher's and the student's attention forward on the compiled
-  CPU attention kernel (off: sdpa, ``restore_attention``).
+* ``--switch cpu-attention``: the teacher's and the student's attention on the compiled CPU
+  attention kernel, forward and backward (off: sdpa, ``restore_attention``);
+* ``--switch teacher-gelu``: the teacher's feed-forward GEMM + GELU as one oneDNN call (off: two);
+* ``--switch cpu-dropout``: the student's dropout masks from the compiled generator (off:
+  torch's ``random_()``, ``cpu_dropout.disabled()``).
 
 The ratio of the medians and the median of per-round ratios are printed. Memory is not
 measured (``bench_distill_step.py`` does that). Nothing is asserted on time.
@@ -20,7 +23,7 @@ measured (``bench_distill_step.py`` does that). Nothing is asserted on time.
 Usage::
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
-        python benchmarks/bench_row_kernel_ab.py --shapes 128x8,128x32,512x4 --rounds 6 [--switch teacher-onednn|student-onednn|cpu-attention]
+        python benchmarks/bench_row_kernel_ab.py --shapes 128x8,128x32,512x4 --rounds 6 [--switch teacher-onednn|student-onednn|cpu-attention|teacher-gelu|cpu-dropout]
 """
 from __future__ import annotations
 
@@ -39,13 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import check_counts, cli_main, parse_dims, write_json  # noqa: E402
 
 from toolkit.errors import ConfigError  # noqa: E402
-from toolkit.kernels import cpu_attention, cpu_rows  # noqa: E402
+from toolkit.kernels import cpu_attention, cpu_dropout, cpu_rows  # noqa: E402
 from toolkit.kernels.cpu_attention import restore_attention, use_cpu_attention  # noqa: E402
 from toolkit.models import onednn  # noqa: E402
 from toolkit.models.onednn import (fuse_dense_gelu, onednn_unavailable_reason, restore_linears,  # noqa: E402
                                    unfuse_dense_gelu, use_onednn_linears)
 
-SWITCHES = ("cpu-rows", "teacher-onednn", "student-onednn", "cpu-attention", "teacher-gelu")
+SWITCHES = ("cpu-rows", "teacher-onednn", "student-onednn", "cpu-attention", "teacher-gelu", "cpu-dropout")
 
 
 def parse_shapes(text: str) -> List[tuple]:
@@ -72,6 +75,12 @@ def _one_step(step: Any, batch: Dict[str, torch.Tensor], switch: str, on: bool) 
     elif switch == "teacher-gelu":
         (fuse_dense_gelu if on else unfuse_dense_gelu)(step.teacher)
         _timed_step(step, batch, {})
+    elif switch == "cpu-dropout":
+        if on:
+            _timed_step(step, batch, {})
+        else:
+            with cpu_dropout.disabled():
+                _timed_step(step, batch, {})
     elif on:
         _timed_step(step, batch, {})
     else:
@@ -121,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--switch", default="cpu-rows", choices=SWITCHES,
                    help="cpu-rows: the relation KL's compiled row kernel; teacher-onednn / student-onednn: the "
                         "teacher's / the student's linears on oneDNN's GEMM instead of MKL's; cpu-attention: "
-                        "both models' attention forward on the compiled CPU kernel instead of sdpa")
+                        "both models' attention on the compiled CPU kernel instead of sdpa; teacher-gelu: the teacher's "
+                        "GEMM + GELU in one oneDNN call; cpu-dropout: dropout masks from the compiled generator")
     p.add_argument("--rounds", type=int, default=6, help="rounds of (kernel, torch) blocks per shape")
     p.add_argument("--per-arm", type=int, default=2, help="steps per arm per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per arm before the rounds")
@@ -144,6 +154,12 @@ def _main(args: argparse.Namespace) -> int:
                               f"the compiled CPU row kernel does not run here ({cpu_rows.unavailable_reason()}): "
                               f"nothing to compare")
         what, on_name, off_name = f"kernel {kernel.path.name}", "compiled rows", "torch rows"
+    elif args.switch == "cpu-dropout":
+        if cpu_dropout.load() is None:
+            raise ConfigError("TOOLKIT_CPU_DROPOUT", f"the compiled CPU dropout generator does not run here "
+                              f"({cpu_dropout.unavailable_reason()}): nothing to compare")
+        what, on_name, off_name = "dropout masks from the compiled generator vs torch's random_()", \
+            "compiled masks", "torch masks"
     elif args.switch == "teacher-gelu":
         reason = onednn_unavailable_reason() or onednn._gelu_postop_reason()
         if reason is not None:

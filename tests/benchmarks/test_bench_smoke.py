@@ -251,6 +251,17 @@ def test_row_kernel_ab_alternates_both_arms_and_names_bad_input(tmp_path):
         assert "| seq | batch | step ms, attention kernel | step ms, sdpa |" in proc.stdout
     else:
         assert proc.returncode == 2 and "TOOLKIT_CPU_ATTENTION" in proc.stderr
+    # ... and the dropout masks' generator.
+    from toolkit.kernels import cpu_dropout
+
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "1", "--per-arm",
+                           "1", "--warmup", "0", "--threads", "1", "--switch", "cpu-dropout"],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    if cpu_dropout.load() is not None:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "| seq | batch | step ms, compiled masks | step ms, torch masks |" in proc.stdout
+    else:
+        assert proc.returncode == 2 and "TOOLKIT_CPU_DROPOUT" in proc.stderr
     # ... and the teacher's one-call GEMM + GELU.
     from toolkit.models import onednn
 
@@ -314,7 +325,8 @@ def test_dropout_bench_compares_both_and_rejects_bad_input():
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 2x16x8")]
-    assert [r[1].strip() for r in rows] == ["torch F.dropout", "toolkit fast_dropout"]
+    assert [r[1].strip() for r in rows] == ["torch F.dropout", "toolkit fast_dropout",
+                                            "toolkit fast_dropout, torch random_() masks"]
     assert all(0.5 < float(r[4]) <= 1.0 for r in rows)   # p = 0.1 keeps most of 256 elements
     for bad, opt in ((["--shapes", "2x16"], "--shapes"), (["--p", "1.5"], "--p")):
         out = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=120,

@@ -65,7 +65,7 @@ def test_kernel_builds_on_a_linux_host_with_a_c_compiler(fresh):
         warnings.simplefilter("error")
         k = ca.load()
     assert k is not None, ca.unavailable_reason()
-    assert k.path.parent == fresh and k.path.name.startswith("attention_fwd-")
+    assert k.path.parent == fresh and k.path.name.startswith("attention-")
     assert ca.unavailable_reason() is None
 
 
@@ -86,7 +86,7 @@ def test_forward_matches_float64(kernel, b, h, lq, lk, d):
 
 def test_layouts_match_torchs_flash_op(kernel):
     """out and logsumexp in the op's own memory layouts ([B, L, H, D] and [B, L, H]), and the
-    same numbers as the op to fp32 rounding: its backward reads them."""
+    same numbers as the op to fp32 rounding (a drop-in for it)."""
     q, k, v = _qkv(2, 3, 40, 32)
     mask = _key_padding([40, 31], 40)
     out, lse = kernel.forward(q, k, v, mask, 32 ** -0.5)
@@ -194,14 +194,13 @@ def test_bad_input_is_refused_with_a_message(kernel):
         kernel.forward(q, k, v, torch.zeros(1, 1, 1, 8), 0.25)
 
 
-def _tiny_bert(dropout: float = 0.0):
-    from transformers import BertConfig, BertModel
+def _tiny_bert(dropout: float = 0.0, arch: str = "bert"):
+    from toolkit.models.encoder import EncoderSpec, build_encoder
 
-    cfg = BertConfig(vocab_size=99, hidden_size=64, num_attention_heads=2, num_hidden_layers=2,
-                     intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=dropout)
-    cfg._attn_implementation = "sdpa"
+    spec = EncoderSpec(arch=arch, num_layers=2, hidden_size=64, num_heads=2, intermediate_size=96, vocab_size=99,
+                       hidden_dropout=0.0, attention_dropout=dropout, use_task_id=arch == "ernie")
     torch.manual_seed(0)
-    return BertModel(cfg)
+    return build_encoder(spec)
 
 
 def _count_kernel_calls(monkeypatch):
@@ -211,10 +210,11 @@ def _count_kernel_calls(monkeypatch):
     return calls
 
 
-def test_a_switched_bert_matches_sdpa_and_trains(kernel, monkeypatch):
-    """use_cpu_attention: the same outputs and gradients as sdpa (padding included), and the
-    kernel really runs in each layer."""
-    model = _tiny_bert()
+@pytest.mark.parametrize("arch", ["bert", "ernie"])
+def test_a_switched_bert_matches_sdpa_and_trains(kernel, monkeypatch, arch):
+    """use_cpu_attention on the toolkit's BERT and ERNIE encoders: the same outputs and gradients
+    as sdpa (padding included), and the kernel really runs in each layer."""
+    model = _tiny_bert(arch=arch)
     ids = torch.randint(1, 99, (3, 21), generator=torch.Generator().manual_seed(0))
     am = (torch.arange(21)[None, :] < torch.tensor([21, 15, 6])[:, None]).long()
 
@@ -280,7 +280,9 @@ def test_env_switch_turns_it_off(monkeypatch):
 
 
 def test_no_compiler_falls_back_with_one_warning(fresh, monkeypatch):
-    monkeypatch.setattr(ca, "find_compiler", lambda: None)
+    from toolkit.kernels import cpu_rows
+
+    monkeypatch.setattr(cpu_rows, "find_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="no C compiler"):
         assert ca.load() is None
     with warnings.catch_warnings():
@@ -301,9 +303,9 @@ def test_a_build_that_fails_its_check_is_not_used(fresh, monkeypatch, tmp_path):
     for wrong, message in (("*lrow = mx + logf(sum);", "logsumexp differs from float64"),
                            ("mk_outer(pb, lkp, dop + i0 * dp + c0, dp, dva + c0, dp, Lk);", "gradient of V differs")):
         assert wrong in src
-        bad = tmp_path / "attention_fwd.c"
+        bad = tmp_path / "attention.c"
         bad.write_text(src.replace(wrong, wrong.replace("logf(sum)", "logf(sum) + 0.5f").replace("Lk);", "Lk - 1);")))
-        monkeypatch.setattr(ca, "SOURCE", bad)
+        monkeypatch.setattr(ca._KERNEL, "source", bad)
         ca.reset()
         with pytest.warns(RuntimeWarning, match=message):
             assert ca.load() is None
@@ -314,8 +316,8 @@ def test_a_compile_error_falls_back(fresh, monkeypatch, tmp_path):
 
     if not sys.platform.startswith("linux") or find_compiler() is None:
         pytest.skip("needs Linux and a C compiler")
-    bad = tmp_path / "attention_fwd.c"
+    bad = tmp_path / "attention.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(ca, "SOURCE", bad)
+    monkeypatch.setattr(ca._KERNEL, "source", bad)
     with pytest.warns(RuntimeWarning, match="could not compile"):
         assert ca.load() is None

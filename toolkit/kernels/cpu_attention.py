@@ -1,15 +1,15 @@
-"""A compiled CPU attention forward for small head sizes (optional, with fallback to sdpa).
+"""A compiled CPU attention for small head sizes, forward and backward (optional, with fallback to sdpa).
 
 At the MiniLM shapes (head size 32, 128 tokens) torch's CPU flash-attention kernel runs at about
 a third of the fp32 GEMM peak: its blocks go through a general GEMM whose inner dimension is the
-head size. ``csrc/attention_fwd.c`` packs K^T once per (sample, head) and runs register-blocked
-micro-kernels for ``Q K^T`` and ``P V`` around the row softmax (docs/KERNELS.md has the figures).
+head size. ``csrc/attention.c`` packs K^T once per (sample, head) and runs register-blocked
+micro-kernels for ``Q K^T`` and ``P V`` around the row softmax, and for the backward's five
+products (docs/KERNELS.md has the figures).
 
-* **Forward**: the kernel, writing ``out`` and ``logsumexp`` in the layouts of torch's CPU
-  flash op ``aten::_scaled_dot_product_flash_attention_for_cpu``.
-* **Backward**: that op's own backward (``..._for_cpu_backward``) from the kernel's ``out`` and
-  ``logsumexp``, so the gradients are torch's and the memory kept for the backward is what sdpa
-  keeps (Q, K, V, out, logsumexp).
+* **Forward**: ``out`` and ``logsumexp`` in the layouts of torch's CPU flash op
+  ``aten::_scaled_dot_product_flash_attention_for_cpu``.
+* **Backward**: from ``out`` and ``logsumexp`` (``S`` recomputed, as flash attention does), so
+  the memory kept for the backward is what sdpa keeps (Q, K, V, out, logsumexp, the mask).
 
 :func:`use_cpu_attention` switches a model's ``"sdpa"`` attention to the name this module
 registers with transformers (``"toolkit_cpu"``, masks built as for sdpa; not saved by
@@ -26,23 +26,17 @@ reported once as a warning and sdpa runs instead. ``TOOLKIT_CPU_ATTENTION=0`` tu
 from __future__ import annotations
 
 import ctypes
-import sys
-import threading
-import time
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from toolkit.kernels.cpu_rows import build_shared, cache_dir, find_compiler
-from toolkit.utils.env import switched_off
+from toolkit.kernels.compiled import CompiledKernel
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "attention_fwd.c"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "attention.c"
 ABI_VERSION = 2
 #: The attention-implementation name registered with transformers.
 ATTN_NAME = "toolkit_cpu"
@@ -50,7 +44,7 @@ ATTN_NAME = "toolkit_cpu"
 
 @dataclass
 class AttentionKernel:
-    """A loaded build of ``attention_fwd.c``."""
+    """A loaded build of ``attention.c``."""
 
     lib: ctypes.CDLL
     path: Path
@@ -125,15 +119,7 @@ class AttentionKernel:
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-_LOCK = threading.Lock()
-_STATE: dict = {}
-_FORCED_OFF: List[bool] = []
-
-
-def _bind(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    if lib.attn_abi_version() != ABI_VERSION:
-        raise RuntimeError(f"{path} has calling convention {lib.attn_abi_version()}, expected {ABI_VERSION}")
+def _bind(lib: ctypes.CDLL) -> None:
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.attn_fwd.argtypes = [ptr, ptr, ptr] + [i64] * 5 + [i64] * 9 + [ptr] + [i64] * 4 + [ctypes.c_float, ptr, ptr,
                                                                                              cint]
@@ -141,7 +127,6 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.attn_bwd.argtypes = [ptr] * 6 + [i64] * 5 + [i64] * 12 + [ptr] + [i64] * 4 + [ctypes.c_float, ptr, ptr, ptr,
                                                                                        cint]
     lib.attn_bwd.restype = cint
-    return lib
 
 
 def reference(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
@@ -183,61 +168,29 @@ def _self_check(kernel: AttentionKernel) -> None:
                 raise RuntimeError(f"{kernel.path}: {what} differs from float64 attention by {err:.2e}")
 
 
+_KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "attn", "TOOLKIT_CPU_ATTENTION", _bind, AttentionKernel, _self_check,
+                         "attention: the compiled CPU attention kernel", "torch's sdpa runs instead")
+
+
 def load() -> Optional[AttentionKernel]:
     """The kernel, built and checked on the first call; None (and :func:`unavailable_reason`)
-    where it cannot run. Thread-safe; raises only a ConfigError for a malformed
-    ``TOOLKIT_CPU_ATTENTION`` value."""
-    if _FORCED_OFF or switched_off("TOOLKIT_CPU_ATTENTION"):
-        return None
-    with _LOCK:
-        if "reason" in _STATE:
-            return _STATE["kernel"]
-        kernel, reason = None, ""
-        try:
-            if not sys.platform.startswith("linux"):
-                raise RuntimeError(f"built only on Linux (this is {sys.platform})")
-            cc = find_compiler()
-            if cc is None:
-                raise RuntimeError("no C compiler (set $CC, or install gcc)")
-            t0 = time.perf_counter()
-            path = build_shared(SOURCE, cc, cache_dir(), ABI_VERSION)
-            kernel = AttentionKernel(_bind(path), path, time.perf_counter() - t0)
-            _self_check(kernel)
-        except Exception as e:  # noqa: BLE001 - an optional accelerator: any failure means fallback
-            kernel, reason = None, f"{type(e).__name__}: {e}"
-            warnings.warn(f"attention: the compiled CPU attention kernel is not used ({reason}); torch's sdpa "
-                          f"runs instead (same numbers, slower on CPUs). TOOLKIT_CPU_ATTENTION=0 silences this.",
-                          RuntimeWarning, stacklevel=3)
-        _STATE.update(kernel=kernel, reason=reason)
-        return kernel
+    where it cannot run. Raises only a ConfigError for a malformed ``TOOLKIT_CPU_ATTENTION``."""
+    return _KERNEL.load()
 
 
 def unavailable_reason() -> Optional[str]:
     """Why :func:`load` returns None, or None when the kernel runs."""
-    if _FORCED_OFF:
-        return "turned off in this process (cpu_attention.disabled())"
-    env_off = switched_off("TOOLKIT_CPU_ATTENTION")
-    if env_off:
-        return f"turned off by {env_off}"
-    if "reason" not in _STATE:
-        load()
-    return _STATE["reason"] or None
+    return _KERNEL.unavailable_reason()
 
 
-@contextmanager
-def disabled() -> Iterator[None]:
-    """Run sdpa instead of the kernel inside this block (tests, comparisons)."""
-    _FORCED_OFF.append(True)
-    try:
-        yield
-    finally:
-        _FORCED_OFF.pop()
+def disabled():
+    """Run sdpa instead of the kernel inside this ``with`` block (tests, comparisons)."""
+    return _KERNEL.disabled()
 
 
 def reset() -> None:
     """Forget the loaded kernel and its failure reason (tests)."""
-    with _LOCK:
-        _STATE.clear()
+    _KERNEL.reset()
 
 
 class _CPUAttentionFunction(torch.autograd.Function):
@@ -245,7 +198,7 @@ class _CPUAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
-        kernel = _STATE["kernel"]
+        kernel = load()
         with torch.profiler.record_function("toolkit::cpu_attention_fwd"):
             out, lse = kernel.forward(q, k, v, mask, scale)
         ctx.save_for_backward(q, k, v, out, lse, mask)
@@ -257,7 +210,7 @@ class _CPUAttentionFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         q, k, v, out, lse, mask = ctx.saved_tensors
         with torch.profiler.record_function("toolkit::cpu_attention_bwd"):
-            dq, dk, dv = _STATE["kernel"].backward(grad, q, k, v, out, lse, mask, ctx.scale)
+            dq, dk, dv = load().backward(grad, q, k, v, out, lse, mask, ctx.scale)
         return dq, dk, dv, None, None
 
 
@@ -269,7 +222,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, sc
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _CPUAttentionFunction.apply(q, k, v, mask, scale)
         with torch.profiler.record_function("toolkit::cpu_attention_fwd"):
-            return _STATE["kernel"].forward(q, k, v, mask, scale)[0]
+            return load().forward(q, k, v, mask, scale)[0]
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 

@@ -6,7 +6,9 @@ into two 15-bit uniforms, then keeps an element when its uniform is at least
 ``k = round(p * 2^15)``: several times cheaper for the whole dropout (forward and backward,
 ``benchmarks/bench_dropout.py``), with the same expectation
 (outputs are scaled by ``1 / (1 - k / 2^15)``, the exact keep rate). The drop probability is
-therefore ``p`` rounded to a multiple of ``2^-15`` (0.1 becomes 0.100006). The mask is saved as
+therefore ``p`` rounded to a multiple of ``2^-15`` (0.1 becomes 0.100006). On CPUs the uniforms
+come from a compiled counter-based generator (splitmix64, every thread; ``toolkit/kernels/
+cpu_dropout.py``, ``TOOLKIT_CPU_DROPOUT=0`` keeps ``random_()``) seeded from torch's. The mask is saved as
 bool (1 byte per element), as PyTorch's own dropout does; the generator is torch's default CPU
 generator, so ``torch.manual_seed``, checkpointed RNG states and activation checkpointing
 (which replays the RNG state) reproduce it exactly. On other devices it is plain
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit.kernels import cpu_dropout
+
 _BITS = 15
 _LEVELS = 1 << _BITS
 
@@ -32,12 +36,19 @@ def keep_threshold(p: float) -> int:
 def keep_mask(shape: torch.Size, p: float) -> Tensor:
     """Bool mask of ``shape`` on CPU, each element True (kept) with probability ``1 - k / 2^15``.
 
-    One ``int32.random_()`` word holds 31 uniform bits (``[0, 2^31)``); its low and high 16-bit
+    On CPUs with the compiled generator (:mod:`toolkit.kernels.cpu_dropout`) the uniforms come
+    from a splitmix64 stream seeded from torch's generator, on every thread. Otherwise one
+    ``int32.random_()`` word holds 31 uniform bits (``[0, 2^31)``); its low and high 16-bit
     halves each give 15 independent uniform bits after masking the top bit.
     """
     n = 1
     for s in shape:
         n *= int(s)
+    kernel = cpu_dropout.load()
+    if kernel is not None:
+        # The compiled counter-based generator, seeded from torch's generator (reproducible).
+        seed = int(torch.empty((), dtype=torch.int64).random_())
+        return kernel.keep_mask(n, keep_threshold(p), seed).view(shape)
     words = torch.empty((n + 1) // 2, dtype=torch.int32).random_()
     halves = words.view(torch.int16)[:n]
     return torch.bitwise_and(halves, _LEVELS - 1).ge_(keep_threshold(p)).view(shape)

@@ -20,6 +20,11 @@ registered hooks (the Q/K/V captures, DeepSpeed's ZeRO-3 gather hooks) stay as t
   It is differentiable once: a double backward (``create_graph=True`` through the gradient)
   raises, so switch such a model back with :func:`restore_linears` or ``TOOLKIT_ONEDNN_LINEAR=0``.
 
+* **Feed-forward GELU**: a block whose ``dense`` layer is switched and whose activation is the exact
+  (erf) GELU runs ``gelu(dense(x))`` as one oneDNN call with a GELU post-op where nothing needs
+  a gradient (the teacher; a trained model in evaluation), one memory pass over ``[B, L, 4H]``
+  fewer (:func:`fuse_dense_gelu`; the post-op is checked against ``F.gelu`` once).
+
 Either way, the oneDNN path is taken only for fp32 CPU tensors outside CPU autocast;
 ``nn.Linear``'s forward runs otherwise, so a model that moves to a GPU, is cast to bf16 or runs
 under autocast keeps working. The results differ from MKL's in the last bits (~1e-6 relative).

@@ -1,13 +1,13 @@
-/* Attention forward and backward on CPUs for small head sizes (toolkit/kernels/cpu_attention.py builds this
- * file with the system C compiler and loads it with ctypes; see docs/KERNELS.md).
+/* Attention forward and backward on CPUs for small head sizes (toolkit/kernels/cpu_attention.py
+ * builds this file with the system C compiler and loads it with ctypes; see docs/KERNELS.md).
  *
- * out = softmax(scale Q K^T + mask) V and logsumexp, per (sample, head), in the layouts of
- * torch's CPU flash-attention op (out [B, Lq, H, D], lse [B, Lq, H]) so that op's backward can
- * differentiate it. torch's flash kernel runs its blocks through a general GEMM with an inner
- * dimension of D (32 for the MiniLM shapes): it spends most of its time outside the FMAs. Here
- * each (sample, head) packs K^T once and runs two register-blocked micro-kernels, 8 query rows x
- * 32 columns held in 16 vector accumulators, for S = Q K^T and for O = P V, with the row
- * softmax between them on an 8 x Lk block that stays in L1.
+ * attn_fwd: out = softmax(scale Q K^T + mask) V and logsumexp, per (sample, head), in the layouts
+ * of torch's CPU flash-attention op (out [B, Lq, H, D], lse [B, Lq, H]). torch's flash kernel
+ * runs its blocks through a general GEMM with an inner dimension of D (32 for the MiniLM
+ * shapes): it spends most of its time outside the FMAs. Here each (sample, head) packs K^T once
+ * and runs two register-blocked micro-kernels, 8 query rows x 32 columns held in 16 vector
+ * accumulators, for S = Q K^T and for O = P V, with the row softmax between them on an 8 x Lk
+ * block that stays in L1. attn_bwd: the gradients from out and lse, in the same micro-kernels.
  *
  * Portable C: GNU vector extensions (16 floats, what AVX-512 holds in one register; other
  * targets split them) and `omp simd` loops; exp is a polynomial. Threads: OpenMP over

@@ -1,0 +1,122 @@
+"""The compiled CPU dropout-mask generator (toolkit/kernels/cpu_dropout.py): it builds here, its
+words are splitmix64's, its masks follow the keep rule at the right rate, are reproducible from
+torch's generator (seeds, saved RNG states, activation checkpointing), and every fallback."""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+from toolkit.kernels import cpu_dropout, cpu_rows
+from toolkit.models.dropout import fast_dropout, keep_mask, keep_threshold
+
+
+@pytest.fixture
+def kernel():
+    k = cpu_dropout.load()
+    if k is None:
+        pytest.skip(f"the compiled CPU dropout generator does not run here: {cpu_dropout.unavailable_reason()}")
+    return k
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TOOLKIT_CPU_DROPOUT", raising=False)
+    cpu_dropout.reset()
+    yield tmp_path / "cache"
+    cpu_dropout.reset()
+
+
+def test_builds_on_a_linux_host_with_a_c_compiler(fresh):
+    if not sys.platform.startswith("linux") or cpu_rows.find_compiler() is None:
+        pytest.skip("needs Linux and a C compiler (the fallback is tested below)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        k = cpu_dropout.load()
+    assert k is not None, cpu_dropout.unavailable_reason()
+    assert k.path.parent == fresh and k.path.name.startswith("dropout-")
+
+
+def test_words_are_splitmix64_and_masks_follow_the_keep_rule(kernel):
+    # splitmix64's published first output for seed 0.
+    assert cpu_dropout.splitmix64(0, 1) == [0xE220A8397B1DCDAF]
+    assert kernel.words(5, 12345) == cpu_dropout.splitmix64(12345, 5)
+    for n in (0, 1, 3, 4, 5, 4097):
+        for k in (0, 1, 3277, 1 << 14, (1 << 15) - 1, 1 << 15):
+            assert torch.equal(kernel.keep_mask(n, k, 99 + n), cpu_dropout.reference_mask(n, k, 99 + n))
+    with pytest.raises(ValueError, match="threshold"):
+        kernel.keep_mask(4, (1 << 15) + 1, 0)
+
+
+def test_rate_and_independence(kernel):
+    """The keep rate within 5 standard errors of 1 - k / 2^15, for several rates, and neighbouring
+    elements (fields of one word, adjacent words) uncorrelated."""
+    n = 1 << 20
+    for p in (0.1, 0.5, 0.9):
+        k = keep_threshold(p)
+        m = kernel.keep_mask(n, k, 7).float()
+        rate = 1 - k / 32768
+        se = (rate * (1 - rate) / n) ** 0.5
+        assert abs(float(m.mean()) - rate) < 5 * se
+        for lag in (1, 2, 4, 5):
+            c = torch.corrcoef(torch.stack([m[:-lag], m[lag:]]))[0, 1]
+            assert abs(float(c)) < 5 / n ** 0.5
+
+
+def test_masks_are_reproducible_from_torchs_generator(kernel):
+    torch.manual_seed(3)
+    a = keep_mask(torch.Size([4, 100]), 0.1)
+    b = keep_mask(torch.Size([4, 100]), 0.1)
+    assert not torch.equal(a, b)                       # a fresh seed each call
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask(torch.Size([4, 100]), 0.1), a)
+    state = torch.get_rng_state()
+    c = keep_mask(torch.Size([4, 100]), 0.1)
+    torch.set_rng_state(state)
+    assert torch.equal(keep_mask(torch.Size([4, 100]), 0.1), c)
+
+
+def test_dropout_under_activation_checkpointing_matches(kernel):
+    """Checkpointing replays torch's RNG state, so the recomputed mask is the forward's."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(8, 64, requires_grad=True)
+    torch.manual_seed(0)
+    plain = fast_dropout(x * 2.0, 0.3)
+    plain.sum().backward()
+    g_plain = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(0)
+    ck = checkpoint(lambda t: fast_dropout(t * 2.0, 0.3), x, use_reentrant=False)
+    ck.sum().backward()
+    assert torch.equal(ck, plain) and torch.equal(x.grad, g_plain)
+
+
+def test_env_switch_and_no_compiler_fall_back_to_torchs_generator(fresh, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_CPU_DROPOUT", "0")
+    assert cpu_dropout.load() is None and "TOOLKIT_CPU_DROPOUT=0" in cpu_dropout.unavailable_reason()
+    torch.manual_seed(1)
+    m = keep_mask(torch.Size([1000]), 0.25)
+    assert 0.65 < float(m.float().mean()) < 0.85
+    monkeypatch.delenv("TOOLKIT_CPU_DROPOUT")
+    monkeypatch.setattr(cpu_rows, "find_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert cpu_dropout.load() is None
+    with cpu_dropout.disabled():
+        assert "disabled" in cpu_dropout.unavailable_reason()
+
+
+def test_a_wrong_build_is_caught_by_the_self_check(fresh, monkeypatch, tmp_path):
+    if not sys.platform.startswith("linux") or cpu_rows.find_compiler() is None:
+        pytest.skip("needs Linux and a C compiler")
+    src = cpu_dropout.SOURCE.read_text()
+    wrong = "dst[3] = (uint32_t)((z >> 48) & 0x7fff) >= k;"
+    assert wrong in src
+    bad = tmp_path / "dropout.c"
+    bad.write_text(src.replace(wrong, "dst[3] = (uint32_t)((z >> 47) & 0x7fff) >= k;"))
+    monkeypatch.setattr(cpu_dropout._KERNEL, "source", bad)
+    with pytest.warns(RuntimeWarning, match="keep mask"):
+        assert cpu_dropout.load() is None
