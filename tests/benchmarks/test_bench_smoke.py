@@ -227,52 +227,29 @@ def test_row_kernel_ab_alternates_both_arms_and_names_bad_input(tmp_path):
     assert r["switch"] == "cpu-rows"
     assert len(r["on_ms_all"]) == len(r["off_ms_all"]) == 2 and len(r["round_speedups"]) == 2
     assert r["speedup_of_medians"] == pytest.approx(r["off_ms"] / r["on_ms"])
-    # The teacher's GEMM library as the switch; the step is left as the recipe runs it ...
-    from toolkit.models.onednn import onednn_unavailable_reason
-
-    # ... and the student's.
-    for who in ("teacher", "student"):
-        proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "1", "--per-arm",
-                               "1", "--warmup", "0", "--threads", "1", "--switch", f"{who}-onednn"],
-                              capture_output=True, text=True, timeout=240, cwd=ROOT)
-        if onednn_unavailable_reason() is None:
-            assert proc.returncode == 0, proc.stderr[-2000:]
-            assert f"| seq | batch | step ms, {who} oneDNN | step ms, {who} MKL |" in proc.stdout
-        else:
-            assert proc.returncode == 2 and "TOOLKIT_ONEDNN_LINEAR" in proc.stderr
-    # ... and the attention kernel of both models.
-    from toolkit.kernels import cpu_attention
-
-    proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "1", "--per-arm",
-                           "1", "--warmup", "0", "--threads", "1", "--switch", "cpu-attention"],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
-    if cpu_attention.load() is not None:
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "| seq | batch | step ms, attention kernel | step ms, sdpa |" in proc.stdout
-    else:
-        assert proc.returncode == 2 and "TOOLKIT_CPU_ATTENTION" in proc.stderr
-    # ... and the dropout masks' generator.
-    from toolkit.kernels import cpu_dropout
-
-    proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "1", "--per-arm",
-                           "1", "--warmup", "0", "--threads", "1", "--switch", "cpu-dropout"],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
-    if cpu_dropout.load() is not None:
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "| seq | batch | step ms, compiled masks | step ms, torch masks |" in proc.stdout
-    else:
-        assert proc.returncode == 2 and "TOOLKIT_CPU_DROPOUT" in proc.stderr
-    # ... and the teacher's one-call GEMM + GELU.
+    # Every other switch, each where its fast path runs here, else a one-line error naming its
+    # variable; the step is left as the recipe runs it.
+    from toolkit.kernels import cpu_attention, cpu_dropout
     from toolkit.models import onednn
 
-    proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "1", "--per-arm",
-                           "1", "--warmup", "0", "--threads", "1", "--switch", "teacher-gelu"],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
-    if onednn_unavailable_reason() is None and onednn._gelu_postop_reason() is None:
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "| seq | batch | step ms, fused GELU | step ms, separate GELU |" in proc.stdout
-    else:
-        assert proc.returncode == 2 and "TOOLKIT_ONEDNN_LINEAR" in proc.stderr
+    onednn_ok = onednn.onednn_unavailable_reason() is None
+    switches = [  # (switch, runs here, arm names in the header, the variable named when it cannot run)
+        ("teacher-onednn", onednn_ok, ("teacher oneDNN", "teacher MKL"), "TOOLKIT_ONEDNN_LINEAR"),
+        ("student-onednn", onednn_ok, ("student oneDNN", "student MKL"), "TOOLKIT_ONEDNN_LINEAR"),
+        ("cpu-attention", cpu_attention.load() is not None, ("attention kernel", "sdpa"), "TOOLKIT_CPU_ATTENTION"),
+        ("cpu-dropout", cpu_dropout.load() is not None, ("compiled masks", "torch masks"), "TOOLKIT_CPU_DROPOUT"),
+        ("teacher-gelu", onednn_ok and onednn._gelu_postop_reason() is None, ("fused GELU", "separate GELU"),
+         "TOOLKIT_ONEDNN_LINEAR"),
+    ]
+    for switch, runs, (on, off), variable in switches:
+        proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "1", "--per-arm",
+                               "1", "--warmup", "0", "--threads", "1", "--switch", switch],
+                              capture_output=True, text=True, timeout=240, cwd=ROOT)
+        if runs:
+            assert proc.returncode == 0, (switch, proc.stderr[-2000:])
+            assert f"| seq | batch | step ms, {on} | step ms, {off} |" in proc.stdout, switch
+        else:
+            assert proc.returncode == 2 and variable in proc.stderr, switch
     bad = subprocess.run([sys.executable, str(script), "--shapes", "16by2"], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--shapes" in bad.stderr and "16by2" in bad.stderr

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -94,22 +93,10 @@ _KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "drop", "TOOLKIT_CPU_DROPOUT", _bi
                          "dropout: the compiled CPU mask generator", "torch's random_() makes the masks instead")
 
 
-def load() -> Optional[DropoutKernel]:
-    """The kernel, built and checked on the first call; None (and :func:`unavailable_reason`)
-    where it cannot run. Raises only a ConfigError for a malformed ``TOOLKIT_CPU_DROPOUT``."""
-    return _KERNEL.load()
-
-
-def unavailable_reason() -> Optional[str]:
-    """Why :func:`load` returns None, or None when the kernel runs."""
-    return _KERNEL.unavailable_reason()
-
-
-def disabled():
-    """Use torch's generator inside this ``with`` block (tests, comparisons)."""
-    return _KERNEL.disabled()
-
-
-def reset() -> None:
-    """Forget the loaded kernel and its failure reason (tests)."""
-    _KERNEL.reset()
+# The module's entry points are the loader's (toolkit/kernels/compiled.py): load() builds and
+# checks the kernel on first use (None where it cannot run), unavailable_reason() says why,
+# disabled() is a context manager that turns it off (tests, comparisons), reset() forgets it.
+load = _KERNEL.load
+unavailable_reason = _KERNEL.unavailable_reason
+disabled = _KERNEL.disabled
+reset = _KERNEL.reset

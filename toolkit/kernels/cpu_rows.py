@@ -39,7 +39,8 @@ from torch import Tensor
 
 from toolkit.utils.env import switched_off
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "relation_kl_rows.c"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = _CSRC / "relation_kl_rows.c"
 ABI_VERSION = 1
 #: Tried in order when ``-march=native`` is refused (other compilers, other architectures).
 _ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])
@@ -148,11 +149,13 @@ def build_shared(source: Path, cc: str, out_dir: Path, abi: int, extra_flags: Se
     flags, compiler, this CPU and ``abi`` (atomically: concurrent ranks may build at once).
     ``-march=native`` first, then the fallbacks of ``_ARCH_FLAGS``; RuntimeError with the
     compiler's messages if none builds."""
-    src = source.read_bytes()
+    # The kernels share headers in csrc/ (exp_nonpos.h): on the include path for any copy of a
+    # source (tests build edited copies elsewhere), and in the cache key with the source.
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))
     version = _compiler_version(cc)
     errors = []
     for arch in _ARCH_FLAGS:
-        flags = _BASE_FLAGS + list(extra_flags) + arch
+        flags = _BASE_FLAGS + [f"-I{_CSRC}"] + list(extra_flags) + arch
         key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), cc.encode(),
                                          _cpu_id().encode(), str(abi).encode()])).hexdigest()[:16]
         target = out_dir / f"{source.stem}-{key}.so"

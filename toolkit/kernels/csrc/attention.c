@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "exp_nonpos.h"
+
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 
@@ -30,43 +32,30 @@ typedef int32_t vi __attribute__((vector_size(64)));
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-/* e^x for x <= 0, 0 below -87 (as in relation_kl_rows.c). */
-static inline float exp_nonpos(float x) {
-    float xc = x < -87.0f ? -87.0f : x;
-    float n = __builtin_roundf(xc * 1.44269504088896341f);
-    float r = xc - n * 0.693145751953125f;
-    r = r - n * 1.42860682030941723e-06f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return x < -87.0f ? 0.0f : p * scale;
-}
-
 int attn_abi_version(void) { return 2; }
 
-/* s[r][c0 .. c0+31] = sum_j q[r][j] kt[j][c0 ..], r < 8. q rows: stride ldq; kt: [dp][ldk]. */
+/* acc[r][0..31] = sum_{j < n} a[r][j] b[j][0..31] for r < 8 (a rows: stride lda; b rows: stride
+ * ldb, 64-byte aligned): the one micro-kernel of S = Q K^T (a = Q, b = K^T), O = P V, dP = dO V^T
+ * and dQ = dS K. */
+static inline void mk_8x32(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t n, vf acc[RB][2]) {
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = (vf){0};
+    for (int64_t j = 0; j < n; j++) {
+        const vf b0 = *(const vf *)(b + j * ldb), b1 = *(const vf *)(b + j * ldb + 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; r++) {
+            const vf x = BCAST(a[r * lda + j]);
+            acc[r][0] += x * b0;
+            acc[r][1] += x * b1;
+        }
+    }
+}
+
+/* s[r][0..31] = sum_j q[r][j] kt[j][0..31], r < 8, stored with row stride lds. */
 static inline void mk_qk(const float *q, int64_t ldq, const float *kt, int64_t ldk, int64_t dp, float *s,
                          int64_t lds) {
     vf acc[RB][2];
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = (vf){0};
-    for (int64_t j = 0; j < dp; j++) {
-        const vf k0 = *(const vf *)(kt + j * ldk), k1 = *(const vf *)(kt + j * ldk + 16);
-#pragma GCC unroll 8
-        for (int r = 0; r < RB; r++) {
-            const vf b = BCAST(q[r * ldq + j]);
-            acc[r][0] += b * k0;
-            acc[r][1] += b * k1;
-        }
-    }
+    mk_8x32(q, ldq, kt, ldk, dp, acc);
 #pragma GCC unroll 8
     for (int r = 0; r < RB; r++) {
         *(vf *)(s + r * lds) = acc[r][0];
@@ -74,17 +63,15 @@ static inline void mk_qk(const float *q, int64_t ldq, const float *kt, int64_t l
     }
 }
 
-/* o[r][0..31] = sum_{j < n} p[r][j] v[j][0..31], r < 8. p rows: stride ldp; v rows: stride ldv. */
-static inline void mk_pv(const float *p, int64_t ldp, const float *v, int64_t ldv, int64_t n, vf acc[RB][2]) {
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = (vf){0};
-    for (int64_t j = 0; j < n; j++) {
-        const vf v0 = *(const vf *)(v + j * ldv), v1 = *(const vf *)(v + j * ldv + 16);
-#pragma GCC unroll 8
-        for (int r = 0; r < RB; r++) {
-            const vf b = BCAST(p[r * ldp + j]);
-            acc[r][0] += b * v0;
-            acc[r][1] += b * v1;
+/* dst[d][j] = src[j][d] for j < n, d < D (dst rows: stride ldd; src rows: stride lds), in tiles
+ * of 16 rows: contiguous stores, and loads from 16 rows that stay in L1. */
+static void pack_t(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t n, int64_t D) {
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+        const int64_t jn = n - j0 < 16 ? n - j0 : 16;
+        for (int64_t d = 0; d < D; d++) {
+            float *o = dst + d * ldd + j0;
+            const float *x = src + j0 * lds + d;
+            for (int64_t j = 0; j < jn; j++) o[j] = x[j * lds];
         }
     }
 }
@@ -127,16 +114,8 @@ int attn_fwd(const float *q, const float *k, const float *v, int64_t B, int64_t 
                         memset(dst, 0, (size_t)dp * sizeof(float));
                     }
                 }
-                /* K^T in tiles of 16 keys: contiguous stores, loads from 16 rows that stay in L1. */
                 memset(ktp, 0, n_kt * sizeof(float));
-                for (int64_t j0 = 0; j0 < Lk; j0 += 16) {
-                    const int64_t jn = Lk - j0 < 16 ? Lk - j0 : 16;
-                    for (int64_t d = 0; d < D; d++) {
-                        float *dst = ktp + d * lkp + j0;
-                        const float *src = kb + j0 * ksl + d;
-                        for (int64_t j = 0; j < jn; j++) dst[j] = src[j * ksl];
-                    }
-                }
+                pack_t(ktp, lkp, kb, ksl, Lk, D);
                 for (int64_t j = 0; j < lkp; j++) {
                     float *dst = vp + j * dp;
                     if (j < Lk) {
@@ -207,7 +186,7 @@ int attn_fwd(const float *q, const float *k, const float *v, int64_t B, int64_t 
                     }
                     for (int64_t c0 = 0; c0 < dp; c0 += CB) {
                         vf acc[RB][2];
-                        mk_pv(sb, lkp, vp + c0, dp, Lk, acc);
+                        mk_8x32(sb, lkp, vp + c0, dp, Lk, acc);
                         for (int r = 0; r < RB && i0 + r < Lq; r++) {
                             const vf sc = BCAST(inv[r]);
                             float tmp[CB] __attribute__((aligned(64)));
@@ -290,17 +269,8 @@ int attn_bwd(const float *q, const float *k, const float *v, const float *o, con
                 }
                 drow[i] = dsum;
             }
-            for (int64_t j0 = 0; j0 < Lk; j0 += 16) {
-                const int64_t jn = Lk - j0 < 16 ? Lk - j0 : 16;
-                for (int64_t d = 0; d < D; d++) {
-                    const float *ks = kb + j0 * ksl + d, *vs = vb + j0 * vsl + d;
-                    float *kt = ktp + d * lkp + j0, *vt = vtp + d * lkp + j0;
-                    for (int64_t j = 0; j < jn; j++) {
-                        kt[j] = ks[j * ksl];
-                        vt[j] = vs[j * vsl];
-                    }
-                }
-            }
+            pack_t(ktp, lkp, kb, ksl, Lk, D);
+            pack_t(vtp, lkp, vb, vsl, Lk, D);
             for (int64_t j = 0; j < Lk; j++) memcpy(kp + j * dp, kb + j * ksl, (size_t)D * sizeof(float));
             const uint8_t *mbh = mask ? mask + b * mb + h * mh : NULL;
             if (!mbh || mq == 0) {
@@ -336,7 +306,7 @@ int attn_bwd(const float *q, const float *k, const float *v, const float *o, con
                 }
                 for (int64_t c0 = 0; c0 < dp; c0 += CB) {
                     vf acc[RB][2];
-                    mk_pv(db, lkp, kp + c0, dp, Lk, acc);
+                    mk_8x32(db, lkp, kp + c0, dp, Lk, acc);
                     const vf sc = BCAST(scale);
                     for (int r = 0; r < RB && i0 + r < Lq; r++) {
                         float tmp[CB] __attribute__((aligned(64)));
