@@ -229,8 +229,8 @@ class Engine:
         model.to(self._device)
         # CPU fp32: the model's linear layers train on oneDNN's GEMM (forward and input
         # gradient): the step is ~2-3% shorter on the hosts measured (benchmarks/RESULTS.md run O).
-        # Its sdpa attention runs the compiled CPU attention forward where no attention dropout
-        # is due (toolkit/kernels/cpu_attention.py; sdpa otherwise).
+        # Its sdpa attention runs the compiled CPU attention kernel (forward and backward) where
+        # no attention dropout is due (toolkit/kernels/cpu_attention.py; sdpa otherwise).
         self.onednn_linears = 0
         self.cpu_attention = False
         if self._device.type == "cpu" and self._dtype == torch.float32:
