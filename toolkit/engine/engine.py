@@ -232,13 +232,12 @@ class Engine:
         # Its sdpa attention runs the compiled CPU attention kernel (forward and backward) where
         # no attention dropout is due (toolkit/kernels/cpu_attention.py; sdpa otherwise).
         self.onednn_linears = 0
-        self.cpu_attention = False
         if self._device.type == "cpu" and self._dtype == torch.float32:
             from toolkit.kernels.cpu_attention import use_cpu_attention
             from toolkit.models.onednn import use_onednn_linears
 
             self.onednn_linears = use_onednn_linears(model, trainable=True)
-            self.cpu_attention = use_cpu_attention(model) > 0
+            use_cpu_attention(model)
         optimizer = build_optimizer(model, optim, params)
         scheduler = build_scheduler(optimizer, self.total_steps, optim.warmup_steps, optim.warmup_ratio,
                                     optim.decay, optim.min_lr_ratio)

@@ -54,6 +54,8 @@ class CompiledKernel:
         where it cannot run. Thread-safe; raises only a ConfigError for a malformed switch."""
         if self._forced_off or switched_off(self.env_var):
             return None
+        if "reason" in self._state:     # the hot path (every attention call, every dropout site): no lock
+            return self._state["kernel"]
         with self._lock:
             if "reason" in self._state:
                 return self._state["kernel"]
