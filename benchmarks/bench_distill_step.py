@@ -423,6 +423,8 @@ _OP_CATEGORIES = {
     # The compiled CPU attention kernel (toolkit/kernels/cpu_attention.py).
     "toolkit::cpu_attention_fwd": "CPU attention kernel",
     "toolkit::cpu_attention_bwd": "CPU attention kernel",
+    # The compiled weight-gradient GEMM (+ bias gradient) of the student's linears (cpu_wgrad.py).
+    "toolkit::cpu_wgrad": "linear matmuls (QKV/O/FFN)",
     "aten::_softmax": "softmax / logsumexp / exp",
     "aten::_log_softmax": "softmax / logsumexp / exp",
     "aten::_softmax_backward_data": "softmax / logsumexp / exp",
@@ -448,6 +450,7 @@ _NAMED_TOTALS = {
     "sdpa flash kernel (forward + backward)": "aten::_scaled_dot_product_flash_attention_for_cpu",
     "CPU attention kernel, forward": "toolkit::cpu_attention_fwd",
     "CPU attention kernel, backward": "toolkit::cpu_attention_bwd",
+    "CPU weight-gradient kernel (dW, db)": "toolkit::cpu_wgrad",
 }
 
 

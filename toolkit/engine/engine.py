@@ -228,7 +228,8 @@ class Engine:
 
         model.to(self._device)
         # CPU fp32: the model's linear layers train on oneDNN's GEMM (forward and input
-        # gradient): the step is ~2-3% shorter on the hosts measured (benchmarks/RESULTS.md run O).
+        # gradient): the step is ~2-3% shorter on the hosts measured (benchmarks/RESULTS.md run O);
+        # their weight and bias gradients on the compiled kernel of toolkit/kernels/cpu_wgrad.py.
         # Its sdpa attention runs the compiled CPU attention kernel (forward and backward) where
         # no attention dropout is due (toolkit/kernels/cpu_attention.py; sdpa otherwise).
         self.onednn_linears = 0
@@ -251,10 +252,10 @@ class Engine:
         if self._device.type != "cpu":
             return ""
         from toolkit.kernels.cpu_attention import attention_note
-        from toolkit.models.onednn import onednn_unavailable_reason
+        from toolkit.models.onednn import onednn_unavailable_reason, weight_grad_note
 
         if self.onednn_linears:
-            linears = f", linears on oneDNN ({self.onednn_linears} layers)"
+            linears = f", linears on oneDNN ({self.onednn_linears} layers, weight gradients on {weight_grad_note()})"
         else:
             linears = f", linears on MKL ({onednn_unavailable_reason() or 'not fp32'})"
         return f"{linears}, attention on {attention_note(self._ds.module)}"

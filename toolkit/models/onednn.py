@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from toolkit.kernels import cpu_wgrad
 from toolkit.utils.env import switched_off
 
 _CHECK: dict = {}
@@ -54,7 +55,8 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
-    """``F.linear`` with oneDNN's forward and input gradient and MKL's weight gradient."""
+    """``F.linear`` with oneDNN's forward and input gradient; the weight and bias gradients from
+    the compiled kernel of :mod:`toolkit.kernels.cpu_wgrad` (MKL's ``mm`` and a ``sum`` without it)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -71,11 +73,15 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = onednn_linear(grad, weight.t(), None)          # dY @ W
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+        wants_b = ctx.has_bias and ctx.needs_input_grad[2]
+        kernel = cpu_wgrad.load() if ctx.needs_input_grad[1] else None
+        if kernel is not None:
+            grad_w, grad_b = kernel.weight_grad(grad, x, wants_b)   # dW and db in one pass over dY
+        elif ctx.needs_input_grad[1] or wants_b:
             grad2 = grad.reshape(-1, grad.shape[-1])
             if ctx.needs_input_grad[1]:
                 grad_w = grad2.t().mm(x.reshape(-1, x.shape[-1]))   # dY^T X, summed over the tokens
-            if ctx.has_bias and ctx.needs_input_grad[2]:
+            if wants_b:
                 grad_b = grad2.sum(0)
         return grad_x, grad_w, grad_b
 
@@ -220,6 +226,12 @@ def use_onednn_linears(model: nn.Module, trainable: bool = False) -> int:
             n += 1
     fuse_dense_gelu(model)
     return n
+
+
+def weight_grad_note() -> str:
+    """What computes a switched layer's weight gradient, for the job log."""
+    reason = cpu_wgrad.unavailable_reason()
+    return "the CPU kernel" if reason is None else f"MKL ({reason})"
 
 
 def count_onednn_linears(model: nn.Module) -> int:
