@@ -425,6 +425,8 @@ _OP_CATEGORIES = {
     "toolkit::cpu_attention_bwd": "CPU attention kernel",
     # The compiled weight-gradient GEMM (+ bias gradient) of the student's linears (cpu_wgrad.py).
     "toolkit::cpu_wgrad": "linear matmuls (QKV/O/FFN)",
+    # The compiled forward / input-gradient GEMM of both models' linears (cpu_linear.py).
+    "toolkit::cpu_linear": "linear matmuls (QKV/O/FFN)",
     "aten::_softmax": "softmax / logsumexp / exp",
     "aten::_log_softmax": "softmax / logsumexp / exp",
     "aten::_softmax_backward_data": "softmax / logsumexp / exp",

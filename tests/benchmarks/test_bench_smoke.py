@@ -229,7 +229,7 @@ def test_row_kernel_ab_alternates_both_arms_and_names_bad_input(tmp_path):
     assert r["speedup_of_medians"] == pytest.approx(r["off_ms"] / r["on_ms"])
     # Every other switch, each where its fast path runs here, else a one-line error naming its
     # variable; the step is left as the recipe runs it.
-    from toolkit.kernels import cpu_attention, cpu_dropout, cpu_wgrad
+    from toolkit.kernels import cpu_attention, cpu_dropout, cpu_linear, cpu_wgrad
     from toolkit.models import onednn
 
     onednn_ok = onednn.onednn_unavailable_reason() is None
@@ -239,6 +239,7 @@ def test_row_kernel_ab_alternates_both_arms_and_names_bad_input(tmp_path):
         ("cpu-attention", cpu_attention.load() is not None, ("attention kernel", "sdpa"), "TOOLKIT_CPU_ATTENTION"),
         ("cpu-dropout", cpu_dropout.load() is not None, ("compiled masks", "torch masks"), "TOOLKIT_CPU_DROPOUT"),
         ("cpu-wgrad", onednn_ok and cpu_wgrad.load() is not None, ("wgrad kernel", "mm + sum"), "TOOLKIT_CPU_WGRAD"),
+        ("cpu-linear", onednn_ok and cpu_linear.load() is not None, ("GEMM kernel", "oneDNN"), "TOOLKIT_CPU_LINEAR"),
         ("teacher-gelu", onednn_ok and onednn._gelu_postop_reason() is None, ("fused GELU", "separate GELU"),
          "TOOLKIT_ONEDNN_LINEAR"),
     ]

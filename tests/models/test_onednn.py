@@ -3,9 +3,13 @@ fp32 rounding, hooks and state dicts untouched, only fp32 CPU models switched (f
 asked for a trained one), and the ways it stays off."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
+
+from toolkit.kernels import cpu_linear, cpu_wgrad
 
 from toolkit.engine import prepare_frozen
 from toolkit.models import onednn
@@ -113,8 +117,27 @@ def _close(got, want):
         assert err < 1e-5, err
 
 
+def _backend(name: str) -> contextlib.ExitStack:
+    """``"kernels"``: the compiled GEMM and weight-gradient kernels (skipped where they do not
+    build); ``"onednn"``: oneDNN's GEMM and MKL's weight gradient, the kernels turned off."""
+    stack = contextlib.ExitStack()
+    if name == "kernels":
+        if cpu_linear.load() is None or cpu_wgrad.load() is None:
+            pytest.skip(f"compiled kernels not here: {cpu_linear.unavailable_reason() or cpu_wgrad.unavailable_reason()}")
+    else:
+        stack.enter_context(cpu_linear.disabled())
+        stack.enter_context(cpu_wgrad.disabled())
+    return stack
+
+
+@pytest.mark.parametrize("backend", ["kernels", "onednn"])
 @pytest.mark.parametrize("case", ["2d", "3d", "transposed input", "no bias", "frozen weight", "input without grad"])
-def test_trainable_linear_values_and_gradients_match_float64(available, case):
+def test_trainable_linear_values_and_gradients_match_float64(available, case, backend):
+    with _backend(backend):
+        _check_trainable_linear(case)
+
+
+def _check_trainable_linear(case: str) -> None:
     torch.manual_seed(0)
     layer = nn.Linear(40, 24, bias=case != "no bias")
     shape = (13, 40) if case == "2d" else (3, 5, 40)
@@ -195,12 +218,21 @@ def _tiny_bert(hidden_act="gelu"):
     return BertModel(cfg)
 
 
-def test_feed_forward_gemm_and_gelu_run_as_one_call_without_grad(available, monkeypatch):
-    """The feed-forward's GEMM + bias + erf GELU as one oneDNN call where nothing needs a gradient
-    (the teacher; a trained model in evaluation): same numbers, and the block's own forward when
-    a gradient is due or the activation is not the exact GELU."""
-    if onednn._gelu_postop_reason() is not None:
+@pytest.mark.parametrize("backend", ["kernels", "onednn"])
+def test_feed_forward_gemm_and_gelu_run_as_one_call_without_grad(available, monkeypatch, backend):
+    """The feed-forward's GEMM + bias + erf GELU as one call (the compiled kernel's epilogue, or
+    oneDNN's post-op) where nothing needs a gradient (the teacher; a trained model in evaluation):
+    same numbers, and the block's own forward when a gradient is due or the activation is not
+    the exact GELU."""
+    if backend == "onednn" and onednn._gelu_postop_reason() is not None:
         pytest.skip(onednn._gelu_postop_reason())
+    if backend == "kernels":   # the kernel's GELU epilogue runs where oneDNN's post-op fails its check
+        monkeypatch.setitem(onednn._CHECK, "gelu", "post-op turned off by the test")
+    with _backend(backend):
+        _check_dense_gelu(monkeypatch)
+
+
+def _check_dense_gelu(monkeypatch) -> None:
     model = _tiny_bert()
     ids = torch.randint(1, 99, (2, 11))
     with torch.no_grad():
@@ -217,6 +249,13 @@ def test_feed_forward_gemm_and_gelu_run_as_one_call_without_grad(available, monk
             return real(*args)
 
     monkeypatch.setattr(torch.ops, "mkldnn", Spy(), raising=False)
+    real_kernel = cpu_linear.LinearKernel.linear
+
+    def kernel_spy(self, x, w, b=None, gelu=False, threads=None):
+        calls.append("gelu" if gelu else "none")
+        return real_kernel(self, x, w, b, gelu=gelu, threads=threads)
+
+    monkeypatch.setattr(cpu_linear.LinearKernel, "linear", kernel_spy)
     model.requires_grad_(False)
     assert use_onednn_linears(model) > 0 and onednn.count_fused_gelu(model) == 2
     with torch.no_grad():

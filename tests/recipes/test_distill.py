@@ -66,15 +66,17 @@ def test_distill_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
     log_text = "\n".join(p.read_text() for p in (out / "logs").glob("rank*.log"))
     assert "relation KL chunked (blocks of" in log_text
     # ... and which GEMM the frozen teacher's and the trained student's linears use on this CPU.
+    from toolkit.kernels import cpu_linear, cpu_wgrad
     from toolkit.models.onednn import onednn_unavailable_reason
 
-    gemm = "oneDNN" if onednn_unavailable_reason() is None else "MKL"
+    if onednn_unavailable_reason() is not None:
+        gemm = "MKL"
+    else:
+        gemm = "the CPU kernel" if cpu_linear.unavailable_reason() is None else "oneDNN"
     assert f"teacher linears on {gemm} (" in log_text and f"student linears on {gemm} (" in log_text
-    if gemm == "oneDNN":   # 2 student layers x (Q, K, V, output, intermediate, output dense) + pooler
-        from toolkit.kernels import cpu_wgrad
-
+    if gemm != "MKL":   # 2 student layers x (Q, K, V, output, intermediate, output dense) + pooler
         wgrad = "the CPU kernel" if cpu_wgrad.unavailable_reason() is None else "MKL ("
-        assert f"student linears on oneDNN (13 layers, weight gradients on {wgrad}" in log_text
+        assert f"student linears on {gemm} (13 layers, weight gradients on {wgrad}" in log_text
     # ... and what runs their attention (the compiled CPU kernel wherever it builds).
     from toolkit.kernels import cpu_attention
 

@@ -252,13 +252,9 @@ class Engine:
         if self._device.type != "cpu":
             return ""
         from toolkit.kernels.cpu_attention import attention_note
-        from toolkit.models.onednn import onednn_unavailable_reason, weight_grad_note
+        from toolkit.models.onednn import gemm_note
 
-        if self.onednn_linears:
-            linears = f", linears on oneDNN ({self.onednn_linears} layers, weight gradients on {weight_grad_note()})"
-        else:
-            linears = f", linears on MKL ({onednn_unavailable_reason() or 'not fp32'})"
-        return f"{linears}, attention on {attention_note(self._ds.module)}"
+        return f", linears on {gemm_note(self.onednn_linears, trained=True)}, attention on {attention_note(self._ds.module)}"
 
     # ----- read-back of engine settings -------------------------------------------------
     @property

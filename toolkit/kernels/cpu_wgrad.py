@@ -18,6 +18,7 @@ runs instead. ``TOOLKIT_CPU_WGRAD=0`` turns it off.
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -33,7 +34,7 @@ ABI_VERSION = 1
 
 def _rows(t: Tensor) -> Tensor:
     """``t`` as ``[tokens, features]`` with a unit feature stride (a view where possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     if t2.stride(-1) != 1:
         t2 = t2.contiguous()
     return t2

@@ -43,15 +43,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from toolkit.kernels import cpu_wgrad
+from toolkit.kernels import cpu_linear, cpu_wgrad
 from toolkit.utils.env import switched_off
 
 _CHECK: dict = {}
 
 
-def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def onednn_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``x @ weight.T + bias`` on oneDNN (``weight`` may be a strided view, e.g. a transpose)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``x @ weight.T + bias`` for fp32 CPU tensors: on the compiled GEMM kernel of
+    :mod:`toolkit.kernels.cpu_linear` where it builds, else on oneDNN (``weight`` may be a
+    strided view, e.g. a transpose)."""
+    kernel = cpu_linear.load()
+    if kernel is not None and x.numel() >= cpu_linear.MIN_ROWS * x.shape[-1]:
+        return kernel.linear(x, weight, bias)
+    return onednn_gemm(x, weight, bias)
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
@@ -124,8 +134,8 @@ def _check() -> Optional[str]:
         w, b = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
         g = torch.randn(3, 7, 24, generator=gen)
         errs = []
-        for got, want in ((onednn_linear(x, w, b), F.linear(x.double(), w.double(), b.double())),
-                          (onednn_linear(g, w.t(), None), g.double() @ w.double())):
+        for got, want in ((onednn_gemm(x, w, b), F.linear(x.double(), w.double(), b.double())),
+                          (onednn_gemm(g, w.t(), None), g.double() @ w.double())):
             errs.append(float((got.double() - want).abs().max() / want.abs().max()))
         err = max(errs)
     except Exception as e:  # noqa: BLE001 - an optional fast path: any failure means "not here"
@@ -159,9 +169,9 @@ def _gelu_postop_reason() -> Optional[str]:
 
 
 def _dense_gelu_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
-    """``gelu(dense(x))`` of a feed-forward block as one oneDNN call (GEMM, bias, GELU) where
-    nothing needs a gradient (bound by :func:`use_onednn_linears`); the block's own forward
-    otherwise."""
+    """``gelu(dense(x))`` of a feed-forward block as one call (GEMM, bias, GELU: oneDNN's post-op,
+    else the compiled kernel's epilogue) where nothing needs a gradient (bound by
+    :func:`use_onednn_linears`); the block's own forward otherwise."""
     dense = self.dense
     bias = dense.bias
     if (type(dense) is OneDNNLinear and hidden_states.device.type == "cpu" and hidden_states.dtype == torch.float32
@@ -169,15 +179,21 @@ def _dense_gelu_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
             and not dense._forward_hooks and not dense._forward_pre_hooks
             and not (torch.is_grad_enabled() and (hidden_states.requires_grad or dense.weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))):
-        return torch.ops.mkldnn._linear_pointwise(hidden_states, dense.weight, bias, "gelu", [], "none")
+        # oneDNN's GELU post-op is cheaper than the compiled kernel's erf epilogue (193 against
+        # 187 GFLOP/s at 4096 x 384 -> 1536 here), which runs where the post-op fails its check.
+        if _gelu_postop_reason() is None:
+            return torch.ops.mkldnn._linear_pointwise(hidden_states, dense.weight, bias, "gelu", [], "none")
+        kernel = cpu_linear.load()
+        if kernel is not None:
+            return kernel.linear(hidden_states, dense.weight, bias, gelu=True)
     return type(self).forward(self, hidden_states)
 
 
 def fuse_dense_gelu(model: nn.Module) -> int:
     """Bind the one-call GEMM + GELU forward to ``model``'s feed-forward blocks whose dense layer is
     on oneDNN and whose activation is the exact GELU; returns how many (done by
-    :func:`use_onednn_linears`)."""
-    if _gelu_postop_reason() is not None:
+    :func:`use_onednn_linears`). Needs the compiled GEMM kernel or oneDNN's GELU post-op."""
+    if cpu_linear.load() is None and _gelu_postop_reason() is not None:
         return 0
     n = 0
     for module in model.modules():
@@ -228,10 +244,16 @@ def use_onednn_linears(model: nn.Module, trainable: bool = False) -> int:
     return n
 
 
-def weight_grad_note() -> str:
-    """What computes a switched layer's weight gradient, for the job log."""
-    reason = cpu_wgrad.unavailable_reason()
-    return "the CPU kernel" if reason is None else f"MKL ({reason})"
+def gemm_note(n: int, trained: bool = False) -> str:
+    """What runs ``n`` switched layers' GEMMs, for the job log: ``"the CPU kernel (13 layers,
+    weight gradients on the CPU kernel)"``, ``"oneDNN (6 layers)"``; ``"MKL (why)"`` when n is 0."""
+    if not n:
+        return f"MKL ({onednn_unavailable_reason() or 'not fp32'})"
+    gemm = "the CPU kernel" if cpu_linear.unavailable_reason() is None else "oneDNN"
+    if not trained:
+        return f"{gemm} ({n} layers)"
+    wgrad = "the CPU kernel" if cpu_wgrad.unavailable_reason() is None else f"MKL ({cpu_wgrad.unavailable_reason()})"
+    return f"{gemm} ({n} layers, weight gradients on {wgrad})"
 
 
 def count_onednn_linears(model: nn.Module) -> int:

@@ -367,16 +367,11 @@ class DistillRecipe:
                  rel_heads, eng.train_batch_size, cfg.corpus.seq_length, eng.compute_dtype)
         if self.device.type == "cpu":
             from toolkit.kernels.cpu_attention import attention_note
-            from toolkit.models.onednn import count_onednn_linears, onednn_unavailable_reason, weight_grad_note
+            from toolkit.models.onednn import count_onednn_linears, gemm_note
 
-            def gemm(n: int, trained: bool = False) -> str:
-                if not n:
-                    return f"MKL ({onednn_unavailable_reason() or 'not fp32'})"
-                return f"oneDNN ({n} layers, weight gradients on {weight_grad_note()})" if trained else \
-                    f"oneDNN ({n} layers)"
             log.info("distill: teacher linears on %s, attention on %s; student linears on %s, attention on %s",
-                     gemm(count_onednn_linears(self.teacher)), attention_note(self.teacher),
-                     gemm(eng.onednn_linears, trained=True), attention_note(student))
+                     gemm_note(count_onednn_linears(self.teacher)), attention_note(self.teacher),
+                     gemm_note(eng.onednn_linears, trained=True), attention_note(student))
         if "minilmv2" in weights:
             log.info("distill: relation KL %s", describe_relation_kl(cfg.loss.impl, self.device, eng.micro_batch_size,
                                                                       rel_heads, cfg.corpus.seq_length,

@@ -20,42 +20,22 @@
 #include <string.h>
 
 #include "exp_nonpos.h"
+#include "microkernel.h"
 
-typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
-
-/* x in every lane (not (vf){0} + x, which costs an add: 0 + x is not x for x = -0). */
-#define BCAST(x) ((vf){(x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x)})
-
-#define RB 8  /* query rows per micro-kernel */
-#define CB 32 /* columns per micro-kernel (two vectors) */
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 int attn_abi_version(void) { return 2; }
 
-/* acc[r][0..31] = sum_{j < n} a[r][j] b[j][0..31] for r < 8 (a rows: stride lda; b rows: stride
- * ldb, 64-byte aligned): the one micro-kernel of S = Q K^T (a = Q, b = K^T), O = P V, dP = dO V^T
- * and dQ = dS K. */
-static inline void mk_8x32(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t n, vf acc[RB][2]) {
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = (vf){0};
-    for (int64_t j = 0; j < n; j++) {
-        const vf b0 = *(const vf *)(b + j * ldb), b1 = *(const vf *)(b + j * ldb + 16);
-#pragma GCC unroll 8
-        for (int r = 0; r < RB; r++) {
-            const vf x = BCAST(a[r * lda + j]);
-            acc[r][0] += x * b0;
-            acc[r][1] += x * b1;
-        }
-    }
-}
+/* The one micro-kernel (microkernel.h, 8 query rows x 32 columns) runs S = Q K^T (a = Q,
+ * b = K^T), O = P V, dP = dO V^T and dQ = dS K. */
 
 /* s[r][0..31] = sum_j q[r][j] kt[j][0..31], r < 8, stored with row stride lds. */
 static inline void mk_qk(const float *q, int64_t ldq, const float *kt, int64_t ldk, int64_t dp, float *s,
                          int64_t lds) {
     vf acc[RB][2];
-    mk_8x32(q, ldq, kt, ldk, dp, acc);
+    mk_8x32(q, ldq, 1, kt, ldk, dp, acc);
 #pragma GCC unroll 8
     for (int r = 0; r < RB; r++) {
         *(vf *)(s + r * lds) = acc[r][0];
@@ -186,7 +166,7 @@ int attn_fwd(const float *q, const float *k, const float *v, int64_t B, int64_t 
                     }
                     for (int64_t c0 = 0; c0 < dp; c0 += CB) {
                         vf acc[RB][2];
-                        mk_8x32(sb, lkp, vp + c0, dp, Lk, acc);
+                        mk_8x32(sb, lkp, 1, vp + c0, dp, Lk, acc);
                         for (int r = 0; r < RB && i0 + r < Lq; r++) {
                             const vf sc = BCAST(inv[r]);
                             float tmp[CB] __attribute__((aligned(64)));
@@ -306,7 +286,7 @@ int attn_bwd(const float *q, const float *k, const float *v, const float *o, con
                 }
                 for (int64_t c0 = 0; c0 < dp; c0 += CB) {
                     vf acc[RB][2];
-                    mk_8x32(db, lkp, kp + c0, dp, Lk, acc);
+                    mk_8x32(db, lkp, 1, kp + c0, dp, Lk, acc);
                     const vf sc = BCAST(scale);
                     for (int r = 0; r < RB && i0 + r < Lq; r++) {
                         float tmp[CB] __attribute__((aligned(64)));

@@ -20,8 +20,7 @@
  * Summation order: per block of KC tokens in the accumulators, then added into the thread's dW
  * (and db), then the threads' partials: the blocked order a GEMM library uses.
  *
- * Portable C: GNU vector extensions (16 floats, what AVX-512 holds in one register; other
- * targets split them).
+ * Portable C: GNU vector extensions (microkernel.h).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -30,13 +29,10 @@
 #include <omp.h>
 #endif
 
-typedef float vf __attribute__((vector_size(64)));
+#include "microkernel.h"
 
-/* x in every lane (not (vf){0} + x, which costs an add: 0 + x is not x for x = -0). */
-#define BCAST(x) ((vf){(x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x)})
-
-#define MR 8   /* rows of dW per micro-kernel */
-#define NR 32  /* columns of dW per micro-kernel (two vectors) */
+#define MR RB   /* rows of dW per micro-kernel (microkernel.h) */
+#define NR CB   /* columns of dW per micro-kernel */
 #define KC 256 /* tokens per block */
 #define PFD 2  /* row blocks ahead for dY's prefetches */
 #define NCT 16 /* column slivers per packed panel of X: 16 x 32 columns x KC tokens = 512 KiB */
@@ -47,20 +43,9 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* c[r][0..31] (= when first, else +=) sum_{k < kc} a[k][r] b[k][0..31], r < 8: a packed [kc][8],
  * b packed [kc][32] (64-byte aligned); c rows at stride ldc, any alignment. */
-static inline void mk_8x32(const float *restrict a, const float *restrict b, int64_t kc, float *c, int64_t ldc,
-                           int first) {
+static inline void tile_8x32(const float *a, const float *b, int64_t kc, float *c, int64_t ldc, int first) {
     vf acc[MR][2];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = (vf){0};
-    for (int64_t k = 0; k < kc; k++) {
-        const vf b0 = *(const vf *)(b + k * NR), b1 = *(const vf *)(b + k * NR + 16);
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; r++) {
-            const vf x = BCAST(a[k * MR + r]);
-            acc[r][0] += x * b0;
-            acc[r][1] += x * b1;
-        }
-    }
+    mk_8x32(a, 1, MR, b, NR, kc, acc);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++) {
         float *o = c + r * ldc;
@@ -173,9 +158,9 @@ int wg_gemm(const float *dy, int64_t ldy, const float *x, int64_t ldx, int64_t K
                             const int64_t n0 = j * NR, nn = min64(NR, N - n0);
                             float *cc = c + m0 * ldc + n0;
                             if (mm == MR && nn == NR) {
-                                mk_8x32(ap, bp + (j - jc) * KC * NR, kc, cc, ldc, first);
+                                tile_8x32(ap, bp + (j - jc) * KC * NR, kc, cc, ldc, first);
                             } else {   /* a partial tile: computed whole, the valid part kept */
-                                mk_8x32(ap, bp + (j - jc) * KC * NR, kc, tile, NR, 1);
+                                tile_8x32(ap, bp + (j - jc) * KC * NR, kc, tile, NR, 1);
                                 for (int64_t r = 0; r < mm; r++)
                                     for (int64_t n = 0; n < nn; n++)
                                         cc[r * ldc + n] = first ? tile[r * NR + n] : cc[r * ldc + n] + tile[r * NR + n];

@@ -1,0 +1,121 @@
+"""A compiled CPU GEMM for linear layers: the forward (bias and exact GELU fused) and the input
+gradient (optional, with fallback to oneDNN).
+
+The distillation step at seq 128 spends ~70% of its time in the linear layers' forward and
+input-gradient GEMMs, which ran on oneDNN (:mod:`toolkit.models.onednn`) at 190-210 GFLOP/s on
+the AMD hosts here, 5-12% under the matmul peak. ``csrc/linear.c`` packs the weight into
+32-column slivers once per call and runs the shared register-blocked micro-kernel
+(``csrc/microkernel.h``) straight on the activations' rows, with the bias and the GELU in its
+epilogue (docs/KERNELS.md has the figures).
+
+:func:`toolkit.models.onednn.onednn_linear` calls it for every fp32 CPU product it is given, so
+it serves whatever :func:`toolkit.models.onednn.use_onednn_linears` switched: the frozen teacher
+(including its feed-forward GEMM + GELU) and the trained student's forward and input gradient.
+Built, checked (against float64, with ragged tails, a transposed weight and the GELU) and loaded
+like the other kernels (:mod:`toolkit.kernels.compiled`); anything that goes wrong is one warning
+and oneDNN runs instead. ``TOOLKIT_CPU_LINEAR=0`` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from toolkit.kernels.compiled import CompiledKernel
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "linear.c"
+ABI_VERSION = 1
+#: :func:`toolkit.models.onednn.onednn_linear` sends a product here from this many rows (tokens)
+#: on; below, oneDNN's GEMM is as fast or faster (distillation step A/B, benchmarks/RESULTS.md).
+MIN_ROWS = 4096
+
+
+@dataclass
+class LinearKernel:
+    """A loaded build of ``linear.c``."""
+
+    lib: ctypes.CDLL
+    path: Path
+    built_s: float
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gelu: bool = False,
+               threads: Optional[int] = None) -> Tensor:
+        """``x @ weight.T + bias``, through the exact GELU when ``gelu``.
+
+        Args:
+            x: fp32 CPU ``[..., in]``.
+            weight: fp32 CPU ``[out, in]`` at any strides (``W.t()`` for an input gradient ``dY @ W``).
+            bias: None or fp32 ``[out]``.
+            gelu: apply ``F.gelu`` (erf form) to the result.
+            threads: OpenMP threads (default: torch's).
+        Returns:
+            a contiguous fp32 ``[..., out]``.
+        """
+        tensors = (x, weight) if bias is None else (x, weight, bias)
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+            raise ValueError("cpu_linear: fp32 CPU tensors only, got "
+                             + ", ".join(f"{t.dtype} on {t.device}" for t in tensors))
+        if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or (bias is not None and bias.shape != (weight.shape[0],)):
+            raise ValueError(f"cpu_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias "
+                             f"{None if bias is None else tuple(bias.shape)} do not make a linear layer")
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        if bias is not None and bias.stride(0) != 1:
+            bias = bias.contiguous()
+        tokens, n_in, n_out = x2.shape[0], x2.shape[1], weight.shape[0]
+        y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32)
+        with torch.profiler.record_function("toolkit::cpu_linear"):
+            rc = self.lib.lin_gemm(x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0), weight.stride(1),
+                                   bias.data_ptr() if bias is not None else None, y.data_ptr(), tokens, n_in, n_out,
+                                   int(gelu), threads or torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"cpu_linear: no memory for the kernel's packing buffers ({self.path})")
+        return y
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.lin_gemm.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.lin_gemm.restype = ctypes.c_int
+
+
+def reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gelu: bool = False) -> Tensor:
+    """What :meth:`LinearKernel.linear` computes, in float64."""
+    y = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    return F.gelu(y) if gelu else y
+
+
+def max_rel_error(got: Tensor, want: Tensor) -> float:
+    """``max |got - want| / max |want|``."""
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def _self_check(kernel: LinearKernel) -> None:
+    gen = torch.Generator().manual_seed(0)
+    # Tails of tokens (not a multiple of 8), outputs (of 32) and inputs (two blocks of 384), a
+    # strided x, a transposed weight (the input gradient), the GELU, one thread and two.
+    x = torch.randn(45, 430, generator=gen)[:, :400] * 2.0
+    w, b = torch.randn(70, 400, generator=gen) / 20.0, torch.randn(70, generator=gen)
+    cases = ((x, w, b, False, 2), (x, w, b, True, 2), (x, w, None, True, 1),
+             (x[:, :70], torch.randn(70, 33, generator=gen).t(), None, False, 2))
+    for xx, ww, bb, gelu, threads in cases:
+        err = max_rel_error(kernel.linear(xx, ww, bb, gelu=gelu, threads=threads), reference(xx, ww, bb, gelu))
+        if not err <= 1e-5:
+            raise RuntimeError(f"the linear GEMM differs from float64 by {err:.1e} (x {tuple(xx.shape)}, weight "
+                               f"{tuple(ww.shape)}, bias {bb is not None}, gelu {gelu}, {threads} threads)")
+
+
+_KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "lin", "TOOLKIT_CPU_LINEAR", _bind, LinearKernel, _self_check,
+                         what="the compiled CPU linear GEMM", fallback="oneDNN's GEMM runs instead")
+
+load = _KERNEL.load
+unavailable_reason = _KERNEL.unavailable_reason
+disabled = _KERNEL.disabled
+reset = _KERNEL.reset

@@ -1,0 +1,41 @@
+/* The register-blocked micro-kernel shared by the compiled CPU kernels (attention.c, linear.c,
+ * wgrad.c). toolkit/kernels/cpu_rows.py's build puts this directory on the include path and hashes
+ * this header into every kernel's cache key.
+ *
+ * 8 rows x 32 columns of a product held in 16 vectors of 16 floats (what AVX-512 holds in one
+ * register; GNU vector extensions, so other targets split them): per step of the inner dimension,
+ * two loads of b and 8 broadcasts of a, 16 FMAs. */
+#ifndef TOOLKIT_MICROKERNEL_H
+#define TOOLKIT_MICROKERNEL_H
+
+#include <stdint.h>
+
+typedef float vf __attribute__((vector_size(64)));
+
+/* x in every lane (not (vf){0} + x, which costs an add: 0 + x is not x for x = -0). */
+#define BCAST(x) ((vf){(x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x)})
+
+#define RB 8  /* rows per micro-kernel */
+#define CB 32 /* columns per micro-kernel (two vectors) */
+
+/* acc[r][0..31] = sum_{j < n} a[r * ras + j * kas] b[j * ldb + 0..31] for r < 8: a's element
+ * (r, j) at any strides (rows of a matrix: ras = its row stride, kas = 1; a packed [n][8]
+ * sliver: ras = 1, kas = 8), b's rows at stride ldb, any alignment. Inlined with constant strides. */
+static inline void mk_8x32(const float *a, int64_t ras, int64_t kas, const float *b, int64_t ldb, int64_t n,
+                           vf acc[RB][2]) {
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = (vf){0};
+    for (int64_t j = 0; j < n; j++) {
+        vf b0, b1; /* unaligned loads (as fast as aligned ones on aligned data) */
+        __builtin_memcpy(&b0, b + j * ldb, 64);
+        __builtin_memcpy(&b1, b + j * ldb + 16, 64);
+#pragma GCC unroll 8
+        for (int r = 0; r < RB; r++) {
+            const vf x = BCAST(a[r * ras + j * kas]);
+            acc[r][0] += x * b0;
+            acc[r][1] += x * b1;
+        }
+    }
+}
+
+#endif
