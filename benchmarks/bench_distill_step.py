@@ -395,8 +395,10 @@ def _timed_step(impl: Any, batch: Mapping[str, Tensor], phases: Dict[str, float]
 #: ``toolkit_attndrop01`` sets the student's attention dropout to 0.1 (CPU sdpa then has no
 #: fused kernel and falls back to the math path): what the recipe's default of 0 avoids.
 #: ``toolkit_torchrows`` runs the chunked relation KL with its torch block math instead of the
-#: compiled CPU row kernel (``TOOLKIT_CPU_KERNEL=0`` in that worker; each worker is a process).
+#: fused CPU kernel and the compiled CPU row kernel (``TOOLKIT_CPU_RELATION=0`` and
+#: ``TOOLKIT_CPU_KERNEL=0`` in that worker; each worker is a process).
 def _toolkit_torch_rows(models: BenchModels, **kw: Any) -> "ToolkitStep":
+    os.environ["TOOLKIT_CPU_RELATION"] = "0"
     os.environ["TOOLKIT_CPU_KERNEL"] = "0"
     return ToolkitStep(models, **kw)
 
@@ -427,6 +429,8 @@ _OP_CATEGORIES = {
     "toolkit::cpu_wgrad": "linear matmuls (QKV/O/FFN)",
     # The compiled forward / input-gradient GEMM of both models' linears (cpu_linear.py).
     "toolkit::cpu_linear": "linear matmuls (QKV/O/FFN)",
+    # The fused relation KL (cpu_relation.py): logits, row math and student gradient.
+    "toolkit::cpu_relation": "relation KL (fused CPU kernel)",
     "aten::_softmax": "softmax / logsumexp / exp",
     "aten::_log_softmax": "softmax / logsumexp / exp",
     "aten::_softmax_backward_data": "softmax / logsumexp / exp",
@@ -453,6 +457,7 @@ _NAMED_TOTALS = {
     "CPU attention kernel, forward": "toolkit::cpu_attention_fwd",
     "CPU attention kernel, backward": "toolkit::cpu_attention_bwd",
     "CPU weight-gradient kernel (dW, db)": "toolkit::cpu_wgrad",
+    "relation KL (fused CPU kernel)": "toolkit::cpu_relation",
 }
 
 
@@ -566,7 +571,7 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
         "tokens_per_s": tokens / med, "samples_per_s": batch / med, "flops_per_step": flops,
         "achieved_flops": flops / med, "teacher_layers_run": step.teacher_layers_run,
         "device": torch.device(device).type, "dtype": dtype, "models": preset,
-        "relation_kl_kernel": relation_kl_kernel(impl, device),
+        "relation_kl_kernel": relation_kl_kernel(impl, device, dtype),
         "memory_kind": "cuda_allocated" if on_gpu else "host_rss",
         "rss_after_setup_mib": rss_setup / MIB, "peak_rss_setup_mib": peak_setup / MIB,
         "peak_rss_mib": mem_peak / MIB, "peak_growth_mib": (mem_peak - mem_setup) / MIB,
@@ -587,7 +592,7 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
     return out
 
 
-def relation_kl_kernel(impl: str, device: str) -> str:
+def relation_kl_kernel(impl: str, device: str, dtype: str = "fp32") -> str:
     """Which relation-KL code a row's step ran: the baseline's own, Triton or the chunked path."""
     if impl == "baseline":
         return "naive (baseline)"
@@ -599,8 +604,10 @@ def relation_kl_kernel(impl: str, device: str) -> str:
         return "triton"
     if torch.device(device).type != "cpu":
         return "chunked"
-    from toolkit.kernels import cpu_rows
+    from toolkit.kernels import cpu_relation, cpu_rows
 
+    if dtype == "fp32" and cpu_relation.unavailable_reason() is None:
+        return "chunked, fused CPU kernel"
     reason = cpu_rows.unavailable_reason()
     return "chunked, compiled CPU rows" if reason is None else f"chunked, torch rows ({reason[:120]})"
 

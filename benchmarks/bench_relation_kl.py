@@ -14,7 +14,7 @@ path; this script then times its ``toolkit``::
 Usage::
 
     python benchmarks/bench_relation_kl.py --shapes 32x128,4x512,8x512 --threads 2
-    python benchmarks/bench_relation_kl.py --impls chunked,chunked_torchrows   # the CPU row kernel
+    python benchmarks/bench_relation_kl.py --impls chunked,chunked_blocks,chunked_torchrows   # the CPU kernels
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from torch import Tensor
 import toolkit
 from _common import parse_dims
 from toolkit.errors import ConfigError
-from toolkit.kernels import cpu_rows
+from toolkit.kernels import cpu_relation, cpu_rows
 from toolkit.kernels.relation_kl_chunked import relation_kl_qk
 from toolkit.losses.relations import relation_kl_naive
 
@@ -38,16 +38,23 @@ HIDDEN = 384
 HEADS = 12
 
 
-def relation_kl_torch_rows(*args: object) -> Tensor:
-    """The chunked path with its torch block math (the compiled CPU row kernel turned off)."""
-    with cpu_rows.disabled():
+def relation_kl_blocks(*args: object) -> Tensor:
+    """The chunked path's blocks with the compiled CPU row kernel (the fused kernel turned off)."""
+    with cpu_relation.disabled():
         return relation_kl_qk(*args)  # type: ignore[arg-type]
 
 
-#: ``chunked``: the toolkit's default (on CPUs the compiled row kernel where it builds);
+def relation_kl_torch_rows(*args: object) -> Tensor:
+    """The chunked path's blocks with their torch block math (both compiled kernels turned off)."""
+    with cpu_relation.disabled(), cpu_rows.disabled():
+        return relation_kl_qk(*args)  # type: ignore[arg-type]
+
+
+#: ``chunked``: the toolkit's default (on CPUs the fused compiled kernel for fp32 inputs where it
+#: builds); ``chunked_blocks``: the query blocks with the compiled row kernel;
 #: ``chunked_torchrows``: the same blocks with torch's passes; ``naive``: materialising.
-FNS: Dict[str, Callable[..., Tensor]] = {"chunked": relation_kl_qk, "chunked_torchrows": relation_kl_torch_rows,
-                                         "naive": relation_kl_naive}
+FNS: Dict[str, Callable[..., Tensor]] = {"chunked": relation_kl_qk, "chunked_blocks": relation_kl_blocks,
+                                         "chunked_torchrows": relation_kl_torch_rows, "naive": relation_kl_naive}
 
 
 def parse_shapes(text: str) -> List[Tuple[int, int]]:
@@ -110,7 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     fns = FNS
-    print(f"chunked block math on this CPU: {cpu_rows.describe()}")
+    fused = cpu_relation.unavailable_reason()
+    print(f"chunked on this CPU: {'the fused kernel' if fused is None else f'blocks (fused kernel: {fused})'}; "
+          f"chunked block math: {cpu_rows.describe()}")
     print(f"toolkit from {toolkit.__file__}; torch {torch.__version__}, {args.threads} threads; "
           f"3 relations, hidden {HIDDEN}, {HEADS} relation heads, fp32, "
           + (f"every other row {100 * args.pad_frac:.0f}% padded\n" if args.pad_frac else "no padding\n"))

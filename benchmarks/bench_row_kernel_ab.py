@@ -18,8 +18,10 @@ fused AdamW) alternates blocks of steps with a switch on and off:
   torch's ``random_()``, ``cpu_dropout.disabled()``);
 * ``--switch cpu-wgrad``: the student's weight and bias gradients from the compiled kernel (off:
   MKL's ``mm`` and a ``sum``, ``cpu_wgrad.disabled()``);
-* ``--switch cpu-linear``: both models' forward GEMMs (the teacher's GELU fused) and the student's
-  input gradients on the compiled GEMM kernel (off: oneDNN's, ``cpu_linear.disabled()``).
+* ``--switch cpu-linear``: both models' forward GEMMs and the student's input gradients on the
+  compiled GEMM kernel from 4096 rows on (off: oneDNN's, ``cpu_linear.disabled()``);
+* ``--switch cpu-relation``: the relation KL on the compiled fused kernel (off: the chunked
+  path's blocks with the row kernel, ``cpu_relation.disabled()``).
 
 The ratio of the medians and the median of per-round ratios are printed. Memory is not
 measured (``bench_distill_step.py`` does that). Nothing is asserted on time.
@@ -27,7 +29,7 @@ measured (``bench_distill_step.py`` does that). Nothing is asserted on time.
 Usage::
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
-        python benchmarks/bench_row_kernel_ab.py --shapes 128x8,128x32,512x4 --rounds 6 [--switch teacher-onednn|student-onednn|cpu-attention|teacher-gelu|cpu-dropout|cpu-wgrad|cpu-linear]
+        python benchmarks/bench_row_kernel_ab.py --shapes 128x8,128x32,512x4 --rounds 6 [--switch teacher-onednn|student-onednn|cpu-attention|teacher-gelu|cpu-dropout|cpu-wgrad|cpu-linear|cpu-relation]
 """
 from __future__ import annotations
 
@@ -46,14 +48,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import check_counts, cli_main, parse_dims, write_json  # noqa: E402
 
 from toolkit.errors import ConfigError  # noqa: E402
-from toolkit.kernels import cpu_attention, cpu_dropout, cpu_linear, cpu_rows, cpu_wgrad  # noqa: E402
+from toolkit.kernels import cpu_attention, cpu_dropout, cpu_linear, cpu_relation, cpu_rows, cpu_wgrad  # noqa: E402
 from toolkit.kernels.cpu_attention import restore_attention, use_cpu_attention  # noqa: E402
 from toolkit.models import onednn  # noqa: E402
 from toolkit.models.onednn import (fuse_dense_gelu, onednn_unavailable_reason, restore_linears,  # noqa: E402
                                    unfuse_dense_gelu, use_onednn_linears)
 
 SWITCHES = ("cpu-rows", "teacher-onednn", "student-onednn", "cpu-attention", "teacher-gelu", "cpu-dropout",
-            "cpu-wgrad", "cpu-linear")
+            "cpu-wgrad", "cpu-linear", "cpu-relation")
+
+
+#: Switches whose off arm runs inside the kernel module's ``disabled()``.
+_MODULE_SWITCHES = {"cpu-dropout": cpu_dropout, "cpu-wgrad": cpu_wgrad, "cpu-linear": cpu_linear,
+                    "cpu-relation": cpu_relation}
 
 
 def parse_shapes(text: str) -> List[tuple]:
@@ -80,11 +87,11 @@ def _one_step(step: Any, batch: Dict[str, torch.Tensor], switch: str, on: bool) 
     elif switch == "teacher-gelu":
         (fuse_dense_gelu if on else unfuse_dense_gelu)(step.teacher)
         _timed_step(step, batch, {})
-    elif switch in ("cpu-dropout", "cpu-wgrad", "cpu-linear"):
+    elif switch in _MODULE_SWITCHES:
         if on:
             _timed_step(step, batch, {})
         else:
-            with {"cpu-dropout": cpu_dropout, "cpu-wgrad": cpu_wgrad, "cpu-linear": cpu_linear}[switch].disabled():
+            with _MODULE_SWITCHES[switch].disabled():
                 _timed_step(step, batch, {})
     elif on:
         _timed_step(step, batch, {})
@@ -138,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "both models' attention on the compiled CPU kernel instead of sdpa; teacher-gelu: the teacher's "
                         "GEMM + GELU in one oneDNN call; cpu-dropout: dropout masks from the compiled generator; "
                         "cpu-wgrad: the student's weight gradients from the compiled kernel instead of MKL's mm; "
-                        "cpu-linear: forward and input-gradient GEMMs on the compiled kernel instead of oneDNN")
+                        "cpu-linear: forward and input-gradient GEMMs on the compiled kernel instead of oneDNN; "
+                        "cpu-relation: the relation KL on the fused compiled kernel instead of the chunked blocks")
     p.add_argument("--rounds", type=int, default=6, help="rounds of (kernel, torch) blocks per shape")
     p.add_argument("--per-arm", type=int, default=2, help="steps per arm per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per arm before the rounds")
@@ -181,6 +189,12 @@ def _main(args: argparse.Namespace) -> int:
                               f"nothing to compare")
         what, on_name, off_name = "forward and input-gradient GEMMs on the compiled kernel vs oneDNN", \
             "GEMM kernel", "oneDNN"
+    elif args.switch == "cpu-relation":
+        if cpu_relation.load() is None:
+            raise ConfigError("TOOLKIT_CPU_RELATION", f"the compiled CPU relation KL does not run here "
+                              f"({cpu_relation.unavailable_reason()}): nothing to compare")
+        what, on_name, off_name = "relation KL on the fused compiled kernel vs the chunked blocks", \
+            "fused relation KL", "chunked blocks"
     elif args.switch == "teacher-gelu":
         reason = onednn_unavailable_reason() or onednn._gelu_postop_reason()
         if reason is not None:

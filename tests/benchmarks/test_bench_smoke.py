@@ -145,7 +145,8 @@ def test_smoke_bf16_large_preset_reads_an_inner_teacher_layer(tmp_path):
     assert tk["dtype"] == "bf16" and tk["loss_finite"] and bl["loss_finite"]
     from toolkit.kernels import cpu_rows
 
-    # On CPUs the chunked path's block math is named: the compiled row kernel where a C compiler is.
+    # On CPUs the chunked path's block math is named: for bf16 inputs the blocks (the fused kernel
+    # takes fp32 only), with the compiled row kernel where a C compiler is.
     want = "chunked, compiled CPU rows" if cpu_rows.find_compiler() else "chunked, torch rows ("
     assert tk["relation_kl_kernel"].startswith(want) and bl["relation_kl_kernel"] == "naive (baseline)"
     assert data["targets"] == []      # the issue sets no target for bf16 on a CPU
@@ -195,16 +196,16 @@ def test_relation_kl_bench_rows_agree_and_bad_shape_is_named():
     assert bad.returncode == 2 and "--shapes" in bad.stderr and "2by16" in bad.stderr
 
 
-def test_relation_kl_bench_compares_the_two_cpu_block_maths():
+def test_relation_kl_bench_compares_the_cpu_implementations():
     script = ROOT / "benchmarks" / "bench_relation_kl.py"
     proc = subprocess.run([sys.executable, str(script), "--shapes", "2x16", "--reps", "1", "--threads", "1",
-                           "--impls", "chunked,chunked_torchrows", "--pad-frac", "0.25"],
+                           "--impls", "chunked,chunked_blocks,chunked_torchrows", "--pad-frac", "0.25"],
                           capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "chunked block math on this CPU: " in proc.stdout
+    assert "chunked block math: " in proc.stdout and "chunked on this CPU: " in proc.stdout
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line[2:3].isdigit()]
-    assert [r[1].strip() for r in rows] == ["chunked", "chunked_torchrows"]
-    assert float(rows[1][5]) < 1e-4
+    assert [r[1].strip() for r in rows] == ["chunked", "chunked_blocks", "chunked_torchrows"]
+    assert float(rows[1][5]) < 1e-4 and float(rows[2][5]) < 1e-4
 
 
 def test_row_kernel_ab_alternates_both_arms_and_names_bad_input(tmp_path):
@@ -229,7 +230,7 @@ def test_row_kernel_ab_alternates_both_arms_and_names_bad_input(tmp_path):
     assert r["speedup_of_medians"] == pytest.approx(r["off_ms"] / r["on_ms"])
     # Every other switch, each where its fast path runs here, else a one-line error naming its
     # variable; the step is left as the recipe runs it.
-    from toolkit.kernels import cpu_attention, cpu_dropout, cpu_linear, cpu_wgrad
+    from toolkit.kernels import cpu_attention, cpu_dropout, cpu_linear, cpu_relation, cpu_wgrad
     from toolkit.models import onednn
 
     onednn_ok = onednn.onednn_unavailable_reason() is None
@@ -240,6 +241,8 @@ def test_row_kernel_ab_alternates_both_arms_and_names_bad_input(tmp_path):
         ("cpu-dropout", cpu_dropout.load() is not None, ("compiled masks", "torch masks"), "TOOLKIT_CPU_DROPOUT"),
         ("cpu-wgrad", onednn_ok and cpu_wgrad.load() is not None, ("wgrad kernel", "mm + sum"), "TOOLKIT_CPU_WGRAD"),
         ("cpu-linear", onednn_ok and cpu_linear.load() is not None, ("GEMM kernel", "oneDNN"), "TOOLKIT_CPU_LINEAR"),
+        ("cpu-relation", cpu_relation.load() is not None, ("fused relation KL", "chunked blocks"),
+         "TOOLKIT_CPU_RELATION"),
         ("teacher-gelu", onednn_ok and onednn._gelu_postop_reason() is None, ("fused GELU", "separate GELU"),
          "TOOLKIT_ONEDNN_LINEAR"),
     ]

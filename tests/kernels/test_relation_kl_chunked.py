@@ -6,23 +6,30 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.kernels import cpu_rows
+from toolkit.kernels import cpu_relation, cpu_rows
 from toolkit.kernels.relation_kl_chunked import auto_chunk_size, relation_kl, relation_kl_qk
 from toolkit.losses.reference import relation_kl_reference
 from toolkit.losses.relations import relation_kl_naive
 
 
-@pytest.fixture(autouse=True, params=["compiled rows", "torch rows"])
+@pytest.fixture(autouse=True, params=["fused kernel", "compiled rows", "torch rows"])
 def block_math(request):
-    """Every test runs with both block maths of the chunked path on the CPU: the compiled row
-    kernel (fp32 inputs; float64 always takes the torch math) and the torch passes."""
-    if request.param == "torch rows":
-        with cpu_rows.disabled():
-            yield request.param
+    """Every test runs with each CPU implementation behind the chunked path's function: the fused
+    compiled relation KL (fp32 inputs), the blocks with the compiled row kernel, and the blocks
+    with the torch passes (float64 always takes the torch math)."""
+    if request.param == "fused kernel":
+        if cpu_relation.load() is None:
+            pytest.skip(f"the compiled CPU relation KL does not run here: {cpu_relation.unavailable_reason()}")
+        yield request.param
         return
-    if cpu_rows.load() is None:
-        pytest.skip(f"the compiled CPU row kernel does not run here: {cpu_rows.unavailable_reason()}")
-    yield request.param
+    with cpu_relation.disabled():
+        if request.param == "torch rows":
+            with cpu_rows.disabled():
+                yield request.param
+            return
+        if cpu_rows.load() is None:
+            pytest.skip(f"the compiled CPU row kernel does not run here: {cpu_rows.unavailable_reason()}")
+        yield request.param
 
 
 def _ragged_mask(lengths, seq_len):

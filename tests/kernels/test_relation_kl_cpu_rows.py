@@ -21,6 +21,16 @@ from toolkit.losses.relations import describe_relation_kl, relation_kl_naive
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _blocks_not_the_fused_kernel():
+    """These tests are about the row kernel inside the chunked blocks: the fused relation KL
+    (its own tests: test_cpu_relation.py) stays off."""
+    from toolkit.kernels import cpu_relation
+
+    with cpu_relation.disabled():
+        yield
+
+
 def _ragged_mask(lengths, seq_len):
     return (torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]).long()
 

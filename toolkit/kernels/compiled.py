@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional
 
+import torch
+
 from toolkit.kernels import cpu_rows
 from toolkit.utils.env import switched_off
 
@@ -83,7 +85,10 @@ class CompiledKernel:
             raise RuntimeError(f"{path} has calling convention {version}, expected {self.abi}")
         self._bind(lib)
         kernel = self._wrap(lib, path, time.perf_counter() - t0)
-        self._self_check(kernel)
+        # The first use may come under no_grad / inference_mode, or inside an autograd
+        # Function's forward; the self-checks take float64 gradients by autograd.
+        with torch.inference_mode(False), torch.enable_grad():
+            self._self_check(kernel)
         return kernel
 
     def unavailable_reason(self) -> Optional[str]:

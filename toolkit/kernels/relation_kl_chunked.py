@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.kernels import cpu_rows
+from toolkit.kernels import cpu_relation, cpu_rows
 
 #: Default memory budget for one block's temporaries (bytes). Immutable module constant.
 DEFAULT_BLOCK_BUDGET_BYTES = 256 * 1024 * 1024
@@ -219,6 +219,30 @@ def validate_relation_inputs(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor,
     check_relation_heads(heads, s_q.shape[-1], t_q.shape[-1])
 
 
+def fused_cpu_kernel(*xs: Tensor) -> Optional[Any]:
+    """The compiled CPU relation KL (:mod:`toolkit.kernels.cpu_relation`) when every input is an
+    fp32 CPU tensor and it builds here, else None (the blocks below run)."""
+    if all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs):
+        return cpu_relation.load()
+    return None
+
+
+def _fused_forward(ctx: Any, kernel: Any, t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
+                   heads: int, want_q: bool, want_k: bool) -> Tensor:
+    """:class:`_RelationKLFunction`'s forward on the compiled CPU kernel: per-row KL and the
+    student gradients in one pass per (sample, relation head), saved as the blocks' are."""
+    valid = mask.to(torch.bool)
+    key_valid = None if bool(valid.all()) else valid.to(torch.uint8)
+    row_kl, d_q, d_k = kernel.forward(t_q, t_k, s_q, s_k, key_valid, heads, want_q, want_k)
+    n_rows = valid.sum().clamp_min(1).to(torch.float32) * heads
+    grad_q = None if d_q is None else d_q.div_(n_rows)     # one tensor on both sides: summed in d_q
+    grad_k = None if d_k is None else d_k.div_(n_rows)
+    ctx.save_for_backward(*(x for x in (grad_q, grad_k) if x is not None))
+    ctx.have = (grad_q is not None, grad_k is not None)
+    ctx.dtypes = (s_q.dtype, s_k.dtype)
+    return row_kl.sum() / n_rows
+
+
 class _RelationKLFunction(torch.autograd.Function):
     """Blocked relation KL; see the module docstring. Inputs [B, L, H]; output a scalar.
 
@@ -237,6 +261,9 @@ class _RelationKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
                 heads: int, block: int, batch_block: int, want_q: bool, want_k: bool) -> Tensor:
+        fused = fused_cpu_kernel(t_q, t_k, s_q, s_k)
+        if fused is not None:
+            return _fused_forward(ctx, fused, t_q, t_k, s_q, s_k, mask, heads, want_q, want_k)
         cdt = _compute_dtype(s_q.dtype)
         tq, tk_t, sq_raw, sq, sk, valid, key_pad = _prepare(t_q, t_k, s_q, s_k, mask, heads, cdt)
         sk_t = sk.transpose(-1, -2)

@@ -116,7 +116,8 @@ def describe_relation_kl(impl: str, device: torch.device, batch: int, heads: int
                          chunk_size: Optional[int] = None) -> str:
     """What ``impl`` will run for ``[batch, seq_len]`` inputs on ``device``, for the job log:
     ``"triton"``, or ``"chunked (blocks of b samples x r rows)"``, on CPUs followed by the block
-    math (the compiled row kernel, or the torch passes and why)."""
+    math (the compiled row kernel, or the torch passes and why), or the fused CPU kernel first
+    where it builds."""
     from toolkit.kernels.relation_kl_chunked import plan_blocks
 
     if _runs_triton(impl, device.type):
@@ -127,9 +128,12 @@ def describe_relation_kl(impl: str, device: torch.device, batch: int, heads: int
     samples, rows = plan_blocks(batch, heads, seq_len, on_cpu, chunk_size)
     blocks = f"blocks of {samples} sample{'s' if samples > 1 else ''} x {rows} query rows"
     if on_cpu:
-        from toolkit.kernels import cpu_rows
+        from toolkit.kernels import cpu_relation, cpu_rows
 
         blocks += f"; {cpu_rows.describe()}"
+        if cpu_relation.unavailable_reason() is None:
+            return (f"chunked (the fused compiled CPU kernel for fp32 inputs, 8 query rows at a time per sample "
+                    f"and relation head; other dtypes: {blocks})")
     return f"chunked ({blocks})"
 
 

@@ -43,19 +43,6 @@ static inline void mk_qk(const float *q, int64_t ldq, const float *kt, int64_t l
     }
 }
 
-/* dst[d][j] = src[j][d] for j < n, d < D (dst rows: stride ldd; src rows: stride lds), in tiles
- * of 16 rows: contiguous stores, and loads from 16 rows that stay in L1. */
-static void pack_t(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t n, int64_t D) {
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-        const int64_t jn = n - j0 < 16 ? n - j0 : 16;
-        for (int64_t d = 0; d < D; d++) {
-            float *o = dst + d * ldd + j0;
-            const float *x = src + j0 * lds + d;
-            for (int64_t j = 0; j < jn; j++) o[j] = x[j * lds];
-        }
-    }
-}
-
 /* q, k, v: element (b, h, l, d) at x + b*sb + h*sh + l*sl + d (d contiguous). mask: NULL, or
  * bytes (1 = attend) at mask + b*mb + h*mh + i*mq + j*mk (strides may be 0 to broadcast).
  * out: [B, Lq, H, D] contiguous; lse: [B, Lq, H] contiguous. */
@@ -182,29 +169,6 @@ int attn_fwd(const float *q, const float *k, const float *v, int64_t B, int64_t 
         free(buf);
     }
     return failed ? -1 : 0;
-}
-
-/* acc[j][0..31] += sum_{r < 8} a[r][j] x[r][0..31] for j < n: the rank-8 updates of dK and dV
- * (x rows held in 16 vectors, acc rows loaded and stored once per block). */
-static inline void mk_outer(const float *a, int64_t lda, const float *x, int64_t ldx, float *acc, int64_t ldacc,
-                            int64_t n) {
-    vf x0[RB], x1[RB];
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; r++) {
-        x0[r] = *(const vf *)(x + r * ldx);
-        x1[r] = *(const vf *)(x + r * ldx + 16);
-    }
-    for (int64_t j = 0; j < n; j++) {
-        vf s0 = *(vf *)(acc + j * ldacc), s1 = *(vf *)(acc + j * ldacc + 16);
-#pragma GCC unroll 8
-        for (int r = 0; r < RB; r++) {
-            const vf b = BCAST(a[r * lda + j]);
-            s0 += b * x0[r];
-            s1 += b * x1[r];
-        }
-        *(vf *)(acc + j * ldacc) = s0;
-        *(vf *)(acc + j * ldacc + 16) = s1;
-    }
 }
 
 /* The backward of attn_fwd. q, k, v, mask as there; o: attn_fwd's out [B, Lq, H, D]; dout:
