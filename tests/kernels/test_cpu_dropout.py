@@ -3,41 +3,21 @@ words are splitmix64's, its masks follow the keep rule at the right rate, are re
 torch's generator (seeds, saved RNG states, activation checkpointing), and every fallback."""
 from __future__ import annotations
 
-import sys
-import warnings
 
 import pytest
 import torch
 
-from toolkit.kernels import cpu_dropout, cpu_rows
+from toolkit.kernels import cpu_dropout
 from toolkit.models.dropout import fast_dropout, keep_mask, keep_threshold
 
 
 @pytest.fixture
-def kernel():
-    k = cpu_dropout.load()
-    if k is None:
-        pytest.skip(f"the compiled CPU dropout generator does not run here: {cpu_dropout.unavailable_reason()}")
-    return k
+def kernel(compiled_checks):
+    return compiled_checks.loaded(cpu_dropout)
 
 
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("TOOLKIT_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("TOOLKIT_CPU_DROPOUT", raising=False)
-    cpu_dropout.reset()
-    yield tmp_path / "cache"
-    cpu_dropout.reset()
-
-
-def test_builds_on_a_linux_host_with_a_c_compiler(fresh):
-    if not sys.platform.startswith("linux") or cpu_rows.find_compiler() is None:
-        pytest.skip("needs Linux and a C compiler (the fallback is tested below)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        k = cpu_dropout.load()
-    assert k is not None, cpu_dropout.unavailable_reason()
-    assert k.path.parent == fresh and k.path.name.startswith("dropout-")
+def test_builds_on_a_linux_host_with_a_c_compiler(compiled_checks):
+    compiled_checks.builds(cpu_dropout, "dropout-")
 
 
 def test_words_are_splitmix64_and_masks_follow_the_keep_rule(kernel):
@@ -95,28 +75,14 @@ def test_dropout_under_activation_checkpointing_matches(kernel):
     assert torch.equal(ck, plain) and torch.equal(x.grad, g_plain)
 
 
-def test_env_switch_and_no_compiler_fall_back_to_torchs_generator(fresh, monkeypatch):
-    monkeypatch.setenv("TOOLKIT_CPU_DROPOUT", "0")
-    assert cpu_dropout.load() is None and "TOOLKIT_CPU_DROPOUT=0" in cpu_dropout.unavailable_reason()
+def test_env_switch_and_no_compiler_fall_back_to_torchs_generator(compiled_checks):
+    compiled_checks.switched_off(cpu_dropout)
     torch.manual_seed(1)
-    m = keep_mask(torch.Size([1000]), 0.25)
+    m = keep_mask(torch.Size([1000]), 0.25)                 # the fallback: torch's generator
     assert 0.65 < float(m.float().mean()) < 0.85
-    monkeypatch.delenv("TOOLKIT_CPU_DROPOUT")
-    monkeypatch.setattr(cpu_rows, "find_compiler", lambda: None)
-    with pytest.warns(RuntimeWarning, match="no C compiler"):
-        assert cpu_dropout.load() is None
-    with cpu_dropout.disabled():
-        assert "disabled" in cpu_dropout.unavailable_reason()
+    compiled_checks.no_compiler_and_disabled(cpu_dropout)
 
 
-def test_a_wrong_build_is_caught_by_the_self_check(fresh, monkeypatch, tmp_path):
-    if not sys.platform.startswith("linux") or cpu_rows.find_compiler() is None:
-        pytest.skip("needs Linux and a C compiler")
-    src = cpu_dropout.SOURCE.read_text()
-    wrong = "dst[3] = (uint32_t)((z >> 48) & 0x7fff) >= k;"
-    assert wrong in src
-    bad = tmp_path / "dropout.c"
-    bad.write_text(src.replace(wrong, "dst[3] = (uint32_t)((z >> 47) & 0x7fff) >= k;"))
-    monkeypatch.setattr(cpu_dropout._KERNEL, "source", bad)
-    with pytest.warns(RuntimeWarning, match="keep mask"):
-        assert cpu_dropout.load() is None
+def test_a_wrong_build_is_caught_by_the_self_check(compiled_checks):
+    compiled_checks.wrong_build_is_caught(cpu_dropout, 'dst[3] = (uint32_t)((z >> 48) & 0x7fff) >= k;',
+                                          'dst[3] = (uint32_t)((z >> 47) & 0x7fff) >= k;', match="keep mask")

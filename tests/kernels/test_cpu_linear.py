@@ -3,43 +3,22 @@ exact GELU) and the input-gradient product match float64 for ragged shapes, stri
 counts, oneDNN-switched layers use it from MIN_ROWS tokens on, and every fallback."""
 from __future__ import annotations
 
-import sys
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from toolkit.kernels import cpu_linear, cpu_rows
+from toolkit.kernels import cpu_linear
 from toolkit.models import onednn
 
 
 @pytest.fixture
-def kernel():
-    k = cpu_linear.load()
-    if k is None:
-        pytest.skip(f"the compiled CPU linear GEMM does not run here: {cpu_linear.unavailable_reason()}")
-    return k
+def kernel(compiled_checks):
+    return compiled_checks.loaded(cpu_linear)
 
 
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    """An empty kernel cache and no loaded kernel; the real state comes back afterwards."""
-    monkeypatch.setenv("TOOLKIT_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("TOOLKIT_CPU_LINEAR", raising=False)
-    cpu_linear.reset()
-    yield tmp_path / "cache"
-    cpu_linear.reset()
-
-
-def test_builds_on_a_linux_host_with_a_c_compiler(fresh):
-    if not sys.platform.startswith("linux") or cpu_rows.find_compiler() is None:
-        pytest.skip("needs Linux and a C compiler (the fallback is tested below)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        k = cpu_linear.load()
-    assert k is not None, cpu_linear.unavailable_reason()
-    assert k.path.parent == fresh and k.path.name.startswith("linear-")
+def test_builds_on_a_linux_host_with_a_c_compiler(compiled_checks):
+    compiled_checks.builds(cpu_linear, "linear-")
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 8, 65, 200])
@@ -142,28 +121,14 @@ def test_switched_layers_use_it_from_min_rows_tokens(kernel, monkeypatch):
         assert cpu_linear.max_rel_error(layer.weight.grad, ref.weight.grad) < 1e-5
 
 
-def test_env_switch_and_no_compiler_fall_back_to_onednn(fresh, monkeypatch):
-    monkeypatch.setenv("TOOLKIT_CPU_LINEAR", "0")
-    assert cpu_linear.load() is None and "TOOLKIT_CPU_LINEAR=0" in cpu_linear.unavailable_reason()
-    if onednn.onednn_unavailable_reason() is None:
+def test_env_switch_and_no_compiler_fall_back_to_onednn(compiled_checks):
+    compiled_checks.switched_off(cpu_linear)
+    if onednn.onednn_unavailable_reason() is None:   # the fallback: oneDNN, the same numbers
         x, w, b = torch.randn(5000, 16), torch.randn(8, 16), torch.randn(8)
         torch.testing.assert_close(onednn.onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-    monkeypatch.delenv("TOOLKIT_CPU_LINEAR")
-    monkeypatch.setattr(cpu_rows, "find_compiler", lambda: None)
-    with pytest.warns(RuntimeWarning, match="no C compiler"):
-        assert cpu_linear.load() is None
-    with cpu_linear.disabled():
-        assert "disabled" in cpu_linear.unavailable_reason()
+    compiled_checks.no_compiler_and_disabled(cpu_linear)
 
 
-def test_a_wrong_build_is_caught_by_the_self_check(fresh, monkeypatch, tmp_path):
-    if not sys.platform.startswith("linux") or cpu_rows.find_compiler() is None:
-        pytest.skip("needs Linux and a C compiler")
-    src = cpu_linear.SOURCE.read_text()
-    wrong = "return x >= 0.0f ? x * (1.0f - upper) : x * upper;"
-    assert wrong in src
-    bad = tmp_path / "linear.c"
-    bad.write_text(src.replace(wrong, "return x >= 0.0f ? x * (1.0f - upper) : x * upper * 1.001f;"))
-    monkeypatch.setattr(cpu_linear._KERNEL, "source", bad)
-    with pytest.warns(RuntimeWarning, match="differs from float64"):
-        assert cpu_linear.load() is None
+def test_a_wrong_build_is_caught_by_the_self_check(compiled_checks):
+    compiled_checks.wrong_build_is_caught(cpu_linear, 'return x >= 0.0f ? x * (1.0f - upper) : x * upper;',
+                                          'return x >= 0.0f ? x * (1.0f - upper) : x * upper * 1.001f;')

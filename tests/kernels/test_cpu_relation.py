@@ -5,33 +5,18 @@ uses it for fp32 CPU inputs and gives the same numbers without it, and every fal
 from __future__ import annotations
 
 import contextlib
-import sys
-import warnings
 
 import pytest
 import torch
 
-from toolkit.kernels import cpu_relation, cpu_rows
+from toolkit.kernels import cpu_relation
 from toolkit.kernels.relation_kl_chunked import relation_kl, relation_kl_qk
 from toolkit.losses.reference import relation_kl_reference
 
 
 @pytest.fixture
-def kernel():
-    k = cpu_relation.load()
-    if k is None:
-        pytest.skip(f"the compiled CPU relation KL does not run here: {cpu_relation.unavailable_reason()}")
-    return k
-
-
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    """An empty kernel cache and no loaded kernel; the real state comes back afterwards."""
-    monkeypatch.setenv("TOOLKIT_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("TOOLKIT_CPU_RELATION", raising=False)
-    cpu_relation.reset()
-    yield tmp_path / "cache"
-    cpu_relation.reset()
+def kernel(compiled_checks):
+    return compiled_checks.loaded(cpu_relation)
 
 
 def _inputs(b, l, ht, hs, seed=0, lengths=None):
@@ -48,14 +33,8 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
-def test_builds_on_a_linux_host_with_a_c_compiler(fresh):
-    if not sys.platform.startswith("linux") or cpu_rows.find_compiler() is None:
-        pytest.skip("needs Linux and a C compiler (the fallback is tested below)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        k = cpu_relation.load()
-    assert k is not None, cpu_relation.unavailable_reason()
-    assert k.path.parent == fresh and k.path.name.startswith("relation_kl_fused-")
+def test_builds_on_a_linux_host_with_a_c_compiler(compiled_checks):
+    compiled_checks.builds(cpu_relation, "relation_kl_fused-")
 
 
 @pytest.mark.parametrize("b,l,ht,hs,heads,lengths", [
@@ -143,28 +122,14 @@ def test_bad_input_is_refused_with_a_message(kernel):
         kernel.forward(t, t, s, s, torch.ones(2, 5, dtype=torch.bool), 2, True, True)
 
 
-def test_env_switch_and_no_compiler_fall_back_to_the_chunked_blocks(fresh, monkeypatch):
-    monkeypatch.setenv("TOOLKIT_CPU_RELATION", "0")
-    assert cpu_relation.load() is None and "TOOLKIT_CPU_RELATION=0" in cpu_relation.unavailable_reason()
-    t, s, mask = _inputs(2, 12, 16, 16, lengths=[12, 7])
+def test_env_switch_and_no_compiler_fall_back_to_the_chunked_blocks(compiled_checks):
+    compiled_checks.switched_off(cpu_relation)
+    t, s, mask = _inputs(2, 12, 16, 16, lengths=[12, 7])   # the fallback: the blocks, the same numbers
     want = float(relation_kl_reference(t, s, mask, 2))
     assert abs(float(relation_kl(t, s, mask, 2)) - want) <= 1e-5 * abs(want)
-    monkeypatch.delenv("TOOLKIT_CPU_RELATION")
-    monkeypatch.setattr(cpu_rows, "find_compiler", lambda: None)
-    with pytest.warns(RuntimeWarning, match="no C compiler"):
-        assert cpu_relation.load() is None
-    with cpu_relation.disabled():
-        assert "disabled" in cpu_relation.unavailable_reason()
+    compiled_checks.no_compiler_and_disabled(cpu_relation)
 
 
-def test_a_wrong_build_is_caught_by_the_self_check(fresh, monkeypatch, tmp_path):
-    if not sys.platform.startswith("linux") or cpu_rows.find_compiler() is None:
-        pytest.skip("needs Linux and a C compiler")
-    src = cpu_relation.SOURCE.read_text()
-    wrong = "klb[i] = dot / st + log1pf(sd / st);"
-    assert wrong in src
-    bad = tmp_path / "relation_kl_fused.c"
-    bad.write_text(src.replace(wrong, "klb[i] = dot / st + log1pf(sd / st) * 1.001f;"))
-    monkeypatch.setattr(cpu_relation._KERNEL, "source", bad)
-    with pytest.warns(RuntimeWarning, match="differs from float64"):
-        assert cpu_relation.load() is None
+def test_a_wrong_build_is_caught_by_the_self_check(compiled_checks):
+    compiled_checks.wrong_build_is_caught(cpu_relation, 'klb[i] = relkl_row(ar, sr, L, kv, &st, &ss);',
+                                          'klb[i] = 1.001f * relkl_row(ar, sr, L, kv, &st, &ss);')

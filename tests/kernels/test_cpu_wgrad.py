@@ -4,43 +4,22 @@ backward gives F.linear's gradients with it, and every fallback."""
 from __future__ import annotations
 
 import contextlib
-import sys
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from toolkit.kernels import cpu_rows, cpu_wgrad
+from toolkit.kernels import cpu_wgrad
 from toolkit.models import onednn
 
 
 @pytest.fixture
-def kernel():
-    k = cpu_wgrad.load()
-    if k is None:
-        pytest.skip(f"the compiled CPU weight-gradient kernel does not run here: {cpu_wgrad.unavailable_reason()}")
-    return k
+def kernel(compiled_checks):
+    return compiled_checks.loaded(cpu_wgrad)
 
 
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    """An empty kernel cache and no loaded kernel; the real state comes back afterwards."""
-    monkeypatch.setenv("TOOLKIT_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("TOOLKIT_CPU_WGRAD", raising=False)
-    cpu_wgrad.reset()
-    yield tmp_path / "cache"
-    cpu_wgrad.reset()
-
-
-def test_builds_on_a_linux_host_with_a_c_compiler(fresh):
-    if not sys.platform.startswith("linux") or cpu_rows.find_compiler() is None:
-        pytest.skip("needs Linux and a C compiler (the fallback is tested below)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        k = cpu_wgrad.load()
-    assert k is not None, cpu_wgrad.unavailable_reason()
-    assert k.path.parent == fresh and k.path.name.startswith("wgrad-")
+def test_builds_on_a_linux_host_with_a_c_compiler(compiled_checks):
+    compiled_checks.builds(cpu_wgrad, "wgrad-")
 
 
 @pytest.mark.parametrize("tokens", [1, 63, 64, 129, 300, 777])
@@ -142,32 +121,18 @@ def test_same_gradients_with_the_kernel_off(kernel):
     assert torch.allclose(w_on, w_off, rtol=1e-5, atol=1e-4) and torch.allclose(b_on, b_off, rtol=1e-5, atol=1e-4)
 
 
-def test_env_switch_and_no_compiler_fall_back_to_mm(fresh, monkeypatch):
-    monkeypatch.setenv("TOOLKIT_CPU_WGRAD", "0")
-    assert cpu_wgrad.load() is None and "TOOLKIT_CPU_WGRAD=0" in cpu_wgrad.unavailable_reason()
-    if onednn.onednn_unavailable_reason() is None:
+def test_env_switch_and_no_compiler_fall_back_to_mm(compiled_checks):
+    compiled_checks.switched_off(cpu_wgrad)
+    if onednn.onednn_unavailable_reason() is None:   # the fallback: mm and sum, the same numbers
         layer = torch.nn.Linear(16, 8)
         onednn.use_onednn_linears(layer, trainable=True)
         x = torch.randn(5, 16)
         layer(x).sum().backward()
         assert torch.allclose(layer.weight.grad, torch.ones(8, 5) @ x, atol=1e-5)
         assert torch.allclose(layer.bias.grad, torch.full((8,), 5.0))
-    monkeypatch.delenv("TOOLKIT_CPU_WGRAD")
-    monkeypatch.setattr(cpu_rows, "find_compiler", lambda: None)
-    with pytest.warns(RuntimeWarning, match="no C compiler"):
-        assert cpu_wgrad.load() is None
-    with cpu_wgrad.disabled():
-        assert "disabled" in cpu_wgrad.unavailable_reason()
+    compiled_checks.no_compiler_and_disabled(cpu_wgrad)
 
 
-def test_a_wrong_build_is_caught_by_the_self_check(fresh, monkeypatch, tmp_path):
-    if not sys.platform.startswith("linux") or cpu_rows.find_compiler() is None:
-        pytest.skip("needs Linux and a C compiler")
-    src = cpu_wgrad.SOURCE.read_text()
-    wrong = "for (int64_t n = 0; n < N; n++) o[n] += p[n];"   # the threads' partials summed
-    assert wrong in src
-    bad = tmp_path / "wgrad.c"
-    bad.write_text(src.replace(wrong, "for (int64_t n = 1; n < N; n++) o[n] += p[n];"))
-    monkeypatch.setattr(cpu_wgrad._KERNEL, "source", bad)
-    with pytest.warns(RuntimeWarning, match="differs from float64"):
-        assert cpu_wgrad.load() is None
+def test_a_wrong_build_is_caught_by_the_self_check(compiled_checks):
+    compiled_checks.wrong_build_is_caught(cpu_wgrad, 'for (int64_t n = 0; n < N; n++) o[n] += p[n];',
+                                          'for (int64_t n = 1; n < N; n++) o[n] += p[n];')

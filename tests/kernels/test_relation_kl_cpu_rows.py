@@ -242,14 +242,14 @@ def test_a_compiler_that_fails_falls_back_with_the_reason(fresh, monkeypatch):
 
 
 def test_a_wrong_build_is_caught_by_the_self_check(fresh, monkeypatch, tmp_path):
-    """A build whose numbers are off (here: the student's row sum of exps doubled) never runs."""
+    """A build whose numbers are off (here: every row's KL doubled) never runs."""
     if cpu_rows.find_compiler() is None or not sys.platform.startswith("linux"):
         pytest.skip("needs Linux and a C compiler")
     bad = tmp_path / "relation_kl_rows.c"
     text = cpu_rows.SOURCE.read_text()
-    good = "row_kl[i] = dot / st + log1pf(sd / st);"
+    good = "row_kl[i] = relkl_row(ar, sr, L, kv, &st, &ss);"
     assert good in text
-    bad.write_text(text.replace(good, "row_kl[i] = dot / st + log1pf(2.0f * sd / st);"))
+    bad.write_text(text.replace(good, "row_kl[i] = 2.0f * relkl_row(ar, sr, L, kv, &st, &ss);"))
     monkeypatch.setattr(cpu_rows, "SOURCE", bad)
     with pytest.warns(RuntimeWarning, match="row KL differs from the torch block math"):
         assert cpu_rows.load() is None

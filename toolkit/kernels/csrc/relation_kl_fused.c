@@ -8,7 +8,7 @@
  *   KL_i = KL(softmax_j a_ij || softmax_j s_ij),  g_ij = p_s,ij - p_t,ij = dKL_i / ds_ij
  *   dsq_i = sum_j g_ij sk_j / sqrt(ds),  dsk_j = sum_i g_ij sq_i / sqrt(ds)
  * Per block of 8 query rows: both logit rows from the shared micro-kernel (microkernel.h) on the
- * packed, transposed keys; the row math of relation_kl_rows.c on the 8 x L block in L1; then
+ * packed, transposed keys; the row math (relation_row.h) on the 8 x L block in L1; then
  * dsq for the 8 rows (the micro-kernel on the packed sk) and rank-8 updates of dsk (mk_outer).
  * Nothing of size L x L exists, and no [B, R, L, d] copy of the inputs is made: rows are read
  * in place from the [B, L, R * d] projections. Padded keys drop out of both softmaxes; padded
@@ -25,6 +25,7 @@
 
 #include "exp_nonpos.h"
 #include "microkernel.h"
+#include "relation_row.h"
 
 int relf_abi_version(void) { return 1; }
 
@@ -113,8 +114,8 @@ int relf_forward(const float *tq, int64_t tqsb, int64_t tqsl, const float *tk, i
                         memcpy(sb + r * lp + c0 + 16, &acc[r][1], 64);
                     }
                 }
-                /* The row math (as relation_kl_rows.c): sb becomes g (0 on padded keys, on
-                 * padded query rows and past L). */
+                /* The row math (relation_row.h): sb becomes g (0 on padded keys, on padded
+                 * query rows and past L). */
                 for (int r = 0; r < RB; r++) {
                     const int64_t i = i0 + r;
                     float *ar = ab + r * lp, *sr = sb + r * lp;
@@ -123,49 +124,10 @@ int relf_forward(const float *tq, int64_t tqsb, int64_t tqsl, const float *tk, i
                         memset(sr, 0, (size_t)lp * sizeof(float));
                         continue;
                     }
-                    float mt = -INFINITY, ms = -INFINITY, st = 0.0f, ss = 0.0f, sd = 0.0f, dot = 0.0f, dm;
-                    if (kv) { /* padded keys: out of the maxima, e = 0 */
-#pragma omp simd reduction(max : mt, ms)
-                        for (int64_t j = 0; j < L; j++) {
-                            const float va = kv[j] ? ar[j] : -INFINITY, vs = kv[j] ? sr[j] : -INFINITY;
-                            mt = va > mt ? va : mt;
-                            ms = vs > ms ? vs : ms;
-                        }
-                        dm = mt - ms;
-#pragma omp simd reduction(+ : st, ss, sd, dot)
-                        for (int64_t j = 0; j < L; j++) {
-                            const float et = kv[j] ? exp_nonpos(ar[j] - mt) : 0.0f;
-                            const float es = kv[j] ? exp_nonpos(sr[j] - ms) : 0.0f;
-                            st += et;
-                            ss += es;
-                            sd += es - et;
-                            dot += kv[j] ? et * ((ar[j] - sr[j]) - dm) : 0.0f;
-                            ar[j] = et;
-                            sr[j] = es;
-                        }
-                    } else {
-#pragma omp simd reduction(max : mt, ms)
-                        for (int64_t j = 0; j < L; j++) {
-                            mt = ar[j] > mt ? ar[j] : mt;
-                            ms = sr[j] > ms ? sr[j] : ms;
-                        }
-                        dm = mt - ms;
-#pragma omp simd reduction(+ : st, ss, sd, dot)
-                        for (int64_t j = 0; j < L; j++) {
-                            const float et = exp_nonpos(ar[j] - mt), es = exp_nonpos(sr[j] - ms);
-                            st += et;
-                            ss += es;
-                            sd += es - et;
-                            dot += et * ((ar[j] - sr[j]) - dm);
-                            ar[j] = et;
-                            sr[j] = es;
-                        }
-                    }
-                    klb[i] = dot / st + log1pf(sd / st);
+                    float st, ss;
+                    klb[i] = relkl_row(ar, sr, L, kv, &st, &ss);
                     if (want) {
-                        const float it = 1.0f / st, is = 1.0f / ss;
-#pragma omp simd
-                        for (int64_t j = 0; j < L; j++) sr[j] = sr[j] * is - ar[j] * it;
+                        relkl_row_grad(sr, ar, L, st, ss);
                         for (int64_t j = L; j < lp; j++) sr[j] = 0.0f;
                     }
                 }

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "exp_nonpos.h"
+#include "relation_row.h"
 
 /* For the tests: y[i] = exp_nonpos(x[i]). */
 void relkl_exp_nonpos(const float *x, float *y, int64_t n) {
@@ -49,61 +50,9 @@ void relkl_block(float *a, float *s, int64_t n_mat, int64_t rows, int64_t L, int
                 if (want_grad) memset(sr, 0, (size_t)L * sizeof(float));
                 continue;
             }
-            float mt = -INFINITY, ms = -INFINITY;
-            float st = 0.0f, ss = 0.0f, sd = 0.0f, dot = 0.0f; /* sd: sum of e_s - e_t, see below */
-            float dm;
-            if (kv) {
-#pragma omp simd reduction(max : mt, ms)
-                for (int64_t j = 0; j < L; j++) {
-                    float va = kv[j] ? ar[j] : -INFINITY, vs = kv[j] ? sr[j] : -INFINITY;
-                    mt = va > mt ? va : mt;
-                    ms = vs > ms ? vs : ms;
-                }
-                dm = mt - ms;
-#pragma omp simd reduction(+ : st, ss, sd, dot)
-                for (int64_t j = 0; j < L; j++) {
-                    float ca = ar[j] - mt, cs = sr[j] - ms;
-                    float et = kv[j] ? exp_nonpos(ca) : 0.0f, es = kv[j] ? exp_nonpos(cs) : 0.0f;
-                    st += et;
-                    ss += es;
-                    sd += es - et;
-                    dot += kv[j] ? et * ((ar[j] - sr[j]) - dm) : 0.0f;
-                    ar[j] = et;
-                    sr[j] = es;
-                }
-            } else {
-#pragma omp simd reduction(max : mt, ms)
-                for (int64_t j = 0; j < L; j++) {
-                    mt = ar[j] > mt ? ar[j] : mt;
-                    ms = sr[j] > ms ? sr[j] : ms;
-                }
-                dm = mt - ms;
-#pragma omp simd reduction(+ : st, ss, sd, dot)
-                for (int64_t j = 0; j < L; j++) {
-                    float ca = ar[j] - mt, cs = sr[j] - ms;
-                    float et = exp_nonpos(ca), es = exp_nonpos(cs);
-                    st += et;
-                    ss += es;
-                    sd += es - et;
-                    dot += et * ((ar[j] - sr[j]) - dm);
-                    ar[j] = et;
-                    sr[j] = es;
-                }
-            }
-            /* st, ss >= 1: the maximum's own term is exp(0). A student near its teacher has a
-             * KL of 1e-4 or less made of O(1e-2) terms that cancel, so nothing is taken as the
-             * difference of two large rounded numbers: ss - st is summed term by term (sd),
-             * and the logit difference a - s is taken before the maxima are subtracted (not
-             * (a - m_t) - (s - m_s), which rounds each side first). At KL ~1e-4 this is ~8x
-             * closer to float64 than the torch block math (docs/KERNELS.md). */
-            row_kl[i] = dot / st + log1pf(sd / st);
-            if (want_grad) {
-                /* Reciprocals, as torch's softmax does: a division per element cost ~35% of the
-                 * kernel, for no measurable accuracy (the probabilities round the same). */
-                const float it = 1.0f / st, is = 1.0f / ss;
-#pragma omp simd
-                for (int64_t j = 0; j < L; j++) sr[j] = sr[j] * is - ar[j] * it;
-            }
+            float st, ss;
+            row_kl[i] = relkl_row(ar, sr, L, kv, &st, &ss);
+            if (want_grad) relkl_row_grad(sr, ar, L, st, ss);
         }
         if (want_grad && symmetric) { /* g <- g + g^T, per matrix, in 16 x 16 tiles */
 #pragma omp for schedule(static)
