@@ -75,7 +75,8 @@ def test_distill_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
     if onednn_unavailable_reason() is not None:
         gemm = "MKL"
     else:
-        gemm = "the CPU kernel" if cpu_linear.unavailable_reason() is None else "oneDNN"
+        gemm = (f"the CPU kernel from {cpu_linear.MIN_ROWS} rows, oneDNN below"
+                if cpu_linear.unavailable_reason() is None else "oneDNN")
     assert f"teacher linears on {gemm} (" in log_text and f"student linears on {gemm} (" in log_text
     if gemm != "MKL":   # 2 student layers x (Q, K, V, output, intermediate, output dense) + pooler
         wgrad = "the CPU kernel" if cpu_wgrad.unavailable_reason() is None else "MKL ("

@@ -245,11 +245,13 @@ def use_onednn_linears(model: nn.Module, trainable: bool = False) -> int:
 
 
 def gemm_note(n: int, trained: bool = False) -> str:
-    """What runs ``n`` switched layers' GEMMs, for the job log: ``"the CPU kernel (13 layers,
-    weight gradients on the CPU kernel)"``, ``"oneDNN (6 layers)"``; ``"MKL (why)"`` when n is 0."""
+    """What runs ``n`` switched layers' GEMMs, for the job log: ``"the CPU kernel from 4096 rows,
+    oneDNN below (13 layers, weight gradients on the CPU kernel)"``, ``"oneDNN (6 layers)"``;
+    ``"MKL (why)"`` when n is 0."""
     if not n:
         return f"MKL ({onednn_unavailable_reason() or 'not fp32'})"
-    gemm = "the CPU kernel" if cpu_linear.unavailable_reason() is None else "oneDNN"
+    gemm = (f"the CPU kernel from {cpu_linear.MIN_ROWS} rows, oneDNN below"
+            if cpu_linear.unavailable_reason() is None else "oneDNN")
     if not trained:
         return f"{gemm} ({n} layers)"
     wgrad = "the CPU kernel" if cpu_wgrad.unavailable_reason() is None else f"MKL ({cpu_wgrad.unavailable_reason()})"
