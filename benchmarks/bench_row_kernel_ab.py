@@ -63,6 +63,22 @@ _MODULE_SWITCHES = {"cpu-dropout": cpu_dropout, "cpu-wgrad": cpu_wgrad, "cpu-lin
                     "cpu-relation": cpu_relation}
 
 
+#: Switches of the compiled kernels (toolkit/kernels/compiled.py): the module, whether the layers
+#: it serves must be on oneDNN first, the comparison, and the two arms' names.
+_COMPILED_SWITCHES = {
+    "cpu-dropout": (cpu_dropout, False, "dropout masks from the compiled generator vs torch's random_()",
+                    "compiled masks", "torch masks"),
+    "cpu-wgrad": (cpu_wgrad, True, "student weight gradients from the compiled kernel vs MKL's mm + sum",
+                  "wgrad kernel", "mm + sum"),
+    "cpu-linear": (cpu_linear, True, "forward and input-gradient GEMMs on the compiled kernel vs oneDNN",
+                   "GEMM kernel", "oneDNN"),
+    "cpu-relation": (cpu_relation, False, "relation KL on the fused compiled kernel vs the chunked blocks",
+                     "fused relation KL", "chunked blocks"),
+    "cpu-attention": (cpu_attention, False, "attention on the compiled CPU kernel vs sdpa", "attention kernel",
+                      "sdpa"),
+}
+
+
 def parse_shapes(text: str) -> List[tuple]:
     """``"128x8,512x4"`` -> ``[(128, 8), (512, 4)]`` (seq x batch)."""
     return parse_dims(text, "--shapes", ("seq", "batch"), "128x32")
@@ -169,32 +185,12 @@ def _main(args: argparse.Namespace) -> int:
                               f"the compiled CPU row kernel does not run here ({cpu_rows.unavailable_reason()}): "
                               f"nothing to compare")
         what, on_name, off_name = f"kernel {kernel.path.name}", "compiled rows", "torch rows"
-    elif args.switch == "cpu-dropout":
-        if cpu_dropout.load() is None:
-            raise ConfigError("TOOLKIT_CPU_DROPOUT", f"the compiled CPU dropout generator does not run here "
-                              f"({cpu_dropout.unavailable_reason()}): nothing to compare")
-        what, on_name, off_name = "dropout masks from the compiled generator vs torch's random_()", \
-            "compiled masks", "torch masks"
-    elif args.switch == "cpu-wgrad":
-        reason = onednn_unavailable_reason() or cpu_wgrad.unavailable_reason()
+    elif args.switch in _COMPILED_SWITCHES:
+        module, needs_onednn, what, on_name, off_name = _COMPILED_SWITCHES[args.switch]
+        reason = (onednn_unavailable_reason() if needs_onednn else None) or module.unavailable_reason()
         if reason is not None:
-            raise ConfigError("TOOLKIT_CPU_WGRAD", f"the compiled CPU weight-gradient kernel does not run here "
-                              f"({reason}): nothing to compare")
-        what, on_name, off_name = "student weight gradients from the compiled kernel vs MKL's mm + sum", \
-            "wgrad kernel", "mm + sum"
-    elif args.switch == "cpu-linear":
-        reason = onednn_unavailable_reason() or cpu_linear.unavailable_reason()
-        if reason is not None:
-            raise ConfigError("TOOLKIT_CPU_LINEAR", f"the compiled CPU linear GEMM does not run here ({reason}): "
+            raise ConfigError(module._KERNEL.env_var, f"{module._KERNEL.what} does not run here ({reason}): "
                               f"nothing to compare")
-        what, on_name, off_name = "forward and input-gradient GEMMs on the compiled kernel vs oneDNN", \
-            "GEMM kernel", "oneDNN"
-    elif args.switch == "cpu-relation":
-        if cpu_relation.load() is None:
-            raise ConfigError("TOOLKIT_CPU_RELATION", f"the compiled CPU relation KL does not run here "
-                              f"({cpu_relation.unavailable_reason()}): nothing to compare")
-        what, on_name, off_name = "relation KL on the fused compiled kernel vs the chunked blocks", \
-            "fused relation KL", "chunked blocks"
     elif args.switch == "teacher-gelu":
         reason = onednn_unavailable_reason() or onednn._gelu_postop_reason()
         if reason is not None:
@@ -202,11 +198,6 @@ def _main(args: argparse.Namespace) -> int:
                               f"nothing to compare")
         what, on_name, off_name = "teacher feed-forward GEMM + GELU in one oneDNN call vs two", "fused GELU", \
             "separate GELU"
-    elif args.switch == "cpu-attention":
-        if cpu_attention.load() is None:
-            raise ConfigError("TOOLKIT_CPU_ATTENTION", f"the compiled CPU attention kernel does not run here "
-                              f"({cpu_attention.unavailable_reason()}): nothing to compare")
-        what, on_name, off_name = "attention on the compiled CPU kernel vs sdpa", "attention kernel", "sdpa"
     else:
         reason = onednn_unavailable_reason()
         if reason is not None:
