@@ -115,3 +115,8 @@ class CompiledKernel:
         """Forget the loaded kernel and its failure reason (tests)."""
         with self._lock:
             self._state.clear()
+
+
+def max_rel_error(got: "torch.Tensor", want: "torch.Tensor") -> float:
+    """``max |got - want| / max |want|``: how the kernels' self-checks compare with float64."""
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))

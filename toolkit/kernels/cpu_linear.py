@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toolkit.kernels.compiled import CompiledKernel
+from toolkit.kernels.compiled import CompiledKernel, max_rel_error
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "linear.c"
 ABI_VERSION = 1
@@ -91,10 +91,6 @@ def reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gelu: bo
     y = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     return F.gelu(y) if gelu else y
 
-
-def max_rel_error(got: Tensor, want: Tensor) -> float:
-    """``max |got - want| / max |want|``."""
-    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
 def _self_check(kernel: LinearKernel) -> None:

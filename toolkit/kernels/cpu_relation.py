@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from toolkit.kernels.compiled import CompiledKernel
+from toolkit.kernels.compiled import CompiledKernel, max_rel_error
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "relation_kl_fused.c"
 ABI_VERSION = 1
@@ -99,31 +99,6 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.relf_forward.restype = ctypes.c_int
 
 
-def reference(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, key_valid: Optional[Tensor],
-              heads: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(row_kl, d_q, d_k)`` in float64 by autograd (``d_q``, ``d_k``: separate, even for one tensor)."""
-    tq, tk = t_q.double(), t_k.double()
-    sq = s_q.detach().double().requires_grad_(True)
-    sk = s_k.detach().double().requires_grad_(True)
-    b, l, ht = tq.shape
-    hs = sq.shape[-1]
-
-    def split(x: Tensor, h: int) -> Tensor:
-        return x.view(b, l, heads, h // heads).transpose(1, 2)
-
-    a = split(tq, ht) @ split(tk, ht).transpose(-1, -2) / (ht // heads) ** 0.5
-    s = split(sq, hs) @ split(sk, hs).transpose(-1, -2) / (hs // heads) ** 0.5
-    if key_valid is not None:
-        pad = ~key_valid.bool()[:, None, None, :]
-        a, s = a.masked_fill(pad, float("-inf")), s.masked_fill(pad, float("-inf"))
-    lp_t, lp_s = torch.log_softmax(a, -1), torch.log_softmax(s, -1)
-    row = (lp_t.exp() * (lp_t - lp_s)).nan_to_num(0.0).sum(-1)
-    if key_valid is not None:
-        row = row * key_valid.double()[:, None, :]
-    d_q, d_k = torch.autograd.grad(row.sum(), (sq, sk))
-    return row.detach(), d_q, d_k
-
-
 def _self_check(kernel: RelationKernel) -> None:
     from toolkit.losses.reference import relation_kl_reference
 
@@ -142,7 +117,7 @@ def _self_check(kernel: RelationKernel) -> None:
             want.backward()
             w = float(want.detach())
             err = max(abs(float(row_kl.sum()) / n_rows - w) / abs(w),
-                      float((d_q.double() / n_rows - s64.grad).abs().max() / s64.grad.abs().max()))
+                      max_rel_error(d_q / n_rows, s64.grad))
             if not err <= 1e-5:
                 raise RuntimeError(f"the relation KL differs from float64 by {err:.1e} (B {b}, L {l}, "
                                    f"teacher {ht}, student {hs}, {heads} heads, {threads or torch.get_num_threads()} threads)")

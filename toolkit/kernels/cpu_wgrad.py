@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from toolkit.kernels.compiled import CompiledKernel
+from toolkit.kernels.compiled import CompiledKernel, max_rel_error
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "wgrad.c"
 ABI_VERSION = 1
@@ -89,10 +89,6 @@ def reference(grad: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
     g2 = grad.reshape(-1, grad.shape[-1]).double()
     return g2.t() @ x.reshape(-1, x.shape[-1]).double(), g2.sum(0)
 
-
-def max_rel_error(got: Tensor, want: Tensor) -> float:
-    """``max |got - want| / max |want|``."""
-    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
 def _self_check(kernel: WgradKernel) -> None:
