@@ -456,3 +456,34 @@ def test_attention_bench_times_both_and_checks_both_against_float64(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--shapes", "2by24"], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--shapes" in bad.stderr
+
+
+def test_gemm_bench_times_every_gemm_library_and_checks_each_against_float64(tmp_path):
+    from toolkit.kernels import cpu_linear, cpu_wgrad
+    from toolkit.models.onednn import onednn_unavailable_reason
+
+    script = ROOT / "benchmarks" / "bench_gemm.py"
+    out = tmp_path / "gemm.json"
+    proc = subprocess.run([sys.executable, str(script), "--tokens", "37", "--layers", "40x70", "--rounds", "2",
+                           "--warmup", "1", "--threads", "1", "--peak-n", "64", "--all-gelu", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["partial"] is False and len(data["matmul_peaks"]) == 2
+    rows = {(r["op"], r["impl"]): r for r in data["results"]}
+    expect = {"MKL", "kernel"} | ({"oneDNN"} if onednn_unavailable_reason() is None else set())
+    for op in ("fwd", "fwd_gelu", "dgrad"):
+        assert {impl for o, impl in rows if o == op} == expect
+    assert {impl for o, impl in rows if o == "wgrad"} == {"MKL", "kernel"}
+    for (op, impl), r in rows.items():
+        assert (r["tokens"], r["in"], r["out"]) == (37, 40, 70)
+        kernel_off = {"fwd": cpu_linear, "fwd_gelu": cpu_linear, "dgrad": cpu_linear, "wgrad": cpu_wgrad}[op]
+        if "unavailable" in r:   # a kernel that did not build here is a row that says why
+            assert impl == "kernel" and kernel_off.load() is None and r["unavailable"]
+            continue
+        assert r["median_gflops"] > 0 and r["best_gflops"] >= r["median_gflops"]
+        assert r["max_rel_err"] < 1e-5, (op, impl, r["max_rel_err"])
+    assert rows[("fwd", "MKL")]["speedup_vs_mkl"] == 1.0
+    bad = subprocess.run([sys.executable, str(script), "--ops", "fwd,matmul"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "--ops" in bad.stderr

@@ -88,11 +88,12 @@ int lin_gemm(const float *x, int64_t ldx, const float *w, int64_t wso, int64_t w
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        /* Where w's rows along o are contiguous (wso == 1: the input gradient's W^T), the
-         * micro-kernel reads w in place; only a partial last tile is packed (zero padded). */
+        /* w is packed at any strides, the input gradient's W^T too: read in place, W^T's rows
+         * lie O floats apart, and at O = 1536 (6 KiB) the k-steps of a sliver fall into 4 of
+         * L1's 64 sets, so the sliver streamed from L2 on every pass (bench_gemm.py: the input
+         * gradient at 4096 x 384 -> 1536 199 GFLOP/s in place, 214 packed; equal at O = 384). */
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < ntiles; j++)
-            if (wso != 1 || O - j * CB < CB) pack_w(w, wso, wsi, I, O, wp, j);
+        for (int64_t j = 0; j < ntiles; j++) pack_w(w, wso, wsi, I, O, wp, j);
         /* A tail of fewer than 8 tokens runs from a zero-padded copy of its rows. */
         float *xpad = aligned_alloc(64, (size_t)RB * KC * sizeof(float));
         float tile[RB * CB] __attribute__((aligned(64)));
@@ -107,9 +108,7 @@ int lin_gemm(const float *x, int64_t ldx, const float *w, int64_t wso, int64_t w
                 const int first = k0 == 0, last = k0 + kc >= I;
                 for (int64_t j = 0; j < ntiles; j++) {
                     const int64_t o0 = j * CB, nn = min64(CB, O - o0);
-                    const int in_place = wso == 1 && nn == CB;
-                    const float *bs = in_place ? w + o0 + k0 * wsi : wp + (j * I + k0) * CB;
-                    const int64_t ldb = in_place ? wsi : CB;
+                    const float *bs = wp + (j * I + k0) * CB;
                     for (int64_t t = t_lo; t < t_hi; t += RB) {
                         const int64_t rows = min64(RB, t_hi - t);
                         const float *a = x + t * ldx + k0;
@@ -124,9 +123,9 @@ int lin_gemm(const float *x, int64_t ldx, const float *w, int64_t wso, int64_t w
                         }
                         vf acc[RB][2];
                         if (kc == KC) /* a constant trip count for the full blocks */
-                            mk_8x32(a, ras, 1, bs, ldb, KC, acc);
+                            mk_8x32(a, ras, 1, bs, CB, KC, acc);
                         else
-                            mk_8x32(a, ras, 1, bs, ldb, kc, acc);
+                            mk_8x32(a, ras, 1, bs, CB, kc, acc);
                         /* Epilogue: + bias (first block) or + the earlier blocks' sums, then the
                          * GELU after the last block. A whole tile stays in registers; a partial
                          * one, or one through the GELU, goes through the tile buffer. */
