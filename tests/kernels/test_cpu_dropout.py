@@ -1,6 +1,7 @@
 """The compiled CPU dropout-mask generator (toolkit/kernels/cpu_dropout.py): it builds here, its
 words are splitmix64's, its masks follow the keep rule at the right rate, are reproducible from
-torch's generator (seeds, saved RNG states, activation checkpointing), and every fallback."""
+torch's generator (seeds, saved RNG states, activation checkpointing), its masked scale is
+torch's ``x * keep * scale`` to the bit, and every fallback."""
 from __future__ import annotations
 
 
@@ -86,3 +87,42 @@ def test_env_switch_and_no_compiler_fall_back_to_torchs_generator(compiled_check
 def test_a_wrong_build_is_caught_by_the_self_check(compiled_checks):
     compiled_checks.wrong_build_is_caught(cpu_dropout, 'dst[3] = (uint32_t)((z >> 48) & 0x7fff) >= k;',
                                           'dst[3] = (uint32_t)((z >> 47) & 0x7fff) >= k;', match="keep mask")
+
+
+def test_masked_scale_is_torchs_to_the_bit_nan_included(kernel):
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 15, 16, 17, 4099):
+        x = torch.randn(n, generator=gen) * 3.0
+        keep = torch.rand(n, generator=gen) > 0.3
+        if n > 2:
+            x[1], x[2] = float("nan"), float("inf")     # a dropped NaN stays NaN, as in torch
+            keep[1], keep[2] = False, False
+        got = kernel.masked_scale(x, keep, 1.1112)
+        want = torch.ops.aten.native_dropout_backward(x, keep, 1.1112)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    y = torch.randn(2, 3, 5)
+    for bad_x, bad_keep in ((y.double(), y > 0), (y.transpose(0, 1), y.transpose(0, 1) > 0), (y, (y > 0).short()),
+                            (y, (y > 0)[:1])):
+        with pytest.raises(ValueError, match="masked_scale"):
+            kernel.masked_scale(bad_x, bad_keep, 2.0)
+
+
+def test_dropout_forward_and_backward_on_the_masked_scale_kernel(kernel):
+    """fast_dropout's output and gradient are x * keep * scale and g * keep * scale, through the
+    kernel for contiguous fp32 and through ATen for the rest (a strided gradient, float64)."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(4, 33, 24, dtype=dtype, requires_grad=True)
+        torch.manual_seed(5)
+        y = fast_dropout(x, 0.2)
+        keep = y != 0
+        scale = 32768 / (32768 - keep_threshold(0.2))
+        assert torch.allclose(y, x.detach() * keep * scale, rtol=0, atol=0)
+        g = torch.randn(24, 33, 4, dtype=dtype).permute(2, 1, 0)      # non-contiguous: the ATen path
+        y.backward(g)
+        assert torch.allclose(x.grad, g * keep * scale, rtol=0, atol=0)
+        x.grad = None
+        y = fast_dropout(x, 0.2)
+        keep = y != 0
+        y.backward(torch.ones_like(y))
+        assert torch.equal(x.grad, keep.to(dtype) * scale)

@@ -51,12 +51,17 @@ def keep_mask(shape: torch.Size, p: float) -> Tensor:
         return kernel.keep_mask(n, keep_threshold(p), seed).view(shape)
     words = torch.empty((n + 1) // 2, dtype=torch.int32).random_()
     halves = words.view(torch.int16)[:n]
-    return torch.bitwise_and(halves, _LEVELS - 1).ge_(keep_threshold(p)).view(shape)
+    return torch.bitwise_and(halves, _LEVELS - 1).ge(keep_threshold(p)).view(shape)   # bool, 1 byte each
 
 
 def _masked_scale(x: Tensor, keep: Tensor, scale: float) -> Tensor:
-    # ATen's dropout-backward kernel is exactly ``x * keep * scale`` in one call (cheaper than a
-    # bool multiply plus a scale); it serves the forward and the backward alike.
+    # ``x * keep * scale``, forward and backward alike: one pass of the compiled kernel for fp32
+    # (toolkit/kernels/cpu_dropout.py), else ATen's dropout-backward kernel (one call, cheaper than
+    # a bool multiply plus a scale).
+    kernel = (cpu_dropout.load() if x.dtype == torch.float32 and keep.dtype == torch.bool and x.is_contiguous()
+              and keep.is_contiguous() else None)
+    if kernel is not None:
+        return kernel.masked_scale(x, keep, scale)
     return torch.ops.aten.native_dropout_backward(x, keep, scale)
 
 

@@ -8,10 +8,15 @@
  * word gives four 15-bit uniforms (bits 0-14, 16-30, 32-46, 48-62); an element is kept when its
  * uniform is >= threshold, the keep rule of toolkit/models/dropout.py. The seed is drawn from
  * torch's generator by the caller, so torch.manual_seed and saved RNG states reproduce masks.
+ *
+ * drop_masked_scale applies a mask, forward and backward: x * scale where kept, x * 0 where
+ * dropped (so a NaN stays NaN, as in torch's x * mask * scale), in one pass on every thread.
+ * torch's native_dropout_backward converts the bool mask to floats, multiplies, then scales:
+ * ~1.1 ms per [32, 128, 384] site here, ten per distillation step at seq 128 batch 32.
  */
 #include <stdint.h>
 
-int drop_abi_version(void) { return 1; }
+int drop_abi_version(void) { return 2; }
 
 static inline uint64_t mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -41,4 +46,10 @@ void drop_keep_mask(uint8_t *keep, int64_t n, uint64_t seed, int32_t threshold, 
         const uint64_t z = mix64(seed + (uint64_t)(full + 1) * 0x9e3779b97f4a7c15ULL);
         for (int64_t t = 0; t < n % 4; t++) keep[4 * full + t] = (uint32_t)((z >> (16 * t)) & 0x7fff) >= k;
     }
+}
+
+/* out[i] = x[i] * (keep[i] ? scale : 0) for i < n (out may be x). */
+void drop_masked_scale(const float *x, const uint8_t *keep, float *out, int64_t n, float scale, int nthreads) {
+#pragma omp parallel for simd num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * (keep[i] ? scale : 0.0f);
 }
