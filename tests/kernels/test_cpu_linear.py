@@ -51,15 +51,26 @@ def test_input_gradient_reads_the_transposed_weight_in_place(kernel, n_out):
     assert cpu_linear.max_rel_error(got, dy.double() @ w.double()) < 1e-5
 
 
-def test_the_gelu_is_torchs_exact_gelu_everywhere(kernel):
-    """The erf GELU over the whole useful range, tails included, against F.gelu in float64."""
-    x = torch.linspace(-12, 12, 20001).reshape(-1, 1)
-    got = kernel.linear(x, torch.ones(1, 1), None, gelu=True)
+def test_the_gelu_is_as_exact_as_torchs_fp32_gelu_everywhere(kernel):
+    """The erf GELU (the GEMM's epilogue and alone) and its gradient over the whole useful range,
+    tails included, against F.gelu in float64: within 2e-6 absolute, within 1e-5 relative where
+    |x| < 2, and no further off in the tails than torch's own fp32 F.gelu."""
+    x = torch.linspace(-12, 12, 20001)
     want = F.gelu(x.double())
-    assert float((got.double() - want).abs().max()) < 2e-6
-    mid = x.abs().squeeze(1) < 6
-    rel = ((got.double() - want).abs() / want.abs().clamp_min(1e-30))[mid]
-    assert float(rel.max()) < 1e-5
+    torch_rel = (F.gelu(x).double() - want).abs() / want.abs().clamp_min(1e-30)
+    for got in (kernel.linear(x.reshape(-1, 1), torch.ones(1, 1), None, gelu=True).squeeze(1), kernel.gelu(x)):
+        assert float((got.double() - want).abs().max()) < 2e-6
+        rel = (got.double() - want).abs() / want.abs().clamp_min(1e-30)
+        assert float(rel[x.abs() < 2].max()) < 1e-5
+        assert float(rel[x.abs() < 4].max()) <= float(torch_rel[x.abs() < 4].max())
+    g = torch.randn(20001, generator=torch.Generator().manual_seed(1))
+    xd = x.double().requires_grad_()
+    F.gelu(xd).backward(g.double())
+    assert float((kernel.gelu_grad(x, g).double() - xd.grad).abs().max()) < 1e-6
+    with pytest.raises(ValueError, match="gelu_grad"):
+        kernel.gelu_grad(x, g[:-1])
+    with pytest.raises(ValueError, match="gelu needs contiguous"):
+        kernel.gelu(x[:20000].reshape(2, -1)[:, ::2])
 
 
 def test_strided_and_batched_inputs(kernel):
@@ -130,5 +141,5 @@ def test_env_switch_and_no_compiler_fall_back_to_onednn(compiled_checks):
 
 
 def test_a_wrong_build_is_caught_by_the_self_check(compiled_checks):
-    compiled_checks.wrong_build_is_caught(cpu_linear, 'return x >= 0.0f ? x * (1.0f - upper) : x * upper;',
-                                          'return x >= 0.0f ? x * (1.0f - upper) : x * upper * 1.001f;')
+    compiled_checks.wrong_build_is_caught(cpu_linear, 'p = p * u + 5.308678585813584e-02f;',
+                                          'p = p * u + 5.318678585813584e-02f;')

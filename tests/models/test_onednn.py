@@ -276,3 +276,36 @@ def _check_dense_gelu(monkeypatch) -> None:
     other = _tiny_bert("gelu_new").requires_grad_(False)
     use_onednn_linears(other)
     assert onednn.count_fused_gelu(other) == 0
+
+
+@pytest.mark.parametrize("backend", ["kernels", "onednn"])
+def test_a_trained_feed_forward_runs_its_gelu_forward_and_backward_on_the_kernel(available, monkeypatch, backend):
+    """With a gradient due, the feed-forward's GELU and its backward run on the compiled kernel
+    (the GEMMs as before); values and every parameter's gradient match the plain model in float64.
+    With the kernel off ("onednn"), the block's own forward (F.gelu) runs, with the same numbers."""
+    import copy
+
+    model = _tiny_bert()
+    ref = copy.deepcopy(model).double()
+    ids = torch.randint(1, 99, (2, 11), generator=torch.Generator().manual_seed(0))
+    calls = []
+    with _backend(backend):   # (loads the kernel, and runs its self-check, before the spies go in)
+        for name in ("gelu", "gelu_grad"):
+            real = getattr(cpu_linear.LinearKernel, name)
+            monkeypatch.setattr(cpu_linear.LinearKernel, name,
+                                lambda self, *a, _real=real, _name=name: calls.append(_name) or _real(self, *a))
+        assert use_onednn_linears(model, trainable=True) > 0 and onednn.count_fused_gelu(model) == 2
+        out = model(input_ids=ids).last_hidden_state
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        (out * weights).sum().backward()
+    want = ref(input_ids=ids).last_hidden_state
+    (want * weights.double()).sum().backward()
+    assert calls == (["gelu", "gelu", "gelu_grad", "gelu_grad"] if backend == "kernels" else [])
+    if backend == "kernels":
+        assert "CompiledGelu" in type(model.encoder.layer[0].intermediate(torch.randn(3, 32)).grad_fn).__name__
+    _close(out.detach(), want.detach())
+    for (name, p), p64 in zip(model.named_parameters(), ref.parameters()):
+        if p64.grad is None or p64.grad.abs().max() < 1e-9:   # the key bias: zero up to rounding
+            continue
+        err = float((p.grad.double() - p64.grad).abs().max() / p64.grad.abs().max())
+        assert err < 1e-4, (name, err)

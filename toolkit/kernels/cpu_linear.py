@@ -30,7 +30,7 @@ from torch import Tensor
 from toolkit.kernels.compiled import CompiledKernel, max_rel_error
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "linear.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 #: :func:`toolkit.models.onednn.onednn_linear` sends a product here from this many rows (tokens)
 #: on; below, oneDNN's GEMM is as fast or faster (distillation step A/B, benchmarks/RESULTS.md).
 MIN_ROWS = 4096
@@ -80,10 +80,38 @@ class LinearKernel:
         return y
 
 
+    def gelu(self, x: Tensor) -> Tensor:
+        """``F.gelu(x)`` (erf form) of a contiguous fp32 CPU tensor, as a new tensor."""
+        _check_elementwise("gelu", x)
+        y = torch.empty_like(x)
+        with torch.profiler.record_function("toolkit::cpu_gelu"):
+            self.lib.lin_gelu(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+        return y
+
+    def gelu_grad(self, h: Tensor, grad: Tensor) -> Tensor:
+        """The gradient of ``F.gelu`` at its input ``h`` from its output's ``grad`` (both contiguous fp32 CPU)."""
+        _check_elementwise("gelu_grad", h, grad)
+        dx = torch.empty_like(h)
+        with torch.profiler.record_function("toolkit::cpu_gelu_backward"):
+            self.lib.lin_gelu_grad(h.data_ptr(), grad.data_ptr(), dx.data_ptr(), h.numel(), torch.get_num_threads())
+        return dx
+
+
+def _check_elementwise(what: str, *tensors: Tensor) -> None:
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.shape != tensors[0].shape
+           for t in tensors):
+        raise ValueError(f"cpu_linear: {what} needs contiguous fp32 CPU tensors of one shape, got "
+                         + ", ".join(f"{t.dtype} {tuple(t.shape)} on {t.device}" for t in tensors))
+
+
 def _bind(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.lin_gemm.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.lin_gemm.restype = ctypes.c_int
+    lib.lin_gelu.argtypes = [ptr, ptr, i64, ctypes.c_int]
+    lib.lin_gelu.restype = None
+    lib.lin_gelu_grad.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.lin_gelu_grad.restype = None
 
 
 def reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gelu: bool = False) -> Tensor:
@@ -107,6 +135,16 @@ def _self_check(kernel: LinearKernel) -> None:
         if not err <= 1e-5:
             raise RuntimeError(f"the linear GEMM differs from float64 by {err:.1e} (x {tuple(xx.shape)}, weight "
                                f"{tuple(ww.shape)}, bias {bb is not None}, gelu {gelu}, {threads or torch.get_num_threads()} threads)")
+    # The GELU and its gradient alone, over the range where they are not flat (tails included).
+    h = torch.linspace(-7.0, 7.0, 1001)
+    g = torch.randn(1001, generator=gen)
+    hd = h.double().requires_grad_()
+    torch.nn.functional.gelu(hd).backward(g.double())
+    for what, got, want in (("GELU", kernel.gelu(h), F.gelu(h.double())),
+                            ("GELU gradient", kernel.gelu_grad(h, g), hd.grad)):
+        err = float((got.double() - want).abs().max())
+        if not err <= 2e-6:
+            raise RuntimeError(f"the {what} differs from float64 by {err:.1e} (absolute, inputs in [-7, 7])")
 
 
 _KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "lin", "TOOLKIT_CPU_LINEAR", _bind, LinearKernel, _self_check,

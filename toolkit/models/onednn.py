@@ -168,24 +168,45 @@ def _gelu_postop_reason() -> Optional[str]:
     return _CHECK["gelu"]
 
 
+class _CompiledGelu(torch.autograd.Function):
+    """``F.gelu`` (erf form) on the compiled kernel of :mod:`toolkit.kernels.cpu_linear`, forward and
+    backward (one pass each, ~2x cheaper than ATen's here); saves its input, as ``F.gelu`` does."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, kernel: Any) -> Tensor:
+        ctx.save_for_backward(h)
+        ctx.kernel = kernel
+        return kernel.gelu(h)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None]:
+        h, = ctx.saved_tensors
+        return ctx.kernel.gelu_grad(h, grad.contiguous()), None
+
+
 def _dense_gelu_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
-    """``gelu(dense(x))`` of a feed-forward block as one call (GEMM, bias, GELU: oneDNN's post-op,
-    else the compiled kernel's epilogue) where nothing needs a gradient (bound by
-    :func:`use_onednn_linears`); the block's own forward otherwise."""
+    """``gelu(dense(x))`` of a feed-forward block (bound by :func:`use_onednn_linears`): where nothing
+    needs a gradient, one call (GEMM, bias, GELU: oneDNN's post-op, else the compiled kernel's
+    epilogue); where something does, the dense layer and then the compiled kernel's GELU with its
+    backward; the block's own forward otherwise."""
     dense = self.dense
     bias = dense.bias
     if (type(dense) is OneDNNLinear and hidden_states.device.type == "cpu" and hidden_states.dtype == torch.float32
-            and dense.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not dense._forward_hooks and not dense._forward_pre_hooks
-            and not (torch.is_grad_enabled() and (hidden_states.requires_grad or dense.weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))):
-        # oneDNN's GELU post-op is cheaper than the compiled kernel's erf epilogue (193 against
-        # 187 GFLOP/s at 4096 x 384 -> 1536 here), which runs where the post-op fails its check.
-        if _gelu_postop_reason() is None:
-            return torch.ops.mkldnn._linear_pointwise(hidden_states, dense.weight, bias, "gelu", [], "none")
-        kernel = cpu_linear.load()
-        if kernel is not None:
-            return kernel.linear(hidden_states, dense.weight, bias, gelu=True)
+            and dense.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or dense.weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            kernel = cpu_linear.load()
+            if kernel is not None:
+                return _CompiledGelu.apply(dense(hidden_states), kernel)
+        elif not dense._forward_hooks and not dense._forward_pre_hooks:
+            # oneDNN's GELU post-op costs ~1.0 ms at 4096 x 384 -> 1536 here, the kernel's
+            # epilogue ~1.3 (bench_gemm.py): the kernel's runs where the post-op fails its check.
+            if _gelu_postop_reason() is None:
+                return torch.ops.mkldnn._linear_pointwise(hidden_states, dense.weight, bias, "gelu", [], "none")
+            kernel = cpu_linear.load()
+            if kernel is not None:
+                return kernel.linear(hidden_states, dense.weight, bias, gelu=True)
     return type(self).forward(self, hidden_states)
 
 
