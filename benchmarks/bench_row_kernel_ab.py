@@ -21,7 +21,10 @@ fused AdamW) alternates blocks of steps with a switch on and off:
 * ``--switch cpu-linear``: both models' forward GEMMs and the student's input gradients on the
   compiled GEMM kernel from 4096 rows on (off: oneDNN's, ``cpu_linear.disabled()``);
 * ``--switch cpu-relation``: the relation KL on the compiled fused kernel (off: the chunked
-  path's blocks with the row kernel, ``cpu_relation.disabled()``).
+  path's blocks with the row kernel, ``cpu_relation.disabled()``);
+* ``--switch ffn-recompute``: the student's feed-forward as one autograd function that keeps the
+  GELU's input and recomputes its output in the backward (off: the layers' own
+  ``feed_forward_chunk``, the GELU's output kept, ``restore_feed_forward``).
 
 The ratio of the medians and the median of per-round ratios are printed. Memory is not
 measured (``bench_distill_step.py`` does that). Nothing is asserted on time.
@@ -29,7 +32,7 @@ measured (``bench_distill_step.py`` does that). Nothing is asserted on time.
 Usage::
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
-        python benchmarks/bench_row_kernel_ab.py --shapes 128x8,128x32,512x4 --rounds 6 [--switch teacher-onednn|student-onednn|cpu-attention|teacher-gelu|cpu-dropout|cpu-wgrad|cpu-linear|cpu-relation]
+        python benchmarks/bench_row_kernel_ab.py --shapes 128x8,128x32,512x4 --rounds 6 [--switch teacher-onednn|student-onednn|cpu-attention|teacher-gelu|cpu-dropout|cpu-wgrad|cpu-linear|cpu-relation|ffn-recompute]
 """
 from __future__ import annotations
 
@@ -51,11 +54,11 @@ from toolkit.errors import ConfigError  # noqa: E402
 from toolkit.kernels import cpu_attention, cpu_dropout, cpu_linear, cpu_relation, cpu_rows, cpu_wgrad  # noqa: E402
 from toolkit.kernels.cpu_attention import restore_attention, use_cpu_attention  # noqa: E402
 from toolkit.models import onednn  # noqa: E402
-from toolkit.models.onednn import (fuse_dense_gelu, onednn_unavailable_reason, restore_linears,  # noqa: E402
-                                   unfuse_dense_gelu, use_onednn_linears)
+from toolkit.models.onednn import (fuse_dense_gelu, onednn_unavailable_reason, recompute_feed_forward_gelu,  # noqa: E402
+                                   restore_feed_forward, restore_linears, unfuse_dense_gelu, use_onednn_linears)
 
 SWITCHES = ("cpu-rows", "teacher-onednn", "student-onednn", "cpu-attention", "teacher-gelu", "cpu-dropout",
-            "cpu-wgrad", "cpu-linear", "cpu-relation")
+            "cpu-wgrad", "cpu-linear", "cpu-relation", "ffn-recompute")
 
 
 #: Switches whose off arm runs inside the kernel module's ``disabled()``.
@@ -103,6 +106,9 @@ def _one_step(step: Any, batch: Dict[str, torch.Tensor], switch: str, on: bool) 
     elif switch == "teacher-gelu":
         (fuse_dense_gelu if on else unfuse_dense_gelu)(step.teacher)
         _timed_step(step, batch, {})
+    elif switch == "ffn-recompute":
+        (recompute_feed_forward_gelu if on else restore_feed_forward)(step.module)
+        _timed_step(step, batch, {})
     elif switch in _MODULE_SWITCHES:
         if on:
             _timed_step(step, batch, {})
@@ -145,6 +151,8 @@ def run_shape(step: Any, batch: Dict[str, torch.Tensor], rounds: int, per_arm: i
         use_cpu_attention(step.module)
     elif switch == "teacher-gelu":
         fuse_dense_gelu(step.teacher)
+    elif switch == "ffn-recompute":
+        recompute_feed_forward_gelu(step.module)
     return {"switch": switch, "on_ms": 1e3 * statistics.median(times["on"]),
             "off_ms": 1e3 * statistics.median(times["off"]),
             "speedup_of_medians": statistics.median(times["off"]) / statistics.median(times["on"]),
@@ -162,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "GEMM + GELU in one oneDNN call; cpu-dropout: dropout masks from the compiled generator; "
                         "cpu-wgrad: the student's weight gradients from the compiled kernel instead of MKL's mm; "
                         "cpu-linear: forward and input-gradient GEMMs on the compiled kernel instead of oneDNN; "
-                        "cpu-relation: the relation KL on the fused compiled kernel instead of the chunked blocks")
+                        "cpu-relation: the relation KL on the fused compiled kernel instead of the chunked blocks; "
+                        "ffn-recompute: the student's GELU output recomputed in the backward instead of kept")
     p.add_argument("--rounds", type=int, default=6, help="rounds of (kernel, torch) blocks per shape")
     p.add_argument("--per-arm", type=int, default=2, help="steps per arm per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per arm before the rounds")
@@ -191,6 +200,12 @@ def _main(args: argparse.Namespace) -> int:
         if reason is not None:
             raise ConfigError(module._KERNEL.env_var, f"{module._KERNEL.what} does not run here ({reason}): "
                               f"nothing to compare")
+    elif args.switch == "ffn-recompute":
+        reason = onednn_unavailable_reason() or cpu_linear.unavailable_reason()
+        if reason is not None:
+            raise ConfigError("TOOLKIT_CPU_LINEAR", f"the recomputing feed-forward does not run here ({reason}): "
+                              f"nothing to compare")
+        what, on_name, off_name = "student feed-forward GELU output recomputed vs kept", "recomputed", "kept"
     elif args.switch == "teacher-gelu":
         reason = onednn_unavailable_reason() or onednn._gelu_postop_reason()
         if reason is not None:

@@ -245,6 +245,7 @@ def test_row_kernel_ab_alternates_both_arms_and_names_bad_input(tmp_path):
          "TOOLKIT_CPU_RELATION"),
         ("teacher-gelu", onednn_ok and onednn._gelu_postop_reason() is None, ("fused GELU", "separate GELU"),
          "TOOLKIT_ONEDNN_LINEAR"),
+        ("ffn-recompute", onednn_ok and cpu_linear.load() is not None, ("recomputed", "kept"), "TOOLKIT_CPU_LINEAR"),
     ]
     for switch, runs, (on, off), variable in switches:
         proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "1", "--per-arm",

@@ -281,8 +281,9 @@ def _check_dense_gelu(monkeypatch) -> None:
 @pytest.mark.parametrize("backend", ["kernels", "onednn"])
 def test_a_trained_feed_forward_runs_its_gelu_forward_and_backward_on_the_kernel(available, monkeypatch, backend):
     """With a gradient due, the feed-forward's GELU and its backward run on the compiled kernel
-    (the GEMMs as before); values and every parameter's gradient match the plain model in float64.
-    With the kernel off ("onednn"), the block's own forward (F.gelu) runs, with the same numbers."""
+    (the GEMMs as before, the GELU's output recomputed in the backward); values and every
+    parameter's gradient match the plain model in float64. With the kernel off ("onednn"), the
+    layer's own methods (F.gelu) run, with the same numbers."""
     import copy
 
     model = _tiny_bert()
@@ -300,8 +301,11 @@ def test_a_trained_feed_forward_runs_its_gelu_forward_and_backward_on_the_kernel
         (out * weights).sum().backward()
     want = ref(input_ids=ids).last_hidden_state
     (want * weights.double()).sum().backward()
-    assert calls == (["gelu", "gelu", "gelu_grad", "gelu_grad"] if backend == "kernels" else [])
-    if backend == "kernels":
+    # Per layer: the GELU forward, and in the backward the GELU again (its output is recomputed,
+    # not kept) and its gradient.
+    assert calls == (["gelu", "gelu", "gelu", "gelu_grad", "gelu", "gelu_grad"] if backend == "kernels" else [])
+    assert onednn.count_recomputed_feed_forward(model) == (2 if backend == "kernels" else 0)
+    if backend == "kernels":   # an intermediate block called alone: its GELU on the kernel too
         assert "CompiledGelu" in type(model.encoder.layer[0].intermediate(torch.randn(3, 32)).grad_fn).__name__
     _close(out.detach(), want.detach())
     for (name, p), p64 in zip(model.named_parameters(), ref.parameters()):
@@ -309,3 +313,51 @@ def test_a_trained_feed_forward_runs_its_gelu_forward_and_backward_on_the_kernel
             continue
         err = float((p.grad.double() - p64.grad).abs().max() / p64.grad.abs().max())
         assert err < 1e-4, (name, err)
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes of the distinct tensors autograd saves in ``model``'s forward (parameters included)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids).last_hidden_state
+    # A weighted sum: a plain one is constant through the last LayerNorm (no gradient to compare).
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    return sum(seen.values())
+
+
+def test_a_trained_feed_forward_keeps_the_gelus_input_not_its_output(available):
+    """The feed-forward saves x and the GELU's input h, not its output g = gelu(h): per layer one
+    [tokens, intermediate] tensor less than the layer's own methods keep, with the same gradients."""
+    import copy
+
+    if cpu_linear.load() is None:
+        pytest.skip(f"compiled kernels not here: {cpu_linear.unavailable_reason()}")
+    model = _tiny_bert()
+    plain = copy.deepcopy(model)
+    ids = torch.randint(1, 99, (2, 11), generator=torch.Generator().manual_seed(0))
+    use_onednn_linears(model, trainable=True)
+    use_onednn_linears(plain, trainable=True)
+    onednn.unfuse_dense_gelu(plain)          # the layer's own feed_forward_chunk, F.gelu's autograd
+    assert onednn.count_recomputed_feed_forward(model) == 2 and onednn.count_recomputed_feed_forward(plain) == 0
+    g_bytes = 2 * 11 * 72 * 4               # one layer's GELU output [2, 11, 72] fp32
+    assert _saved_bytes(plain, ids) - _saved_bytes(model, ids) == 2 * g_bytes
+    for a, b in zip(model.parameters(), plain.parameters()):    # (F.gelu against the kernel's GELU)
+        if b.grad is not None and b.grad.abs().max() > 1e-9:   # (the pooler: none; the key bias: ~0)
+            _close(a.grad, b.grad.double())
+    # Turned off by the environment: the layers' own methods.
+    other = _tiny_bert()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOOLKIT_FFN_RECOMPUTE", "0")
+        use_onednn_linears(other, trainable=True)
+    assert onednn.count_recomputed_feed_forward(other) == 0 and onednn.count_fused_gelu(other) == 2
+    assert onednn.restore_feed_forward(model) == 2 and onednn.recompute_feed_forward_gelu(model) == 2
+    # Hooks on the blocks (as DeepSpeed's ZeRO-3 gathers use): the layer's own method runs.
+    model.zero_grad()
+    handle = model.encoder.layer[0].output.dense.register_forward_pre_hook(lambda m, a: None)
+    assert _saved_bytes(model, ids) - _saved_bytes(plain, ids) == -g_bytes
+    handle.remove()

@@ -80,20 +80,27 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = onednn_linear(grad, weight.t(), None)          # dY @ W
-        wants_b = ctx.has_bias and ctx.needs_input_grad[2]
-        kernel = cpu_wgrad.load() if ctx.needs_input_grad[1] else None
-        if kernel is not None:
-            grad_w, grad_b = kernel.weight_grad(grad, x, wants_b)   # dW and db in one pass over dY
-        elif ctx.needs_input_grad[1] or wants_b:
-            grad2 = grad.reshape(-1, grad.shape[-1])
-            if ctx.needs_input_grad[1]:
-                grad_w = grad2.t().mm(x.reshape(-1, x.shape[-1]))   # dY^T X, summed over the tokens
-            if wants_b:
-                grad_b = grad2.sum(0)
-        return grad_x, grad_w, grad_b
+        return _linear_backward(grad, x, weight, *ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2])
+
+
+def _linear_backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, wants_x: bool, wants_w: bool,
+                     wants_b: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(dX, dW, db)`` of ``y = x Wᵀ + b`` from ``grad = dL/dy``, each None unless wanted: dX on the
+    GEMM of :func:`onednn_linear`, dW and db from the compiled kernel of :mod:`toolkit.kernels.cpu_wgrad`
+    (MKL's ``mm`` and a ``sum`` without it)."""
+    grad_x = grad_w = grad_b = None
+    if wants_x:
+        grad_x = onednn_linear(grad, weight.t(), None)              # dY @ W
+    kernel = cpu_wgrad.load() if wants_w else None
+    if kernel is not None:
+        grad_w, grad_b = kernel.weight_grad(grad, x, wants_b)       # dW and db in one pass over dY
+    elif wants_w or wants_b:
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        if wants_w:
+            grad_w = grad2.t().mm(x.reshape(-1, x.shape[-1]))       # dY^T X, summed over the tokens
+        if wants_b:
+            grad_b = grad2.sum(0)
+    return grad_x, grad_w, grad_b
 
 
 class OneDNNLinear(nn.Linear):
@@ -210,6 +217,93 @@ def _dense_gelu_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
     return type(self).forward(self, hidden_states)
 
 
+class _FeedForwardFunction(torch.autograd.Function):
+    """``gelu(x W1ᵀ + b1) W2ᵀ + b2``, a feed-forward block's two GEMMs and GELU, saving ``x`` and
+    the GELU's input ``h`` but not its output ``g``: the backward recomputes ``g = gelu(h)`` (one
+    GELU pass) where autograd would have kept it for ``dW2``. ``g`` is ``[tokens, intermediate]``,
+    the largest activation a BERT layer saves (4H per token of ~16H): ~12 MiB per layer at seq 512
+    batch 4. The GEMMs as :class:`_OneDNNLinearFunction` runs them, the GELU on the compiled kernel."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                kernel: Any) -> Tensor:
+        h = onednn_linear(x, w1, b1)
+        y = onednn_linear(kernel.gelu(h), w2, b2)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w1, h, w2)
+        ctx.kernel, ctx.has_b1, ctx.has_b2 = kernel, b1 is not None, b2 is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        x, w1, h, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad = grad.contiguous()
+        g = ctx.kernel.gelu(h) if need[3] else None                  # recomputed, not saved
+        dg, dw2, db2 = _linear_backward(grad, g, w2, any(need[:3]), need[3], ctx.has_b2 and need[4])
+        del g
+        dx = dw1 = db1 = None
+        if dg is not None:
+            dh = ctx.kernel.gelu_grad(h, dg)
+            del dg
+            dx, dw1, db1 = _linear_backward(dh, x, w1, need[0], need[1], ctx.has_b1 and need[2])
+        return dx, dw1, db1, dw2, db2, None
+
+
+def _feed_forward_chunk(self: nn.Module, attention_output: Tensor) -> Tensor:
+    """A BERT/ERNIE layer's feed-forward (``output(intermediate(x), x)``) with its GEMMs and GELU as
+    one :class:`_FeedForwardFunction` where a gradient is due (bound by :func:`use_onednn_linears`
+    on a trained model); the layer's own method otherwise."""
+    inter, out = self.intermediate, self.output
+    d1, d2 = inter.dense, out.dense
+    x = attention_output
+    if (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and type(d1) is OneDNNLinear and type(d2) is OneDNNLinear
+            and d1.weight.dtype == torch.float32 and d2.weight.dtype == torch.float32
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in (inter, d1, out, d2))
+            and (x.requires_grad or any(p.requires_grad for p in (*d1.parameters(), *d2.parameters())))):
+        kernel = cpu_linear.load()
+        if kernel is not None:
+            y = _FeedForwardFunction.apply(x, d1.weight, d1.bias, d2.weight, d2.bias, kernel)
+            return out.LayerNorm(out.dropout(y) + x)
+    return type(self).feed_forward_chunk(self, attention_output)
+
+
+def _is_bert_feed_forward(layer: nn.Module) -> bool:
+    """A layer whose ``feed_forward_chunk`` is BERT's ``output(intermediate(x), x)`` (BERT, ERNIE, ...)
+    with an exact-GELU intermediate and an output of dense, dropout and LayerNorm on oneDNN."""
+    inter, out = getattr(layer, "intermediate", None), getattr(layer, "output", None)
+    return (callable(getattr(type(layer), "feed_forward_chunk", None)) and "feed_forward_chunk" not in layer.__dict__
+            and type(getattr(inter, "dense", None)) is OneDNNLinear
+            and _is_exact_gelu(getattr(inter, "intermediate_act_fn", None))
+            and type(getattr(out, "dense", None)) is OneDNNLinear
+            and isinstance(getattr(out, "LayerNorm", None), nn.LayerNorm) and hasattr(out, "dropout")
+            and type(inter).forward.__qualname__.endswith("Intermediate.forward")
+            and type(out).forward.__qualname__.endswith("Output.forward"))
+
+
+def recompute_feed_forward_gelu(model: nn.Module) -> int:
+    """Bind :class:`_FeedForwardFunction` to every BERT-style layer of a trained CPU model (done by
+    :func:`use_onednn_linears` with ``trainable``): the GELU's output is recomputed in the backward
+    instead of kept (~0.5% of a seq-128 step for ~10% less peak memory at seq 512 batch 4,
+    ``bench_row_kernel_ab.py --switch ffn-recompute``). Needs the compiled GEMM kernel (for its
+    GELU); ``TOOLKIT_FFN_RECOMPUTE=0`` keeps the layers' own methods. Returns how many layers."""
+    if switched_off("TOOLKIT_FFN_RECOMPUTE") or cpu_linear.load() is None:
+        return 0
+    n = 0
+    for module in model.modules():
+        if _is_bert_feed_forward(module):
+            module.feed_forward_chunk = types.MethodType(_feed_forward_chunk, module)
+            n += 1
+    return n
+
+
+def count_recomputed_feed_forward(model: nn.Module) -> int:
+    """How many layers of ``model`` run :class:`_FeedForwardFunction` when training."""
+    return sum(getattr(m.__dict__.get("feed_forward_chunk"), "__func__", None) is _feed_forward_chunk
+               for m in model.modules())
+
+
 def fuse_dense_gelu(model: nn.Module) -> int:
     """Bind the one-call GEMM + GELU forward to ``model``'s feed-forward blocks whose dense layer is
     on oneDNN and whose activation is the exact GELU; returns how many (done by
@@ -231,8 +325,19 @@ def count_fused_gelu(model: nn.Module) -> int:
     return sum(getattr(m.__dict__.get("forward"), "__func__", None) is _dense_gelu_forward for m in model.modules())
 
 
+def restore_feed_forward(model: nn.Module) -> int:
+    """Undo :func:`recompute_feed_forward_gelu` (the layers' own ``feed_forward_chunk``); returns how many."""
+    n = 0
+    for module in model.modules():
+        if getattr(module.__dict__.get("feed_forward_chunk"), "__func__", None) is _feed_forward_chunk:
+            del module.__dict__["feed_forward_chunk"]
+            n += 1
+    return n
+
+
 def unfuse_dense_gelu(model: nn.Module) -> int:
-    """Undo :func:`fuse_dense_gelu`; returns how many blocks."""
+    """Undo :func:`fuse_dense_gelu` and :func:`recompute_feed_forward_gelu`; returns how many blocks."""
+    restore_feed_forward(model)
     n = 0
     for module in model.modules():
         if getattr(module.__dict__.get("forward"), "__func__", None) is _dense_gelu_forward:
@@ -262,6 +367,8 @@ def use_onednn_linears(model: nn.Module, trainable: bool = False) -> int:
             module.__class__ = OneDNNLinear
             n += 1
     fuse_dense_gelu(model)
+    if trainable:
+        recompute_feed_forward_gelu(model)
     return n
 
 
