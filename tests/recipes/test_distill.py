@@ -81,6 +81,8 @@ def test_distill_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
     if gemm != "MKL":   # 2 student layers x (Q, K, V, output, intermediate, output dense) + pooler
         wgrad = "the CPU kernel" if cpu_wgrad.unavailable_reason() is None else "MKL ("
         assert f"student linears on {gemm} (13 layers, weight gradients on {wgrad}" in log_text
+        if cpu_linear.unavailable_reason() is None:   # both student layers keep the GELU's input only
+            assert "GELU output recomputed in the backward in 2 layers)" in log_text
     # ... and what runs their attention (the compiled CPU kernel wherever it builds).
     from toolkit.kernels import cpu_attention
 

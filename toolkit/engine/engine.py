@@ -254,7 +254,7 @@ class Engine:
         from toolkit.kernels.cpu_attention import attention_note
         from toolkit.models.onednn import gemm_note
 
-        return f", linears on {gemm_note(self.onednn_linears, trained=True)}, attention on {attention_note(self._ds.module)}"
+        return f", linears on {gemm_note(self.onednn_linears, trained=True, model=self._ds.module)}, attention on {attention_note(self._ds.module)}"
 
     # ----- read-back of engine settings -------------------------------------------------
     @property

@@ -372,10 +372,11 @@ def use_onednn_linears(model: nn.Module, trainable: bool = False) -> int:
     return n
 
 
-def gemm_note(n: int, trained: bool = False) -> str:
+def gemm_note(n: int, trained: bool = False, model: Optional[nn.Module] = None) -> str:
     """What runs ``n`` switched layers' GEMMs, for the job log: ``"the CPU kernel from 4096 rows,
-    oneDNN below (13 layers, weight gradients on the CPU kernel)"``, ``"oneDNN (6 layers)"``;
-    ``"MKL (why)"`` when n is 0."""
+    oneDNN below (13 layers, weight gradients on the CPU kernel, GELU output recomputed in the
+    backward in 2 layers)"``, ``"oneDNN (6 layers)"``; ``"MKL (why)"`` when n is 0. The
+    recomputed feed-forwards are counted in ``model`` when given."""
     if not n:
         return f"MKL ({onednn_unavailable_reason() or 'not fp32'})"
     gemm = (f"the CPU kernel from {cpu_linear.MIN_ROWS} rows, oneDNN below"
@@ -383,7 +384,9 @@ def gemm_note(n: int, trained: bool = False) -> str:
     if not trained:
         return f"{gemm} ({n} layers)"
     wgrad = "the CPU kernel" if cpu_wgrad.unavailable_reason() is None else f"MKL ({cpu_wgrad.unavailable_reason()})"
-    return f"{gemm} ({n} layers, weight gradients on {wgrad})"
+    ffn = count_recomputed_feed_forward(model) if model is not None else 0
+    recompute = f", GELU output recomputed in the backward in {ffn} layers" if ffn else ""
+    return f"{gemm} ({n} layers, weight gradients on {wgrad}{recompute})"
 
 
 def count_onednn_linears(model: nn.Module) -> int:

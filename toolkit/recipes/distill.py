@@ -371,7 +371,7 @@ class DistillRecipe:
 
             log.info("distill: teacher linears on %s, attention on %s; student linears on %s, attention on %s",
                      gemm_note(count_onednn_linears(self.teacher)), attention_note(self.teacher),
-                     gemm_note(eng.onednn_linears, trained=True), attention_note(student))
+                     gemm_note(eng.onednn_linears, trained=True, model=student), attention_note(student))
         if "minilmv2" in weights:
             log.info("distill: relation KL %s", describe_relation_kl(cfg.loss.impl, self.device, eng.micro_batch_size,
                                                                       rel_heads, cfg.corpus.seq_length,
