@@ -298,10 +298,24 @@ def recompute_feed_forward_gelu(model: nn.Module) -> int:
     return n
 
 
+def _is_bound(module: nn.Module, attr: str, func: Any) -> bool:
+    """Whether ``module``'s own ``attr`` is ``func`` bound to it (a method these switches bound)."""
+    return getattr(module.__dict__.get(attr), "__func__", None) is func
+
+
+def _unbind(model: nn.Module, attr: str, func: Any) -> int:
+    """Drop every ``attr`` bound to ``func`` in ``model``'s modules (their class's method again); how many."""
+    n = 0
+    for module in model.modules():
+        if _is_bound(module, attr, func):
+            del module.__dict__[attr]
+            n += 1
+    return n
+
+
 def count_recomputed_feed_forward(model: nn.Module) -> int:
     """How many layers of ``model`` run :class:`_FeedForwardFunction` when training."""
-    return sum(getattr(m.__dict__.get("feed_forward_chunk"), "__func__", None) is _feed_forward_chunk
-               for m in model.modules())
+    return sum(_is_bound(m, "feed_forward_chunk", _feed_forward_chunk) for m in model.modules())
 
 
 def fuse_dense_gelu(model: nn.Module) -> int:
@@ -322,28 +336,18 @@ def fuse_dense_gelu(model: nn.Module) -> int:
 
 def count_fused_gelu(model: nn.Module) -> int:
     """How many feed-forward blocks of ``model`` run GEMM + GELU as one oneDNN call without grad."""
-    return sum(getattr(m.__dict__.get("forward"), "__func__", None) is _dense_gelu_forward for m in model.modules())
+    return sum(_is_bound(m, "forward", _dense_gelu_forward) for m in model.modules())
 
 
 def restore_feed_forward(model: nn.Module) -> int:
     """Undo :func:`recompute_feed_forward_gelu` (the layers' own ``feed_forward_chunk``); returns how many."""
-    n = 0
-    for module in model.modules():
-        if getattr(module.__dict__.get("feed_forward_chunk"), "__func__", None) is _feed_forward_chunk:
-            del module.__dict__["feed_forward_chunk"]
-            n += 1
-    return n
+    return _unbind(model, "feed_forward_chunk", _feed_forward_chunk)
 
 
 def unfuse_dense_gelu(model: nn.Module) -> int:
     """Undo :func:`fuse_dense_gelu` and :func:`recompute_feed_forward_gelu`; returns how many blocks."""
     restore_feed_forward(model)
-    n = 0
-    for module in model.modules():
-        if getattr(module.__dict__.get("forward"), "__func__", None) is _dense_gelu_forward:
-            del module.__dict__["forward"]
-            n += 1
-    return n
+    return _unbind(model, "forward", _dense_gelu_forward)
 
 
 def use_onednn_linears(model: nn.Module, trainable: bool = False) -> int:
