@@ -11,9 +11,12 @@ epilogue (docs/KERNELS.md has the figures).
 :func:`toolkit.models.onednn.onednn_linear` calls it for every fp32 CPU product it is given, so
 it serves whatever :func:`toolkit.models.onednn.use_onednn_linears` switched: the frozen teacher
 (including its feed-forward GEMM + GELU) and the trained student's forward and input gradient.
+The same library has the GELU alone and its gradient (``gelu``, ``gelu_grad``: a rational erf, no
+exp, as exact as torch's fp32 ``F.gelu`` and about twice as fast as ATen's): the trained
+student's feed-forward runs its activation on them (:mod:`toolkit.models.onednn`).
 Built, checked (against float64, with ragged tails, a transposed weight and the GELU) and loaded
 like the other kernels (:mod:`toolkit.kernels.compiled`); anything that goes wrong is one warning
-and oneDNN runs instead. ``TOOLKIT_CPU_LINEAR=0`` turns it off.
+and oneDNN (and ATen's GELU) runs instead. ``TOOLKIT_CPU_LINEAR=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -78,7 +81,6 @@ class LinearKernel:
         if rc != 0:
             raise MemoryError(f"cpu_linear: no memory for the kernel's packing buffers ({self.path})")
         return y
-
 
     def gelu(self, x: Tensor) -> Tensor:
         """``F.gelu(x)`` (erf form) of a contiguous fp32 CPU tensor, as a new tensor."""

@@ -23,7 +23,10 @@ registered hooks (the Q/K/V captures, DeepSpeed's ZeRO-3 gather hooks) stay as t
 * **Feed-forward GELU**: a block whose ``dense`` layer is switched and whose activation is the exact
   (erf) GELU runs ``gelu(dense(x))`` as one oneDNN call with a GELU post-op where nothing needs
   a gradient (the teacher; a trained model in evaluation), one memory pass over ``[B, L, 4H]``
-  fewer (:func:`fuse_dense_gelu`; the post-op is checked against ``F.gelu`` once).
+  fewer (:func:`fuse_dense_gelu`; the post-op is checked against ``F.gelu`` once). Where a
+  gradient is due, the GELU and its backward run on the compiled kernel (``_CompiledGelu``), and
+  a BERT/ERNIE layer's whole feed-forward is one autograd function that keeps the GELU's input
+  and recomputes its output in the backward (:func:`recompute_feed_forward_gelu`).
 
 Either way, the oneDNN path is taken only for fp32 CPU tensors outside CPU autocast;
 ``nn.Linear``'s forward runs otherwise, so a model that moves to a GPU, is cast to bf16 or runs
@@ -285,8 +288,9 @@ def _is_bert_feed_forward(layer: nn.Module) -> bool:
 def recompute_feed_forward_gelu(model: nn.Module) -> int:
     """Bind :class:`_FeedForwardFunction` to every BERT-style layer of a trained CPU model (done by
     :func:`use_onednn_linears` with ``trainable``): the GELU's output is recomputed in the backward
-    instead of kept (~0.5% of a seq-128 step for ~10% less peak memory at seq 512 batch 4,
-    ``bench_row_kernel_ab.py --switch ffn-recompute``). Needs the compiled GEMM kernel (for its
+    instead of kept (~10% less peak memory at seq 512 batch 4 for one GELU pass per layer, a
+    cost the step's A/B does not resolve: ``bench_row_kernel_ab.py --switch ffn-recompute``,
+    benchmarks/RESULTS.md run U). Needs the compiled GEMM kernel (for its
     GELU); ``TOOLKIT_FFN_RECOMPUTE=0`` keeps the layers' own methods. Returns how many layers."""
     if switched_off("TOOLKIT_FFN_RECOMPUTE") or cpu_linear.load() is None:
         return 0
