@@ -207,15 +207,16 @@ def test_trainable_linear_under_activation_checkpointing(available):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def _tiny_bert(hidden_act="gelu"):
-    from transformers import BertConfig, BertModel
+def _tiny_bert(hidden_act="gelu", kind="bert"):
+    from transformers import BertConfig, BertModel, ErnieConfig, ErnieModel
 
-    cfg = BertConfig(vocab_size=99, hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
+    config_cls, model_cls = (BertConfig, BertModel) if kind == "bert" else (ErnieConfig, ErnieModel)
+    cfg = config_cls(vocab_size=99, hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
                      intermediate_size=72, hidden_act=hidden_act, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return BertModel(cfg)
+    return model_cls(cfg)
 
 
 @pytest.mark.parametrize("backend", ["kernels", "onednn"])
@@ -330,14 +331,16 @@ def _saved_bytes(model, ids) -> int:
     return sum(seen.values())
 
 
-def test_a_trained_feed_forward_keeps_the_gelus_input_not_its_output(available):
+@pytest.mark.parametrize("kind", ["bert", "ernie"])
+def test_a_trained_feed_forward_keeps_the_gelus_input_not_its_output(available, kind):
     """The feed-forward saves x and the GELU's input h, not its output g = gelu(h): per layer one
-    [tokens, intermediate] tensor less than the layer's own methods keep, with the same gradients."""
+    [tokens, intermediate] tensor less than the layer's own methods keep, with the same gradients
+    (BERT, and ERNIE 3.0's encoder, the Chinese track's)."""
     import copy
 
     if cpu_linear.load() is None:
         pytest.skip(f"compiled kernels not here: {cpu_linear.unavailable_reason()}")
-    model = _tiny_bert()
+    model = _tiny_bert(kind=kind)
     plain = copy.deepcopy(model)
     ids = torch.randint(1, 99, (2, 11), generator=torch.Generator().manual_seed(0))
     use_onednn_linears(model, trainable=True)
@@ -350,7 +353,7 @@ def test_a_trained_feed_forward_keeps_the_gelus_input_not_its_output(available):
         if b.grad is not None and b.grad.abs().max() > 1e-9:   # (the pooler: none; the key bias: ~0)
             _close(a.grad, b.grad.double())
     # Turned off by the environment: the layers' own methods.
-    other = _tiny_bert()
+    other = _tiny_bert(kind=kind)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TOOLKIT_FFN_RECOMPUTE", "0")
         use_onednn_linears(other, trainable=True)
