@@ -364,3 +364,23 @@ def test_a_trained_feed_forward_keeps_the_gelus_input_not_its_output(available, 
     handle = model.encoder.layer[0].output.dense.register_forward_pre_hook(lambda m, a: None)
     assert _saved_bytes(model, ids) - _saved_bytes(plain, ids) == -g_bytes
     handle.remove()
+
+
+def test_a_switched_model_pickles_whole_and_loads_with_its_switches(available, tmp_path):
+    """torch.save of a whole switched model (trained: the GELU and feed-forward bindings; frozen:
+    the one-call GEMM + GELU) loads again, still switched, bound to the loaded modules, same output."""
+    for trainable in (True, False):
+        model = _tiny_bert().eval()
+        if not trainable:
+            model.requires_grad_(False)
+        use_onednn_linears(model, trainable=trainable)
+        fused, recomputed = onednn.count_fused_gelu(model), onednn.count_recomputed_feed_forward(model)
+        assert fused == 2 or cpu_linear.load() is None and onednn._gelu_postop_reason() is not None
+        torch.save(model, tmp_path / "model.pt")
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+        assert onednn.count_fused_gelu(loaded) == fused and onednn.count_recomputed_feed_forward(loaded) == recomputed
+        layer = loaded.encoder.layer[0]
+        assert layer.intermediate.forward.__self__ is layer.intermediate
+        ids = torch.randint(1, 99, (2, 7), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state,
+                                   rtol=0, atol=0)
