@@ -22,7 +22,6 @@ losses use), for the teacher and for the student alike.
 """
 from __future__ import annotations
 
-import types
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.utils.bind import BoundMethod
 
 _PROJ = {"q": "query", "k": "key", "v": "value"}
 _WHAT = tuple(_PROJ) + ("hidden",)
@@ -261,7 +261,7 @@ class ProjectionsOnly:
         self.layer = n - 1
         self._block: Optional[nn.Module] = block
         block._projections_only_tuple = _layer_returns_tuple()
-        block.forward = types.MethodType(_projections_forward, block)
+        block.forward = BoundMethod(_projections_forward, block)
 
     @property
     def active(self) -> bool:
@@ -313,7 +313,7 @@ class CheckpointLayers:
             if "forward" in block.__dict__:
                 raise ToolkitError(f"encoder layer {j} already has a replaced forward (ProjectionsOnly?); "
                                    f"checkpoint only the layers that run in full")
-            block.forward = types.MethodType(_checkpointed_forward, block)
+            block.forward = BoundMethod(_checkpointed_forward, block)
             self._blocks.append(block)
 
     def remove(self) -> None:

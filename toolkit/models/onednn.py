@@ -38,7 +38,6 @@ transposed-weight product of the backward); a missing op, a failed check or
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Optional, Tuple
 
 import torch
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from toolkit.kernels import cpu_linear, cpu_wgrad
+from toolkit.utils.bind import BoundMethod
 from toolkit.utils.env import switched_off
 
 _CHECK: dict = {}
@@ -297,26 +297,9 @@ def recompute_feed_forward_gelu(model: nn.Module) -> int:
     n = 0
     for module in model.modules():
         if _is_bert_feed_forward(module):
-            module.feed_forward_chunk = _Bound(_feed_forward_chunk, module)
+            module.feed_forward_chunk = BoundMethod(_feed_forward_chunk, module)
             n += 1
     return n
-
-
-class _Bound:
-    """``func`` bound to ``module``, set as an instance attribute (a switched method). Unlike
-    ``types.MethodType``, whose pickle looks the function up on the module by name, it pickles:
-    ``torch.save`` of a whole switched model loads again. Its signature is ``func``'s without the
-    module (transformers' ``apply_chunking_to_forward`` counts the arguments)."""
-
-    def __init__(self, func: Any, module: nn.Module):
-        self.__func__, self.__self__ = func, module
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__func__(self.__self__, *args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.Signature(list(inspect.signature(self.__func__).parameters.values())[1:])
 
 
 def _is_bound(module: nn.Module, attr: str, func: Any) -> bool:
@@ -350,7 +333,7 @@ def fuse_dense_gelu(model: nn.Module) -> int:
         dense = getattr(module, "dense", None)
         if (type(dense) is OneDNNLinear and _is_exact_gelu(getattr(module, "intermediate_act_fn", None))
                 and "forward" not in module.__dict__):
-            module.forward = _Bound(_dense_gelu_forward, module)
+            module.forward = BoundMethod(_dense_gelu_forward, module)
             n += 1
     return n
 
