@@ -299,7 +299,7 @@ def check_counts(args: Any, at_least_one: Sequence[str]) -> None:
     """ConfigError naming the option unless each of ``at_least_one`` is >= 1 and ``warmup`` >= 0."""
     for name in at_least_one:
         if getattr(args, name) < 1:
-            raise ConfigError(f"--{name}", f"must be >= 1, got {getattr(args, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(args, name)}")
     if getattr(args, "warmup", 0) < 0:
         raise ConfigError("--warmup", f"must be >= 0, got {args.warmup}")
 

@@ -443,6 +443,8 @@ _OP_CATEGORIES = {
     "aten::_fused_adamw_": "optimizer",
     "aten::gelu": "gelu",
     "aten::gelu_backward": "gelu",
+    "toolkit::cpu_gelu": "gelu",
+    "toolkit::cpu_gelu_backward": "gelu",
     "aten::native_layer_norm": "layer norm",
     "aten::native_layer_norm_backward": "layer norm",
     "aten::embedding_dense_backward": "embedding backward",
@@ -497,7 +499,7 @@ def profile_step(step: Any, batch: Mapping[str, Tensor]) -> Dict[str, Any]:
     ops.sort(key=lambda o: -o[1])
     return {"categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
             "named_inclusive_ms": {k: round(v, 1) for k, v in named.items()},
-            "top_ops_ms": [{"op": n, "self_ms": round(ms, 1), "calls": c} for n, ms, c in ops[:12]]}
+            "top_ops_ms": [{"op": n, "self_ms": round(ms, 1), "calls": c} for n, ms, c in ops[:20]]}
 
 
 # ----------------------------------------------------------------------------------------------

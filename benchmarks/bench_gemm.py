@@ -114,7 +114,7 @@ def _time_interleaved(impls: Sequence[Impl], rounds: int, warmup: int) -> Dict[s
 
 
 def run(args: argparse.Namespace) -> int:
-    check_counts(args, ("rounds", "threads"))
+    check_counts(args, ("rounds", "threads", "peak_n"))
     tokens_list = parse_int_list(args.tokens, "--tokens")
     layers = parse_dims(args.layers, "--layers", ("in", "out"), "384x1536")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]

@@ -116,6 +116,11 @@ class CompiledKernel:
         with self._lock:
             self._state.clear()
 
+    def entry_points(self) -> tuple:
+        """``(load, unavailable_reason, disabled, reset)``: what a kernel module exports, as
+        ``load, unavailable_reason, disabled, reset = _KERNEL.entry_points()``."""
+        return self.load, self.unavailable_reason, self.disabled, self.reset
+
 
 def max_rel_error(got: "torch.Tensor", want: "torch.Tensor") -> float:
     """``max |got - want| / max |want|``: how the kernels' self-checks compare with float64."""

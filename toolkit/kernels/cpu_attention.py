@@ -172,13 +172,9 @@ _KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "attn", "TOOLKIT_CPU_ATTENTION", _
                          "attention: the compiled CPU attention kernel", "torch's sdpa runs instead")
 
 
-# The module's entry points are the loader's (toolkit/kernels/compiled.py): load() builds and
-# checks the kernel on first use (None where it cannot run), unavailable_reason() says why,
-# disabled() is a context manager that turns it off (tests, comparisons), reset() forgets it.
-load = _KERNEL.load
-unavailable_reason = _KERNEL.unavailable_reason
-disabled = _KERNEL.disabled
-reset = _KERNEL.reset
+# load() builds and checks the kernel on first use (None where it cannot run), unavailable_reason()
+# says why, disabled() turns it off in a block (tests, comparisons), reset() forgets it.
+load, unavailable_reason, disabled, reset = _KERNEL.entry_points()
 
 
 class _CPUAttentionFunction(torch.autograd.Function):

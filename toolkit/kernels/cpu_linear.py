@@ -35,7 +35,8 @@ from toolkit.kernels.compiled import CompiledKernel, max_rel_error
 SOURCE = Path(__file__).resolve().parent / "csrc" / "linear.c"
 ABI_VERSION = 2
 #: :func:`toolkit.models.onednn.onednn_linear` sends a product here from this many rows (tokens)
-#: on; below, oneDNN's GEMM is as fast or faster (distillation step A/B, benchmarks/RESULTS.md).
+#: on; below, oneDNN's GEMM is as fast or faster (benchmarks/bench_gemm.py and the distillation step
+#: A/B, benchmarks/RESULTS.md runs T and U).
 MIN_ROWS = 4096
 
 
@@ -122,7 +123,6 @@ def reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gelu: bo
     return F.gelu(y) if gelu else y
 
 
-
 def _self_check(kernel: LinearKernel) -> None:
     gen = torch.Generator().manual_seed(0)
     # Tails of tokens (not a multiple of 8), outputs (of 32) and inputs (two blocks of 384), a
@@ -150,9 +150,9 @@ def _self_check(kernel: LinearKernel) -> None:
 
 
 _KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "lin", "TOOLKIT_CPU_LINEAR", _bind, LinearKernel, _self_check,
-                         what="the compiled CPU linear GEMM", fallback="oneDNN's GEMM runs instead")
+                         what="the compiled CPU linear GEMM and GELU",
+                         fallback="oneDNN's GEMM and ATen's GELU run instead")
 
-load = _KERNEL.load
-unavailable_reason = _KERNEL.unavailable_reason
-disabled = _KERNEL.disabled
-reset = _KERNEL.reset
+# load() builds and checks the kernel on first use (None where it cannot run), unavailable_reason()
+# says why, disabled() turns it off in a block (tests, comparisons), reset() forgets it.
+load, unavailable_reason, disabled, reset = _KERNEL.entry_points()

@@ -126,7 +126,6 @@ def _self_check(kernel: RelationKernel) -> None:
 _KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "relf", "TOOLKIT_CPU_RELATION", _bind, RelationKernel, _self_check,
                          what="the compiled CPU relation KL", fallback="the chunked path's blocks run instead")
 
-load = _KERNEL.load
-unavailable_reason = _KERNEL.unavailable_reason
-disabled = _KERNEL.disabled
-reset = _KERNEL.reset
+# load() builds and checks the kernel on first use (None where it cannot run), unavailable_reason()
+# says why, disabled() turns it off in a block (tests, comparisons), reset() forgets it.
+load, unavailable_reason, disabled, reset = _KERNEL.entry_points()

@@ -90,7 +90,6 @@ def reference(grad: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
     return g2.t() @ x.reshape(-1, x.shape[-1]).double(), g2.sum(0)
 
 
-
 def _self_check(kernel: WgradKernel) -> None:
     gen = torch.Generator().manual_seed(0)
     # Ragged tails in every dimension, more than one block of tokens per thread, a strided dY,
@@ -110,7 +109,6 @@ def _self_check(kernel: WgradKernel) -> None:
 _KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "wg", "TOOLKIT_CPU_WGRAD", _bind, WgradKernel, _self_check,
                          what="the compiled CPU weight-gradient kernel", fallback="torch's mm runs instead")
 
-load = _KERNEL.load
-unavailable_reason = _KERNEL.unavailable_reason
-disabled = _KERNEL.disabled
-reset = _KERNEL.reset
+# load() builds and checks the kernel on first use (None where it cannot run), unavailable_reason()
+# says why, disabled() turns it off in a block (tests, comparisons), reset() forgets it.
+load, unavailable_reason, disabled, reset = _KERNEL.entry_points()

@@ -83,15 +83,7 @@ int attn_fwd(const float *q, const float *k, const float *v, int64_t B, int64_t 
                 }
                 memset(ktp, 0, n_kt * sizeof(float));
                 pack_t(ktp, lkp, kb, ksl, Lk, D);
-                for (int64_t j = 0; j < lkp; j++) {
-                    float *dst = vp + j * dp;
-                    if (j < Lk) {
-                        memcpy(dst, vb + j * vsl, (size_t)D * sizeof(float));
-                        for (int64_t d = D; d < dp; d++) dst[d] = 0.0f;
-                    } else {
-                        memset(dst, 0, (size_t)dp * sizeof(float));
-                    }
-                }
+                pack_rows(vp, dp, vb, vsl, Lk, lkp, D);
                 /* The next (sample, head)'s Q, K and V rows (D floats each, a row stride apart)
                  * are fetched while this one computes, a share per row block: without it the
                  * packing below waits on memory for most of them. */

@@ -77,4 +77,17 @@ static inline void pack_t(float *dst, int64_t ldd, const float *src, int64_t lds
     }
 }
 
+/* dst[j * ldd + d] = src[j * lds + d] for j < n, d < D, zeros for D <= d < ldd and for the rows
+ * n <= j < n_pad: a matrix's rows copied into a zero-padded block for the micro-kernel's b. */
+static inline void pack_rows(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t n, int64_t n_pad,
+                             int64_t D) {
+    for (int64_t j = 0; j < n_pad; j++) {
+        float *o = dst + j * ldd;
+        int64_t d = 0;
+        if (j < n)
+            for (; d < D; d++) o[d] = src[j * lds + d];
+        for (; d < ldd; d++) o[d] = 0.0f;
+    }
+}
+
 #endif

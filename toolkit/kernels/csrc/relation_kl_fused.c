@@ -73,15 +73,7 @@ int relf_forward(const float *tq, int64_t tqsb, int64_t tqsl, const float *tk, i
             pack_t(tkt, lp, tkb, tksl, L, dt);
             pack_t(skt, lp, skb, sksl, L, ds);
             if (want) {
-                for (int64_t j = 0; j < lp; j++) {
-                    float *dst = skp + j * dsp;
-                    if (j < L) {
-                        memcpy(dst, skb + j * sksl, (size_t)ds * sizeof(float));
-                        for (int64_t c = ds; c < dsp; c++) dst[c] = 0.0f;
-                    } else {
-                        memset(dst, 0, (size_t)dsp * sizeof(float));
-                    }
-                }
+                pack_rows(skp, dsp, skb, sksl, L, lp, ds);
                 memset(gq, 0, n_acc * sizeof(float));
                 memset(gk, 0, n_acc * sizeof(float));
             }
