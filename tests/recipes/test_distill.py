@@ -11,10 +11,11 @@ def _cfg(teacher, corpus, out, **kw):
     from toolkit.config import load_config
     from toolkit.recipes.distill import DistillConfig
 
-    base = {"teacher": str(teacher), "output_dir": str(out), "max_steps": 6, "log_every": 1, "lr": 5e-4,
+    base = {"teacher": str(teacher), "output_dir": str(out), "max_steps": 6, "log_every": 1,
+            "optim": {"lr": 5e-4, "warmup_ratio": 0.04},
             "corpus": {"sources": [str(corpus / "*.txt")], "seq_length": 32, "shuffle_buffer": 16},
             "student": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
-            "loss": {"num_relation_heads": 8}}
+            "loss": {"options": {"minilmv2": {"num_relation_heads": 8}}}}
     for k, v in kw.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             base[k] = {**base[k], **v}
@@ -37,18 +38,18 @@ def test_distill_end_to_end(tiny_bert4_dir, fixture_corpus, tmp_path):
     rec = DistillRecipe(_cfg(tiny_bert4_dir, fixture_corpus, out, loss={"teacher_layer": 3}))
     try:
         rec.setup()
-        # The teacher is truncated after the layer the loss reads: layer 4 never runs.
-        assert len(rec.teacher.encoder.layer) == 3
-        assert not any(p.requires_grad for p in rec.teacher.parameters())
-        # MiniLMv2 reads only Q/K/V: the read layer stops after its projections, both sides.
-        assert rec.teacher_cut is not None and rec.teacher_cut.layer == 2
-        assert rec.module.projections_only is not None and rec.module.projections_only.layer == 1
+        # The teacher is truncated below the layer the loss reads: layer 4 never runs, and
+        # MiniLMv2 reads only layer 3's Q/K/V, so that layer is cut after its projections.
+        teacher = rec.teachers[0]
+        assert len(teacher.model.encoder.layer) == 2 and teacher.cut == 2
+        assert not any(p.requires_grad for p in teacher.model.parameters())
+        assert not any(p.requires_grad for p in teacher.cut_block.parameters())
         # student.fast_dropout (default on) swapped every student dropout module.
         kinds = {type(m).__name__ for m in rec.module.student.modules() if isinstance(m, torch.nn.Dropout)}
         assert kinds == {"FastDropout"}
         # AdamW groups as in BERT: matrices decayed, biases and LayerNorm weights not.
         groups = rec.engine.ds.optimizer.param_groups
-        assert [g["weight_decay"] for g in groups] == [rec.cfg.weight_decay, 0.0]
+        assert [g["weight_decay"] for g in groups] == [rec.cfg.optim.weight_decay, 0.0]
         assert all(p.ndim == 1 for p in groups[1]["params"]) and all(p.ndim >= 2 for p in groups[0]["params"])
         res = rec.train()
     finally:
@@ -117,7 +118,7 @@ def test_distill_init_from_teacher_layers_and_v1_tinybert(tiny_bert4_dir, fixtur
     res = run_distill(_cfg(tiny_bert4_dir, fixture_corpus, out, max_steps=2,
                            student={"init": "teacher_layers", "num_layers": 2, "hidden_size": 48, "num_heads": 6,
                                     "intermediate_size": 96, "teacher_layers": [2, 4]},
-                           loss={"num_relation_heads": 6,
+                           loss={"options": {"minilmv2": {"num_relation_heads": 6}},
                                  "weights": {"minilmv2": 1.0, "minilm_v1": 0.5, "tinybert": 0.1}}))
     assert res["steps"] == 2
     assert {"minilmv2", "minilm_v1", "tinybert"} <= set(res["final_losses"])
@@ -129,8 +130,18 @@ def test_distill_bad_config(tiny_bert4_dir, fixture_corpus, tmp_path):
 
     with pytest.raises(ConfigError, match="teacher_layer"):
         run_distill(_cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "a", loss={"teacher_layer": 9}))
-    with pytest.raises(ConfigError, match="num_relation_heads"):
-        run_distill(_cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "b", loss={"num_relation_heads": 5}))
+    with pytest.raises(ConfigError, match="loss.options.minilmv2.num_relation_heads"):
+        run_distill(_cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "b",
+                         loss={"options": {"minilmv2": {"num_relation_heads": 5}}}))
+    # Fields of the flat layout say where they went.
+    with pytest.raises(ConfigError, match="'optim.lr'"):
+        _cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "d", lr=1e-3)
+    with pytest.raises(ConfigError, match="'loss.options.minilmv2.num_relation_heads'"):
+        _cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "e", loss={"num_relation_heads": 8})
+    with pytest.raises(ConfigError, match="loss.options.tinybert"):
+        _cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "f", loss={"options": {"tinybert": {}}})
+    with pytest.raises(ConfigError, match="loss.options.minilmv2.relatoins"):
+        _cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "g", loss={"options": {"minilmv2": {"relatoins": ["qq"]}}})
     with pytest.raises(ConfigError, match="loss.weights.bogus"):
         _cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "c", loss={"weights": {"bogus": 1.0}})
 
@@ -141,10 +152,12 @@ def test_distill_full_last_layer_when_a_loss_reads_hidden_states(tiny_bert4_dir,
 
     rec = DistillRecipe(_cfg(tiny_bert4_dir, fixture_corpus, tmp_path / "tb", max_steps=1,
                              student={"num_layers": 2, "hidden_size": 48, "num_heads": 6, "intermediate_size": 96},
-                             loss={"num_relation_heads": 6, "weights": {"minilmv2": 1.0, "tinybert": 0.1}}))
+                             loss={"options": {"minilmv2": {"num_relation_heads": 6},
+                                               "tinybert": {"layer_map": "pair"}},
+                                   "weights": {"minilmv2": 1.0, "tinybert": 0.1}}))
     try:
         rec.setup()
-        assert rec.teacher_cut is None and rec.module.projections_only is None
+        assert rec.teachers[0].cut is None and len(rec.teachers[0].model.encoder.layer) == 4
     finally:
         rec.cleanup()
 
@@ -186,7 +199,7 @@ def test_distill_bf16_config_on_a_native_bf16_cpu(tiny_bert4_dir, fixture_corpus
     try:
         rec.setup()
         assert rec.engine.compute_dtype == torch.bfloat16
-        assert next(rec.teacher.parameters()).dtype == torch.bfloat16
+        assert next(rec.teachers[0].model.parameters()).dtype == torch.bfloat16
         assert {p.dtype for p in rec.module.parameters()} == {torch.bfloat16}
         res = rec.train()
     finally:

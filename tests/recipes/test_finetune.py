@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from toolkit.engine import OptimConfig
 from click.testing import CliRunner
 
 
@@ -14,7 +16,7 @@ def test_finetune_end_to_end(tiny_bert_dir, fixture_tasks, tmp_path):
 
     out = tmp_path / "ft"
     res = run_finetune(FinetuneConfig(model=str(tiny_bert_dir), task=str(fixture_tasks["senti"]),
-                                      output_dir=str(out), epochs=2, lr=5e-4, log_every=1))
+                                      output_dir=str(out), epochs=2, optim=OptimConfig(lr=5e-4, warmup_ratio=0.1), log_every=1))
     assert res["task"] == "senti"
     assert 0.0 <= res["metrics"]["accuracy"] <= 100.0
     assert res["steps"] > 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from toolkit.engine import OptimConfig
 import torch
 
 from test_distill import _cfg as _distill_cfg
@@ -74,7 +76,7 @@ def test_distill_triton_and_chunked_losses_agree(tiny_bert4_dir, fixture_corpus,
     for impl in ("triton", "chunked"):
         out = tmp_path / impl
         run_distill(_distill_cfg(tiny_bert4_dir, fixture_corpus, out, max_steps=3, ds_config="ds_configs/cpu_fp32.json",
-                                 loss={"impl": impl}, student={"hidden_dropout": 0.0, "attention_dropout": 0.0}))
+                                 loss={"options": {"minilmv2": {"num_relation_heads": 8, "impl": impl}}}, student={"hidden_dropout": 0.0, "attention_dropout": 0.0}))
         runs[impl] = _losses(out)
         if impl == "triton":
             assert "relation KL triton" in _job_log(out)
@@ -105,7 +107,7 @@ def test_teacher_bf16_zero2(tiny_bert_dir, fixture_tasks, tmp_path):
 
     out = tmp_path / "t"
     res = run_teacher(TeacherConfig(model=str(tiny_bert_dir), tasks=[str(p) for p in fixture_tasks.values()],
-                                    output_dir=str(out), max_steps=8, lr=3e-4, log_every=1, eval_every=4,
+                                    output_dir=str(out), max_steps=8, optim=OptimConfig(lr=3e-4, warmup_ratio=0.1), log_every=1, eval_every=4,
                                     ds_config="ds_configs/zero2_bf16.json"))
     assert res["steps"] == 8 and res["nonfinite_losses"] == 0
     assert res["best_average"] == res["best_average"]   # finite
@@ -121,7 +123,7 @@ def test_finetune_bf16(tiny_bert_dir, fixture_tasks, tmp_path):
 
     out = tmp_path / "ft"
     res = run_finetune(FinetuneConfig(model=str(tiny_bert_dir), task=str(fixture_tasks["senti"]), output_dir=str(out),
-                                      epochs=2, lr=5e-4, log_every=1, ds_config="ds_configs/zero2_bf16.json"))
+                                      epochs=2, optim=OptimConfig(lr=5e-4, warmup_ratio=0.1), log_every=1, ds_config="ds_configs/zero2_bf16.json"))
     assert 0.0 <= res["metrics"]["accuracy"] <= 100.0 and res["steps"] > 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["metrics"] == res["metrics"]

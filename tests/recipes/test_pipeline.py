@@ -14,7 +14,7 @@ def _cfg(tiny_bert4_dir, fixture_tasks, fixture_corpus, out, **kw):
         "in_domain": [str(fixture_tasks["senti"]), str(fixture_tasks["topic"])],
         "out_of_domain": [str(fixture_tasks["pair"])], "corpus": [str(fixture_corpus / "*.txt")],
         "seeds": [1, 2], "low_resource": 12,
-        "teacher_job": {"max_steps": 6, "lr": 3e-4},
+        "teacher_job": {"max_steps": 6, "optim": {"lr": 3e-4}},
         "distill_job": {"max_steps": 4, "corpus": {"seq_length": 32, "shuffle_buffer": 8},
                         "student": {"init": "spec", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
                         "loss": {"num_relation_heads": 8}},

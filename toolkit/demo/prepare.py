@@ -34,7 +34,7 @@ from toolkit.demo import resources as res
 from toolkit.errors import DataError, ToolkitError
 
 # Bump whenever the written files would change, so existing demo folders are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -189,6 +189,9 @@ class BuiltTask:
     dev: List[Row]
     sources: List[str]                      # resource names (for the manifest)
     corpus: Dict[str, List[str]] = field(default_factory=dict)  # corpus source -> documents
+    # An extra in-domain task: offered to the multi-task teacher by the "more tasks" variant of
+    # the pipeline's ablation, not part of the evaluation suite.
+    extra: bool = False
 
 
 Builder = Callable[[Preset, random.Random, int], BuiltTask]
@@ -267,7 +270,9 @@ def build_bbc_topic(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
 
 
 def build_tweet_sentiment(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
-    """Tweet sentiment (self-driving cars, airlines, ...): out of domain for the teacher."""
+    """Tweet sentiment (self-driving cars, airlines, ...): an extra in-domain task. Its label
+    semantics are the movie reviews' (positive / negative opinion), so it is never used as an
+    out-of-domain task."""
     path = res.tweets_csv()
     labels = ["negative", "neutral", "positive"]
     with open(path, encoding="latin-1", newline="") as f:
@@ -276,7 +281,151 @@ def build_tweet_sentiment(preset: Preset, rng: random.Random, seed: int) -> Buil
     rows = _check_rows(dedup(rows, "text"), path, "tweet")
     train, dev, _ = _holdout(rows, preset, rng)
     return BuiltTask("tweet_sentiment", "classification", "en", labels, ["accuracy", "macro_f1"],
-                     False, train, dev, ["tweets"])
+                     True, train, dev, ["tweets"], extra=True)
+
+
+def build_nyt_sentiment(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """NYT editorial sentences with the mean of human sentiment ratings (VADER's ground truth,
+    -4..4): a regression task, an extra in-domain task for the teacher."""
+    path = res.resource_path("nyt_editorials")
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split("\t")
+            if lineno == 1 and parts[:2] == ["id", "sentiment"]:
+                continue
+            if len(parts) < 3:
+                raise DataError(path, f"expected 'id<TAB>sentiment<TAB>text', got {line[:40]!r}", line=lineno)
+            try:
+                score = float(parts[1])
+            except ValueError:
+                raise DataError(path, f"sentiment {parts[1]!r} is not a number", line=lineno) from None
+            rows.append({"text": clean_text(" ".join(parts[2:])), "label": f"{score:g}"})
+    rows = _check_rows(dedup(rows, "text"), path, "editorial")
+    train, dev, _ = _holdout(rows, preset, rng, stratify=False)
+    return BuiltTask("nyt_sentiment", "regression", "en", [], ["pearson", "spearman"], True, train, dev,
+                     ["nyt_editorials"], extra=True)
+
+
+# ----- out-of-domain tasks: other sources, other label sets, other kinds --------------------
+def build_trec_question(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """TREC question classification (Li and Roth's 5,500 training questions, 6 coarse answer
+    types: ABBR, DESC, ENTY, HUM, LOC, NUM). The file joins the 1,000..5,500 training sets;
+    deduplication keeps each question once."""
+    path = res.resource_path("trec_questions")
+    rows = []
+    with open(path, encoding="latin-1") as f:
+        for lineno, line in enumerate(f, 1):
+            label, sep, text = line.strip().partition(" ")
+            coarse = label.split(":", 1)[0]
+            if not sep or ":" not in label or not coarse.isupper():
+                raise DataError(path, f"expected 'COARSE:fine question', got {line[:40]!r}", line=lineno)
+            rows.append({"text": clean_text(text), "label": coarse})
+    rows = _check_rows(dedup(rows, "text"), path, "question")
+    labels = sorted({r["label"] for r in rows})
+    train, dev, _ = _holdout(rows, preset, rng)
+    return BuiltTask("trec_question", "classification", "en", labels, ["accuracy", "macro_f1"], False, train, dev,
+                     ["trec_questions"])
+
+
+_TAG = re.compile(r"<[^>]+>")
+
+
+def _jeopardy_rows() -> Tuple[Path, List[Row]]:
+    path = res.resource_path("jeopardy")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"invalid JSON: {e.msg}", line=e.lineno, hint=f"reinstall with `{res.FETCH_COMMAND}`") \
+            from None
+    rows = []
+    for item in data:
+        if not isinstance(item, dict) or not {"Category", "Question", "Answer"} <= set(item):
+            raise DataError(path, f"expected clues with Category, Question and Answer, got {str(item)[:60]!r}")
+        clue = clean_text(html.unescape(_TAG.sub(" ", str(item["Question"]))))
+        answer = clean_text(html.unescape(_TAG.sub(" ", str(item["Answer"]))))
+        if clue and answer:
+            rows.append({"text": clue, "answer": answer, "label": clean_text(str(item["Category"]))})
+    return path, _check_rows(dedup(rows, "text"), path, "clue")
+
+
+def build_jeopardy_topic(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """Jeopardy! clues -> their category (40 categories, many-class topic classification; some
+    categories overlap, e.g. HISTORY and WORLD HISTORY, as the show's do)."""
+    path, rows = _jeopardy_rows()
+    labels = sorted({r["label"] for r in rows})
+    train, dev, _ = _holdout(rows, preset, rng)
+    train, dev = ([{"text": r["text"], "label": r["label"]} for r in split] for split in (train, dev))
+    return BuiltTask("jeopardy_topic", "classification", "en", labels, ["accuracy", "macro_f1"], False, train, dev,
+                     ["jeopardy"])
+
+
+def build_jeopardy_answer(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """Answer selection on Jeopardy! clues, a sentence-pair task: (clue, candidate answer) ->
+    yes when the candidate is the clue's answer. Each clue gives one right pair and one wrong
+    pair whose answer is another clue's from the same category. Train and dev clues differ."""
+    path, rows = _jeopardy_rows()
+    by_cat: Dict[str, List[str]] = {}
+    for r in rows:
+        by_cat.setdefault(r["label"], []).append(r["answer"])
+    half = Preset(None if preset.train_size is None else preset.train_size // 2,
+                  None if preset.dev_size is None else preset.dev_size // 2, preset.corpus_chars, preset.num_shards)
+    train_clues, dev_clues, _ = _holdout(rows, half, rng)
+
+    def pairs(clues: List[Row]) -> List[Row]:
+        out = []
+        for r in clues:
+            wrong = [a for a in by_cat[r["label"]] if a.lower() != r["answer"].lower()]
+            out.append({"text": r["text"], "text_b": r["answer"], "label": "yes"})
+            out.append({"text": r["text"], "text_b": rng.choice(wrong), "label": "no"})
+        rng.shuffle(out)
+        return out
+
+    return BuiltTask("jeopardy_answer", "classification", "en", ["no", "yes"], ["accuracy", "f1"], False,
+                     pairs(train_clues), pairs(dev_clues), ["jeopardy"])
+
+
+def build_party_stance(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """2012 US party-convention speeches: which party's convention a paragraph (15+ words, cut
+    at 80) was spoken at (democrat / republican), a stance / ideology task. Dev paragraphs come
+    from held-out speakers, so no speaker is in both splits."""
+    path = res.resource_path("convention_speeches")
+    by_speaker: Dict[Tuple[str, str], List[str]] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        for i, r in enumerate(csv.DictReader(f)):
+            party = (r.get("party") or "").strip()
+            # A few speeches have no speaker name: each is its own group then.
+            speaker = (r.get("speaker") or "").strip() or f"speech {i}"
+            if party not in ("democrat", "republican"):
+                raise DataError(path, f"expected party democrat or republican, got {party!r}", line=i + 2)
+            for para in re.split(r"[\r\n]+", r.get("text") or ""):
+                para = clean_text(para)
+                if len(para.split()) >= 15:
+                    by_speaker.setdefault((party, speaker), []).append(truncate_words(para, 80))
+    if not by_speaker:
+        raise DataError(path, "no speeches found", hint=f"reinstall with `{res.FETCH_COMMAND}`")
+    total = sum(len(v) for v in by_speaker.values())
+    want_dev = dev_count(total, preset)
+    dev, pool = [], []
+    for party in ("democrat", "republican"):
+        speakers = sorted(k for k in by_speaker if k[0] == party)
+        rng.shuffle(speakers)
+        share = sum(len(by_speaker[k]) for k in speakers) / total
+        quota, got = round(want_dev * share), 0
+        for k in speakers:
+            rows = [{"text": t, "label": party} for t in by_speaker[k]]
+            if got < quota:
+                dev += rows
+                got += len(rows)
+            else:
+                pool += rows
+    dev = dedup(dev, "text")
+    dev_keys = {r["text"].lower() for r in dev}
+    pool = [r for r in dedup(pool, "text") if r["text"].lower() not in dev_keys]
+    train, _ = sample(pool, preset.train_size, rng, "label")
+    rng.shuffle(dev)
+    return BuiltTask("party_stance", "classification", "en", ["democrat", "republican"], ["macro_f1", "accuracy"],
+                     False, train, dev, ["convention_speeches"])
 
 
 def _inews_split(split: str) -> Tuple[Path, List[Row], List[str]]:
@@ -518,13 +667,14 @@ def write_corpus(docs: List[str], out: Path, num_shards: int) -> Dict[str, Any]:
 
 # ----- writing ----------------------------------------------------------------------------
 def _write_tsv(rows: List[Row], path: Path) -> None:
+    pair = bool(rows) and "text_b" in rows[0]
     with open(path, "w", encoding="utf-8", newline="") as f:
         # Texts are cleaned to one tab-free line, so nothing needs quoting or escaping.
         w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar=None, quotechar=None,
                        lineterminator="\n")
-        w.writerow(["text", "label"])
+        w.writerow(["text", "text_b", "label"] if pair else ["text", "label"])
         for r in rows:
-            w.writerow([r["text"], r["label"]])
+            w.writerow([r["text"], r["text_b"], r["label"]] if pair else [r["text"], r["label"]])
 
 
 def _write_jsonl(rows: List[Row], path: Path) -> None:
@@ -551,9 +701,9 @@ def write_task(task: BuiltTask, root: Path) -> Dict[str, Any]:
         "train": f"train.{ext}",
         "dev": f"dev.{ext}",
         "text_a": "tokens" if token else "text",
-        "text_b": None,
+        "text_b": "text_b" if task.train and "text_b" in task.train[0] else None,
         "label": "tags" if token else "label",
-        "labels": list(task.labels),
+        "labels": list(task.labels) or None,
         "metric": list(task.metrics),
         "encoding": "utf-8",
     }
@@ -561,7 +711,8 @@ def write_task(task: BuiltTask, root: Path) -> Dict[str, Any]:
     yaml_path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, default_flow_style=None),
                          encoding="utf-8")
     return {"name": task.name, "yaml": str(yaml_path.relative_to(root.parent)), "in_domain": task.in_domain,
-            "train_size": len(task.train), "dev_size": len(task.dev), "num_labels": len(task.labels)}
+            "extra": task.extra, "task_type": task.task_type, "train_size": len(task.train),
+            "dev_size": len(task.dev), "num_labels": len(task.labels)}
 
 
 # ----- languages --------------------------------------------------------------------------
@@ -581,7 +732,8 @@ class Language:
 LANGUAGES: Dict[str, Language] = {
     "en": Language(
         code="en",
-        builders=(build_rt_sentiment, build_sms_spam, build_bbc_topic, build_tweet_sentiment),
+        builders=(build_rt_sentiment, build_sms_spam, build_bbc_topic, build_trec_question, build_jeopardy_topic,
+                  build_jeopardy_answer, build_party_stance, build_tweet_sentiment, build_nyt_sentiment),
         corpus_weights={"sotu": 0.7, "bbc": 0.3},
         extra_corpus=lambda: {"sotu": sotu_docs()},
         teacher=res.teacher_dir,
@@ -683,8 +835,10 @@ def prepare(code: str, out_dir: Union[str, Path], preset: str = "default", seed:
 
 
 def prepare_english(out_dir: Union[str, Path], preset: str = "default", seed: int = 0) -> Dict[str, Any]:
-    """English demo: rt_sentiment, sms_spam, bbc_topic (in domain), tweet_sentiment (out of
-    domain), SOTU + BBC corpus, all-MiniLM-L6-v2 teacher. See prepare()."""
+    """English demo: rt_sentiment, sms_spam, bbc_topic (in domain); trec_question,
+    jeopardy_topic, jeopardy_answer, party_stance (out of domain); tweet_sentiment and
+    nyt_sentiment (extra in-domain tasks); SOTU + BBC corpus; all-MiniLM-L6-v2 teacher. See
+    prepare()."""
     return prepare("en", out_dir, preset, seed)
 
 

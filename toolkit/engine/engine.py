@@ -45,7 +45,7 @@ def check_optimizer_impl(impl: Any, field: str) -> None:
 
 @dataclass
 class OptimConfig:
-    """AdamW and LR schedule settings (job YAML ``optim:`` section)."""
+    """AdamW and LR schedule: the ``optim:`` section of the teacher, distill, finetune and eval jobs."""
 
     lr: float = arg(5e-5, help="peak learning rate")
     weight_decay: float = arg(0.01, help="AdamW weight decay (not applied to biases and LayerNorm)")
@@ -74,7 +74,7 @@ class OptimConfig:
             raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ConfigError("optim.max_grad_norm", f"must be >= 0 (0 = off), got {self.max_grad_norm}")
-        check_optimizer_impl(self.impl, "optimizer")
+        check_optimizer_impl(self.impl, "optim.impl")
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
@@ -105,7 +105,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig,
     ``auto`` is torch's fused AdamW where the parameters' device has it, else foreach: on the
     CPU measured it is 3.7-6.8x the plain loop and level with DeepSpeedCPUAdam, with no op to
     compile (benchmarks/RESULTS.md, "Optimizer step"). ``torch_fused``, ``deepspeed`` and
-    ``apex`` raise a ConfigError naming ``optimizer`` (the job YAML field) when they cannot run here.
+    ``apex`` raise a ConfigError naming ``optim.impl`` (the job YAML field) when they cannot run here.
     """
     groups: Any = list(params) if params is not None else param_groups(model, optim.weight_decay)
     if not groups:
@@ -119,7 +119,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig,
         try:
             return torch.optim.AdamW(groups, fused=True, **kw)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise ConfigError("optimizer", f"torch's fused AdamW cannot run on {device.type} parameters here "
+            raise ConfigError("optim.impl", f"torch's fused AdamW cannot run on {device.type} parameters here "
                               f"({exc}); use auto or torch_foreach") from None
     if impl == "deepspeed":
         return _deepspeed_adam(groups, device, kw)
@@ -143,10 +143,10 @@ def _deepspeed_adam(groups: Any, device: torch.device, kw: Dict[str, Any]) -> to
 
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
     except Exception as exc:  # an op that fails to compile or load: say which and what to do
-        raise ConfigError("optimizer", f"DeepSpeed's Adam op could not be built or loaded on {device.type} "
+        raise ConfigError("optim.impl", f"DeepSpeed's Adam op could not be built or loaded on {device.type} "
                           f"({type(exc).__name__}: {exc}); use optimizer: auto (torch's fused AdamW, "
                           f"no compile)") from None
-    raise ConfigError("optimizer", f"deepspeed has no Adam for {device.type} parameters; use auto")
+    raise ConfigError("optim.impl", f"deepspeed has no Adam for {device.type} parameters; use auto")
 
 
 def _apex_adam(groups: Any, device: torch.device, kw: Dict[str, Any]) -> torch.optim.Optimizer:
@@ -154,11 +154,11 @@ def _apex_adam(groups: Any, device: torch.device, kw: Dict[str, Any]) -> torch.o
     try:
         from apex.optimizers import FusedAdam
     except ImportError:
-        raise ConfigError("optimizer", "apex was asked for, but NVIDIA apex (apex.optimizers) is not importable; "
+        raise ConfigError("optim.impl", "apex was asked for, but NVIDIA apex (apex.optimizers) is not importable; "
                           "install it from github.com/NVIDIA/apex (the PyPI package named 'apex' is an "
                           "unrelated library) or use optimizer: auto") from None
     if device.type != "cuda":
-        raise ConfigError("optimizer", f"apex's FusedAdam runs on CUDA parameters, these are on {device.type}; "
+        raise ConfigError("optim.impl", f"apex's FusedAdam runs on CUDA parameters, these are on {device.type}; "
                           f"use optimizer: auto")
     return FusedAdam(groups, adam_w_mode=True, **kw)
 

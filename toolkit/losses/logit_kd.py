@@ -1,12 +1,15 @@
 """Temperature-scaled logit distillation (e.g. MLM head logits of a teacher)."""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
+from toolkit.config import arg
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.losses.registry import DistillInputs, DistillLoss, LossContext, Needs, register_loss
 
 
 class LogitKDLoss(nn.Module):
@@ -56,3 +59,44 @@ class LogitKDLoss(nn.Module):
         # log-probabilities of a vocabulary's unlikely entries (docs/KERNELS.md).
         kl = torch.linalg.vecdot(torch.softmax(t_scaled, dim=-1), logp_t - logp_s)
         return kl.mean() * temp ** 2
+
+
+def student_mlm_head(student: nn.Module) -> nn.Module:
+    """A fresh BERT MLM head for ``student`` whose decoder is tied to its word embeddings (as BERT's)."""
+    from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+
+    head = BertOnlyMLMHead(student.config)
+    head.predictions.decoder.weight = student.embeddings.word_embeddings.weight
+    return head
+
+
+@register_loss("logit_kd")
+class LogitKD(DistillLoss):
+    """MLM-logit distillation on masked input: the teacher's full-depth MLM head against a student
+    MLM head (tied to the student's word embeddings, trained with it) on the student's last layer.
+    The teacher directory must hold an MLM head (``cls.predictions``)."""
+
+    @dataclass
+    class Options:
+        temperature: float = arg(1.0, "softmax temperature T (the loss is scaled by T^2)")
+
+    def __init__(self, options: "LogitKD.Options", ctx: LossContext):
+        super().__init__(options, ctx)
+        try:
+            self.kd = LogitKDLoss(options.temperature)
+        except ConfigError as e:
+            raise ConfigError(f"{ctx.field}.temperature", e.message) from None
+        if ctx.student is None:
+            raise ToolkitError("logit_kd needs the student encoder to tie its MLM head to")
+        if ctx.student_config.vocab_size != ctx.teacher_config.vocab_size:
+            raise ConfigError(ctx.field, f"logit KD needs one vocabulary: the student has "
+                              f"{ctx.student_config.vocab_size} tokens, the teacher {ctx.teacher_config.vocab_size}")
+        self.mlm_head = student_mlm_head(ctx.student)
+        self.last = ctx.student_config.num_hidden_layers - 1
+
+    def needs(self) -> Needs:
+        return Needs(student={self.last: {"hidden"}}, mlm=True)
+
+    def forward(self, inputs: DistillInputs) -> Dict[str, Tensor]:
+        logits = self.mlm_head(inputs.student[self.last]["hidden"])
+        return {"loss": self.kd(logits, inputs.teacher_logits, inputs.mlm_mask)}

@@ -7,12 +7,15 @@ tokens. Both reuse the memory-bounded chunked relation KL.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
 from torch import Tensor, nn
 
+from toolkit.config import arg
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.kernels.relation_kl_chunked import relation_kl_qk
+from toolkit.losses.registry import DistillInputs, DistillLoss, LossContext, Needs, register_loss
 
 
 class MiniLMv1Loss(nn.Module):
@@ -53,3 +56,29 @@ class MiniLMv1Loss(nn.Module):
         vv = relation_kl_qk(teacher_qkv["v"], teacher_qkv["v"], student_qkv["v"], student_qkv["v"],
                             attention_mask, h, self.chunk_size)
         return {"loss": attn + vv, "attn": attn, "vv": vv}
+
+
+@register_loss("minilm_v1")
+class MiniLMv1(DistillLoss):
+    """MiniLM v1 on the ``loss.teacher_layer`` / ``loss.student_layer`` pair (equal head counts)."""
+
+    @dataclass
+    class Options:
+        chunk_size: int = arg(0, "query rows per block (0 = automatic)")
+
+    def __init__(self, options: "MiniLMv1.Options", ctx: LossContext):
+        super().__init__(options, ctx)
+        if options.chunk_size < 0:
+            raise ConfigError(f"{ctx.field}.chunk_size", "must be >= 0 (0 = automatic)")
+        try:
+            self.loss = MiniLMv1Loss(ctx.student_config.num_attention_heads, ctx.teacher_config.num_attention_heads,
+                                     chunk_size=options.chunk_size or None)
+        except ConfigError as e:
+            raise ConfigError(ctx.field, e.message) from None
+        self.s, self.t = ctx.student_layer, ctx.teacher_layer
+
+    def needs(self) -> Needs:
+        return Needs(student={self.s: {"q", "k", "v"}}, teacher={self.t: {"q", "k", "v"}})
+
+    def forward(self, inputs: DistillInputs) -> Dict[str, Tensor]:
+        return self.loss(inputs.student[self.s], inputs.teacher[self.t], inputs.attention_mask)

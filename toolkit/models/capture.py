@@ -16,20 +16,20 @@ Layer numbering:
   ``captured`` is keyed by the resolved non-negative 0-based index.
 
 The frozen teacher is cut with :func:`truncate_encoder` so layers above the one the loss reads
-never run, and :class:`ProjectionsOnly` makes the layer the loss reads stop after its Q/K/V
-projections (its attention, output projection and feed-forward feed nothing the relation
-losses use), for the teacher and for the student alike.
+never run. When a loss reads only the Q/K/V projections of the teacher's top layer, that layer
+is cut too and :func:`project_qkv` applies its projections to the previous layer's output (its
+attention, output projection and feed-forward feed nothing those losses use).
+
+:class:`LayerCapture` takes a spec ``{layer: {"q", "k", "v", "hidden"}}``, with
+``EMBEDDINGS`` (-1) for the embedding output, as a loss's ``Needs`` gives it.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.utils.bind import BoundMethod
 
 _PROJ = {"q": "query", "k": "key", "v": "value"}
 _WHAT = tuple(_PROJ) + ("hidden",)
@@ -204,128 +204,74 @@ class QKVCapture:
         self._handles = []
 
 
-def _layer_returns_tuple() -> bool:
-    """transformers < 5 encoder layers return a tuple; 5.x return the hidden-state tensor."""
-    try:
-        import transformers
 
-        return int(transformers.__version__.split(".")[0]) < 5
-    except (ImportError, ValueError):  # pragma: no cover - transformers is a dependency
-        return False
+#: Spec key of the embedding output (the input of layer 0).
+EMBEDDINGS = -1
 
 
-def _projections_forward(self: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
-    """Forward of an encoder layer cut to its Q/K/V projections (bound by ProjectionsOnly).
-
-    The projections run as submodule calls, so capture hooks (and DeepSpeed's per-module
-    hooks) fire as usual; the layer then passes its input through unchanged.
-    """
-    attn = self.attention.self
-    attn.query(hidden_states)
-    attn.key(hidden_states)
-    attn.value(hidden_states)
-    return (hidden_states,) if self._projections_only_tuple else hidden_states
+def _embeddings(model: nn.Module) -> nn.Module:
+    for name, module in model.named_modules():
+        if name == "embeddings" or name.endswith(".embeddings"):
+            if name.count(".") <= 1:
+                return module
+    raise ToolkitError(f"{type(model).__name__} has no 'embeddings' module to capture")
 
 
-class ProjectionsOnly:
-    """Make the last encoder layer compute only its Q/K/V projections, in place.
-
-    The relation losses (MiniLMv2, MiniLM v1) read the Q/K/V projections of one layer and
-    nothing after them: that layer's attention, output projection and feed-forward are dead
-    work, a quarter of a layer's matmuls and most of its elementwise work, in the forward of
-    the teacher and of the student (autograd already skips their backward). With this handle
-    the layer's forward computes the projections and returns its input, so the model's
-    ``last_hidden_state`` is the *previous* layer's output: use it only where nothing reads
-    the cut layer's output (no ``hidden`` capture of it, no TinyBERT, no logit KD).
-
-    Parameters and ``state_dict`` are untouched (only the instance's ``forward`` is
-    replaced), so a student saved while cut is complete. :meth:`remove` restores the layer.
+class LayerCapture:
+    """Forward hooks capturing, per layer, any of ``q``, ``k``, ``v`` and ``hidden``.
 
     Args:
         model: BERT/ERNIE model or a wrapper holding one.
-        layer: 0-based index (negative from the end) of the layer to cut; must be the last
-            layer, since later layers would receive the wrong input.
+        spec: 0-based layer -> what to capture; ``EMBEDDINGS`` (-1) -> ``{"hidden"}`` captures
+            the embedding output. Layers at or beyond the encoder's depth are an error.
+
+    ``captured[layer][what]`` holds the tensors of the last forward (with their autograd graph);
+    :meth:`clear` drops them, :meth:`remove` removes the hooks.
     """
 
-    def __init__(self, model: nn.Module, layer: int = -1):
+    def __init__(self, model: nn.Module, spec: Mapping[int, Iterable[str]]):
         layer_list = encoder_layers(model)
         n = len(layer_list)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-            raise ConfigError("layers", f"layer index {layer!r} is out of range for an encoder with {n} layers")
-        if layer % n != n - 1:
-            raise ToolkitError(f"ProjectionsOnly cuts the last encoder layer only (layer {n - 1}), got layer "
-                               f"{layer % n}: the layers after it would receive the wrong input")
-        block = layer_list[n - 1]
-        for what in ("q", "k", "v"):
-            QKVCapture._projection(block, what, n - 1)   # same error as the capture for non-BERT layers
-        self.layer = n - 1
-        self._block: Optional[nn.Module] = block
-        block._projections_only_tuple = _layer_returns_tuple()
-        block.forward = BoundMethod(_projections_forward, block)
+        self.captured: Dict[int, Dict[str, Tensor]] = {}
+        self._handles: list = []
+        for layer, what in spec.items():
+            what = sorted(set(what))
+            bad = [w for w in what if w not in _WHAT]
+            if bad or not what:
+                raise ConfigError("what", f"unknown capture target(s) {bad or what}; choose from {list(_WHAT)}")
+            self.captured[layer] = {}
+            if layer == EMBEDDINGS:
+                if what != ["hidden"]:
+                    raise ConfigError("what", "the embedding output can only be captured as 'hidden'")
+                self._handles.append(_embeddings(model).register_forward_hook(self._hook(layer, "hidden")))
+                continue
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+                raise ConfigError("layers", f"layer index {layer!r} is out of range for an encoder with {n} layers")
+            block = layer_list[layer]
+            for w in what:
+                target = block if w == "hidden" else QKVCapture._projection(block, w, layer)
+                self._handles.append(target.register_forward_hook(self._hook(layer, w)))
 
-    @property
-    def active(self) -> bool:
-        return self._block is not None
+    def _hook(self, layer: int, what: str):
+        def hook(module: nn.Module, inputs: tuple, output) -> None:
+            self.captured[layer][what] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def clear(self) -> None:
+        for store in self.captured.values():
+            store.clear()
 
     def remove(self) -> None:
-        """Restore the layer's full forward."""
-        if self._block is not None:
-            self._block.__dict__.pop("forward", None)
-            self._block.__dict__.pop("_projections_only_tuple", None)
-            self._block = None
-
-    def __enter__(self) -> "ProjectionsOnly":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
 
 
-class CheckpointLayers:
-    """Recompute chosen encoder layers' activations in the backward instead of keeping them.
+def project_qkv(block: nn.Module, hidden: Tensor, what: Iterable[str] = ("q", "k", "v")) -> Dict[str, Tensor]:
+    """Apply encoder layer ``block``'s Q/K/V projections to its input ``hidden`` ``[B, L, H]``.
 
-    Each chosen layer's forward runs under ``torch.utils.checkpoint`` (non-reentrant, RNG
-    state preserved, so dropout masks are the same in the recompute): the forward keeps only
-    the layer's input, and the backward runs the layer again before differentiating it. At
-    long sequences most of a small student's training memory is these activations (the
-    feed-forward's ``[B, L, 4H]`` tensors above all); the price is one more forward of the
-    checkpointed layers per step. Like :class:`ProjectionsOnly` this replaces the instance's
-    ``forward`` only (parameters and ``state_dict`` untouched); :meth:`remove` undoes it.
-
-    Args:
-        model: BERT/ERNIE model or a wrapper holding one.
-        layers: 0-based indices (negative from the end) of the layers to checkpoint.
+    The same tensors a capture hook on the projections would store, without running the layer's
+    attention, output projection or feed-forward.
     """
-
-    def __init__(self, model: nn.Module, layers: Iterable[int]):
-        layer_list = encoder_layers(model)
-        n = len(layer_list)
-        chosen: List[int] = []
-        for i in layers:
-            if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
-                raise ConfigError("layers", f"layer index {i!r} is out of range for an encoder with {n} layers")
-            if i % n not in chosen:
-                chosen.append(i % n)
-        self.layers = sorted(chosen)
-        self._blocks: List[nn.Module] = []
-        for j in self.layers:
-            block = layer_list[j]
-            if "forward" in block.__dict__:
-                raise ToolkitError(f"encoder layer {j} already has a replaced forward (ProjectionsOnly?); "
-                                   f"checkpoint only the layers that run in full")
-            block.forward = BoundMethod(_checkpointed_forward, block)
-            self._blocks.append(block)
-
-    def remove(self) -> None:
-        """Restore the layers' plain forwards."""
-        for block in self._blocks:
-            block.__dict__.pop("forward", None)
-        self._blocks = []
-
-
-def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """Forward of an encoder layer under activation checkpointing (bound by CheckpointLayers)."""
-    plain = type(self).forward.__get__(self, type(self))
-    if not torch.is_grad_enabled():
-        return plain(*args, **kwargs)
-    return checkpoint(plain, *args, use_reentrant=False, **kwargs)
+    return {w: QKVCapture._projection(block, w, -1)(hidden) for w in what}

@@ -24,31 +24,31 @@ from torch import nn
 from toolkit.config import arg, save_config
 from toolkit.data.corpus import CorpusConfig
 from toolkit.data.loader import build_loader
-from toolkit.engine import Engine, OptimConfig, dist, prepare_frozen
-from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl, param_groups
+from toolkit.engine import Engine, OptimConfig, dist
+from toolkit.engine.engine import param_groups
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.precision import teacher_dtype
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 from toolkit.errors import ConfigError, DataError
 from toolkit.launch.allocator import in_use as allocator_in_use
-from toolkit.losses import LogitKDLoss, MiniLMv1Loss, MiniLMv2RelationLoss, TinyBERTLoss
+from toolkit.losses import EMBEDDINGS, LOSSES, DistillInputs, LossContext, Needs, build_loss
+from toolkit.losses.registry import parse_options
 from toolkit.losses.relations import describe_relation_kl
-from toolkit.models.capture import (CheckpointLayers, ProjectionsOnly, QKVCapture, default_teacher_layer, resolve_layer,
-                                    truncate_encoder)
+from toolkit.models.capture import LayerCapture, default_teacher_layer, resolve_layer
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import (EncoderSpec, build_encoder, count_parameters, load_tokenizer, save_encoder,
                                     spec_from_model)
 from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
+from toolkit.recipes.frozen import FrozenTeacher
 from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
 from toolkit.utils.meter import Throughput, memory_kind
 from toolkit.utils.progress import ProgressBar
 
 log = get_logger(__name__)
 
-LOSS_NAMES = ("minilmv2", "minilm_v1", "tinybert", "logit_kd")
-#: Losses that read only the Q/K/V projections of the distilled layers: with nothing else in
-#: the mix, that layer stops after its projections (ProjectionsOnly), teacher and student.
-QKV_ONLY_LOSSES = frozenset({"minilmv2", "minilm_v1"})
+#: Fields of earlier versions of this config, and where they are now.
+_MOVED = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio",
+          "decay": "optim.decay", "optimizer": "optim.impl", "mask_prob": "loss.mask_prob"}
 
 
 @dataclass
@@ -86,25 +86,36 @@ class StudentConfig:
 
 @dataclass
 class LossConfig:
-    weights: Dict[str, float] = arg(help="loss name -> weight; names: minilmv2, minilm_v1, tinybert, logit_kd",
+    weights: Dict[str, float] = arg(help="loss name -> weight; the registered losses are listed by "
+                                    "`toolkit distill --help` (minilmv2, minilm_v1, tinybert, logit_kd, ...)",
                                     factory=lambda: {"minilmv2": 1.0})
-    num_relation_heads: int = arg(0, "MiniLMv2 relation heads (0 = the teacher's attention head count)")
-    relations: List[str] = arg(help="MiniLMv2 relation types", factory=lambda: ["qq", "kk", "vv"])
-    teacher_layer: int = arg(0, "1-based teacher layer the loss reads (0 = last for <=12 layers, "
+    teacher_layer: int = arg(0, "1-based teacher layer the layer-pair losses read (0 = the last for <=12 layers, "
                              "upper-middle for larger teachers, as MiniLMv2)")
-    student_layer: int = arg(0, "1-based student layer (0 = the last)")
-    temperature: float = arg(1.0, "logit_kd temperature")
-    chunk_size: int = arg(0, "query rows per block in the relation KL (0 = automatic)")
-    impl: str = arg("auto", "relation-KL implementation: auto | chunked | naive | triton")
+    student_layer: int = arg(0, "1-based student layer they read (0 = the last)")
+    mask_prob: float = arg(0.15, "share of tokens masked when a loss reads MLM logits (logit_kd, tinybert "
+                           "prediction)")
+    options: Dict[str, Dict[str, Any]] = arg(help="per-loss settings, keyed by loss name, e.g. "
+                                             "{minilmv2: {num_relation_heads: 48}}", factory=dict)
+
+    MOVED_FIELDS = {"num_relation_heads": "options.minilmv2.num_relation_heads",
+                    "relations": "options.minilmv2.relations", "impl": "options.minilmv2.impl",
+                    "chunk_size": "options.minilmv2.chunk_size", "temperature": "options.logit_kd.temperature"}
 
     def __post_init__(self) -> None:
-        bad = sorted(set(self.weights) - set(LOSS_NAMES))
-        if bad:
-            raise ConfigError(f"loss.weights.{bad[0]}", f"unknown loss; valid: {', '.join(LOSS_NAMES)}")
+        for name, w in self.weights.items():
+            if name not in LOSSES:
+                raise ConfigError(f"loss.weights.{name}", f"unknown loss; registered: {', '.join(sorted(LOSSES))}")
+            if w < 0:
+                raise ConfigError(f"loss.weights.{name}", f"must be >= 0, got {w}")
         if not any(w > 0 for w in self.weights.values()):
             raise ConfigError("loss.weights", "at least one loss needs a positive weight")
-        if any(r not in ("qq", "kk", "vv") for r in self.relations):
-            raise ConfigError("loss.relations", f"must be a subset of qq, kk, vv; got {self.relations}")
+        for name, opts in self.options.items():
+            if name not in self.weights:
+                raise ConfigError(f"loss.options.{name}", f"options for a loss that is not in loss.weights "
+                                  f"({', '.join(sorted(self.weights))})")
+            parse_options(name, opts, f"loss.options.{name}")   # field errors now, not after loading models
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError("loss.mask_prob", f"must be in (0, 1), got {self.mask_prob}")
 
 
 @dataclass
@@ -114,14 +125,16 @@ class DistillConfig:
     corpus: CorpusConfig = arg(help="the unlabeled corpus stream", factory=CorpusConfig)
     student: StudentConfig = arg(help="student architecture / initialisation", factory=StudentConfig)
     loss: LossConfig = arg(help="distillation objective", factory=LossConfig)
+    mix_teacher: Optional[str] = arg(None, "a second teacher (e.g. the pretrained model the multi-task teacher was "
+                                     "trained from) whose targets are mixed in with weight mix_weight; the losses "
+                                     "become (1 - mix_weight) x loss(teacher) + mix_weight x loss(mix_teacher), "
+                                     "which for the KL losses is the KL to the mixed target distribution")
+    mix_weight: float = arg(0.0, "weight of mix_teacher's targets, in [0, 1]")
     ds_config: str = arg("auto", "DeepSpeed JSON: micro batch, accumulation, precision, ZeRO stage; "
                          "auto = zero2_bf16.json on GPUs, cpu_fp32.json on CPUs")
     max_steps: int = arg(1000, "optimizer steps")
-    lr: float = arg(1e-4, "peak learning rate")
-    weight_decay: float = arg(0.01, "AdamW weight decay")
-    warmup_ratio: float = arg(0.04, "fraction of steps with linear warmup")
-    decay: str = arg("linear", "decay after warmup: linear | cosine | constant")
-    optimizer: str = arg("auto", "AdamW implementation: " + OPTIMIZER_HELP)
+    optim: OptimConfig = arg(help="AdamW and learning-rate schedule",
+                             factory=lambda: OptimConfig(lr=1e-4, warmup_ratio=0.04))
     log_every: int = arg(10, "log losses and throughput every N steps")
     save_every: int = arg(0, "checkpoint every N steps (0 = at the end and when stopped)")
     keep_last: int = arg(2, "checkpoints kept on disk")
@@ -129,75 +142,59 @@ class DistillConfig:
     resume: bool = arg(True, "resume from the latest complete checkpoint in output_dir/checkpoints")
     max_nonfinite: int = arg(20, "stop with an error after this many consecutive non-finite losses")
     stop_after: int = arg(0, "testing aid: stop (with a checkpoint) after N steps, as a preemption would")
-    mask_prob: float = arg(0.15, "logit_kd only: share of tokens masked for the MLM logits")
+
+    MOVED_FIELDS = _MOVED
 
     def __post_init__(self) -> None:
-        check_optimizer_impl(self.optimizer, "optimizer")
         if self.max_steps <= 0:
             raise ConfigError("max_steps", "must be > 0")
-        if self.lr <= 0:
-            raise ConfigError("lr", "must be > 0")
+        if not 0.0 <= self.mix_weight <= 1.0:
+            raise ConfigError("mix_weight", f"must be in [0, 1], got {self.mix_weight}")
+        if self.mix_weight > 0 and not self.mix_teacher:
+            raise ConfigError("mix_teacher", "mix_weight > 0 needs a mix_teacher directory")
 
 
 class StudentWithLoss(nn.Module):
-    """The trainable part: the student encoder plus learned loss parameters (TinyBERT's
-    projection). ``forward`` runs the student and returns the weighted loss and its parts."""
+    """The trainable part: the student encoder plus the registered losses (and their learned
+    parameters, e.g. TinyBERT's projections). ``forward`` runs the student, captures what the
+    losses read, and returns the weighted total and its parts, summed over the teachers with
+    their weights."""
 
-    def __init__(self, student: nn.Module, losses: nn.ModuleDict, weights: Dict[str, float], student_layer: int,
-                 mlm_head: Optional[nn.Module] = None, activation_checkpointing: bool = False):
+    def __init__(self, student: nn.Module, losses: nn.ModuleDict, weights: Dict[str, float], needs: Needs,
+                 teacher_weights: List[float]):
         super().__init__()
         self.student = student
         self.losses = losses
         self.weights = dict(weights)
-        self.student_layer = student_layer
-        self.mlm_head = mlm_head
+        self.spec = {layer: set(what) for layer, what in needs.student.items()}
+        self.teacher_weights = list(teacher_weights)
         # Created at the first forward, i.e. after DeepSpeed has registered its module hooks:
         # forward hooks run in registration order, so the capture then stores the outputs as
-        # ZeRO-3 wrapped them, and the gradient the loss sends into the captured Q/K/V triggers
-        # ZeRO-3's re-gathering of the projection weights for their backward.
-        self.capture: Optional[QKVCapture] = None
-        # The relation losses read only the last layer's Q/K/V: its attention and feed-forward
-        # would be computed and thrown away (no gradient reaches them), so they are skipped.
-        last = student.config.num_hidden_layers - 1
-        self.projections_only = (ProjectionsOnly(student, last)
-                                 if set(losses) <= QKV_ONLY_LOSSES and student_layer == last else None)
-        # Checkpoint the layers that run in full (a cut last layer keeps only its input anyway).
-        full_layers = range(last if self.projections_only is not None else last + 1)
-        self.checkpointed = CheckpointLayers(student, full_layers) if activation_checkpointing else None
+        # ZeRO-3 wrapped them, and the gradient the losses send into the captures triggers
+        # ZeRO-3's re-gathering of the weights for their backward.
+        self.capture: Optional[LayerCapture] = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                teacher: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+                teachers: List[Dict[str, Any]], mlm_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         if self.capture is None:
-            self.capture = QKVCapture(self.student, [self.student_layer])
+            self.capture = LayerCapture(self.student, self.spec)
         self.capture.clear()
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                           output_hidden_states="tinybert" in self.losses)
-        s_qkv = self.capture.captured[self.student_layer]
+        self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        captured = self.capture.captured
         parts: Dict[str, torch.Tensor] = {}
-        total = None
-        for name, fn in self.losses.items():
-            w = self.weights[name]
-            if name == "minilmv2":
-                res = fn(s_qkv, teacher["qkv"], attention_mask)
-                parts.update({f"minilmv2/{k}": v.detach() for k, v in res.items() if k != "loss"})
+        total: Optional[torch.Tensor] = None
+        many = len(teachers) > 1
+        for i, (tw, t_out) in enumerate(zip(self.teacher_weights, teachers)):
+            inputs = DistillInputs(student=captured, teacher=t_out["layers"], attention_mask=attention_mask,
+                                   teacher_logits=t_out["logits"], mlm_mask=mlm_mask)
+            tag = f"@t{i}" if many else ""
+            for name, fn in self.losses.items():
+                res = fn(inputs)
                 val = res["loss"]
-            elif name == "minilm_v1":
-                res = fn(s_qkv, teacher["qkv"], attention_mask)
-                parts.update({f"minilm_v1/{k}": v.detach() for k, v in res.items() if k != "loss"})
-                val = res["loss"]
-            elif name == "tinybert":
-                s_hidden = {self.student_layer: out.hidden_states[self.student_layer + 1]}
-                with_attn = fn.num_heads is not None
-                res = fn(s_hidden, teacher["hidden"], attention_mask,
-                         student_qk={self.student_layer: s_qkv} if with_attn else None,
-                         teacher_qk=teacher["qkv_by_layer"] if with_attn else None)
-                parts.update({f"tinybert/{k}": v.detach() for k, v in res.items() if k != "loss"})
-                val = res["loss"]
-            else:  # logit_kd
-                logits = self.mlm_head(out.last_hidden_state)
-                val = fn(logits, teacher["logits"], teacher["mlm_mask"])
-            parts[name] = val.detach()
-            total = val * w if total is None else total + val * w
+                parts.update({f"{name}/{k}{tag}": v.detach() for k, v in res.items() if k != "loss"})
+                parts[f"{name}{tag}"] = val.detach()
+                term = val * (self.weights[name] * tw)
+                total = term if total is None else total + term
         parts["loss"] = total
         return parts
 
@@ -210,29 +207,43 @@ class DistillRecipe:
         self.logger: Optional[RunLogger] = None
 
     # ------------------------------------------------------------------------------------
-    def _build_teacher(self) -> None:
+    def _read_teacher_config(self) -> None:
+        from transformers import AutoConfig
+
         cfg = self.cfg
-        teacher = build_encoder(cfg.teacher)
-        n_layers = teacher.config.num_hidden_layers
+        try:
+            self.teacher_config = AutoConfig.from_pretrained(cfg.teacher, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise DataError(cfg.teacher, f"cannot read the teacher's config.json: {e}") from None
+        n_layers = self.teacher_config.num_hidden_layers
         layer = cfg.loss.teacher_layer or default_teacher_layer(n_layers)
-        idx = resolve_layer(layer, n_layers)  # 0-based, ConfigError when out of range
-        truncate_encoder(teacher, idx + 1)
-        self.teacher_layer = idx + 1
+        self.teacher_idx = resolve_layer(layer, n_layers, "loss.teacher_layer")  # 0-based
+        self.teacher_layer = self.teacher_idx + 1
         self.teacher_full_layers = n_layers
-        self.teacher_params = count_parameters(teacher)
         self.device = torch.device("cuda", dist.device_index()) if torch.cuda.is_available() else torch.device("cpu")
-        self.teacher = prepare_frozen(teacher, self.device, teacher_dtype(self.device))
-        self.teacher_capture = QKVCapture(self.teacher, [idx])
-        # The truncated teacher's last layer is the one the loss reads: with Q/K/V-only losses
-        # its attention and feed-forward are skipped as well.
-        weights = {k for k, v in cfg.loss.weights.items() if v > 0}
-        self.teacher_cut = ProjectionsOnly(self.teacher, idx) if weights <= QKV_ONLY_LOSSES else None
-        self.teacher_idx = idx
         self.tokenizer = load_tokenizer(cfg.teacher)
+
+    def _build_teachers(self, needs: Needs) -> None:
+        """The teacher (and the mix teacher) cut to what the losses read."""
+        cfg = self.cfg
+        dtype = teacher_dtype(self.device)
+        self.teachers = [FrozenTeacher(cfg.teacher, needs, self.device, dtype, "teacher")]
+        self.teacher_weights = [1.0]
+        if cfg.mix_teacher and cfg.mix_weight > 0:
+            mix = FrozenTeacher(cfg.mix_teacher, needs, self.device, dtype, "mix_teacher")
+            t, m = self.teacher_config, mix.config
+            for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+                if getattr(t, key) != getattr(m, key):
+                    raise ConfigError("mix_teacher", f"{cfg.mix_teacher} has {key} {getattr(m, key)} but the teacher "
+                                      f"has {getattr(t, key)}; the mixed targets need teachers of one shape "
+                                      f"(e.g. the pretrained model the multi-task teacher was trained from)")
+            self.teachers.append(mix)
+            self.teacher_weights = [1.0 - cfg.mix_weight, cfg.mix_weight]
+        self.teacher_params = self.teachers[0].params
 
     def _build_student(self) -> nn.Module:
         cfg, sc = self.cfg, self.cfg.student
-        tcfg = self.teacher.config
+        tcfg = self.teacher_config
         arch = "ernie" if tcfg.model_type == "ernie" else "bert"
         if sc.init == "path":
             student = build_encoder(sc.path)
@@ -257,9 +268,9 @@ class DistillRecipe:
     def _copy_teacher_layers(self, student: nn.Module, sc: StudentConfig) -> None:
         source = sc.init_from or self.cfg.teacher
         full = build_encoder(source)  # untruncated, fp32 copy as the source
-        if full.config.vocab_size != self.teacher.config.vocab_size:
+        if full.config.vocab_size != self.teacher_config.vocab_size:
             raise DataError(source, f"student.init_from has a vocabulary of {full.config.vocab_size} but the teacher "
-                            f"has {self.teacher.config.vocab_size}; they must share one tokenizer")
+                            f"has {self.teacher_config.vocab_size}; they must share one tokenizer")
         t_spec = spec_from_model(full)
         if (t_spec.hidden_size, t_spec.num_heads, t_spec.intermediate_size) != \
                 (sc.hidden_size, sc.num_heads, sc.intermediate_size):
@@ -278,66 +289,58 @@ class DistillRecipe:
             student.pooler.load_state_dict(full.pooler.state_dict())
         del full
 
+    def _build_losses(self, student: nn.Module) -> nn.ModuleDict:
+        cfg = self.cfg
+        s_layers = student.config.num_hidden_layers
+        self.student_idx = resolve_layer(cfg.loss.student_layer or s_layers, s_layers, "loss.student_layer")
+        losses = nn.ModuleDict()
+        for name, weight in cfg.loss.weights.items():
+            if weight > 0:
+                ctx = LossContext(self.teacher_config, student.config, self.teacher_idx, self.student_idx,
+                                  student=student, field=f"loss.options.{name}")
+                losses[name] = build_loss(name, cfg.loss.options.get(name), ctx)
+        return losses
+
     def setup(self) -> None:
         cfg = self.cfg
-        self._build_teacher()
+        self._read_teacher_config()
         student = self._build_student()
         if cfg.student.fast_dropout:
             use_fast_dropout(student)
-        if student.config.vocab_size != self.teacher.config.vocab_size:
+        tcfg = self.teacher_config
+        if student.config.vocab_size != tcfg.vocab_size:
             raise DataError(cfg.teacher, "teacher and student vocabularies differ")
-        if len(self.tokenizer) > self.teacher.config.vocab_size:
+        if len(self.tokenizer) > tcfg.vocab_size:
             raise DataError(cfg.teacher, f"the tokenizer has {len(self.tokenizer)} tokens but the teacher's "
-                            f"embedding has {self.teacher.config.vocab_size} rows")
+                            f"embedding has {tcfg.vocab_size} rows")
         # The student's pooler never receives a gradient from these losses: freeze it so
         # every optimizer (and ZeRO) sees only parameters that train.
         if getattr(student, "pooler", None) is not None:
             student.pooler.requires_grad_(False)
-        s_layers = student.config.num_hidden_layers
-        s_idx = resolve_layer(cfg.loss.student_layer or s_layers, s_layers)
-        losses = nn.ModuleDict()
+        if cfg.student.activation_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        losses = self._build_losses(student)
+        needs = Needs()
+        for fn in losses.values():
+            needs = needs | fn.needs()
+        self.needs = needs
+        self._build_teachers(needs)
         weights = {k: v for k, v in cfg.loss.weights.items() if v > 0}
-        t_heads = self.teacher.config.num_attention_heads
-        rel_heads = cfg.loss.num_relation_heads or t_heads
-        for name in weights:
-            if name == "minilmv2":
-                losses[name] = MiniLMv2RelationLoss(rel_heads, relations=tuple(cfg.loss.relations),
-                                                    chunk_size=cfg.loss.chunk_size or None, impl=cfg.loss.impl)
-                _check_divisible(rel_heads, self.teacher.config.hidden_size, student.config.hidden_size)
-            elif name == "minilm_v1":
-                losses[name] = MiniLMv1Loss(student_heads=student.config.num_attention_heads, teacher_heads=t_heads,
-                                            chunk_size=cfg.loss.chunk_size or None)
-            elif name == "tinybert":
-                same_heads = student.config.num_attention_heads == t_heads
-                losses[name] = TinyBERTLoss(student.config.hidden_size, self.teacher.config.hidden_size,
-                                            layer_pairs=[(s_idx, self.teacher_idx)],
-                                            student_heads=t_heads if same_heads else None,
-                                            teacher_heads=t_heads if same_heads else None)
-            elif name == "logit_kd":
-                losses[name] = LogitKDLoss(cfg.loss.temperature)
-        mlm_head = None
-        if "logit_kd" in weights:
-            mlm_head, self.teacher_mlm = self._mlm_heads(student)
-        module = StudentWithLoss(student, losses, weights, s_idx, mlm_head,
-                                 activation_checkpointing=cfg.student.activation_checkpointing)
-        self.student_idx = s_idx
+        module = StudentWithLoss(student, losses, weights, needs, self.teacher_weights)
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         ds = load_ds_config(resolve_ds_config(cfg.ds_config), world)
-        optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, decay=cfg.decay,
-                            impl=cfg.optimizer)
         # The BERT recipe's two groups: no weight decay on biases and LayerNorm weights.
-        self.engine = Engine(module, ds, optim, total_steps=cfg.max_steps,
-                             params=param_groups(module, cfg.weight_decay), max_nonfinite=cfg.max_nonfinite)
+        self.engine = Engine(module, ds, cfg.optim, total_steps=cfg.max_steps,
+                             params=param_groups(module, cfg.optim.weight_decay), max_nonfinite=cfg.max_nonfinite)
         eng = self.engine
         self.module = eng.module
-        # On a CPU with native bf16 a bf16 job runs its frozen teacher in bf16 too (as on GPUs);
+        # On a CPU with native bf16 a bf16 job runs its frozen teachers in bf16 too (as on GPUs);
         # the relation statistics stay fp32 in the losses.
         t_dtype = teacher_dtype(self.device, eng.compute_dtype)
         if self.device.type == "cpu" and t_dtype != torch.float32:
-            self.teacher.to(t_dtype)
-            if getattr(self, "teacher_mlm", None) is not None:
-                self.teacher_mlm.to(t_dtype)
+            for t in self.teachers:
+                t.to(t_dtype)
         self.loader = build_loader(cfg.corpus, self.tokenizer, batch_size=eng.micro_batch_size, rank=eng.rank,
                                    world_size=eng.world_size)
         self.state: Dict[str, Any] = {"step": 0, "micro_step": 0, "tokens": 0, "samples": 0, "nonfinite_total": 0}
@@ -360,70 +363,49 @@ class DistillRecipe:
         if eng.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.json")
-        log.info("distill: teacher %s (%d of %d layers run, layer %d read, %s), student %d layers/%d hidden "
-                 "(%.1fM params), relation heads %d, global batch %d, seq %d, %s", cfg.teacher, self.teacher_layer,
-                 self.teacher_full_layers, self.teacher_layer, self.teacher.dtype if hasattr(self.teacher, "dtype")
-                 else "", student.config.num_hidden_layers, student.config.hidden_size, self.student_params / 1e6,
-                 rel_heads, eng.train_batch_size, cfg.corpus.seq_length, eng.compute_dtype)
+        main = self.teachers[0]
+        mix = (f"; targets mixed {self.teacher_weights[0]:g} teacher + {self.teacher_weights[1]:g} {cfg.mix_teacher}"
+               if len(self.teachers) > 1 else "")
+        log.info("distill: teacher %s (%d of %d layers run%s, layer %d read), student %d layers/%d hidden "
+                 "(%.1fM params), losses %s, global batch %d, seq %d, %s%s", cfg.teacher, main.layers_run,
+                 self.teacher_full_layers, ", the last cut after Q/K/V" if main.cut is not None else "",
+                 self.teacher_layer, student.config.num_hidden_layers, student.config.hidden_size,
+                 self.student_params / 1e6, ", ".join(f"{k} x{v:g}" for k, v in weights.items()),
+                 eng.train_batch_size, cfg.corpus.seq_length, eng.compute_dtype, mix)
         if self.device.type == "cpu":
             from toolkit.kernels.cpu_attention import attention_note
             from toolkit.models.onednn import count_onednn_linears, gemm_note
 
             log.info("distill: teacher linears on %s, attention on %s; student linears on %s, attention on %s",
-                     gemm_note(count_onednn_linears(self.teacher)), attention_note(self.teacher),
+                     gemm_note(count_onednn_linears(main.model)), attention_note(main.model),
                      gemm_note(eng.onednn_linears, trained=True, model=student), attention_note(student))
-        if "minilmv2" in weights:
-            log.info("distill: relation KL %s", describe_relation_kl(cfg.loss.impl, self.device, eng.micro_batch_size,
-                                                                      rel_heads, cfg.corpus.seq_length,
-                                                                      cfg.loss.chunk_size or None))
+        for name, fn in losses.items():
+            relation = getattr(fn, "relation", None)
+            if relation is not None:
+                log.info("distill: %s relation KL %s", name, describe_relation_kl(
+                    relation.impl, self.device, eng.micro_batch_size, relation.num_relation_heads,
+                    cfg.corpus.seq_length, relation.chunk_size))
 
-    def _mlm_heads(self, student: nn.Module):
-        from transformers import AutoModelForMaskedLM
-        from transformers.models.bert.modeling_bert import BertOnlyMLMHead
-
-        try:
-            t_mlm = AutoModelForMaskedLM.from_pretrained(self.cfg.teacher, local_files_only=True,
-                                                          dtype=torch.float32)
-        except Exception as e:  # noqa: BLE001 - reported with the directory
-            raise DataError(self.cfg.teacher, f"logit_kd needs a teacher with an MLM head: {e}") from None
-        t_head = t_mlm.cls if hasattr(t_mlm, "cls") else None
-        if t_head is None:
-            raise DataError(self.cfg.teacher, "logit_kd needs a teacher with an MLM head (cls.predictions)")
-        t_head = prepare_frozen(t_head, self.device, teacher_dtype(self.device))
-        s_head = BertOnlyMLMHead(student.config)
-        s_head.predictions.decoder.weight = student.embeddings.word_embeddings.weight  # tied, as BERT
-        return s_head, t_head
-
-    # ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _teacher_forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-        self.teacher_capture.clear()
-        out = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           token_type_ids=batch["token_type_ids"])
-        res: Dict[str, Any] = {"qkv": dict(self.teacher_capture.captured[self.teacher_idx])}
-        if "tinybert" in self.module.losses:
-            # The truncated teacher's last hidden state is the distilled layer's output.
-            res["hidden"] = {self.teacher_idx: out.last_hidden_state}
-            res["qkv_by_layer"] = {self.teacher_idx: res["qkv"]}
-        if "logit_kd" in self.module.losses:
-            res["logits"] = self.teacher_mlm(out.last_hidden_state)
-            res["mlm_mask"] = batch["mlm_mask"]
-        return res
-
-    def _mask_for_mlm(self, batch: Dict[str, torch.Tensor]) -> None:
-        """logit_kd: mask tokens (BERT's 80/10/10) so the MLM logits carry signal."""
+    def _mask_for_mlm(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mask tokens in place (BERT's 80/10/10 over ``loss.mask_prob`` of the real, non-special
+        tokens) so the MLM logits carry signal; returns the mask."""
         ids = batch["input_ids"]
+        tok = self.tokenizer
         special = torch.zeros_like(ids, dtype=torch.bool)
-        for sid in (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.tokenizer.pad_token_id):
-            if sid is not None:
-                special |= ids == sid
+        for sid in tok.all_special_ids:
+            special |= ids == sid
+        special |= batch["attention_mask"] == 0
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.state["micro_step"] * 31 + self.engine.rank)
-        probs = torch.rand(ids.shape, generator=g)
-        mask = (probs < self.cfg.mask_prob) & ~special.cpu()
-        ids = ids.clone()
-        ids[mask.to(ids.device)] = self.tokenizer.mask_token_id
-        batch["input_ids"] = ids
-        batch["mlm_mask"] = mask.to(ids.device)
+        shape = ids.shape
+        chosen = (torch.rand(shape, generator=g) < self.cfg.loss.mask_prob) & ~special.cpu()
+        action = torch.rand(shape, generator=g)
+        random_ids = torch.randint(len(tok), shape, generator=g)
+        new = ids.cpu().clone()
+        new[chosen & (action < 0.8)] = tok.mask_token_id
+        swap = chosen & (action >= 0.8) & (action < 0.9)
+        new[swap] = random_ids[swap]
+        batch["input_ids"] = new.to(ids.device)
+        return chosen.to(ids.device)
 
     def _sync_counts(self) -> None:
         """Make ``state["tokens"]``/``["samples"]`` and the meter's run totals exact (they are
@@ -464,12 +446,11 @@ class DistillRecipe:
                     n_tokens = int(batch["attention_mask"].sum())
                     batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                              if isinstance(v, torch.Tensor)}
-                if "logit_kd" in self.module.losses:
-                    self._mask_for_mlm(batch)
+                mlm_mask = self._mask_for_mlm(batch) if self.needs.mlm else None
                 torch.manual_seed(cfg.seed * 1_000_003 + st["micro_step"] * 1009 + eng.rank)
-                teacher_out = self._teacher_forward(batch)
+                teacher_out = [t(batch) for t in self.teachers]
                 parts = eng(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            token_type_ids=batch["token_type_ids"], teacher=teacher_out)
+                            token_type_ids=batch["token_type_ids"], teachers=teacher_out, mlm_mask=mlm_mask)
                 del teacher_out
                 ok = eng.backward(parts["loss"])
                 st["micro_step"] += 1
@@ -517,6 +498,8 @@ class DistillRecipe:
         state = eng.consolidated_state_dict()
         result = {
             "teacher": self.cfg.teacher, "teacher_layer": self.teacher_layer,
+            "mix_teacher": self.cfg.mix_teacher if len(self.teachers) > 1 else None,
+            "mix_weight": self.teacher_weights[1] if len(self.teachers) > 1 else 0.0,
             "teacher_layers_total": self.teacher_full_layers, "student_layer": self.student_idx + 1,
             "student_params": self.student_params, "teacher_params": self.teacher_params,
             "steps": self.state["step"], "tokens": self.state["tokens"], "samples": self.state["samples"],
@@ -560,13 +543,6 @@ def _set_dropout(model: nn.Module, hidden: float, attention: float) -> None:
     for name, module in model.named_modules():
         if isinstance(module, nn.Dropout):
             module.p = attention if name.endswith("attention.self.dropout") else hidden
-
-
-def _check_divisible(r: int, t_hidden: int, s_hidden: int) -> None:
-    for name, h in (("teacher", t_hidden), ("student", s_hidden)):
-        if h % r:
-            raise ConfigError("loss.num_relation_heads", f"{r} relation heads do not divide the {name} hidden "
-                              f"size {h}; pick a divisor of both {t_hidden} and {s_hidden}")
 
 
 def run_distill(cfg: DistillConfig) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ test split exists, the leaderboard submission files of the best run.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from toolkit.config import arg, save_config
 from toolkit.engine import dist
-from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl
+from toolkit.engine.engine import OptimConfig
 from toolkit.errors import ConfigError
 from toolkit.recipes.common import mean_std, task_ref, write_json
 from toolkit.recipes.finetune import FinetuneConfig, FinetuneRecipe
@@ -38,21 +39,24 @@ class EvalConfig:
     epochs: float = arg(3.0, "epochs per fine-tuning run")
     max_steps: int = arg(0, "optimizer steps per run; 0 = derive from epochs")
     max_seq_length: int = arg(128, "tokens per sequence")
-    warmup_ratio: float = arg(0.1, "warmup fraction")
-    weight_decay: float = arg(0.01, "AdamW weight decay")
-    optimizer: str = arg("auto", "AdamW implementation: " + OPTIMIZER_HELP)
+    optim: OptimConfig = arg(help="AdamW and learning-rate schedule of every run (optim.lr is replaced by each "
+                             "value of lrs)", factory=lambda: OptimConfig(lr=2e-5, warmup_ratio=0.1))
     train_limit: int = arg(0, "cut each train split to N examples (low-resource setting); 0 = all")
     eval_each_epoch: bool = arg(True, "score dev after every epoch and report the best epoch (false: last only)")
     eval_batch_size: int = arg(64, "prediction batch size")
     save_models: bool = arg(False, "keep each run's fine-tuned model (large); the best run's results are always kept")
     write_submissions: bool = arg(True, "write leaderboard submission files for test splits that exist")
 
+    MOVED_FIELDS = {"weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio",
+                    "optimizer": "optim.impl", "lr": "lrs"}
+
     def __post_init__(self) -> None:
-        check_optimizer_impl(self.optimizer, "optimizer")
         if not self.tasks:
             raise ConfigError("tasks", "give at least one task (e.g. --tasks glue)")
         if not self.lrs:
             raise ConfigError("lrs", "give at least one learning rate")
+        if any(lr <= 0 for lr in self.lrs):
+            raise ConfigError("lrs", f"learning rates must be > 0, got {self.lrs}")
         if not self.seeds:
             raise ConfigError("seeds", "give at least one seed")
 
@@ -81,9 +85,8 @@ class EvalRecipe:
                     fcfg = FinetuneConfig(
                         model=cfg.model, task=task_ref(task),
                         data_dir=cfg.data_dir, output_dir=str(run_dir), ds_config=cfg.ds_config,
-                        epochs=cfg.epochs, max_steps=cfg.max_steps, lr=lr, seed=seed,
-                        max_seq_length=cfg.max_seq_length, warmup_ratio=cfg.warmup_ratio,
-                        weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, train_limit=cfg.train_limit,
+                        epochs=cfg.epochs, max_steps=cfg.max_steps, optim=dataclasses.replace(cfg.optim, lr=lr),
+                        seed=seed, max_seq_length=cfg.max_seq_length, train_limit=cfg.train_limit,
                         eval_each_epoch=cfg.eval_each_epoch,
                         eval_batch_size=cfg.eval_batch_size, save_model=cfg.save_models,
                         write_submissions=cfg.write_submissions)

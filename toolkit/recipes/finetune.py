@@ -17,7 +17,6 @@ import numpy as np
 
 from toolkit.config import arg, save_config
 from toolkit.engine import Engine, OptimConfig, dist
-from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl
 from toolkit.errors import ConfigError, DataError
 from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.dropout import use_fast_dropout
@@ -46,11 +45,8 @@ class FinetuneConfig:
                          "auto = zero2_bf16.json on GPUs, cpu_fp32.json on CPUs")
     epochs: float = arg(3.0, "training epochs (ignored when max_steps > 0)")
     max_steps: int = arg(0, "optimizer steps; 0 = derive from epochs")
-    lr: float = arg(2e-5, "peak learning rate")
-    weight_decay: float = arg(0.01, "AdamW weight decay (not on biases and LayerNorm)")
-    warmup_ratio: float = arg(0.1, "fraction of steps with linear warmup")
-    decay: str = arg("linear", "learning-rate decay after warmup: linear | cosine | constant")
-    optimizer: str = arg("auto", "AdamW implementation: " + OPTIMIZER_HELP)
+    optim: OptimConfig = arg(help="AdamW and learning-rate schedule",
+                             factory=lambda: OptimConfig(lr=2e-5, warmup_ratio=0.1))
     max_seq_length: int = arg(128, "tokens per sequence (longer inputs are truncated / windowed)")
     doc_stride: int = arg(128, "span tasks: stride between context windows")
     max_query_length: int = arg(64, "span tasks: question tokens kept")
@@ -69,14 +65,12 @@ class FinetuneConfig:
     save_model: bool = arg(True, "save the best model (by the task's main dev metric) to output_dir/model")
     write_submissions: bool = arg(True, "write leaderboard submission files for test splits that exist")
 
+    MOVED_FIELDS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio",
+                    "decay": "optim.decay", "optimizer": "optim.impl"}
+
     def __post_init__(self) -> None:
-        check_optimizer_impl(self.optimizer, "optimizer")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("epochs", "set epochs > 0 or max_steps > 0")
-        if self.lr <= 0:
-            raise ConfigError("lr", f"must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if self.max_seq_length < 8:
             raise ConfigError("max_seq_length", f"must be >= 8, got {self.max_seq_length}")
         if self.train_limit < 0:
@@ -132,8 +126,7 @@ class FinetuneRecipe:
         # Whole global batches only, as _micro_batches yields them (the last partial one is dropped).
         steps_per_epoch = max(1, len(self.train_enc) // global_batch)
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(steps_per_epoch * cfg.epochs)))
-        optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-                            decay=cfg.decay, impl=cfg.optimizer)
+        optim = cfg.optim
         self.engine = Engine(model, ds, optim, total_steps=self.total_steps)
         self.model = self.engine.module
         self.steps_per_epoch = steps_per_epoch
@@ -239,7 +232,7 @@ class FinetuneRecipe:
         result = {
             "task": self.task.name,
             "model": cfg.model,
-            "lr": cfg.lr,
+            "lr": cfg.optim.lr,
             "seed": cfg.seed,
             "train_examples": len(self.train_examples),
             "steps": eng.global_step,

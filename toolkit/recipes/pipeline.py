@@ -50,9 +50,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {
         # ~25-30 min on 2 CPU cores. Both students start from the same 3 layers of the
         # pretrained teacher (layers 2, 4, 6) and differ only in the teacher they distil from.
-        "teacher_job": {"max_steps": 300, "lr": 5e-5, "max_seq_length": 64, "eval_batch_size": 128,
+        "teacher_job": {"max_steps": 300, "optim": {"lr": 5e-5, "warmup_ratio": 0.1}, "max_seq_length": 64, "eval_batch_size": 128,
                         "ds_config": "cpu_fp32_b32.json", "log_every": 10},
-        "distill_job": {"max_steps": 400, "lr": 1e-4, "ds_config": "cpu_fp32_b32.json", "log_every": 10,
+        "distill_job": {"max_steps": 400, "optim": {"lr": 1e-4, "warmup_ratio": 0.04}, "ds_config": "cpu_fp32_b32.json", "log_every": 10,
                         "corpus": {"seq_length": 64, "shuffle_buffer": 2000},
                         "student": {"init": "teacher_layers", "num_layers": 3, "hidden_size": 384, "num_heads": 12,
                                     "intermediate_size": 1536, "teacher_layers": [2, 4, 6]}},

@@ -22,18 +22,22 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from toolkit.config import arg, save_config
+from toolkit.data.corpus import CorpusConfig
+from toolkit.data.loader import build_loader
 from toolkit.data.multitask import SAMPLING_MODES, TaskBatchSampler, task_probabilities
 from toolkit.engine import Engine, OptimConfig, dist
-from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 from toolkit.errors import ConfigError, DataError
 from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.dropout import use_fast_dropout
+from toolkit.losses import MiniLMv2RelationLoss, Needs
+from toolkit.models.capture import LayerCapture, resolve_layer
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
 from toolkit.recipes.common import (batch_size_of, check_task_tokenizer, count_tokens, forward_kwargs,
                                     mean_across_ranks, resolve_ds_config, to_device, write_json)
+from toolkit.recipes.frozen import FrozenTeacher
 from toolkit.recipes.predict import predict, score_split
 from toolkit.tasks import resolve_tasks
 from toolkit.tasks.features import collate, encode_examples
@@ -42,6 +46,28 @@ from toolkit.utils.meter import Throughput, memory_kind
 from toolkit.utils.progress import ProgressBar
 
 log = get_logger(__name__)
+
+
+@dataclass
+class AnchorConfig:
+    """Ways to keep the multi-task teacher close to what it knew before (its generality)."""
+
+    l2sp: float = arg(0.0, "L2-SP: add l2sp/2 x the squared distance of the encoder's weights to the pretrained "
+                      "ones to the loss (0 = off; ZeRO stages 0-2)")
+    relation: float = arg(0.0, "weight of a MiniLMv2 relation loss (Q-Q, K-K, V-V) between the encoder and its "
+                          "frozen pretrained copy on unlabeled text from anchor.corpus, every micro step (0 = off)")
+    relation_layer: int = arg(0, "1-based layer whose relations the relation anchor keeps (0 = the last)")
+    relation_heads: int = arg(0, "relation heads of the relation anchor (0 = the encoder's attention heads)")
+    corpus: CorpusConfig = arg(help="unlabeled text for the relation anchor (sources, seq_length, ...)",
+                               factory=CorpusConfig)
+
+    def __post_init__(self) -> None:
+        if self.l2sp < 0:
+            raise ConfigError("anchor.l2sp", f"must be >= 0, got {self.l2sp}")
+        if self.relation < 0:
+            raise ConfigError("anchor.relation", f"must be >= 0, got {self.relation}")
+        if self.relation > 0 and not self.corpus.sources:
+            raise ConfigError("anchor.corpus.sources", "the relation anchor needs unlabeled text")
 
 
 @dataclass
@@ -59,11 +85,10 @@ class TeacherConfig:
     train_limit: int = arg(0, "use only the first N train examples of each task (quick runs); 0 = all")
     epochs: float = arg(2.0, "passes over the (capped) union of train sets; ignored when max_steps > 0")
     max_steps: int = arg(0, "optimizer steps; 0 = derive from epochs")
-    lr: float = arg(3e-5, "peak learning rate")
-    weight_decay: float = arg(0.01, "AdamW weight decay")
-    warmup_ratio: float = arg(0.1, "fraction of steps with linear warmup")
-    decay: str = arg("linear", "decay after warmup: linear | cosine | constant")
-    optimizer: str = arg("auto", "AdamW implementation: " + OPTIMIZER_HELP)
+    optim: OptimConfig = arg(help="AdamW and learning-rate schedule",
+                             factory=lambda: OptimConfig(lr=3e-5, warmup_ratio=0.1))
+    anchor: AnchorConfig = arg(help="keeping the teacher general: L2-SP and a relation anchor to the pretrained "
+                               "encoder", factory=AnchorConfig)
     max_seq_length: int = arg(128, "tokens per sequence")
     eval_every: int = arg(0, "score every task on dev every N steps (0 = at the end only)")
     save_every: int = arg(0, "checkpoint every N steps (0 = only when stopping)")
@@ -78,8 +103,10 @@ class TeacherConfig:
     max_nonfinite: int = arg(20, "stop with an error after this many consecutive non-finite losses")
     stop_after: int = arg(0, "testing aid: stop (with a checkpoint) after N steps, as a preemption would")
 
+    MOVED_FIELDS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio",
+                    "decay": "optim.decay", "optimizer": "optim.impl"}
+
     def __post_init__(self) -> None:
-        check_optimizer_impl(self.optimizer, "optimizer")
         if not self.tasks:
             raise ConfigError("tasks", "give at least one task")
         if self.sampling not in SAMPLING_MODES:
@@ -88,8 +115,6 @@ class TeacherConfig:
             raise ConfigError("temperature", "must be > 0")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("epochs", "set epochs > 0 or max_steps > 0")
-        if self.lr <= 0:
-            raise ConfigError("lr", "must be > 0")
 
 
 class TeacherRecipe:
@@ -132,11 +157,10 @@ class TeacherRecipe:
         sizes = [len(e) for e in self.train_enc]
         used = sum(min(s, cfg.task_cap) if cfg.task_cap else s for s in sizes)
         self.total_steps = cfg.max_steps or max(1, math.ceil(used * cfg.epochs / ds["train_batch_size"]))
-        optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, decay=cfg.decay,
-                            impl=cfg.optimizer)
-        self.engine = Engine(model, ds, optim, total_steps=self.total_steps, max_nonfinite=cfg.max_nonfinite)
+        self.engine = Engine(model, ds, cfg.optim, total_steps=self.total_steps, max_nonfinite=cfg.max_nonfinite)
         eng = self.engine
         self.model = eng.module
+        self._setup_anchor()
         self.sampler = TaskBatchSampler(sizes, eng.micro_batch_size, eng.world_size, eng.rank, cfg.sampling,
                                         cfg.temperature, cfg.task_cap or None, cfg.seed)
         self.state: Dict[str, Any] = {"step": 0, "micro_step": 0, "best_score": -math.inf, "best_step": None,
@@ -146,6 +170,8 @@ class TeacherRecipe:
             if client is not None:
                 self.sampler.load_state_dict(client["sampler"])
                 self.state.update(client["state"])
+                if self.anchor_loader is not None and "anchor_loader" in client:
+                    self.anchor_loader.load_state_dict(client["anchor_loader"])
                 log.info("resumed from step %d", self.state["step"])
         self.logger = RunLogger(self.out, is_main=eng.is_main)
         # Every rank keeps its own log file (output_dir/logs/rank{r}.log); the console and the
@@ -161,6 +187,60 @@ class TeacherRecipe:
         log.info("teacher: %d tasks %s, %d steps, global batch %d, ZeRO %s, %s", len(self.tasks),
                  [t.name for t in self.tasks], self.total_steps, eng.train_batch_size, eng.zero_stage,
                  eng.compute_dtype)
+
+    def _setup_anchor(self) -> None:
+        """L2-SP's starting point and the relation anchor's frozen copy and corpus stream."""
+        cfg, eng = self.cfg, self.engine
+        a = cfg.anchor
+        self.anchor_weights: List[tuple] = []
+        self.anchor_loader = None
+        if a.l2sp > 0:
+            if eng.zero_stage >= 3:
+                raise ConfigError("anchor.l2sp", "L2-SP reads every encoder weight in full at each step, which "
+                                  "ZeRO-3 partitions away; use ZeRO stage 0-2 (or the relation anchor)")
+            self.anchor_weights = [(p, p.detach().float().clone()) for p in self.model.encoder.parameters()
+                                   if p.requires_grad]
+        if a.relation > 0:
+            n = self.model.encoder.config.num_hidden_layers
+            layer = resolve_layer(a.relation_layer or n, n, "anchor.relation_layer")
+            needs = Needs(student={layer: {"q", "k", "v"}}, teacher={layer: {"q", "k", "v"}})
+            self.anchor_teacher = FrozenTeacher(cfg.model, needs, eng.device, eng.compute_dtype, "model")
+            heads = a.relation_heads or self.model.encoder.config.num_attention_heads
+            if self.model.encoder.config.hidden_size % heads:
+                raise ConfigError("anchor.relation_heads", f"{heads} relation heads do not divide the hidden size "
+                                  f"{self.model.encoder.config.hidden_size}")
+            self.anchor_relation = MiniLMv2RelationLoss(heads)
+            self.anchor_layer = layer
+            self.anchor_capture = LayerCapture(self.model.encoder, {layer: {"q", "k", "v"}})
+            self.anchor_loader = build_loader(a.corpus, self.tokenizer, batch_size=eng.micro_batch_size,
+                                              rank=eng.rank, world_size=eng.world_size)
+            self.anchor_iter = None
+        if a.l2sp > 0 or a.relation > 0:
+            log.info("teacher: anchored to the pretrained encoder (L2-SP %g, relation %g%s)", a.l2sp, a.relation,
+                     f" at layer {self.anchor_layer + 1}" if a.relation > 0 else "")
+
+    def _anchor_losses(self) -> Dict[str, torch.Tensor]:
+        """The anchors' terms for this micro step (empty when no anchor is on)."""
+        a, out = self.cfg.anchor, {}
+        if self.anchor_weights:
+            dist2 = sum(((p.float() - p0) ** 2).sum() for p, p0 in self.anchor_weights)
+            out["l2sp"] = 0.5 * a.l2sp * dist2
+        if self.anchor_loader is not None:
+            if self.anchor_iter is None:
+                self.anchor_iter = iter(self.anchor_loader)
+            batch = next(self.anchor_iter, None)
+            if batch is None:   # a finite anchor corpus starts over
+                self.anchor_iter = iter(self.anchor_loader)
+                batch = next(self.anchor_iter)
+            batch = {k: v.to(self.engine.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            target = self.anchor_teacher(batch)["layers"][self.anchor_layer]
+            self.anchor_capture.clear()
+            self.model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               token_type_ids=batch["token_type_ids"])
+            rel = self.anchor_relation(self.anchor_capture.captured[self.anchor_layer], target,
+                                       batch["attention_mask"])["loss"]
+            out["relation"] = a.relation * rel
+        return out
 
     # ------------------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, Any]:
@@ -181,9 +261,10 @@ class TeacherRecipe:
 
     def save_checkpoint(self) -> None:
         st = self.state
-        self.engine.save_checkpoint(self.ckpt_dir, f"step{st['step']}",
-                                    {"sampler": self.sampler.state_dict(), "state": dict(st)},
-                                    keep_last=self.cfg.keep_last)
+        client = {"sampler": self.sampler.state_dict(), "state": dict(st)}
+        if self.anchor_loader is not None:
+            client["anchor_loader"] = self.anchor_loader.state_dict()
+        self.engine.save_checkpoint(self.ckpt_dir, f"step{st['step']}", client, keep_last=self.cfg.keep_last)
 
     def _save_model(self, metrics: Dict[str, Any]) -> None:
         state = self.engine.consolidated_state_dict()
@@ -198,6 +279,7 @@ class TeacherRecipe:
         cfg, eng, st = self.cfg, self.engine, self.state
         meter = Throughput(eng.device, world_size=eng.world_size)
         running, n_loss = 0.0, 0
+        anchor_sums: Dict[str, Any] = {}
         t0 = time.time()
         bar = ProgressBar(self.total_steps, eng.is_main, initial=st["step"], desc="teacher")
         with PreemptionHandler() as pre, bar:
@@ -212,8 +294,12 @@ class TeacherRecipe:
                 # Dropout depends only on (seed, micro step, rank): exact resume without RNG state.
                 torch.manual_seed(cfg.seed * 1_000_003 + st["micro_step"] * 1009 + eng.rank)
                 out = eng(task=task.name, **forward_kwargs(self.model.forward, batch))
-                if eng.backward(out.loss):
+                anchors = self._anchor_losses()
+                loss = out.loss + sum(anchors.values()) if anchors else out.loss
+                if eng.backward(loss):
                     running += out.loss.detach().double()   # on the device; read at log steps
+                    for k, v in anchors.items():
+                        anchor_sums[k] = anchor_sums.get(k, 0.0) + v.detach().double()
                     n_loss += 1
                 else:
                     st["nonfinite_total"] += 1
@@ -225,9 +311,10 @@ class TeacherRecipe:
                 bar.update(1, loss=out.loss.detach(), tokens_per_s=meter.summary().get("tokens_per_s"))
                 if st["step"] % cfg.log_every == 0:
                     meter.sync_ranks(dist.all_reduce_sum)
-                    loss = mean_across_ranks({"loss": running}, n_loss)
-                    self.logger.log(st["step"], {**loss, "lr": eng.lr, **meter.summary()})
-                    running, n_loss = 0.0, 0
+                    logged = mean_across_ranks({"loss": running, **{f"anchor/{k}": v for k, v in anchor_sums.items()}},
+                                               n_loss)
+                    self.logger.log(st["step"], {**logged, "lr": eng.lr, **meter.summary()})
+                    running, n_loss, anchor_sums = 0.0, 0, {}
                 if cfg.eval_every and st["step"] % cfg.eval_every == 0:
                     self._eval_and_keep()
                 if cfg.save_every and st["step"] % cfg.save_every == 0:
