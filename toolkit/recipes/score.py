@@ -65,12 +65,11 @@ def run_score(task: str, data_dir: Optional[Union[str, Path]], predictions: Unio
     if not all(_has_gold(ex) for ex in examples):
         raise ToolkitError(f"task '{t.name}' split '{gold_split}' has no gold labels (hidden test labels?); "
                            f"score a dev split: {', '.join(t.eval_splits) or 'none'}")
+    if na_prob_file is not None and not getattr(t, "version_2_with_negative", False):
+        raise ToolkitError(f"task '{t.name}' takes no no-answer probability file (only squad_v2 does)")
     preds = t.read_predictions(predictions, examples)
     if na_prob_file is not None:
-        reader = getattr(t, "read_na_probs", None)
-        if reader is None:
-            raise ToolkitError(f"task '{t.name}' takes no no-answer probability file (only squad_v2 does)")
-        metrics = t.score(examples, preds, na_probs=reader(na_prob_file, examples))
+        metrics = t.score(examples, preds, na_probs=t.read_na_probs(na_prob_file, examples))
     else:
         metrics = t.score(examples, preds)
     suffixes = dict(zip(t.eval_splits, t.eval_suffixes))

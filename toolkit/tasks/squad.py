@@ -237,7 +237,11 @@ class SquadV2(SquadTask):
         probs: Optional[Dict[str, float]] = None
         if na_probs is not None:
             if isinstance(na_probs, Mapping):
-                probs = {ex.guid: float(na_probs[ex.guid]) for ex in examples}
+                missing = [ex.guid for ex in examples if ex.guid not in na_probs]
+                if missing:
+                    raise ToolkitError(f"task '{self.name}': no no-answer probability for question {missing[0]!r}")
+                ids = {ex.guid for ex in examples}
+                probs = {q: float(v) for q, v in na_probs.items() if q in ids}  # file order breaks ties
             else:
                 if len(na_probs) != len(examples):
                     raise ToolkitError(f"task '{self.name}': {len(na_probs)} no-answer probabilities "
