@@ -271,8 +271,9 @@ class FinetuneRecipe:
         self._write_outputs(result, best.get("state"), best)
         return result
 
-    def _predict_split(self, task: Any, examples: List[Any]) -> List[Any]:
-        """Predictions of the current (best) weights with ``self.task``'s head (all ranks)."""
+    def _predict_split(self, examples: List[Any]) -> List[Any]:
+        """Predictions of the current (best) weights with this task's head, in this task's
+        label set, for examples of this task or of a companion test (all ranks)."""
         cfg = self.cfg
         enc = encode_examples(self.task, examples, self.tokenizer, **self.enc_kw)
         preds, _ = predict(self.engine, self.model, self.task, enc, cfg.eval_batch_size, self.engine.device,
@@ -323,7 +324,7 @@ class FinetuneRecipe:
         for split, suffix in self.task.report_splits:
             if self.task.has_split(split):
                 ex = self.task.load(split)
-                preds = self._predict_split(self.task, ex)
+                preds = self._predict_split(ex)
                 result["metrics"].update({f"{k}{suffix}": float(v) for k, v in self.task.score(ex, preds).items()})
         if self.engine.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +333,7 @@ class FinetuneRecipe:
             subs = {}
             for task, split in self._submission_sources():
                 ex = task.load(split)
-                preds = self._predict_split(task, ex)
+                preds = self._predict_split(ex)
                 if self.engine.is_main:
                     path = self.out / "submissions" / task.submission_name(split)
                     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from toolkit.errors import DataError
+from toolkit.errors import DataError, ToolkitError
 
 PathLike = Union[str, Path]
 _REQUIRED = object()
@@ -304,7 +304,10 @@ def _fmt_label(value: Any) -> str:
 
 
 def _fmt_float(value: Any) -> str:
-    return f"{float(value):.5f}"
+    x = float(value)
+    if not math.isfinite(x):
+        raise ToolkitError(f"refusing to write the non-finite prediction {x!r}: the model's output is not finite")
+    return f"{x:.5f}"
 
 
 def _fmt_tags(value: Any) -> str:
