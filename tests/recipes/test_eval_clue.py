@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = ROOT / "tokenizers" / "chinese-char-21128" / "vocab.txt"
 
-# File name -> (fixture test file, id field of its rows, value field, allowed values).
+# CLUE classification: file name -> (fixture test file, allowed labels).
 CLUE_LINES = {
     "afqmc_predict.json": ("afqmc_public/test.json", {"0", "1"}),
     "tnews11_predict.json": ("tnews_public/test.json", {"100", "101", "102", "103", "104", "106", "107", "108",
@@ -22,6 +22,7 @@ CLUE_LINES = {
     "cluewsc11_predict.json": ("cluewsc2020_public/test.json", {"true", "false"}),
     "csl_predict.json": ("csl_public/test.json", {"0", "1"}),
 }
+# FewCLUE: file name -> (task folder, value field, allowed values; None = CSLDCP's 67 labels).
 FEWCLUE_LINES = {
     "eprstmt_predict.json": ("eprstmt", "label", {"Positive", "Negative"}),
     "csldcp_predict.json": ("csldcp", "label", None),

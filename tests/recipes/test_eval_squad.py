@@ -84,3 +84,18 @@ def test_eval_collects_the_dev_prediction_files(tiny_bert_dir, squad_dir, tmp_pa
     # No leaderboard file for SQuAD (its test set is hidden): nothing under submissions/.
     assert res["submissions"] == {}
     assert not math.isnan(res["average"])
+
+
+def test_squad_v1_writes_predictions_only(tiny_bert_dir, assets_dir, tmp_path):
+    from official_eval import squad_v1_evaluate
+    from toolkit.recipes.finetune import FinetuneConfig, run_finetune
+
+    squad = assets_dir / "squad"
+    out = tmp_path / "v1"
+    res = run_finetune(FinetuneConfig(model=str(tiny_bert_dir), task="squad_v1", data_dir=str(squad),
+                                      output_dir=str(out), max_steps=2, max_seq_length=64, save_model=False))
+    assert sorted(p.name for p in out.glob("*.json")) == ["config.json", "predictions.json", "results.json"]
+    preds = json.loads((out / "predictions.json").read_text())
+    dev = json.loads((squad / "SQuAD" / "dev-v1.1.json").read_text())
+    official = squad_v1_evaluate(dev["data"], preds)
+    assert res["metrics"] == {k: pytest.approx(v) for k, v in official.items()}
