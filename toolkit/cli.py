@@ -192,12 +192,15 @@ def probe(config, output_dir, overrides, tasks, data_dir):  # noqa: ANN001
               help="Prediction file in the leaderboard format (GLUE TSV index/prediction, SQuAD JSON {id: answer}, "
                    "CLUE *_predict.json, custom: TSV or one prediction per line).")
 @click.option("--split", default="dev", show_default=True, help="Gold split to score against.")
-def score(task, data_dir, predictions, split):  # noqa: ANN001
+@click.option("--na-prob-file", "na_prob_file", default=None, type=click.Path(dir_okay=False),
+              help="SQuAD v2.0: the na_prob.json {id: no-answer probability} written next to predictions.json.")
+def score(task, data_dir, predictions, split, na_prob_file):  # noqa: ANN001
     """Score a prediction file against gold labels; prints one JSON object of metrics (percent)."""
     from toolkit.recipes.score import run_score
 
     try:
-        click.echo(json.dumps(run_score(task, data_dir, predictions, split), indent=None, sort_keys=True))
+        click.echo(json.dumps(run_score(task, data_dir, predictions, split, na_prob_file=na_prob_file),
+                              indent=None, sort_keys=True))
     except ToolkitError as e:
         _fail(e)
 

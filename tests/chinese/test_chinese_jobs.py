@@ -40,9 +40,9 @@ def test_eval_on_clue_writes_leaderboard_files(tiny_zh_ernie, tmp_path):
                               data_dir=str(CLUE), output_dir=str(out), max_steps=2, max_seq_length=64))
     assert set(res["tasks"]) == {"afqmc", "tnews", "c3", "cmrc2018"}
     assert {"em", "f1"} <= set(res["tasks"]["cmrc2018"]["best"]["metrics"])
-    subs = {p.name for p in (out / "submissions").iterdir()}
-    assert {"afqmc_predict.json", "tnews11_predict.json", "c3_predict.json", "cmrc2018_predict.json"} <= subs
-    first = (out / "submissions" / "afqmc_predict.json").read_text(encoding="utf-8").splitlines()[0]
+    subs = {p.name for p in (out / "submissions" / "clue").iterdir()}
+    assert {"afqmc_predict.json", "tnews11_predict.json", "c311_predict.json", "cmrc2018_predict.json"} <= subs
+    first = (out / "submissions" / "clue" / "afqmc_predict.json").read_text(encoding="utf-8").splitlines()[0]
     assert set(json.loads(first)) == {"id", "label"}
 
 

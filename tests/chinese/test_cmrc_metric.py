@@ -16,6 +16,15 @@ def test_mixed_segmentation():
     assert mixed_segmentation("  Hello, World  ") == ["hello", ",", "world"]
 
 
+def test_latin_runs_follow_nltk_word_tokenize():
+    # What nltk.word_tokenize (the official script's tokenizer) returns for these runs.
+    assert mixed_segmentation("Don't stop.") == ["do", "n't", "stop", "."]
+    assert mixed_segmentation("1,000 (approx) 3.5") == ["1,000", "(", "approx", ")", "3.5"]
+    assert mixed_segmentation("John's 北京") == ["john", "'s", "北", "京"]
+    # The official list's "……" is two characters, so an ellipsis is not a punctuation segment.
+    assert mixed_segmentation("好……", remove_punc=True) == ["好", "……"]
+
+
 def test_remove_punctuation_and_em():
     assert remove_punctuation(" 《红楼梦》 ") == "红楼梦"
     assert em_score(["《红楼梦》"], "红楼梦") == 1.0
@@ -54,3 +63,27 @@ def test_corpus_scores_and_missing_prediction():
     assert out["f1"] == pytest.approx(f1)
     assert out["average"] == pytest.approx((em + f1) / 2)
     assert cmrc2018_metric({}, {}) == {"em": 0.0, "f1": 0.0, "average": 0.0}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_matches_the_official_script(seed):
+    """Random answers mixing Chinese, the official punctuation list and Latin/digit words."""
+    import random
+
+    from official_eval import cmrc2018_evaluate
+
+    rng = random.Random(seed)
+    pieces = list("北京大学天安门广场中国人民越南罗马天主教") + ["，", "。", "《", "》", "、", "-", ":", "……"]
+    pieces += [" iPhone ", " 3.5 ", " x1 ", " 2019 ", " abc "]
+
+    def text():
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+
+    qas = [{"id": f"Q{i}", "question": "？", "answers": [{"text": text(), "answer_start": 0}
+                                                       for _ in range(rng.randint(1, 3))]} for i in range(12)]
+    ground = {"data": [{"paragraphs": [{"context": "", "qas": qas}]}]}
+    preds = {q["id"]: (rng.choice(q["answers"])["text"] if rng.random() < 0.2 else text())
+             for q in qas if rng.random() < 0.9}  # some questions unanswered: they score 0
+    ref = cmrc2018_evaluate(ground, preds)
+    out = cmrc2018_metric({q["id"]: [a["text"] for a in q["answers"]] for q in qas}, preds)
+    assert out == {k: pytest.approx(v) for k, v in ref.items()}

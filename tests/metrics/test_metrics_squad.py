@@ -67,3 +67,72 @@ def test_v2_empty_prediction_is_no_answer():
 def test_missing_prediction_names_id():
     with pytest.raises(KeyError, match="q9"):
         squad_v1({"q9": ["a"]}, {})
+
+
+# ----- against the official scripts' logic (tests/official_eval.py) --------------------------------
+_WORDS = ["the", "a", "an", "Paris", "France", "river", "10th", "century", "Normans", "Denver", "Broncos", "of"]
+_NOISE = ["!", ",", ".", "'s", "  ", "The"]
+
+
+def _random_text(rng, empty_ok=True):
+    if empty_ok and rng.random() < 0.15:
+        return rng.choice(["", "the", " . "])  # normalises to nothing
+    n = rng.randint(1, 4)
+    return " ".join(rng.choice(_WORDS) + (rng.choice(_NOISE) if rng.random() < 0.3 else "") for _ in range(n))
+
+
+def _random_dataset(rng, n=14, v2=True):
+    qas = []
+    for i in range(n):
+        impossible = v2 and rng.random() < 0.35
+        answers = [] if impossible else [{"text": _random_text(rng), "answer_start": 0}
+                                         for _ in range(rng.randint(1, 3))]
+        qas.append({"id": f"q{i}", "question": "?", "answers": answers, "is_impossible": impossible})
+    return [{"title": "t", "paragraphs": [{"context": "c", "qas": qas}]}]
+
+
+def _gold(dataset):
+    return {qa["id"]: [a["text"] for a in qa["answers"]] for a in dataset for p in a["paragraphs"] for qa in p["qas"]}
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_v2_matches_the_official_script(seed):
+    import random
+
+    from official_eval import squad_v2_evaluate
+
+    rng = random.Random(seed)
+    data = _random_dataset(rng)
+    gold = _gold(data)
+    preds = {q: ("" if rng.random() < 0.3 else _random_text(rng)) for q in gold}
+    # Probabilities on a coarse grid (ties), in a shuffled order (the official sort is stable).
+    order = list(gold)
+    rng.shuffle(order)
+    na = {q: rng.choice([0.1, 0.3, 0.5, 0.7, 0.9]) for q in order}
+    thresh = rng.choice([1.0, 0.6, 0.2])
+    ref = squad_v2_evaluate(data, preds, na_probs=na, na_prob_thresh=thresh)
+    out = squad_v2(gold, preds, na_probs=na, na_prob_thresh=thresh)
+    for k in ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact",
+              "best_exact_thresh", "best_f1", "best_f1_thresh"):
+        if k in ref:
+            assert out[k] == pytest.approx(ref[k]), (k, seed)
+    assert ("HasAns_exact" in out) == ("HasAns_exact" in ref) and ("NoAns_exact" in out) == ("NoAns_exact" in ref)
+    # Without a probability file the script scores every question with probability 0.
+    ref = squad_v2_evaluate(data, preds)
+    out = squad_v2(gold, preds)
+    assert out["exact"] == pytest.approx(ref["exact"]) and out["f1"] == pytest.approx(ref["f1"])
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_v1_matches_the_official_script(seed):
+    import random
+
+    from official_eval import squad_v1_evaluate
+
+    rng = random.Random(100 + seed)
+    data = _random_dataset(rng, v2=False)
+    gold = _gold(data)
+    preds = {q: _random_text(rng) for q in gold}
+    ref = squad_v1_evaluate(data, preds)
+    out = squad_v1(gold, preds)
+    assert out["exact_match"] == pytest.approx(ref["exact_match"]) and out["f1"] == pytest.approx(ref["f1"])

@@ -167,3 +167,12 @@ def test_bad_prediction_files(glue_dir, tmp_path, body, message):
     path.write_text(("index\tprediction\n" if body else "\n") + body)
     with pytest.raises(DataError, match=message):
         mrpc.read_predictions(path, mrpc.load("dev"))
+
+
+def test_writer_refuses_non_finite_regression_values(assets_dir, tmp_path):
+    from toolkit.errors import ToolkitError
+
+    stsb = get_task("stsb", assets_dir / "glue")
+    test = stsb.load("test")
+    with pytest.raises(ToolkitError, match="non-finite prediction nan"):
+        stsb.write_predictions(test, [float("nan")] + [1.0] * (len(test) - 1), tmp_path / "STS-B.tsv")

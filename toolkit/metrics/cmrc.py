@@ -5,9 +5,11 @@ How the official script scores one prediction against its gold answers:
 * **Mixed segmentation.** Lower-case and strip; every Chinese character (``\\u4e00-\\u9fa5``) and
   every listed punctuation mark is its own segment; runs of other characters (English words,
   numbers) are word-tokenized. The official script calls ``nltk.word_tokenize`` on those runs;
-  here a small regex (:data:`_WORD_RE`) does the same for the cases that occur in CMRC answers:
-  whitespace splits, ASCII punctuation becomes its own token, ``3.5`` / ``1,000`` / ``don't``
-  stay one token.
+  here :func:`_word_tokenize` applies the Treebank rules that matter for answer spans:
+  whitespace splits; ``; @ # $ % & ? ! ( ) [ ] { } < > "`` and commas outside numbers become
+  tokens; a run's final period and the clitics ``'s 'm 'd 'll 're 've n't`` are split off;
+  anything else stays attached (``3.5``, ``1,000``, ``……``: the official list's two-character
+  ``……`` never matches one character, so ellipses reach the tokenizer).
 * **F1** uses the longest common *contiguous* run of segments (``find_lcs``), not SQuAD's bag of
   tokens: precision = lcs / len(pred), recall = lcs / len(gold). Punctuation is removed first.
 * **EM** compares the strings after lower-casing, stripping and removing the listed punctuation.
@@ -28,12 +30,21 @@ PUNCTUATION: Tuple[str, ...] = (
 )
 _PUNCT = frozenset(PUNCTUATION)
 _CJK_RE = re.compile(r"[\u4e00-\u9fa5]")
-# Stand-in for nltk.word_tokenize on non-Chinese runs: words/numbers with inner . , ' kept whole.
-_WORD_RE = re.compile(r"\w+(?:[.,'’]\w+)*|[^\w\s]")
+# nltk.word_tokenize's Treebank substitutions that answer spans meet (see the module docstring).
+_NLTK_RULES = (
+    (re.compile(r"\.\.\."), " ... "),
+    (re.compile(r'([;@#$%&?!\[\](){}<>"])'), r" \1 "),
+    (re.compile(r"([^0-9]),"), r"\1 , "),
+    (re.compile(r",([^0-9])"), r" , \1"),
+    (re.compile(r"([^.])(\.)([\])}>\"']*)\s*$"), r"\1 \2\3 "),
+    (re.compile(r"(?i)([^' ])('s|'m|'d|'ll|'re|'ve|n't)\b"), r"\1 \2 "),
+)
 
 
 def _word_tokenize(text: str) -> List[str]:
-    return _WORD_RE.findall(text)
+    for pattern, replacement in _NLTK_RULES:
+        text = pattern.sub(replacement, text)
+    return text.split()
 
 
 def mixed_segmentation(text: str, remove_punc: bool = False) -> List[str]:

@@ -101,10 +101,13 @@ def _apply_threshold(scores: Mapping[str, float], na_probs: Mapping[str, float],
 
 def _best_threshold(preds: Mapping[str, str], scores: Mapping[str, float], na_probs: Mapping[str, float],
                     has_ans: Mapping[str, bool]) -> Tuple[float, float]:
-    """Sweep the no-answer threshold over the sorted probabilities; return (best %, threshold)."""
+    """Sweep the no-answer threshold over the sorted probabilities; return (best %, threshold).
+
+    Ties keep ``na_probs``' own order (a stable sort), as the official script does.
+    """
     current = float(sum(1 for q in scores if not has_ans[q]))  # threshold below all: abstain on all
     best, best_thresh = current, 0.0
-    for qid in sorted(scores, key=lambda q: na_probs[q]):
+    for qid in sorted((q for q in na_probs if q in scores), key=lambda q: na_probs[q]):
         if has_ans[qid]:
             current += scores[qid]
         elif preds[qid]:
@@ -133,7 +136,13 @@ def squad_v2(gold: Mapping[str, Sequence[str]], preds: Mapping[str, str],
         return {"exact": 0.0, "f1": 0.0}
     has_ans = {qid: bool(answers) for qid, answers in gold.items()}
     exact_raw, f1_raw = _raw_scores_v2(gold, preds)
-    probs = {qid: float(na_probs[qid]) for qid in gold} if na_probs is not None else {qid: 0.0 for qid in gold}
+    if na_probs is not None:
+        missing = [qid for qid in gold if qid not in na_probs]
+        if missing:
+            raise KeyError(missing[0])
+        probs = {qid: float(p) for qid, p in na_probs.items() if qid in gold}  # keeps the caller's order
+    else:
+        probs = {qid: 0.0 for qid in gold}
     exact = _apply_threshold(exact_raw, probs, has_ans, na_prob_thresh)
     f1 = _apply_threshold(f1_raw, probs, has_ans, na_prob_thresh)
 

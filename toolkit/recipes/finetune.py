@@ -3,6 +3,16 @@
 Engine settings (micro batch, accumulation, precision, ZeRO) come from the DeepSpeed JSON;
 everything else from :class:`FinetuneConfig`. Used on its own and, in-process, by
 ``toolkit eval`` (one run per task x learning rate x seed).
+
+Besides ``results.json`` and the best model, a run writes with the best weights:
+
+* ``submissions/``: the leaderboard file of every test split that exists (``CoLA.tsv``,
+  ``afqmc_predict.json``, ...), plus those of the task's companion tests (GLUE's ``AX.tsv``
+  from the MNLI model);
+* for span tasks, the dev predictions in the official evaluation scripts' formats:
+  ``predictions.json`` ``{qid: answer}`` and, for SQuAD v2.0, ``na_prob.json``;
+* the scores of labelled held-out splits that never select the model (FewCLUE's
+  ``test_public``), as ``<metric>_test_public`` in ``metrics``.
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ from toolkit.recipes.common import (batch_size_of, count_tokens, forward_kwargs,
                                     to_device, write_json)
 from toolkit.recipes.predict import predict, score_split
 from toolkit.tasks import get_task
+from toolkit.tasks.base import SPAN
 from toolkit.tasks.features import collate, encode_examples
 from toolkit.utils.logging import RunLogger, get_logger
 from toolkit.utils.meter import Throughput, memory_kind
@@ -153,14 +164,15 @@ class FinetuneRecipe:
 
     def evaluate(self) -> Dict[str, Any]:
         metrics: Dict[str, float] = {}
-        preds_by_split = {}
+        preds_by_split, extras = {}, {}
         for split, suffix, examples, enc in self.eval_enc:
             preds, extra = predict(self.engine, self.model, self.task, enc, self.cfg.eval_batch_size,
                                    self.engine.device, n_best_size=self.cfg.n_best_size,
                                    max_answer_length=self.cfg.max_answer_length)
             metrics.update(score_split(self.task, examples, preds, extra, suffix))
             preds_by_split[split] = preds
-        return {"metrics": metrics, "predictions": preds_by_split}
+            extras[split] = extra
+        return {"metrics": metrics, "predictions": preds_by_split, "extras": extras}
 
     def main_score(self, metrics: Dict[str, float]) -> float:
         keys = [f"{self.task.main_metric}{s}" for s in self.task.eval_suffixes]
@@ -188,7 +200,7 @@ class FinetuneRecipe:
                 state = eng.consolidated_state_dict(all_ranks=eng.zero_stage < 3)
                 # (already detached CPU copies: no second clone of the model)
                 best = {"score": score, "metrics": res["metrics"], "step": eng.global_step, "epoch": epoch,
-                        "state": state}
+                        "state": state, "predictions": res["predictions"], "extras": res["extras"]}
 
         bar = ProgressBar(self.total_steps, eng.is_main, desc=f"finetune {self.task.name}")
         while not done:
@@ -249,26 +261,78 @@ class FinetuneRecipe:
         }
         if best.get("metrics") is not None:
             eng.load_full_state_dict(best.get("state"))   # all ranks: predictions use the best weights
-        self._write_outputs(result, best.get("state"))
+        self._write_outputs(result, best.get("state"), best)
         return result
 
-    def _write_outputs(self, result: Dict[str, Any], state: Optional[Dict[str, Any]] = None) -> None:
+    def _predict_split(self, examples: List[Any]) -> List[Any]:
+        """Predictions of the current (best) weights with this task's head, in this task's
+        label set, for examples of this task or of a companion test (all ranks)."""
         cfg = self.cfg
+        enc = encode_examples(self.task, examples, self.tokenizer, **self.enc_kw)
+        preds, _ = predict(self.engine, self.model, self.task, enc, cfg.eval_batch_size, self.engine.device,
+                           n_best_size=cfg.n_best_size, max_answer_length=cfg.max_answer_length)
+        return preds
+
+    def _submission_sources(self) -> List[Any]:
+        """``(task, split)`` pairs to predict for the leaderboard: this task's test splits that
+        exist, then its companion tests' (GLUE's AX, predicted with the MNLI head)."""
+        out = [(self.task, s) for s in self.task.test_splits if self.task.has_split(s)]
+        for name in self.task.companion_tests:
+            comp = get_task(name, self.cfg.data_dir)
+            if list(comp.labels or []) != list(self.task.labels or []):
+                raise ConfigError("task", f"task '{comp.name}' is predicted by '{self.task.name}' but their label "
+                                  f"sets differ ({comp.labels} vs {self.task.labels})")
+            found = [s for s in comp.test_splits if comp.has_split(s)]
+            if not found:
+                log.warning("%s: no %s test file under %s; %s is not written", self.task.name, comp.name,
+                            comp.data_dir, comp.submission_name())
+            out += [(comp, s) for s in found]
+        return out
+
+    def _write_dev_predictions(self, best: Dict[str, Any]) -> Dict[str, str]:
+        """Span tasks: the dev predictions in the official scripts' formats (main rank)."""
+        if self.task.task_type != SPAN or not best.get("predictions"):
+            return {}
+        from toolkit.tasks.squad import NA_PROB_FILE, PREDICTIONS_FILE, na_probabilities
+
+        files: Dict[str, str] = {}
+        single = len(self.eval_sets) == 1
+        for split, _, examples in self.eval_sets:
+            tag = "" if single else f"_{split}"
+            path = self.out / PREDICTIONS_FILE.replace(".json", f"{tag}.json")
+            self.task.write_predictions(examples, best["predictions"][split], path)
+            files[f"predictions{tag}"] = str(path)
+            odds = best.get("extras", {}).get(split, {}).get("null_odds")
+            if odds is not None and getattr(self.task, "version_2_with_negative", False):
+                na_path = self.out / NA_PROB_FILE.replace(".json", f"{tag}.json")
+                self.task.write_na_probs(examples, na_probabilities(odds), na_path)
+                files[f"na_prob{tag}"] = str(na_path)
+        return files
+
+    def _write_outputs(self, result: Dict[str, Any], state: Optional[Dict[str, Any]] = None,
+                       best: Optional[Dict[str, Any]] = None) -> None:
+        cfg = self.cfg
+        # Held-out labelled splits, scored once with the selected weights (all ranks predict).
+        result["metrics"] = dict(result["metrics"])
+        for split, suffix in self.task.report_splits:
+            if self.task.has_split(split):
+                ex = self.task.load(split)
+                preds = self._predict_split(ex)
+                result["metrics"].update({f"{k}{suffix}": float(v) for k, v in self.task.score(ex, preds).items()})
+        if self.engine.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            result["prediction_files"] = self._write_dev_predictions(best or {})
         if cfg.write_submissions:
             subs = {}
-            for split in self.task.test_splits:
-                if not self.task.has_split(split):
-                    continue
-                ex = self.task.load(split)
-                enc = encode_examples(self.task, ex, self.tokenizer, **self.enc_kw)
-                preds, _ = predict(self.engine, self.model, self.task, enc, cfg.eval_batch_size,
-                                   self.engine.device, n_best_size=cfg.n_best_size,
-                                   max_answer_length=cfg.max_answer_length)
+            for task, split in self._submission_sources():
+                ex = task.load(split)
+                preds = self._predict_split(ex)
                 if self.engine.is_main:
-                    path = self.out / "submissions" / self.task.submission_name(split)
+                    path = self.out / "submissions" / task.submission_name(split)
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    self.task.write_predictions(ex, preds, path)
-                    subs[split] = str(path)
+                    task.write_predictions(ex, preds, path)
+                    key = split if task is self.task else f"{task.name}/{split}"
+                    subs[key] = {"path": str(path), "benchmark": task.benchmark, "task": task.name}
             result["submissions"] = subs
         if self.engine.is_main:
             if cfg.save_model:

@@ -83,10 +83,16 @@ def predict(forward: Callable[..., Any], module: torch.nn.Module, task: Any, enc
 
 def score_split(task: Any, examples: Sequence[Any], preds: Sequence[Any], extra: Dict[str, Any],
                 suffix: str = "") -> Dict[str, float]:
-    """Official metrics of ``task`` with ``suffix`` appended to every key."""
+    """Official metrics of ``task`` with ``suffix`` appended to every key.
+
+    SQuAD v2.0 gets the no-answer probabilities that ``na_prob.json`` holds, so the scores
+    equal the official script's on the written files.
+    """
     if extra.get("null_odds") is not None and getattr(task, "version_2_with_negative", False):
+        from toolkit.tasks.squad import na_probabilities
+
         try:
-            metrics = task.score(examples, preds, na_probs=extra["null_odds"])
+            metrics = task.score(examples, preds, na_probs=na_probabilities(extra["null_odds"]))
         except TypeError:
             metrics = task.score(examples, preds)
     else:

@@ -1,8 +1,10 @@
 """Score a leaderboard-format prediction file against gold data (``toolkit score``).
 
 No model is involved: the task reads its gold ``split``, reads the prediction file in its
-submission format (GLUE ``index<TAB>prediction`` TSV, SQuAD ``{id: answer}`` JSON, CLUE
-JSON lines, custom TSV or one prediction per line) and returns the official metrics.
+submission format (GLUE ``index<TAB>prediction`` TSV, SQuAD ``predictions.json`` ``{id:
+answer}`` plus, for v2.0, the optional ``na_prob.json``, CLUE / FewCLUE JSON lines, custom TSV
+or one prediction per line) and returns the official metrics. Non-finite numbers (``nan``,
+``inf``) are refused with the file and line.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def _has_gold(ex: Example) -> bool:
 
 
 def run_score(task: str, data_dir: Optional[Union[str, Path]], predictions: Union[str, Path],
-              split: str = "dev") -> Dict[str, float]:
+              split: str = "dev", na_prob_file: Optional[Union[str, Path]] = None) -> Dict[str, float]:
     """Metrics (percent) of ``predictions`` against the gold labels of ``split``.
 
     Args:
@@ -41,6 +43,8 @@ def run_score(task: str, data_dir: Optional[Union[str, Path]], predictions: Unio
         predictions: the prediction file in the task's submission format.
         split: gold split; tasks with several dev sets (MNLI) need ``dev_matched`` /
             ``dev_mismatched``, whose metric keys get the task's suffix (``accuracy_m``).
+        na_prob_file: SQuAD v2.0 only: the official ``na_prob.json``; adds the best-threshold
+            scores (``best_exact``, ``best_f1`` and their thresholds), as the official script does.
 
     Returns:
         ``{metric: value}``, e.g. ``{"f1": 88.2, "accuracy": 84.1}``.
@@ -61,8 +65,13 @@ def run_score(task: str, data_dir: Optional[Union[str, Path]], predictions: Unio
     if not all(_has_gold(ex) for ex in examples):
         raise ToolkitError(f"task '{t.name}' split '{gold_split}' has no gold labels (hidden test labels?); "
                            f"score a dev split: {', '.join(t.eval_splits) or 'none'}")
+    if na_prob_file is not None and not getattr(t, "version_2_with_negative", False):
+        raise ToolkitError(f"task '{t.name}' takes no no-answer probability file (only squad_v2 does)")
     preds = t.read_predictions(predictions, examples)
-    metrics = t.score(examples, preds)
+    if na_prob_file is not None:
+        metrics = t.score(examples, preds, na_probs=t.read_na_probs(na_prob_file, examples))
+    else:
+        metrics = t.score(examples, preds)
     suffixes = dict(zip(t.eval_splits, t.eval_suffixes))
     suffix = suffixes.get(gold_split, "") if len(t.eval_splits) > 1 else ""
     return {f"{k}{suffix}": float(v) for k, v in metrics.items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 # Head / problem types. Every model head and feature encoder is keyed by one of these.
 CLASSIFICATION = "classification"
@@ -84,6 +84,14 @@ class Task:
         eval_splits / eval_suffixes: dev splits scored after training and the suffix added to
             their metric keys (MNLI: ("dev_matched", "dev_mismatched"), ("_m", "_mm")).
         test_splits: splits that get a leaderboard submission file.
+        benchmark: the leaderboard those files go to (``glue``, ``clue``, ``fewclue``); ``""``
+            for tasks without one. ``toolkit eval`` bundles each benchmark's files.
+        predicted_by: for an unlabelled test-only task predicted by another task's fine-tuned
+            model (GLUE's AX by MNLI), that task's name; such a task is never fine-tuned.
+        companion_tests: tasks whose test split this task's fine-tuned model also predicts
+            (MNLI: ``("ax",)``).
+        report_splits: labelled held-out ``(split, suffix)`` pairs scored once with the
+            selected model and never used to select it (FewCLUE's ``test_public``).
     """
 
     name: str = ""
@@ -101,6 +109,10 @@ class Task:
     eval_suffixes: Sequence[str] = ("",)
     # Splits that get a leaderboard submission file (test labels are hidden).
     test_splits: Sequence[str] = ("test",)
+    benchmark: str = ""
+    predicted_by: str = ""
+    companion_tests: Sequence[str] = ()
+    report_splits: Sequence[Tuple[str, str]] = ()
 
     def __init__(self, data_dir: Union[str, Path, None] = None):
         self.data_dir = Path(data_dir) if data_dir is not None else None

@@ -22,14 +22,30 @@ Choices made where the official data leaves room (each is a class attribute to o
 * **C3**: the ``d-`` (dialogue) and ``m-`` (mixed-genre) files of a split are read together;
   ``context`` = the context sentences joined with newlines; 2-4 choices; label = index of the
   answer in ``choice``.
-* **FewCLUE**: ``train`` reads ``train_few_all.json`` when present else ``train_0.json``;
-  ``dev`` likewise ``dev_few_all.json`` / ``dev_0.json``; ``test_public`` (labelled) and
-  ``test`` (unlabelled) as named. CSLDCP's 67 discipline names are taken from the train and
-  dev files (sorted), since no label file ships with the data.
+* **FewCLUE** (nine tasks, folders as in the FewCLUE repository's ``datasets/``):
+  ``train`` reads ``train_few_all.json`` when present else ``train_0.json``; ``dev`` likewise
+  ``dev_few_all.json`` / ``dev_0.json``; ``train_0`` .. ``train_4``, ``dev_0`` .. ``dev_4``,
+  ``train_few_all``, ``dev_few_all``, ``test_public`` (labelled; scored once with the selected
+  model as ``accuracy_test_public``, never used to select it), ``test`` and ``unlabeled`` (labels
+  ignored) load by name. Label sets: CSLDCP's 67 disciplines are the official list
+  (:data:`CSLDCP_LABELS`, FewCLUE's ``datasets/csldcp/labelDesc2label.py``, whose
+  ``labels_all.txt`` lacks two of them); TNEWS-FC and IFLYTEK-FC use CLUE's label codes, the
+  others the labels their files use. CHID-FC has one ``#idiom#`` blank and 7 candidates per row
+  and its ``answer`` in the same file; CLUEWSC-FC's train/dev rows carry ``idx`` where test rows
+  carry ``id``.
 
-Submissions follow the CLUE 1.1 / FewCLUE names (``afqmc_predict.json``,
-``tnews11_predict.json``, ...): JSON lines ``{"id", "label"}``; CMRC2018 one object
-``{qid: answer}``; CHID one object ``{"#idiom...#": index}``.
+Submissions follow the leaderboards' names and line formats:
+
+* CLUE 1.1: ``afqmc_predict.json``, ``tnews11_predict.json``, ``iflytek_predict.json``,
+  ``cmnli_predict.json``, ``ocnli_50k_predict.json``, ``cluewsc11_predict.json``,
+  ``csl_predict.json`` (JSON lines ``{"id", "label"}``, in test-file order; TNEWS adds
+  ``label_desc``), ``cmrc2018_predict.json`` (one object ``{qid: answer}``),
+  ``chid11_predict.json`` (one object ``{"#idiomNNNNNN#": index}``), ``c311_predict.json``
+  (JSON lines ``{"id", "label": index}``).
+* FewCLUE: ``eprstmt_predict.json``, ``csldcp_predict.json``, ``tnewsf_predict.json``,
+  ``iflytekf_predict.json``, ``ocnlif_predict.json``, ``bustm_predict.json``,
+  ``cslf_predict.json``, ``cluewscf_predict.json`` (JSON lines ``{"id", "label"}``) and
+  ``chidf_predict.json`` (JSON lines ``{"id", "answer": index}``).
 """
 from __future__ import annotations
 
@@ -133,16 +149,36 @@ def _align(path: PathLike, by_id: Dict[str, Any], ids: Sequence[str]) -> List[An
     return [by_id[i] for i in ids]
 
 
-def _read_id_label_jsonl(path: PathLike) -> Dict[str, Any]:
+def _read_id_label_jsonl(path: PathLike, value_field: str = "label") -> Dict[str, Any]:
+    """``{str(id): row[value_field]}`` of a JSON-lines submission; repeated ids -> DataError."""
     out: Dict[str, Any] = {}
     for n, obj in read_jsonl(path):
         key = str(_field(obj, "id", path, n))
         if key in out:
             raise DataError(path, f"id {key!r} appears twice", line=n)
-        if "label" not in obj:
-            raise DataError(path, "missing field 'label'", line=n)
-        out[key] = obj["label"]
+        if value_field not in obj:
+            raise DataError(path, f"missing field '{value_field}'", line=n)
+        out[key] = obj[value_field]
     return out
+
+
+def _row_id(obj: Dict[str, Any], row: int) -> Any:
+    """The id a submission uses: ``id`` (``idx`` in CLUEWSC train/dev files), else the row number."""
+    if "id" in obj:
+        return obj["id"]
+    return obj.get("idx", row)
+
+
+def _unique_ids(task: Task, examples: Sequence[Any]) -> List[str]:
+    """The examples' ids as strings; a gold file whose ids repeat cannot be aligned by id."""
+    ids = [str(e.index) for e in examples]
+    seen = set()
+    for i in ids:
+        if i in seen:
+            raise DataError(task.data_dir, f"task '{task.name}': id {i!r} repeats in the gold split, so "
+                            f"predictions cannot be matched to examples by id")
+        seen.add(i)
+    return ids
 
 
 # ----- sentence (pair) classification ---------------------------------------------------------
@@ -159,10 +195,12 @@ class ClueClassificationTask(Task):
     language = "zh"
     metrics = ("accuracy",)
     main_metric = "accuracy"
+    benchmark = "clue"
     label_field = "label"
     drop_labels: Tuple[str, ...] = ()
     submission_stem = ""
     splits = {"train": "train.json", "dev": "dev.json", "test": "test.json"}
+    unlabelled_splits: Tuple[str, ...] = ()  # splits whose label fields are ignored
 
     def texts(self, obj: Dict[str, Any], path: Path, line: int) -> Tuple[str, Optional[str]]:
         """``(text_a, text_b)`` of one JSON row."""
@@ -172,13 +210,13 @@ class ClueClassificationTask(Task):
         path = self.split_path(split)
         out: List[Example] = []
         for row, (n, obj) in enumerate(read_jsonl(path)):
-            label = _optional_label(obj, self.label_field)
+            label = None if split in self.unlabelled_splits else _optional_label(obj, self.label_field)
             if label is not None and label in self.drop_labels:
                 continue
             if label is not None:
                 self.label_to_id(label, path, n)  # validates against the label set
             text_a, text_b = self.texts(obj, path, n)
-            index = obj.get("id", row)
+            index = _row_id(obj, row)
             out.append(TextExample(guid=f"{split}-{row}", text_a=text_a, text_b=text_b, label=label,
                                    index=index))
         return out
@@ -202,7 +240,7 @@ class ClueClassificationTask(Task):
 
     def read_predictions(self, path: PathLike, examples: Sequence[Example]) -> List[Any]:
         by_id = {k: str(v) for k, v in _read_id_label_jsonl(path).items()}
-        return _align(path, by_id, [str(e.index) for e in examples])
+        return _align(path, by_id, _unique_ids(self, examples))
 
 
 def _pair(obj: Dict[str, Any], path: Path, line: int, a: str = "sentence1", b: str = "sentence2"
@@ -323,104 +361,6 @@ class CSL(ClueClassificationTask):
         return "，".join(str(k) for k in keywords), _field(obj, "abst", path, line)
 
 
-# ----- FewCLUE ---------------------------------------------------------------------------------
-class FewClueTask(ClueClassificationTask):
-    """FewCLUE layout: ``train_few_all.json`` (else ``train_0.json``), ``dev_few_all.json``
-    (else ``dev_0.json``), labelled ``test_public.json`` and unlabelled ``test.json``."""
-
-    splits = {"train": "train_few_all.json", "dev": "dev_few_all.json",
-              "test_public": "test_public.json", "test": "test.json"}
-    fallback = {"train": "train_0.json", "dev": "dev_0.json"}
-
-    def _file(self, split: str) -> Optional[str]:
-        if self.data_dir is None or split not in self.splits:
-            return self.splits.get(split)
-        name = self.splits[split]
-        alt = self.fallback.get(split)
-        if not (self.data_dir / name).is_file() and alt and (self.data_dir / alt).is_file():
-            return alt
-        return name
-
-    def split_path(self, split: str) -> Path:
-        if split not in self.fallback:
-            return super().split_path(split)
-        name = self._file(split)
-        if self.data_dir is not None and name is not None and (self.data_dir / name).is_file():
-            return self.data_dir / name
-        if self.data_dir is None:
-            raise DataError(None, f"task '{self.name}' needs a data directory (--data-dir)")
-        raise DataError(self.data_dir / self.splits[split],
-                        f"missing data file for task '{self.name}' split '{split}'",
-                        hint=f"expected '{self.splits[split]}' or '{self.fallback[split]}' in {self.data_dir}")
-
-    def has_split(self, split: str) -> bool:
-        name = self._file(split)
-        return self.data_dir is not None and name is not None and (self.data_dir / name).is_file()
-
-
-@register_task
-class EPRSTMT(FewClueTask):
-    """E-commerce review sentiment: sentence, label Positive/Negative."""
-
-    name = "eprstmt"
-    default_dir = "eprstmt"
-    labels = ["Negative", "Positive"]
-
-    def texts(self, obj, path, line):
-        return _field(obj, "sentence", path, line), None
-
-
-@register_task
-class BUSTM(FewClueTask):
-    """Short-text matching: sentence1, sentence2, label 0/1."""
-
-    name = "bustm"
-    default_dir = "bustm"
-    labels = ["0", "1"]
-
-    def texts(self, obj, path, line):
-        return _pair(obj, path, line)
-
-
-@register_task
-class CSLDCP(FewClueTask):
-    """Paper abstract -> discipline (67 classes). Label set: sorted names found in train + dev."""
-
-    name = "csldcp"
-    default_dir = "csldcp"
-
-    def __init__(self, data_dir: Union[str, Path, None] = None):
-        super().__init__(data_dir)
-        self._labels: Optional[List[str]] = None
-
-    @property  # type: ignore[override]
-    def labels(self) -> Optional[List[str]]:
-        if self._labels is None and self.has_split("train"):
-            found = set()
-            for split in ("train", "dev"):
-                if self.has_split(split):
-                    path = self.split_path(split)
-                    for n, obj in read_jsonl(path):
-                        label = _optional_label(obj, self.label_field)
-                        if label is not None:
-                            found.add(label)
-            self._labels = sorted(found)
-        return self._labels
-
-    @labels.setter
-    def labels(self, value: Optional[List[str]]) -> None:
-        self._labels = list(value) if value is not None else None
-
-    def load(self, split: str) -> List[Example]:
-        if not self.labels:
-            raise DataError(self.data_dir, "task 'csldcp' derives its label set from the train file",
-                            hint="put train_few_all.json (or train_0.json) in the task folder")
-        return super().load(split)
-
-    def texts(self, obj, path, line):
-        return _field(obj, "content", path, line), None
-
-
 # ----- CMRC2018: extractive QA ---------------------------------------------------------------
 @register_task
 class CMRC2018(Task):
@@ -433,6 +373,7 @@ class CMRC2018(Task):
     splits = {"train": "train.json", "dev": "dev.json", "test": "test.json"}
     metrics = ("em", "f1", "average")
     main_metric = "average"
+    benchmark = "clue"
 
     def load(self, split: str) -> List[Example]:
         path = self.split_path(split)
@@ -495,6 +436,7 @@ class _ChoiceTask(Task):
     language = "zh"
     metrics = ("accuracy",)
     main_metric = "accuracy"
+    benchmark = "clue"
 
     def score(self, examples: Sequence[Example], predictions: Sequence[Any]) -> Dict[str, float]:
         _check_scorable(self, examples, predictions, "label")
@@ -502,13 +444,53 @@ class _ChoiceTask(Task):
                                       [e.label for e in examples])}  # type: ignore[union-attr]
 
 
+class _SplitFiles:
+    """Mixin for splits stored under one of several names: ``split_files[split]`` lists them,
+    the first that exists is read (FewCLUE's ``train_few_all.json`` / ``train_0.json``, CLUE
+    1.1's ``test1.1.json`` / ``test.json``)."""
+
+    split_files: Dict[str, Tuple[str, ...]] = {}
+    splits: Dict[str, str]
+    data_dir: Optional[Path]
+    name: str
+
+    def _file(self, split: str) -> Optional[str]:
+        names = self.split_files.get(split)
+        if not names:
+            return self.splits.get(split)
+        if self.data_dir is not None:
+            for n in names:
+                if (self.data_dir / n).is_file():
+                    return n
+        return names[0]
+
+    def split_path(self, split: str) -> Path:
+        if split not in self.split_files:
+            return super().split_path(split)  # type: ignore[misc]
+        if self.data_dir is None:
+            raise DataError(None, f"task '{self.name}' needs a data directory (--data-dir)")
+        path = self.data_dir / str(self._file(split))
+        if not path.is_file():
+            names = self.split_files[split]
+            raise DataError(self.data_dir / names[0], f"missing data file for task '{self.name}' split '{split}'",
+                            hint="expected " + " or ".join(f"'{n}'" for n in names) + f" in {self.data_dir}")
+        return path
+
+    def has_split(self, split: str) -> bool:
+        if split not in self.split_files:
+            return super().has_split(split)  # type: ignore[misc]
+        name = self._file(split)
+        return self.data_dir is not None and name is not None and (self.data_dir / name).is_file()
+
+
 @register_task
-class CHID(_ChoiceTask):
+class CHID(_SplitFiles, _ChoiceTask):
     """Idiom cloze: one example per ``#idiomNNNNNN#`` blank, 10 candidate idioms."""
 
     name = "chid"
     default_dir = "chid_public"
-    splits = {"train": "train.json", "dev": "dev.json", "test": "test.json"}
+    splits = {"train": "train.json", "dev": "dev.json", "test": "test1.1.json"}
+    split_files = {"test": ("test1.1.json", "test.json")}
     answer_files = {"train": "train_answer.json", "dev": "dev_answer.json", "test": "test_answer.json"}
     num_choices = 10
     window = 64  # characters of context kept on each side of the blank
@@ -522,7 +504,7 @@ class CHID(_ChoiceTask):
             if split == "test":
                 return None
             raise DataError(path, f"missing answer file for task 'chid' split '{split}'",
-                            hint=f"the official download has {self.answer_files.get(split)} next to {self.splits[split]}")
+                            hint=f"the official download has {self.answer_files.get(split)} next to {self._file(split)}")
         obj = read_json(path)
         if not isinstance(obj, dict):
             raise DataError(path, "expected one JSON object {\"#idiomNNNNNN#\": answer_index}")
@@ -647,7 +629,7 @@ class C3(_ChoiceTask):
         return out
 
     def submission_name(self, split: str = "test") -> str:
-        return "c3_predict.json" if split == "test" else f"c3_{split}_predict.json"
+        return "c311_predict.json" if split == "test" else f"c311_{split}_predict.json"
 
     def write_predictions(self, examples: Sequence[Example], predictions: Sequence[Any], path: PathLike) -> None:
         if len(examples) != len(predictions):
@@ -656,13 +638,191 @@ class C3(_ChoiceTask):
 
     def read_predictions(self, path: PathLike, examples: Sequence[Example]) -> List[Any]:
         by_id = _read_id_label_jsonl(path)
-        values = _align(path, by_id, [str(e.index) for e in examples])  # type: ignore[union-attr]
+        values = _align(path, by_id, _unique_ids(self, examples))
         try:
             return [int(v) for v in values]
         except (TypeError, ValueError):
             raise DataError(path, "labels must be choice indices (integers)") from None
 
 
+# ----- FewCLUE ---------------------------------------------------------------------------------
+# The 67 disciplines of CSLDCP in the official order: the keys of FewCLUE's
+# datasets/csldcp/labelDesc2label.py (its labels_all.txt omits the last two).
+CSLDCP_LABELS: Tuple[str, ...] = (
+    "材料科学与工程", "作物学", "口腔医学", "药学", "教育学", "水利工程", "理论经济学", "食品科学与工程",
+    "畜牧学/兽医学", "体育学", "核科学与技术", "力学", "园艺学", "水产", "法学", "地质学/地质资源与地质工程",
+    "石油与天然气工程", "农林经济管理", "信息与通信工程", "图书馆、情报与档案管理", "政治学", "电气工程",
+    "海洋科学", "民族学", "航空宇航科学与技术", "化学/化学工程与技术", "哲学", "公共卫生与预防医学", "艺术学",
+    "农业工程", "船舶与海洋工程", "计算机科学与技术", "冶金工程", "交通运输工程", "动力工程及工程热物理",
+    "纺织科学与工程", "建筑学", "环境科学与工程", "公共管理", "数学", "物理学", "林学/林业工程", "心理学",
+    "历史学", "工商管理", "应用经济学", "中医学/中药学", "天文学", "机械工程", "土木工程", "光学工程", "地理学",
+    "农业资源利用", "生物学/生物科学与工程", "兵器科学与技术", "矿业工程", "大气科学", "基础医学/临床医学",
+    "电子科学与技术", "测绘科学与技术", "控制科学与工程", "军事学", "中国语言文学", "新闻传播学", "社会学",
+    "地球物理学", "植物保护",
+)
+
+_FEWCLUE_SPLITS = {
+    "train": "train_few_all.json", "dev": "dev_few_all.json",
+    **{f"train_{k}": f"train_{k}.json" for k in range(5)}, "train_few_all": "train_few_all.json",
+    **{f"dev_{k}": f"dev_{k}.json" for k in range(5)}, "dev_few_all": "dev_few_all.json",
+    "test_public": "test_public.json", "test": "test.json", "unlabeled": "unlabeled.json",
+}
+_FEWCLUE_FILES = {"train": ("train_few_all.json", "train_0.json"), "dev": ("dev_few_all.json", "dev_0.json")}
+
+
+class _FewClueLayout(_SplitFiles):
+    """The FewCLUE folder layout and leaderboard settings, shared by all nine tasks."""
+
+    splits = _FEWCLUE_SPLITS
+    split_files = _FEWCLUE_FILES
+    benchmark = "fewclue"
+    report_splits = (("test_public", "_test_public"),)
+    unlabelled_splits = ("unlabeled",)
+
+
+class FewClueTask(_FewClueLayout, ClueClassificationTask):
+    """A FewCLUE classification task: JSON lines ``{"id", <texts>, "label"}``; submission
+    lines ``{"id", "label"}``."""
+
+
+@register_task
+class EPRSTMT(FewClueTask):
+    """E-commerce review sentiment: sentence, label Positive/Negative."""
+
+    name = "eprstmt"
+    default_dir = "eprstmt"
+    labels = ["Negative", "Positive"]
+
+    def texts(self, obj, path, line):
+        return _field(obj, "sentence", path, line), None
+
+
+@register_task
+class CSLDCP(FewClueTask):
+    """Paper abstract (``content``) -> one of the 67 disciplines of :data:`CSLDCP_LABELS`."""
+
+    name = "csldcp"
+    default_dir = "csldcp"
+    labels = list(CSLDCP_LABELS)
+
+    def texts(self, obj, path, line):
+        return _field(obj, "content", path, line), None
+
+
+@register_task
+class TNEWSFC(FewClueTask, TNEWS):
+    """FewCLUE's TNEWS: CLUE's 15 news classes; submission lines ``{"id", "label"}``."""
+
+    name = "tnews_fc"
+    default_dir = "tnews"
+    submission_stem = "tnewsf"
+
+    def submission_row(self, index, label):
+        return {"id": index, "label": str(label)}
+
+
+@register_task
+class IFLYTEKFC(FewClueTask, IFLYTEK):
+    """FewCLUE's IFLYTEK: app descriptions, 119 classes "0".."118"."""
+
+    name = "iflytek_fc"
+    default_dir = "iflytek"
+    submission_stem = "iflytekf"
+
+
+@register_task
+class OCNLIFC(FewClueTask, OCNLI):
+    """FewCLUE's OCNLI: sentence pairs, entailment / neutral / contradiction."""
+
+    name = "ocnli_fc"
+    default_dir = "ocnli"
+    submission_stem = "ocnlif"
+
+
+@register_task
+class BUSTM(FewClueTask):
+    """Short-text matching: sentence1, sentence2, label 0/1."""
+
+    name = "bustm"
+    default_dir = "bustm"
+    labels = ["0", "1"]
+
+    def texts(self, obj, path, line):
+        return _pair(obj, path, line)
+
+
+@register_task
+class CSLFC(FewClueTask, CSL):
+    """FewCLUE's CSL: are all ``keyword`` entries real keywords of ``abst``?"""
+
+    name = "csl_fc"
+    default_dir = "csl"
+    submission_stem = "cslf"
+
+
+@register_task
+class CLUEWSCFC(FewClueTask, CLUEWSC2020):
+    """FewCLUE's CLUEWSC: does the pronoun (span 2) refer to span 1? label "true"/"false"."""
+
+    name = "cluewsc_fc"
+    default_dir = "cluewsc"
+    submission_stem = "cluewscf"
+
+
+@register_task
+class CHIDFC(_FewClueLayout, _ChoiceTask):
+    """FewCLUE's CHID: one ``#idiom#`` blank per row, 7 candidates, ``answer`` in the same file.
+
+    The blank becomes ``[MASK]`` and the context is cut to ``window`` characters on each side,
+    as for CLUE's CHID. Submission lines ``{"id", "answer": index}``.
+    """
+
+    name = "chid_fc"
+    default_dir = "chid"
+    num_choices = 7
+    window = 64
+    blank = "#idiom#"
+    blank_token = "[MASK]"
+
+    def load(self, split: str) -> List[Example]:
+        path = self.split_path(split)
+        out: List[Example] = []
+        for row, (n, obj) in enumerate(read_jsonl(path)):
+            candidates = _field(obj, "candidates", path, n, list)
+            if len(candidates) != self.num_choices:
+                raise DataError(path, f"expected {self.num_choices} candidates, got {len(candidates)}", line=n)
+            content = _field(obj, "content", path, n)
+            at = content.find(self.blank)
+            if at < 0:
+                raise DataError(path, f"field 'content' has no {self.blank} blank", line=n)
+            left, right = content[:at], content[at + len(self.blank):].replace(self.blank, "[UNK]")
+            context = left[max(0, len(left) - self.window):] + self.blank_token + right[:self.window]
+            label = None
+            if split not in self.unlabelled_splits and obj.get("answer") not in (None, ""):
+                label = obj["answer"]
+                if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(candidates):
+                    raise DataError(path, f"answer {label!r} is not a candidate index 0..{len(candidates) - 1}",
+                                    line=n)
+            out.append(ChoiceExample(guid=f"{split}-{row}", context=context, question="",
+                                     choices=[str(c) for c in candidates], label=label, index=_row_id(obj, row)))
+        return out
+
+    def submission_name(self, split: str = "test") -> str:
+        return "chidf_predict.json" if split == "test" else f"chidf_{split}_predict.json"
+
+    def write_predictions(self, examples: Sequence[Example], predictions: Sequence[Any], path: PathLike) -> None:
+        if len(examples) != len(predictions):
+            raise ToolkitError(f"task '{self.name}': {len(predictions)} predictions for {len(examples)} examples")
+        _write_jsonl([{"id": e.index, "answer": int(p)} for e, p in zip(examples, predictions)], path)
+
+    def read_predictions(self, path: PathLike, examples: Sequence[Example]) -> List[Any]:
+        values = _align(path, _read_id_label_jsonl(path, "answer"), _unique_ids(self, examples))
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise DataError(path, "'answer' values must be candidate indices (integers)")
+        return list(values)
+
+
 register_group("clue", ["afqmc", "tnews", "iflytek", "cmnli", "ocnli", "cluewsc2020", "csl",
                         "cmrc2018", "chid", "c3"])
-register_group("fewclue", ["eprstmt", "bustm", "csldcp"])
+register_group("fewclue", ["eprstmt", "csldcp", "tnews_fc", "iflytek_fc", "ocnli_fc", "bustm", "chid_fc",
+                           "csl_fc", "cluewsc_fc"])

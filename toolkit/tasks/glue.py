@@ -10,7 +10,8 @@ Folder layout under ``--data-dir`` (each task also works when pointed at its own
     MNLI/  train, dev_matched, dev_mismatched, test_matched, test_mismatched .tsv
            (sentence1 / sentence2 at columns 8 / 9, gold_label last)
     QNLI/  index, question, sentence, label     RTE/, WNLI/  index, sentence1, sentence2, label
-    diagnostic/diagnostic.tsv (AX): index, sentence1, sentence2; test only, MNLI labels
+    diagnostic/diagnostic.tsv (AX): index, sentence1, sentence2; test only, MNLI labels,
+                   predicted by the fine-tuned MNLI model (``AX.tsv``)
 
 Files with a header are read by column name. Quotes are not special (QQP and MNLI contain
 unbalanced ``"``). Example ``index``: the ``index``/``id`` column of test files, the 0-based
@@ -63,6 +64,7 @@ class GlueTask(Task):
     glue_name: str = ""
     layouts: Dict[str, Layout] = {}
     splits = _STD_SPLITS
+    benchmark = "glue"
 
     def layout(self, split: str) -> Layout:
         """Layout of ``split``: looked up by split name, then by its kind (train/dev/test)."""
@@ -206,6 +208,7 @@ class MNLI(GlueTask):
     eval_splits = ("dev_matched", "dev_mismatched")
     eval_suffixes = ("_m", "_mm")
     test_splits = ("test_matched", "test_mismatched")
+    companion_tests = ("ax",)  # the GLUE server scores AX predicted by the MNLI model
     layouts = _std_layouts("sentence1", "sentence2", "gold_label")
 
     def submission_name(self, split: str = "test_matched") -> str:
@@ -246,6 +249,7 @@ class AX(GlueTask):
     splits = {"test": "diagnostic.tsv"}
     eval_splits = ()
     eval_suffixes = ()
+    predicted_by = "mnli"
     layouts = {"test": Layout(header=True, text_a="sentence1", text_b="sentence2", index="index")}
 
 

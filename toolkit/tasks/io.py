@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from toolkit.errors import DataError
+from toolkit.errors import DataError, ToolkitError
 
 PathLike = Union[str, Path]
 _REQUIRED = object()
@@ -303,7 +304,10 @@ def _fmt_label(value: Any) -> str:
 
 
 def _fmt_float(value: Any) -> str:
-    return f"{float(value):.5f}"
+    x = float(value)
+    if not math.isfinite(x):
+        raise ToolkitError(f"refusing to write the non-finite prediction {x!r}: the model's output is not finite")
+    return f"{x:.5f}"
 
 
 def _fmt_tags(value: Any) -> str:
@@ -322,9 +326,14 @@ def _parse_label(text: str, labels: Optional[Sequence[str]], path: Path, line: i
 
 def _parse_float(text: str, labels: Optional[Sequence[str]], path: Path, line: int) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise DataError(path, f"prediction {text!r} is not a number", line=line) from None
+    # nan / inf parse as floats but make every correlation meaningless (numpy would return 0 or nan).
+    if not math.isfinite(value):
+        raise DataError(path, f"prediction {text!r} is not a finite number", line=line,
+                        hint="the model produced nan/inf; fix the run that wrote this file")
+    return value
 
 
 def _parse_tags(text: str, labels: Optional[Sequence[str]], path: Path, line: int) -> List[str]:
