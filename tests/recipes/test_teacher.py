@@ -133,3 +133,73 @@ def test_teacher_nonfinite_loss_stops_cleanly(tiny_bert_dir, fixture_tasks, tmp_
                          max_nonfinite=3))
     ckpt = find_checkpoint(out / "checkpoints")
     assert ckpt is not None and ckpt.name == "step2"
+
+
+def _rows(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(l).get("prefix") == "train"]
+
+
+def test_l2sp_anchor_pulls_toward_the_pretrained_weights(tiny_bert_dir, fixture_tasks, tmp_path):
+    """L2-SP: the logged penalty is l2sp/2 x the squared distance, and a strong pull keeps the
+    weights closer to the start than no pull does."""
+    from transformers import AutoModel
+
+    from toolkit.recipes.teacher import AnchorConfig, run_teacher
+
+    start = {k: v.clone() for k, v in AutoModel.from_pretrained(tiny_bert_dir).state_dict().items()}
+
+    def drift(out):
+        end = AutoModel.from_pretrained(out / "model").state_dict()
+        return sum(((end[k].float() - start[k].float()) ** 2).sum().item() for k in start if k in end)
+
+    free, pulled = tmp_path / "free", tmp_path / "pulled"
+    run_teacher(_cfg(tiny_bert_dir, fixture_tasks, free, eval_every=0))
+    run_teacher(_cfg(tiny_bert_dir, fixture_tasks, pulled, eval_every=0, anchor=AnchorConfig(l2sp=50.0)))
+    rows = _rows(pulled)
+    assert rows[0]["anchor/l2sp"] < rows[-1]["anchor/l2sp"]   # zero distance at the start, then it grows
+    assert drift(pulled) < 0.5 * drift(free)
+
+
+def test_relation_anchor_keeps_the_relations(tiny_bert_dir, fixture_tasks, fixture_corpus, tmp_path):
+    from toolkit.config import load_config
+    from toolkit.recipes.teacher import TeacherConfig, run_teacher
+
+    out = tmp_path / "rel"
+    cfg = load_config(TeacherConfig, None, base={
+        "model": str(tiny_bert_dir), "tasks": [str(p) for p in fixture_tasks.values()], "output_dir": str(out),
+        "max_steps": 6, "log_every": 1, "optim": {"lr": 3e-4},
+        "anchor": {"relation": 2.0, "corpus": {"sources": [str(fixture_corpus / "*.txt")], "seq_length": 32,
+                                               "shuffle_buffer": 8, "num_workers": 0}}})
+    res = run_teacher(cfg)
+    assert res["steps"] == 6
+    vals = [r["anchor/relation"] for r in _rows(out)]
+    assert len(vals) == 6 and all(v == v and v >= 0 for v in vals)
+    # Resume carries the anchor stream's position.
+    part = tmp_path / "part"
+    cfg_part = load_config(TeacherConfig, None, base={**{k: v for k, v in json.loads(
+        (out / "config.json").read_text()).items() if k in ("model", "tasks", "max_steps", "log_every")},
+        "output_dir": str(part), "optim": {"lr": 3e-4}, "stop_after": 3,
+        "anchor": {"relation": 2.0, "corpus": {"sources": [str(fixture_corpus / "*.txt")], "seq_length": 32,
+                                               "shuffle_buffer": 8, "num_workers": 0}}})
+    assert run_teacher(cfg_part) == {"stopped_at": 3}
+    cfg_part.stop_after = 0
+    run_teacher(cfg_part)
+    a = [r["anchor/relation"] for r in _rows(out)]
+    b = {r["step"]: r["anchor/relation"] for r in _rows(part)}
+    for step in range(1, 7):
+        assert b[step] == pytest.approx(a[step - 1], rel=1e-4, abs=1e-7), step
+
+
+def test_anchor_config_errors_name_the_field(tiny_bert_dir, fixture_tasks, tmp_path):
+    from toolkit.config import load_config
+    from toolkit.errors import ConfigError
+    from toolkit.recipes.teacher import TeacherConfig
+
+    base = {"model": str(tiny_bert_dir), "tasks": ["x"], "output_dir": str(tmp_path)}
+    with pytest.raises(ConfigError, match="anchor.l2sp"):
+        load_config(TeacherConfig, None, base={**base, "anchor": {"l2sp": -1}})
+    with pytest.raises(ConfigError, match="anchor.corpus.sources"):
+        load_config(TeacherConfig, None, base={**base, "anchor": {"relation": 1.0}})
+    with pytest.raises(ConfigError, match="'optim.lr'"):
+        load_config(TeacherConfig, None, base={**base, "lr": 1e-4})

@@ -219,20 +219,26 @@ class TeacherRecipe:
             log.info("teacher: anchored to the pretrained encoder (L2-SP %g, relation %g%s)", a.l2sp, a.relation,
                      f" at layer {self.anchor_layer + 1}" if a.relation > 0 else "")
 
-    def _anchor_losses(self) -> Dict[str, torch.Tensor]:
+    def _anchor_batch(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The relation anchor's next batch of unlabeled text (None without the anchor). Drawn
+        before the micro step seeds dropout, so the stream never shifts the dropout masks."""
+        if self.anchor_loader is None:
+            return None
+        if self.anchor_iter is None:
+            self.anchor_iter = iter(self.anchor_loader)
+        batch = next(self.anchor_iter, None)
+        if batch is None:   # a finite anchor corpus starts over
+            self.anchor_iter = iter(self.anchor_loader)
+            batch = next(self.anchor_iter)
+        return {k: v.to(self.engine.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def _anchor_losses(self, batch: Optional[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """The anchors' terms for this micro step (empty when no anchor is on)."""
         a, out = self.cfg.anchor, {}
         if self.anchor_weights:
             dist2 = sum(((p.float() - p0) ** 2).sum() for p, p0 in self.anchor_weights)
             out["l2sp"] = 0.5 * a.l2sp * dist2
-        if self.anchor_loader is not None:
-            if self.anchor_iter is None:
-                self.anchor_iter = iter(self.anchor_loader)
-            batch = next(self.anchor_iter, None)
-            if batch is None:   # a finite anchor corpus starts over
-                self.anchor_iter = iter(self.anchor_loader)
-                batch = next(self.anchor_iter)
-            batch = {k: v.to(self.engine.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if batch is not None:
             target = self.anchor_teacher(batch)["layers"][self.anchor_layer]
             self.anchor_capture.clear()
             self.model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -291,10 +297,11 @@ class TeacherRecipe:
                     # Counted on the host copy (the device mask would cost a sync per micro step).
                     n_samples, n_tokens = batch_size_of(batch), count_tokens(batch)
                     batch = to_device(batch, eng.device)
+                    anchor_batch = self._anchor_batch()
                 # Dropout depends only on (seed, micro step, rank): exact resume without RNG state.
                 torch.manual_seed(cfg.seed * 1_000_003 + st["micro_step"] * 1009 + eng.rank)
                 out = eng(task=task.name, **forward_kwargs(self.model.forward, batch))
-                anchors = self._anchor_losses()
+                anchors = self._anchor_losses(anchor_batch)
                 loss = out.loss + sum(anchors.values()) if anchors else out.loss
                 if eng.backward(loss):
                     running += out.loss.detach().double()   # on the device; read at log steps
