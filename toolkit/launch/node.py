@@ -131,8 +131,9 @@ def build(a: argparse.Namespace, env: Dict[str, str]) -> Tuple[List[str], Dict[s
     return cmd, out
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m toolkit.launch.node", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-gpus", type=int, default=1, help="ranks on this node")
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: from SLURM_JOB_ID)")
     p.add_argument("--bind-cores", action="store_true", help="pin each rank to its share of the task's CPUs")
@@ -142,7 +143,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                    help="on a preemption stop (exit 75) write this file and exit 0 instead")
     p.add_argument("script", help="launcher script name in launchers/ (e.g. distill.py)")
     p.add_argument("args", nargs=argparse.REMAINDER)
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    a = parse_args(argv)
     try:
         cmd, env = build(a, dict(os.environ))
     except Exception as e:  # noqa: BLE001 - one line in the job log, not a traceback
