@@ -156,7 +156,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     node = env.get("SLURM_NODEID", "0")
     print(f"[toolkit.launch.node] node {node}: OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '')} "
           f"{' '.join(cmd)}", flush=True)
-    rc = run_supervised(cmd, env, grace_s=a.grace_seconds)
+    try:
+        rc = run_supervised(cmd, env, grace_s=a.grace_seconds)
+    finally:
+        if "--hostfile" in cmd:
+            Path(cmd[cmd.index("--hostfile") + 1]).unlink(missing_ok=True)
     if rc == REQUEUE_EXIT_CODE and a.requeue_file:
         Path(a.requeue_file).parent.mkdir(parents=True, exist_ok=True)
         Path(a.requeue_file).write_text(f"node {node}\n", encoding="utf-8")
