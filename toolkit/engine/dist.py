@@ -183,8 +183,7 @@ def check_shared_folder(path: Union[str, Path], field: str = "output_dir", wait_
     if not (is_initialized() and world_size() > 1):
         return
     root = Path(path)
-    token = uuid.uuid4().hex if is_main() else None
-    token = broadcast_object(token)
+    token, named = broadcast_object((uuid.uuid4().hex, str(root)) if is_main() else None)
     probe = root / f".shared-check-{token}"
     problem = None
     if is_main():
@@ -198,7 +197,7 @@ def check_shared_folder(path: Union[str, Path], field: str = "output_dir", wait_
             problem = f"rank 0 cannot write to it ({e})"
     problem = broadcast_object(problem)
     if problem:
-        raise SharedFolderError(root, field, problem)
+        raise SharedFolderError(named, field, problem)
     barrier()
     deadline = time.monotonic() + wait_s
     while True:
@@ -215,7 +214,7 @@ def check_shared_folder(path: Union[str, Path], field: str = "output_dir", wait_
         probe.unlink(missing_ok=True)
     missing = [f"rank {r} on {host}" for r, (good, host) in enumerate(seen) if not good]
     if missing:
-        raise SharedFolderError(root, field, f"{', '.join(missing)} cannot see the file rank 0 "
+        raise SharedFolderError(named, field, f"{', '.join(missing)} cannot see the file rank 0 "
                                 f"(on {seen[0][1]}) wrote there")
 
 

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from toolkit.config import arg, save_config, to_dict
+from toolkit.config import arg, save_config
 from toolkit.engine import dist
 from toolkit.engine.engine import OptimConfig
 from toolkit.errors import ConfigError
 from toolkit.recipes.common import mean_std, task_ref, write_json
-from toolkit.recipes.finetune import FinetuneConfig, FinetuneRecipe
+from toolkit.recipes.finetune import FinetuneConfig, FinetuneRecipe, same_run_config
 from toolkit.tasks import get_task, group_names, resolve_tasks
 from toolkit.tasks.base import Task
 from toolkit.utils.logging import get_logger
@@ -89,11 +89,10 @@ def finished_run(run_dir: Path, cfg: FinetuneConfig) -> Optional[Dict[str, Any]]
     checkpoint (:class:`FinetuneRecipe` does that), the rest start.
     """
     try:
-        saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         res = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if saved != json.loads(json.dumps(to_dict(cfg))) or "score" not in res:
+    if not isinstance(res, dict) or "score" not in res or not same_run_config(run_dir / "config.json", cfg):
         return None
     return res
 

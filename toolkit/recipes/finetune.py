@@ -16,6 +16,7 @@ Besides ``results.json`` and the best model, a run writes with the best weights:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -86,6 +87,9 @@ class FinetuneConfig:
 
     MOVED_FIELDS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio",
                     "decay": "optim.decay", "optimizer": "optim.impl"}
+    #: Fields that change how a run is stopped and saved, not what it computes: a run may resume
+    #: (and an eval grid may reuse a finished run) when only these differ.
+    RUN_CONTROL = ("resume", "save_every", "keep_checkpoints", "stop_after")
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -167,14 +171,8 @@ class FinetuneRecipe:
         return self.out / "checkpoints"
 
     def _same_config(self) -> bool:
-        """The run folder was started with this very config (so its checkpoint may be resumed)."""
-        import json
-
-        try:
-            saved = json.loads((self.out / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return saved == json.loads(json.dumps(to_dict(self.cfg)))
+        """The run folder was started with this config (so its checkpoint may be resumed)."""
+        return same_run_config(self.out / "config.json", self.cfg)
 
     def _resume(self) -> None:
         """Training state: fresh, or restored from the newest checkpoint of a stopped run."""
@@ -451,6 +449,21 @@ class FinetuneRecipe:
             return self.train()
         finally:
             self.cleanup()
+
+
+def same_run_config(saved_file: Path, cfg: FinetuneConfig) -> bool:
+    """``saved_file`` (a run's config.json) holds ``cfg``, up to :attr:`FinetuneConfig.RUN_CONTROL`."""
+    try:
+        saved = json.loads(Path(saved_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    now = json.loads(json.dumps(to_dict(cfg)))
+    if not isinstance(saved, dict):
+        return False
+    for key in FinetuneConfig.RUN_CONTROL:
+        saved.pop(key, None)
+        now.pop(key, None)
+    return saved == now
 
 
 def run_finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
