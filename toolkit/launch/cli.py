@@ -96,7 +96,8 @@ def launch(job, overrides, config, ds_config, num_nodes, num_gpus, hostfile, mas
 @click.option("--gpus-per-node", type=int, default=0, show_default=True,
               help="GPUs per node (#SBATCH --gpus-per-node); also the ranks per node when > 0.")
 @click.option("--ranks-per-node", type=int, default=None, help="Ranks per node on CPU nodes (default: GPUs or 1).")
-@click.option("--cpus-per-task", type=int, default=None, help="#SBATCH --cpus-per-task.")
+@click.option("--cpus-per-task", type=int, default=None,
+              help="CPUs of each node's task (#SBATCH --cpus-per-task, passed on to srun); the node's ranks share them.")
 @click.option("--mem", default=None, help="#SBATCH --mem (e.g. 64G).")
 @click.option("--partition", default=None, help="#SBATCH --partition.")
 @click.option("--account", default=None, help="#SBATCH --account.")
