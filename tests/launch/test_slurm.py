@@ -10,7 +10,6 @@ One CPU rank per node, gloo between the nodes:
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
