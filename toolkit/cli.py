@@ -50,12 +50,19 @@ def _run(job: str, config: Optional[str], overrides: Sequence[str], options: Dic
     """Options given explicitly on the command line win over the YAML; overrides win over both."""
     from toolkit.jobs import build_config, run_job
 
+    from contextlib import nullcontext
+
+    from toolkit.engine.signals import PreemptionHandler
+
     extra = [f"{k}={_fmt(v)}" for k, v in options.items() if v is not None and v != ()]
-    try:
-        cfg = build_config(job, config, [*extra, *overrides])
-        return run_job(job, cfg)
-    except ToolkitError as e:
-        _fail(e)
+    # Jobs that checkpoint on preemption catch it for their whole run (the recipe's handler nests
+    # inside): a signal during start-up is remembered rather than fatal.
+    with PreemptionHandler() if job in _JOB_COMMANDS else nullcontext():
+        try:
+            cfg = build_config(job, config, [*extra, *overrides])
+            return run_job(job, cfg)
+        except ToolkitError as e:
+            _fail(e)
 
 
 def _fmt(v: Any) -> str:

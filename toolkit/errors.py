@@ -43,3 +43,14 @@ class ConfigError(ToolkitError):
 
 class TrainingError(ToolkitError):
     """Training cannot go on (e.g. too many non-finite losses). Checkpoints stay intact."""
+
+
+class SharedFolderError(ToolkitError):
+    """A folder every rank writes into (``output_dir``) is not one shared folder on all nodes."""
+
+    def __init__(self, path: Union[str, Path], field: str, problem: str):
+        self.path = str(path)
+        self.field = field
+        super().__init__(f"{field} {self.path} is not one folder shared by every rank: {problem}. Put {field} on "
+                         f"a filesystem all nodes mount at the same path (NFS, Lustre, GPFS...); checkpoints and "
+                         f"outputs are written there by several ranks")

@@ -84,17 +84,21 @@ def launcher_main(job: str, argv: Optional[List[str]] = None) -> None:
     overrides = list(args.overrides)
     if args.ds_config:
         overrides.append(f"ds_config={args.ds_config}")
-    code = 0
-    try:
-        cfg = build_config(job, args.config, overrides)
-        run_job(job, cfg)
-    except ToolkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except SystemExit as e:  # a recipe asking to be requeued after a preemption signal
-        code = e.code if isinstance(e.code, int) else 1
-    # Tear the process group down and leave with os._exit: on CPU/gloo, rank 1 otherwise
-    # aborts in interpreter shutdown ("terminate called without an active exception").
     from toolkit.engine import dist
+    from toolkit.engine.signals import PreemptionHandler
 
-    dist.finalize_and_exit(code)
+    # Caught from here on for the whole process (the recipe's own handler nests inside): a signal
+    # during start-up is remembered, and one during the final teardown cannot kill the rank.
+    with PreemptionHandler():
+        code = 0
+        try:
+            cfg = build_config(job, args.config, overrides)
+            run_job(job, cfg)
+        except ToolkitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            code = 2
+        except SystemExit as e:  # a recipe asking to be requeued after a preemption signal
+            code = e.code if isinstance(e.code, int) else 1
+        # Tear the process group down and leave with os._exit: on CPU/gloo, rank 1 otherwise
+        # aborts in interpreter shutdown ("terminate called without an active exception").
+        dist.finalize_and_exit(code)

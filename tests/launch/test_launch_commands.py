@@ -100,3 +100,100 @@ def test_launch_on_a_gpu_host_keeps_cuda_visible_devices(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     argv = shlex.split(CliRunner().invoke(main, ["launch", "distill", "--dry-run"]).output.strip())
     assert argv[argv.index("--num_gpus") + 1] == "2" and "--include" not in argv
+
+
+# ----- the Slurm path: the node step and the requeue contract of the sbatch script -------------
+
+def _fake_slurm(tmp_path, srun_body: str):
+    """A PATH with fake ``srun`` and ``scontrol``: srun runs ``srun_body`` with the node step's
+    ``--requeue-file`` in $MARK; scontrol records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text("#!/bin/bash\n"
+                                  "MARK=$(printf '%s\\n' \"$@\" | grep -A1 -x -- --requeue-file | tail -1)\n"
+                                  f"echo \"$@\" > {tmp_path}/srun_args\n{srun_body}\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path}/scontrol_calls\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("srun_body,requeue,rc,requeued", [
+    ('echo node0 > "$MARK"; exit 0', True, 0, True),     # ranks stopped for a preemption with a checkpoint
+    ("exit 0", True, 0, False),                          # the job finished
+    ("exit 143", True, 143, False),                      # a node failed: srun killed the rest
+    ('echo node0 > "$MARK"; exit 0', False, 75, False),  # --no-requeue: the stop is reported, not requeued
+])
+def test_sbatch_requeues_on_the_mark_only(tmp_path, srun_body, requeue, rc, requeued):
+    import os
+
+    spec = SlurmSpec(launch=LaunchSpec(job="distill", config="c.yaml", master_port=None), nodes=2,
+                     cpus_per_task=4, requeue=requeue, script_dir=str(tmp_path / "scripts"), workdir=str(tmp_path))
+    text = render_sbatch(spec)
+    srun = next(l for l in text.splitlines() if l.startswith("srun "))
+    # A clean stop never travels through srun as 75: --kill-on-bad-exit stays for real failures.
+    assert "--kill-on-bad-exit=1" in srun and "--requeue-file" in srun
+    assert "${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}" in srun   # srun >= 22.05 needs it
+    assert "--master-port" not in srun   # each node derives it from the job id
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    bin_dir = _fake_slurm(tmp_path, srun_body)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_CPUS_PER_TASK": "4", "SLURM_JOB_NODELIST": "n[1-2]"}
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == rc, r.stdout + r.stderr
+    assert "--cpus-per-task=4" in (tmp_path / "srun_args").read_text()
+    calls = (tmp_path / "scontrol_calls").read_text() if (tmp_path / "scontrol_calls").exists() else ""
+    assert ("requeue 4242" in calls) == requeued
+    assert not list((tmp_path / "scripts").glob(".requeue-*"))   # consumed
+
+
+def test_slurm_master_port_comes_from_the_job_id():
+    from toolkit.launch.commands import default_master_port, slurm_master_port
+
+    ports = {slurm_master_port(str(j)) for j in range(1000, 1100)}
+    assert len(ports) == 100 and all(12000 <= p < 32000 for p in ports)   # below the ephemeral range
+    assert slurm_master_port("1234") == slurm_master_port("1234")
+    assert default_master_port({}) == 29500 and default_master_port({"SLURM_JOB_ID": "77"}) == slurm_master_port("77")
+
+
+def test_node_step_follows_the_slurm_task(monkeypatch, tmp_path):
+    """Two nodes, this one node 1: port from the job id, master at node 0's NodeAddr, the ranks on
+    the GPUs Slurm made visible and on the task's CPUs."""
+    from toolkit.launch import node
+    from toolkit.launch.commands import slurm_master_port
+
+    monkeypatch.setattr(node, "slurm_hosts", lambda env=None: ["n1", "n2"])
+    monkeypatch.setattr(node, "node_address", lambda host: {"n1": "10.0.0.1"}.get(host, host))
+    monkeypatch.setattr(node, "affinity_cpus", lambda: [4, 5, 6, 7])
+    env = {"SLURM_JOB_ID": "98765", "SLURM_NODEID": "1", "CUDA_VISIBLE_DEVICES": "2,3", "PATH": "/usr/bin"}
+    cmd, out = node.build(node.parse_args(["--num-gpus", "2", "--", "distill.py", "--config", "c.yaml", "a=1"]), env)
+    val = lambda flag: cmd[cmd.index(flag) + 1]  # noqa: E731
+    assert val("--master_port") == str(slurm_master_port("98765"))
+    assert val("--master_addr") == "10.0.0.1" and val("--node_rank") == "1" and "--no_ssh" in cmd
+    assert val("--include") == "n1:0,1@n2:2,3" and "--num_gpus" not in cmd
+    from pathlib import Path
+
+    assert Path(val("--hostfile")).read_text() == "n1 slots=2\nn2 slots=4\n"
+    assert out["OMP_NUM_THREADS"] == "2"   # 4 CPUs in the task's mask, 2 ranks
+    assert cmd[-3:] == ["--config", "c.yaml", "a=1"]
+    # Pinned: each rank gets its share of the task's CPUs, not of the whole machine.
+    cmd, out = node.build(node.parse_args(["--num-gpus", "2", "--bind-cores", "--", "distill.py"]),
+                          {**env, "CUDA_VISIBLE_DEVICES": ""})
+    assert cmd[cmd.index("--bind_core_list") + 1] == "4-7" and "--bind_cores_to_rank" in cmd
+    assert cmd[cmd.index("--num_gpus") + 1] == "2" and "--include" not in cmd
+    # One node: no hostfile, the visible GPUs by name.
+    monkeypatch.setattr(node, "slurm_hosts", lambda env=None: ["n1"])
+    cmd, _ = node.build(node.parse_args(["--num-gpus", "1", "--master-port", "23456", "--", "finetune.py"]),
+                        {**env, "SLURM_NODEID": "0"})
+    assert val("--include") == "localhost:2" and val("--master_port") == "23456" and "--hostfile" not in cmd
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=2,3"):
+        node.build(node.parse_args(["--num-gpus", "4", "--", "distill.py"]), env)
+
+
+def test_cpu_list_and_threads():
+    from toolkit.launch.commands import cpu_list, restricted_core_list, threads_per_rank
+
+    assert cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and cpu_list([3]) == "3"
+    assert threads_per_rank(2, [0, 1, 2, 3, 4]) == 2 and threads_per_rank(8, [0, 1]) == 1
+    assert restricted_core_list([0, 1], total=2) is None and restricted_core_list([2, 3], total=8) == "2-3"

@@ -207,3 +207,29 @@ def test_distill_bf16_config_on_a_native_bf16_cpu(tiny_bert4_dir, fixture_corpus
     assert res["steps"] == 6 and res["nonfinite_losses"] == 0
     losses = _losses(out)
     assert len(losses) == 6 and all(0 <= v < 1 for v in losses.values())
+
+
+def test_parameters_no_loss_reaches_are_frozen_not_decayed(tiny_bert4_dir, fixture_corpus, tmp_path):
+    """The relation loss reads Q/K/V of the student's last layer: what comes after them there gets
+    no gradient. It is frozen at setup (DeepSpeed would hand it zero gradients and AdamW would decay
+    it) and ends the run with its initial values; everything the loss reaches trains."""
+    from toolkit.recipes.distill import DistillRecipe
+
+    r = DistillRecipe(_cfg(tiny_bert4_dir, fixture_corpus, tmp_path, max_steps=3))
+    try:
+        r.setup()
+        student = r.module.student
+        frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
+        trained = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+        last = student.config.num_hidden_layers - 1
+        assert f"encoder.layer.{last}.intermediate.dense.weight" in frozen
+        assert f"encoder.layer.{last}.attention.output.dense.weight" in frozen
+        assert f"encoder.layer.{last}.attention.self.query.weight" in trained
+        assert not any(n.startswith(f"encoder.layer.{last - 1}.") for n in frozen)
+        r.train()
+        after = dict(student.named_parameters())
+        for n, v in frozen.items():
+            assert torch.equal(after[n].detach(), v), n
+        assert all(not torch.equal(after[n].detach(), v) for n, v in trained.items() if n.endswith("query.weight"))
+    finally:
+        r.cleanup()

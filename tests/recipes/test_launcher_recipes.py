@@ -106,12 +106,10 @@ def test_teacher_two_ranks_match_one_process(stage, reference, no_dropout_teache
     assert (out / "metrics.json").is_file(), log[-3000:]
     got = _losses(out)
     assert sorted(got) == list(range(1, STEPS + 1)), log[-3000:]
-    # ZeRO-3 hands the optimizer zero gradients for the heads of tasks that are not in the
-    # batch, where one process (and ZeRO-2) hand it None and AdamW skips them; the idle heads
-    # then drift by momentum/decay only, which moves the curve in the 4th digit.
-    rel = 2e-4 if stage < 3 else 3e-3
+    # Every stage gives an idle task head a zero gradient (ZeRO-3 used to reapply the previous
+    # step's): the curves agree (tests/recipes/test_zero_agreement.py compares the weights).
     for step, loss in reference.items():
-        assert got[step] == pytest.approx(loss, rel=rel, abs=1e-5), (stage, step)
+        assert got[step] == pytest.approx(loss, rel=2e-4, abs=1e-5), (stage, step)
     assert (out / "model" / "model.safetensors").is_file()
 
 

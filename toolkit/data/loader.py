@@ -36,6 +36,7 @@ from toolkit.data.corpus import (STATE_VERSION, CorpusConfig, StreamingCorpus, c
                                  to_checkpoint)
 from toolkit.data.packing import pad_rows
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.utils.stop_signals import blocked, ignore_in_child
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +156,15 @@ class StatefulLoader:
                               [dict(p) for p in self._positions], self.state_every)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
+                            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+                            worker_init_fn=ignore_in_child if self.num_workers > 0 else None)
         arrived: List[Deque[Dict[str, Any]]] = [deque() for _ in self._active]
-        items = iter(loader)
+        # Schedulers signal every process of a job. A worker killed by a preemption signal takes its
+        # rank down with it ("DataLoader worker exited unexpectedly") before the rank checkpoints,
+        # so workers ignore the signal; blocked while they are forked, it cannot reach one before
+        # its worker_init_fn runs.
+        with blocked():
+            items = iter(loader)
         while any(self._active):
             w = self._next_worker()
             while not arrived[w]:

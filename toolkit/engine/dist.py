@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, List
+import time
+import uuid
+from pathlib import Path
+from typing import Any, List, Union
 
 import torch
 import torch.distributed as tdist
 
+from toolkit.errors import SharedFolderError
 from toolkit.utils.logging import env_rank
 
 _SLURM_FALLBACKS = {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS", "LOCAL_RANK": "SLURM_LOCALID"}
@@ -138,6 +142,15 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
 
 
+def all_ranks(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on all of them (a collective, like :func:`any_rank`).
+
+    Used where one rank alone can run out of something, e.g. a finite corpus whose shards
+    differ in length: every rank stops at the first micro step where any rank has no batch.
+    """
+    return not any_rank(not flag)
+
+
 def all_gather_object(obj: Any) -> List[Any]:
     """Picklable ``obj`` from every rank, indexed by rank."""
     if not (is_initialized() and world_size() > 1):
@@ -154,6 +167,55 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def check_shared_folder(path: Union[str, Path], field: str = "output_dir", wait_s: float = 10.0) -> None:
+    """Check that every rank sees the same folder ``path``; a collective, call it on all ranks.
+
+    Rank 0 writes a file with a fresh token into ``path``; after a barrier every rank reads it
+    back (retrying for up to ``wait_s`` seconds: a network filesystem may show a new file on
+    another node a moment later). Checkpoints rely on it: each rank writes its own part into one
+    folder and rank 0 alone renames and marks it complete.
+
+    Raises:
+        SharedFolderError: naming the ranks and hosts that do not see rank 0's file.
+    """
+    if not (is_initialized() and world_size() > 1):
+        return
+    root = Path(path)
+    token, named = broadcast_object((uuid.uuid4().hex, str(root)) if is_main() else None)
+    probe = root / f".shared-check-{token}"
+    problem = None
+    if is_main():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with open(probe, "w", encoding="utf-8") as fh:
+                fh.write(token)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:
+            problem = f"rank 0 cannot write to it ({e})"
+    problem = broadcast_object(problem)
+    if problem:
+        raise SharedFolderError(named, field, problem)
+    barrier()
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            ok = probe.read_text(encoding="utf-8") == token
+        except OSError:
+            ok = False
+        if ok or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    seen = all_gather_object((ok, socket.gethostname()))
+    barrier()
+    if is_main():
+        probe.unlink(missing_ok=True)
+    missing = [f"rank {r} on {host}" for r, (good, host) in enumerate(seen) if not good]
+    if missing:
+        raise SharedFolderError(named, field, f"{', '.join(missing)} cannot see the file rank 0 "
+                                f"(on {seen[0][1]}) wrote there")
 
 
 def shutdown() -> None:

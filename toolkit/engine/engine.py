@@ -225,6 +225,7 @@ class Engine:
         self.nonfinite_total = 0
         self.nonfinite_consecutive = 0
         self._skip_pending = False
+        self._window_open = False   # a backward ran since the last optimizer step
 
         model.to(self._device)
         # CPU fp32: the model's linear layers train on oneDNN's GEMM (forward and input
@@ -357,8 +358,26 @@ class Engine:
             return False
         self.nonfinite_consecutive = 0
         self._skip_pending = False
+        if not self._window_open:
+            self._clear_stale_zero3_grads()
+            self._window_open = True
         self._ds.backward(loss)
         return True
+
+    def _clear_stale_zero3_grads(self) -> None:
+        """Zero ZeRO-3's gradient partitions before the first backward of an accumulation window.
+
+        ZeRO-3 (DeepSpeed 0.19) writes a parameter's reduced gradient into its slot of one flat
+        buffer only when the parameter took part in the backward; the slot of a parameter that got
+        no gradient in this window (the head of a task that is not in the batch) keeps the previous
+        window's gradient, and the optimizer applies it again. Stages 0-2 hand such a parameter a
+        zero gradient. Zeroing the buffer makes ZeRO-3 do the same, so every stage trains alike.
+        """
+        if self.zero_stage != 3:
+            return
+        buf = getattr(self._ds.optimizer, "grad_partitions_flat_buffer", None)
+        if isinstance(buf, torch.Tensor):
+            buf.zero_()
 
     def step(self) -> bool:
         """Finish a micro-batch; True when this was an accumulation boundary (optimizer step)."""
@@ -367,6 +386,8 @@ class Engine:
             return False
         boundary = bool(self._ds.is_gradient_accumulation_boundary())
         self._ds.step()
+        if boundary:
+            self._window_open = False
         return boundary
 
     # ----- checkpoints -------------------------------------------------------------------
@@ -417,6 +438,7 @@ class Engine:
         if load_path is None:
             raise ToolkitError(f"{path}: DeepSpeed found no checkpoint tag {ds_tag!r} inside")
         self._skip_pending = False
+        self._window_open = False
         self.nonfinite_consecutive = 0
         log.info("resumed from %s (step %d)", path, self.global_step)
         return read_client_state(path, self.rank)

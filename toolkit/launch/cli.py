@@ -12,8 +12,9 @@ from pathlib import Path
 import click
 
 from toolkit.errors import ToolkitError
-from toolkit.launch.commands import (SCRIPTS, LaunchSpec, SlurmSpec, cpu_launch_env, deepspeed_command, render_sbatch,
-                                     visible_gpu_include)
+from toolkit.launch.commands import (SCRIPTS, LaunchSpec, SlurmSpec, cpu_launch_env, default_master_port,
+                                     deepspeed_command, render_sbatch, restricted_core_list, visible_gpu_include)
+from toolkit.launch.supervise import DEFAULT_GRACE_S, run_supervised
 
 
 def _fail(e: Exception) -> None:
@@ -40,17 +41,24 @@ def _gpu_count() -> int:
               help="Processes per node: GPUs per node, or CPU ranks on a CPU machine (default: all GPUs, or 1).")
 @click.option("--hostfile", default=None, help="DeepSpeed hostfile: one 'hostname slots=N' per line.")
 @click.option("--master-addr", default=None, help="Address of node 0 (default: inferred by the launcher).")
-@click.option("--master-port", type=int, default=29500, show_default=True, help="Rendezvous port on node 0.")
+@click.option("--master-port", type=int, default=None,
+              help="Rendezvous port on node 0 (default: 29500, or inside a Slurm job one derived from its id).")
 @click.option("--node-rank", type=int, default=None, help="With --no-ssh: the rank of this node.")
 @click.option("--no-ssh", is_flag=True, help="Start only this node's ranks (run once per node, e.g. by a scheduler).")
 @click.option("--include", default=None, help="Hosts/slots to use, deepspeed syntax (host1@host2:0,2).")
 @click.option("--exclude", default=None, help="Hosts/slots to leave out, deepspeed syntax.")
 @click.option("--bind-cores/--no-bind-cores", default=None,
               help="Pin each rank to its own cores (default on CPU machines when numactl exists).")
+@click.option("--grace-seconds", type=float, default=DEFAULT_GRACE_S, show_default=True,
+              help="After SIGTERM/SIGUSR1, kill the ranks if they have not checkpointed and exited within this time.")
 @click.option("--dry-run", is_flag=True, help="Print the exact command and exit.")
 def launch(job, overrides, config, ds_config, num_nodes, num_gpus, hostfile, master_addr, master_port, node_rank,
-           no_ssh, include, exclude, bind_cores, dry_run):  # noqa: ANN001
-    """Run JOB through the deepspeed launcher on one node or many."""
+           no_ssh, include, exclude, bind_cores, grace_seconds, dry_run):  # noqa: ANN001
+    """Run JOB through the deepspeed launcher on one node or many.
+
+    SIGTERM or SIGUSR1 (to this process or its process group) makes the ranks agree on a step,
+    write a checkpoint and exit; this command then exits 75, the requeue code.
+    """
     gpus = _gpu_count()
     try:
         if gpus and not (include or exclude or hostfile) and num_nodes == 1:
@@ -63,8 +71,10 @@ def launch(job, overrides, config, ds_config, num_nodes, num_gpus, hostfile, mas
         if bind_cores is None:
             bind_cores = gpus == 0 and shutil.which("numactl") is not None and num_gpus > 1
         spec = LaunchSpec(job=job, config=config, ds_config=ds_config, overrides=overrides, num_nodes=num_nodes,
-                          num_gpus=num_gpus, hostfile=hostfile, master_addr=master_addr, master_port=master_port,
-                          node_rank=node_rank, no_ssh=no_ssh, include=include, exclude=exclude, bind_cores=bind_cores)
+                          num_gpus=num_gpus, hostfile=hostfile, master_addr=master_addr,
+                          master_port=master_port if master_port is not None else default_master_port(),
+                          node_rank=node_rank, no_ssh=no_ssh, include=include, exclude=exclude, bind_cores=bind_cores,
+                          bind_core_list=restricted_core_list() if bind_cores else None)
     except ToolkitError as e:
         _fail(e)
     cmd = deepspeed_command(spec)
@@ -74,7 +84,7 @@ def launch(job, overrides, config, ds_config, num_nodes, num_gpus, hostfile, mas
         click.echo(shown + " ".join(shlex.quote(c) for c in cmd))
         return
     env = {**os.environ, **env_extra}
-    sys.exit(subprocess.call(cmd, env=env))
+    sys.exit(run_supervised(cmd, env, grace_s=grace_seconds))
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
@@ -86,7 +96,8 @@ def launch(job, overrides, config, ds_config, num_nodes, num_gpus, hostfile, mas
 @click.option("--gpus-per-node", type=int, default=0, show_default=True,
               help="GPUs per node (#SBATCH --gpus-per-node); also the ranks per node when > 0.")
 @click.option("--ranks-per-node", type=int, default=None, help="Ranks per node on CPU nodes (default: GPUs or 1).")
-@click.option("--cpus-per-task", type=int, default=None, help="#SBATCH --cpus-per-task.")
+@click.option("--cpus-per-task", type=int, default=None,
+              help="CPUs of each node's task (#SBATCH --cpus-per-task, passed on to srun); the node's ranks share them.")
 @click.option("--mem", default=None, help="#SBATCH --mem (e.g. 64G).")
 @click.option("--partition", default=None, help="#SBATCH --partition.")
 @click.option("--account", default=None, help="#SBATCH --account.")
@@ -97,7 +108,8 @@ def launch(job, overrides, config, ds_config, num_nodes, num_gpus, hostfile, mas
 @click.option("--signal-seconds", type=int, default=120, show_default=True,
               help="Send USR1 this long before the time limit; the job checkpoints and is requeued.")
 @click.option("--no-requeue", is_flag=True, help="Do not requeue after a preemption signal.")
-@click.option("--master-port", type=int, default=29500, show_default=True, help="Rendezvous port on node 0.")
+@click.option("--master-port", type=int, default=None,
+              help="Rendezvous port on node 0 (default: derived from the job id, so jobs sharing a node differ).")
 @click.option("--sbatch-arg", multiple=True, help="Extra #SBATCH line, e.g. --sbatch-arg=--constraint=a100.")
 @click.option("--script-dir", default="slurm", show_default=True, help="Where the rendered script is written.")
 @click.option("--dry-run", is_flag=True, help="Print the sbatch script instead of submitting it.")
@@ -114,7 +126,7 @@ def slurm(job, overrides, config, ds_config, nodes, gpus_per_node, ranks_per_nod
                          mem=mem, partition=partition, account=account, time=time_limit,
                          job_name=job_name or f"toolkit-{job}", output=output or f"{script_dir}/{job}-%j.out",
                          error=error, signal_seconds=signal_seconds, requeue=not no_requeue,
-                         extra_sbatch=list(sbatch_arg))
+                         extra_sbatch=list(sbatch_arg), script_dir=script_dir)
     except ToolkitError as e:
         _fail(e)
     text = render_sbatch(spec)

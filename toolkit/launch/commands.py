@@ -21,6 +21,56 @@ SCRIPTS = {"teacher": "train_teacher.py", "distill": "distill.py", "finetune": "
 # Exit code a job uses after writing its checkpoint on SIGTERM/SIGUSR1; the sbatch script
 # requeues the job when it sees it. Kept in sync with toolkit.engine.signals.
 REQUEUE_EXIT_CODE = 75
+DEFAULT_MASTER_PORT = 29500
+# Rendezvous ports derived from a Slurm job id: below Linux's ephemeral range (32768-60999), so
+# an outgoing connection never holds the port a job is about to listen on.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 12000, 20000
+
+
+def slurm_master_port(job_id: str) -> int:
+    """The rendezvous port of Slurm job ``job_id``: the same on every node of the job (and after a
+    requeue), different for jobs whose ids differ by less than 20000 (two jobs sharing a node)."""
+    digits = "".join(c for c in str(job_id) if c.isdigit())
+    return SLURM_PORT_BASE + (int(digits) if digits else 0) % SLURM_PORT_SPAN
+
+
+def default_master_port(env: Optional[Dict[str, str]] = None) -> int:
+    """29500, or inside a Slurm job the port derived from its id (:func:`slurm_master_port`)."""
+    import os
+
+    job = (env if env is not None else os.environ).get("SLURM_JOB_ID")
+    return slurm_master_port(job) if job else DEFAULT_MASTER_PORT
+
+
+def affinity_cpus() -> List[int]:
+    """The CPUs this process may run on (Slurm's, taskset's or a cgroup's restriction)."""
+    import os
+
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def cpu_list(cpus: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"`` (numactl / deepspeed ``--bind_core_list`` syntax)."""
+    out, run = [], []
+    for c in sorted(set(cpus)):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [c]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def threads_per_rank(ranks: int, cpus: Optional[Sequence[int]] = None) -> int:
+    """OMP threads for each of ``ranks`` processes sharing this process's CPUs (at least 1)."""
+    n = len(cpus) if cpus is not None else len(affinity_cpus())
+    return max(1, n // max(1, ranks))
 
 
 @dataclass
@@ -35,12 +85,13 @@ class LaunchSpec:
     num_gpus: int = 1  # processes per node (GPUs, or CPU ranks on a CPU machine)
     hostfile: Optional[str] = None
     master_addr: Optional[str] = None
-    master_port: int = 29500
+    master_port: Optional[int] = DEFAULT_MASTER_PORT  # None: the node derives it (Slurm job id)
     node_rank: Optional[int] = None  # with no_ssh: this node's rank
     no_ssh: bool = False
     include: Optional[str] = None
     exclude: Optional[str] = None
     bind_cores: bool = False
+    bind_core_list: Optional[str] = None  # with bind_cores: the CPUs to split among the ranks
 
     def __post_init__(self) -> None:
         if self.job not in SCRIPTS:
@@ -96,11 +147,13 @@ def deepspeed_command(spec: LaunchSpec, python: Optional[str] = None) -> List[st
         cmd += ["--num_gpus", str(spec.num_gpus)]
     if spec.master_addr:
         cmd += ["--master_addr", spec.master_addr]
-    cmd += ["--master_port", str(spec.master_port)]
+    cmd += ["--master_port", str(spec.master_port if spec.master_port is not None else default_master_port())]
     if spec.no_ssh:
         cmd += ["--no_ssh", "--node_rank", str(spec.node_rank)]
     if spec.bind_cores:
         cmd += ["--bind_cores_to_rank"]
+        if spec.bind_core_list:
+            cmd += ["--bind_core_list", spec.bind_core_list]
     cmd.append(str(REPO_ROOT / "launchers" / SCRIPTS[spec.job]))
     if spec.config:
         cmd += ["--config", spec.config]
@@ -110,12 +163,24 @@ def deepspeed_command(spec: LaunchSpec, python: Optional[str] = None) -> List[st
     return cmd
 
 
-def cpu_launch_env(spec: LaunchSpec) -> Dict[str, str]:
-    """On CPU machines each rank should use one thread per core it owns (PLATFORM_NOTES)."""
+def cpu_launch_env(spec: LaunchSpec, cpus: Optional[Sequence[int]] = None) -> Dict[str, str]:
+    """On CPU machines each rank should use one thread per core it owns (PLATFORM_NOTES): without
+    core binding, the CPUs of this process's affinity shared out among the node's ranks (with
+    binding, the deepspeed launcher sets it from the cores it binds)."""
     env: Dict[str, str] = {}
     if not spec.bind_cores:
-        env["OMP_NUM_THREADS"] = "1"
+        env["OMP_NUM_THREADS"] = str(threads_per_rank(spec.num_gpus, cpus))
     return env
+
+
+def restricted_core_list(cpus: Optional[Sequence[int]] = None, total: Optional[int] = None) -> Optional[str]:
+    """``--bind_core_list`` for the deepspeed launcher when this process may use only some of the
+    machine's CPUs (a Slurm task, taskset), else None (the launcher then splits all physical cores)."""
+    import os
+
+    cpus = list(cpus) if cpus is not None else affinity_cpus()
+    total = total if total is not None else (os.cpu_count() or len(cpus))
+    return cpu_list(cpus) if cpus and len(cpus) < total else None
 
 
 # -- Slurm -----------------------------------------------------------------------------------
@@ -141,6 +206,7 @@ class SlurmSpec:
     signal_seconds: int = 120
     requeue: bool = True
     extra_sbatch: Sequence[str] = field(default_factory=list)
+    script_dir: str = "slurm"  # where the script lives; the requeue mark is written there too
     python: str = field(default_factory=lambda: sys.executable)
     workdir: str = field(default_factory=lambda: str(Path.cwd()))
 
@@ -157,11 +223,25 @@ class SlurmSpec:
             raise ConfigError("nodes", "must be >= 1")
 
 
+def requeue_mark_dir(spec: SlurmSpec) -> str:
+    """Where a node step leaves ``.requeue-<job id>`` when its ranks stopped for a preemption with a
+    complete checkpoint: the script folder (absolute)."""
+    d = Path(spec.script_dir)
+    return str(d if d.is_absolute() else Path(spec.workdir) / d)
+
+
 def render_sbatch(spec: SlurmSpec) -> str:
-    """The sbatch script: #SBATCH headers, node discovery, one launch line per node via srun.
+    """The sbatch script: #SBATCH headers, then one ``srun`` step that starts the per-node launcher
+    (:mod:`toolkit.launch.node`) on every node, then the requeue decision.
 
     Every value that reaches a shell line is quoted with ``shlex.quote``; #SBATCH values are
     checked against a strict character set, so no option can inject shell.
+
+    The requeue contract: the ranks stop together after SIGUSR1/SIGTERM, write a checkpoint and
+    exit 75; each node step turns that 75 into exit 0 plus a mark file, so ``srun
+    --kill-on-bad-exit=1`` (which keeps a crashed node from leaving the others hanging) never
+    sees a "bad" exit and never turns a clean stop into 128+signal. The script requeues when
+    srun returned 0 and the mark exists.
     """
     q = shlex.quote
     L = spec.launch
@@ -182,34 +262,49 @@ def render_sbatch(spec: SlurmSpec) -> str:
     if spec.requeue:
         h.append("#SBATCH --requeue")
     if spec.signal_seconds:
-        # USR1 to every task of the job step shortly before the time limit: the job writes a
+        # USR1 to every process of the job step shortly before the time limit: the job writes a
         # checkpoint and exits with REQUEUE_EXIT_CODE, and this script requeues it.
         h.append(f"#SBATCH --signal=USR1@{int(spec.signal_seconds)}")
     for item in spec.extra_sbatch:
         h.append(f"#SBATCH {item}")
-    node_cmd = [spec.python, "-m", "toolkit.launch.node", "--num-gpus", str(spec.ntasks_per_node_ranks),
-                "--master-port", str(L.master_port)]
+    node_cmd = [spec.python, "-m", "toolkit.launch.node", "--num-gpus", str(spec.ntasks_per_node_ranks)]
+    if L.master_port is not None:
+        node_cmd += ["--master-port", str(L.master_port)]
+    if spec.signal_seconds:
+        node_cmd += ["--grace-seconds", str(max(10, int(spec.signal_seconds) - 5))]
     if L.bind_cores:
         node_cmd.append("--bind-cores")
-    node_cmd += ["--", SCRIPTS[L.job]]
+    node_cmd += ["--requeue-file", "__MARK__", "--", SCRIPTS[L.job]]
     if L.config:
         node_cmd += ["--config", str(Path(L.config).resolve())]
     if L.ds_config:
         ds = Path(L.ds_config)
         node_cmd += ["--ds_config", str(ds.resolve()) if ds.exists() else str(L.ds_config)]
     node_cmd += list(L.overrides)
+    srun = " ".join(q(a) if a != "__MARK__" else '"$requeue_mark"' for a in node_cmd)
+    mark_dir = requeue_mark_dir(spec)
+    if spec.requeue:
+        on_stop = ["  echo \"[toolkit] checkpoint written after a preemption signal; requeueing $SLURM_JOB_ID\"",
+                   "  scontrol requeue \"$SLURM_JOB_ID\"", "  exit 0"]
+    else:
+        on_stop = ["  echo \"[toolkit] checkpoint written after a preemption signal (--no-requeue)\"",
+                   f"  exit {REQUEUE_EXIT_CODE}"]
     body = [
         "",
         "# Generated by `toolkit slurm`. Re-submitting or requeueing resumes from the latest checkpoint.",
         f"cd {q(spec.workdir)}",
         f"export PYTHONPATH={q(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
+        f"mkdir -p {q(mark_dir)}",
+        f"requeue_mark={q(mark_dir)}/.requeue-\"$SLURM_JOB_ID\"",
+        "rm -f \"$requeue_mark\"",
         "echo \"[toolkit] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST\"",
-        "srun --kill-on-bad-exit=1 --ntasks-per-node=1 " + " ".join(q(a) for a in node_cmd),
+        # srun (Slurm >= 22.05) does not take --cpus-per-task from the allocation: pass it on.
+        "srun --kill-on-bad-exit=1 --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} "
+        + srun,
         "rc=$?",
-        f"if [ \"$rc\" -eq {REQUEUE_EXIT_CODE} ]; then",
-        "  echo \"[toolkit] checkpoint written after a preemption signal; requeueing $SLURM_JOB_ID\"",
-        "  scontrol requeue \"$SLURM_JOB_ID\"",
-        "  exit 0",
+        "if [ \"$rc\" -eq 0 ] && [ -e \"$requeue_mark\" ]; then",
+        "  rm -f \"$requeue_mark\"",
+        *on_stop,
         "fi",
         "exit $rc",
         "",

@@ -317,8 +317,6 @@ class DistillRecipe:
         # every optimizer (and ZeRO) sees only parameters that train.
         if getattr(student, "pooler", None) is not None:
             student.pooler.requires_grad_(False)
-        if cfg.student.activation_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         losses = self._build_losses(student)
         needs = Needs()
         for fn in losses.values():
@@ -327,6 +325,9 @@ class DistillRecipe:
         self._build_teachers(needs)
         weights = {k: v for k, v in cfg.loss.weights.items() if v > 0}
         module = StudentWithLoss(student, losses, weights, needs, self.teacher_weights)
+        self._freeze_unreached(module)
+        if cfg.student.activation_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         ds = load_ds_config(resolve_ds_config(cfg.ds_config), world)
@@ -345,6 +346,7 @@ class DistillRecipe:
                                    world_size=eng.world_size)
         self.state: Dict[str, Any] = {"step": 0, "micro_step": 0, "tokens": 0, "samples": 0, "nonfinite_total": 0}
         self._meter: Optional[Throughput] = None   # train()'s, for _sync_counts
+        dist.check_shared_folder(self.out)
         if cfg.resume:
             client = eng.load_checkpoint(self.ckpt_dir)
             if client is not None:
@@ -385,6 +387,48 @@ class DistillRecipe:
                 log.info("distill: %s relation KL %s", name, describe_relation_kl(
                     relation.impl, self.device, eng.micro_batch_size, relation.num_relation_heads,
                     cfg.corpus.seq_length, relation.chunk_size))
+
+    def _freeze_unreached(self, module: StudentWithLoss) -> None:
+        """Freeze the trainable parameters that no loss reaches (e.g. the student layer the relation
+        loss reads, past its Q/K/V projections), found by one forward of a tiny batch.
+
+        They would get no gradient in any step, and DeepSpeed hands every trainable parameter
+        without one a zero gradient, so AdamW would decay them (and ZeRO-3 would do so differently
+        from the other stages). Frozen, they keep their initial values under every ZeRO stage and
+        are saved with the student unchanged.
+        """
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        module.to(self.device)
+        tok = self.tokenizer
+        length = max(4, min(16, self.cfg.corpus.seq_length))
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(len(tok.all_special_ids), len(tok), (2, length), generator=g)
+        ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        mlm_mask = None
+        if self.needs.mlm:
+            mlm_mask = torch.zeros_like(ids, dtype=torch.bool)
+            mlm_mask[:, 1:-1] = True
+            mlm_mask = mlm_mask.to(self.device)
+        with torch.no_grad():
+            teacher_out = [_as_float(t(batch)) for t in self.teachers]
+        try:
+            parts = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"], teachers=teacher_out, mlm_mask=mlm_mask)
+            grads = torch.autograd.grad(parts["loss"], [p for _, p in params], allow_unused=True)
+        finally:
+            # The capture must be created after DeepSpeed's hooks (see StudentWithLoss.capture).
+            if module.capture is not None:
+                module.capture.remove()
+                module.capture = None
+        unreached = [(n, p) for (n, p), gr in zip(params, grads) if gr is None]
+        for _, p in unreached:
+            p.requires_grad_(False)
+        if unreached:
+            n = sum(p.numel() for _, p in unreached)
+            log.info("distill: %d parameter tensors (%s values) no loss reaches are kept frozen: %s", len(unreached),
+                     f"{n:,}", ", ".join(name for name, _ in unreached[:6]) + (" ..." if len(unreached) > 6 else ""))
 
     def _mask_for_mlm(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Mask tokens in place (BERT's 80/10/10 over ``loss.mask_prob`` of the real, non-special
@@ -436,9 +480,14 @@ class DistillRecipe:
             while st["step"] < cfg.max_steps:
                 with meter.data_wait():
                     batch = next(it, None)
-                    if batch is None:
-                        log.warning("the corpus ended after %d steps (corpus.epochs=%d); stopping early",
-                                    st["step"], cfg.corpus.epochs)
+                    # A finite corpus ends on each rank after its own shards: all ranks stop at the
+                    # first micro step where any of them has no batch (one all-reduce per micro step,
+                    # only for finite corpora; an endless stream never ends).
+                    ended = dist.any_rank(batch is None) if cfg.corpus.epochs else batch is None
+                    if ended:
+                        log.warning("the corpus ended after %d steps (corpus.epochs=%d%s); stopping early",
+                                    st["step"], cfg.corpus.epochs,
+                                    "" if batch is None else ", on another rank first")
                         break
                     # This rank's counts, on the host copy: on a GPU, counting the device mask
                     # would wait for the queued work every micro step.
@@ -534,6 +583,17 @@ class DistillRecipe:
             return self.train()
         finally:
             self.cleanup()
+
+
+def _as_float(obj: Any) -> Any:
+    """Floating tensors in a (nested) teacher output as fp32 (half-precision teachers on GPUs)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _as_float(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_as_float(v) for v in obj)
+    return obj
 
 
 def _set_dropout(model: nn.Module, hidden: float, attention: float) -> None:

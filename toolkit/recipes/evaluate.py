@@ -20,6 +20,7 @@ Writes to ``output_dir``:
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import sys
 import zipfile
@@ -32,7 +33,7 @@ from toolkit.engine import dist
 from toolkit.engine.engine import OptimConfig
 from toolkit.errors import ConfigError
 from toolkit.recipes.common import mean_std, task_ref, write_json
-from toolkit.recipes.finetune import FinetuneConfig, FinetuneRecipe
+from toolkit.recipes.finetune import FinetuneConfig, FinetuneRecipe, same_run_config
 from toolkit.tasks import get_task, group_names, resolve_tasks
 from toolkit.tasks.base import Task
 from toolkit.utils.logging import get_logger
@@ -79,6 +80,21 @@ class EvalConfig:
             raise ConfigError("lrs", f"learning rates must be > 0, got {self.lrs}")
         if not self.seeds:
             raise ConfigError("seeds", "give at least one seed")
+
+
+def finished_run(run_dir: Path, cfg: FinetuneConfig) -> Optional[Dict[str, Any]]:
+    """The results of a grid run that already finished with this very config, else None.
+
+    A requeued ``toolkit eval`` skips those runs; the run that was stopped resumes from its
+    checkpoint (:class:`FinetuneRecipe` does that), the rest start.
+    """
+    try:
+        res = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(res, dict) or "score" not in res or not same_run_config(run_dir / "config.json", cfg):
+        return None
+    return res
 
 
 def _fmt_lr(lr: float) -> str:
@@ -136,8 +152,15 @@ class EvalRecipe:
                         eval_each_epoch=cfg.eval_each_epoch,
                         eval_batch_size=cfg.eval_batch_size, save_model=cfg.save_models,
                         write_submissions=cfg.write_submissions)
-                    log.info("eval: %s lr=%g seed=%d", task.name, lr, seed)
-                    res = FinetuneRecipe(fcfg).run()
+                    res = finished_run(run_dir, fcfg)
+                    if res is not None:
+                        log.info("eval: %s lr=%g seed=%d finished before (%s); skipped", task.name, lr, seed,
+                                 run_dir / "results.json")
+                    else:
+                        log.info("eval: %s lr=%g seed=%d", task.name, lr, seed)
+                        # A run stopped by a preemption signal resumes from its checkpoint; the signal
+                        # stops this job too (SystemExit with the requeue code).
+                        res = FinetuneRecipe(fcfg).run()
                     res["run_dir"] = str(run_dir)
                     runs.append(res)
             summary["tasks"][task.name] = self._summarize_task(task, runs)

@@ -16,17 +16,21 @@ Besides ``results.json`` and the best model, a run writes with the best weights:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+import torch
 
-from toolkit.config import arg, save_config
+from toolkit.config import arg, save_config, to_dict
 from toolkit.engine import Engine, OptimConfig, dist
+from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 from toolkit.errors import ConfigError, DataError
 from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.dropout import use_fast_dropout
@@ -75,9 +79,17 @@ class FinetuneConfig:
     log_every: int = arg(20, "log training loss and throughput every N optimizer steps")
     save_model: bool = arg(True, "save the best model (by the task's main dev metric) to output_dir/model")
     write_submissions: bool = arg(True, "write leaderboard submission files for test splits that exist")
+    resume: bool = arg(True, "continue from output_dir/checkpoints when a stopped run of the same config left one")
+    save_every: int = arg(0, "checkpoint every N steps (0 = only when a preemption signal stops the run)")
+    keep_checkpoints: bool = arg(False, "keep output_dir/checkpoints after the run finished (they only serve a "
+                                 "resume; an eval grid would otherwise keep one optimizer state per run)")
+    stop_after: int = arg(0, "testing aid: stop (with a checkpoint) after N steps, as a preemption would")
 
     MOVED_FIELDS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio",
                     "decay": "optim.decay", "optimizer": "optim.impl"}
+    #: Fields that change how a run is stopped and saved, not what it computes: a run may resume
+    #: (and an eval grid may reuse a finished run) when only these differ.
+    RUN_CONTROL = ("resume", "save_every", "keep_checkpoints", "stop_after")
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -86,6 +98,8 @@ class FinetuneConfig:
             raise ConfigError("max_seq_length", f"must be >= 8, got {self.max_seq_length}")
         if self.train_limit < 0:
             raise ConfigError("train_limit", "must be >= 0")
+        if self.save_every < 0 or self.stop_after < 0:
+            raise ConfigError("save_every", "save_every and stop_after must be >= 0")
 
 
 class FinetuneRecipe:
@@ -141,6 +155,8 @@ class FinetuneRecipe:
         self.engine = Engine(model, ds, optim, total_steps=self.total_steps)
         self.model = self.engine.module
         self.steps_per_epoch = steps_per_epoch
+        dist.check_shared_folder(self.out)
+        self._resume()
         self.logger = RunLogger(self.out, is_main=self.engine.is_main)
         if self.engine.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -150,12 +166,58 @@ class FinetuneRecipe:
                  self.engine.train_batch_size, self.engine.device)
 
     # ------------------------------------------------------------------------------------
-    def _micro_batches(self, epoch: int):
-        """This rank's micro batches for one epoch: a seeded permutation, strided by rank."""
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _same_config(self) -> bool:
+        """The run folder was started with this config (so its checkpoint may be resumed)."""
+        return same_run_config(self.out / "config.json", self.cfg)
+
+    def _resume(self) -> None:
+        """Training state: fresh, or restored from the newest checkpoint of a stopped run."""
+        eng = self.engine
+        # best: the best dev evaluation so far; its weights live apart (rank 0's copy is checkpointed).
+        self.state: Dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "micro_step": 0, "history": [],
+                                      "best": {"score": -math.inf}, "running": 0.0, "n_loss": 0}
+        self.best_state: Optional[Dict[str, Any]] = None
+        if not self.cfg.resume or not dist.all_ranks(self.ckpt_dir.is_dir()):
+            return
+        if not dist.broadcast_object(self._same_config() if eng.is_main else None):
+            log.warning("finetune %s: %s holds checkpoints of another config; starting over", self.task.name,
+                        self.ckpt_dir)
+            if eng.is_main:
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            dist.barrier()
+            return
+        client = eng.load_checkpoint(self.ckpt_dir)
+        if client is None:
+            return
+        self.state.update(client["state"])
+        best_state = client.get("best_state")
+        if eng.zero_stage < 3:
+            # Below ZeRO-3 every rank predicts with the best weights: hand rank 0's copy to all.
+            best_state = dist.broadcast_object(best_state)
+        self.best_state = best_state
+        log.info("finetune %s: resumed from step %d (epoch %d)", self.task.name, eng.global_step,
+                 self.state["epoch"])
+
+    def save_checkpoint(self) -> None:
+        """Engine state plus the loop position, the eval history and the best weights so far (rank 0's)."""
+        eng = self.engine
+        client = {"state": dict(self.state)}
+        if eng.is_main:
+            client["best_state"] = self.best_state
+        eng.save_checkpoint(self.ckpt_dir, f"step{eng.global_step}", client, keep_last=1)
+
+    def _micro_batches(self, epoch: int, start_batch: int = 0):
+        """This rank's micro batches for one epoch: a seeded permutation, strided by rank (from its
+        ``start_batch``-th on, after a resume)."""
         eng = self.engine
         perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_enc))
         gb = eng.micro_batch_size * eng.world_size
-        for start in range(0, len(perm) - gb + 1 if len(perm) >= gb else 1, gb):
+        starts = range(0, len(perm) - gb + 1 if len(perm) >= gb else 1, gb)
+        for start in starts[start_batch:]:
             chunk = perm[start: start + gb]
             mine = chunk[eng.rank * eng.micro_batch_size: (eng.rank + 1) * eng.micro_batch_size]
             if len(mine) == 0:
@@ -180,63 +242,82 @@ class FinetuneRecipe:
         return float(sum(vals) / len(vals)) if vals else float("nan")
 
     def train(self) -> Dict[str, Any]:
-        cfg, eng = self.cfg, self.engine
+        cfg, eng, st = self.cfg, self.engine, self.state
         meter = Throughput(eng.device, world_size=eng.world_size)
-        best: Dict[str, Any] = {"score": -math.inf}
-        history: List[Dict[str, Any]] = []
-        epoch, done = 0, False
+        best: Dict[str, Any] = st["best"]
+        history: List[Dict[str, Any]] = st["history"]
+        done = eng.global_step >= self.total_steps
         t0 = time.time()
-        running, n_loss = 0.0, 0
 
         def do_eval(tag: str) -> None:
             nonlocal best
             res = self.evaluate()
             score = self.main_score(res["metrics"])
-            history.append({"step": eng.global_step, "epoch": epoch, **res["metrics"]})
+            history.append({"step": eng.global_step, "epoch": st["epoch"], **res["metrics"]})
             self.logger.log(eng.global_step, res["metrics"], prefix=f"eval/{self.task.name}")
             if score > best["score"] or best.get("metrics") is None:
                 # Every rank keeps the best weights below ZeRO-3 (each predicts its shard of the
                 # test set with them); under ZeRO-3 rank 0 keeps them and scatters them back.
-                state = eng.consolidated_state_dict(all_ranks=eng.zero_stage < 3)
                 # (already detached CPU copies: no second clone of the model)
-                best = {"score": score, "metrics": res["metrics"], "step": eng.global_step, "epoch": epoch,
-                        "state": state, "predictions": res["predictions"], "extras": res["extras"]}
+                self.best_state = eng.consolidated_state_dict(all_ranks=eng.zero_stage < 3)
+                best = {"score": score, "metrics": res["metrics"], "step": eng.global_step, "epoch": st["epoch"],
+                        "predictions": res["predictions"], "extras": res["extras"]}
+                st["best"] = {k: v for k, v in best.items() if k not in ("predictions", "extras")}
 
-        bar = ProgressBar(self.total_steps, eng.is_main, desc=f"finetune {self.task.name}")
-        while not done:
-            it = self._micro_batches(epoch)
-            while True:
-                with meter.data_wait():
-                    batch = next(it, None)
-                if batch is None:
-                    break
-                n_samples, n_tokens = batch_size_of(batch), count_tokens(batch)   # host copy: no sync
-                batch = to_device(batch, eng.device)
-                out = eng(task=self.task.name, **forward_kwargs(self.model.forward, batch))
-                if eng.backward(out.loss):
-                    running += out.loss.detach().double()   # on the device; read at log steps
-                    n_loss += 1
-                stepped = eng.step()
-                meter.step(n_samples, n_tokens)   # this rank's; sync_ranks sums all ranks' at log steps
-                if stepped:
+        bar = ProgressBar(self.total_steps, eng.is_main, initial=eng.global_step, desc=f"finetune {self.task.name}")
+        with PreemptionHandler() as pre:
+            while not done:
+                it = self._micro_batches(st["epoch"], st["batch_in_epoch"])
+                while not done:
+                    with meter.data_wait():
+                        batch = next(it, None)
+                    if batch is None:
+                        break
+                    st["batch_in_epoch"] += 1
+                    n_samples, n_tokens = batch_size_of(batch), count_tokens(batch)   # host copy: no sync
+                    batch = to_device(batch, eng.device)
+                    # Dropout depends only on (seed, micro step, rank): a resumed run draws the masks an
+                    # uninterrupted one would.
+                    torch.manual_seed(cfg.seed * 1_000_003 + st["micro_step"] * 1009 + eng.rank)
+                    st["micro_step"] += 1
+                    out = eng(task=self.task.name, **forward_kwargs(self.model.forward, batch))
+                    if eng.backward(out.loss):
+                        st["running"] += out.loss.detach().double()   # on the device; read at log steps
+                        st["n_loss"] += 1
+                    stepped = eng.step()
+                    meter.step(n_samples, n_tokens)   # this rank's; sync_ranks sums all ranks' at log steps
+                    done = eng.global_step >= self.total_steps
+                    if not stepped:
+                        continue
                     bar.update(1, loss=out.loss.detach())
-                if stepped and eng.global_step % cfg.log_every == 0:
-                    meter.sync_ranks(dist.all_reduce_sum)
-                if stepped and eng.global_step % cfg.log_every == 0 and n_loss:
-                    self.logger.log(eng.global_step,
-                                    {"loss": float(running) / n_loss, "lr": eng.lr, **meter.summary()})
-                    running, n_loss = 0.0, 0
-                if stepped and cfg.eval_every and eng.global_step % cfg.eval_every == 0:
-                    do_eval("step")
-                if eng.global_step >= self.total_steps:
-                    done = True
+                    if eng.global_step % cfg.log_every == 0:
+                        meter.sync_ranks(dist.all_reduce_sum)
+                        if st["n_loss"]:
+                            self.logger.log(eng.global_step, {"loss": float(st["running"]) / st["n_loss"],
+                                                              "lr": eng.lr, **meter.summary()})
+                        st["running"], st["n_loss"] = 0.0, 0
+                    if cfg.eval_every and eng.global_step % cfg.eval_every == 0:
+                        do_eval("step")
+                    if cfg.save_every and eng.global_step % cfg.save_every == 0 and not done:
+                        self._checkpoint_now()
+                    # All ranks agree, so they stop at one step with one checkpoint. After the last
+                    # step only the final evaluation is left: the run finishes instead.
+                    preempted = dist.any_rank(pre.requested) and not done
+                    if preempted or (cfg.stop_after and eng.global_step >= cfg.stop_after and not done):
+                        self._checkpoint_now()
+                        log.warning("finetune %s: stopping at step %d with a checkpoint (%s)", self.task.name,
+                                    eng.global_step, "preemption signal" if preempted else "stop_after")
+                        bar.close()
+                        if preempted:
+                            raise SystemExit(REQUEUE_EXIT_CODE)
+                        return {"stopped_at": eng.global_step}
+                st["epoch"] += 1
+                st["batch_in_epoch"] = 0
+                if (not cfg.eval_every and cfg.eval_each_epoch) or done:
+                    if not history or history[-1]["step"] != eng.global_step:
+                        do_eval("epoch")
+                if st["epoch"] > 10_000:  # a guard against a zero-length epoch loop
                     break
-            epoch += 1
-            if (not cfg.eval_every and cfg.eval_each_epoch) or done:
-                if not history or history[-1]["step"] != eng.global_step:
-                    do_eval("epoch")
-            if epoch > 10_000:  # a guard against a zero-length epoch loop
-                break
 
         bar.close()
         meter.sync_ranks(dist.all_reduce_sum)
@@ -260,9 +341,21 @@ class FinetuneRecipe:
             "train_time_s": time.time() - t0,
         }
         if best.get("metrics") is not None:
-            eng.load_full_state_dict(best.get("state"))   # all ranks: predictions use the best weights
-        self._write_outputs(result, best.get("state"), best)
+            eng.load_full_state_dict(self.best_state)   # all ranks: predictions use the best weights
+            if "predictions" not in best:
+                # The best evaluation happened before a resume: its predictions (deterministic, from
+                # the same weights) are made again.
+                res = self.evaluate()
+                best = {**best, "predictions": res["predictions"], "extras": res["extras"]}
+        self._write_outputs(result, self.best_state, best)
+        if eng.is_main and not cfg.keep_checkpoints:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        dist.barrier()
         return result
+
+    def _checkpoint_now(self) -> None:
+        self.state["running"] = float(self.state["running"])   # a plain number in the checkpoint
+        self.save_checkpoint()
 
     def _predict_split(self, examples: List[Any]) -> List[Any]:
         """Predictions of the current (best) weights with this task's head, in this task's
@@ -356,6 +449,21 @@ class FinetuneRecipe:
             return self.train()
         finally:
             self.cleanup()
+
+
+def same_run_config(saved_file: Path, cfg: FinetuneConfig) -> bool:
+    """``saved_file`` (a run's config.json) holds ``cfg``, up to :attr:`FinetuneConfig.RUN_CONTROL`."""
+    try:
+        saved = json.loads(Path(saved_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    now = json.loads(json.dumps(to_dict(cfg)))
+    if not isinstance(saved, dict):
+        return False
+    for key in FinetuneConfig.RUN_CONTROL:
+        saved.pop(key, None)
+        now.pop(key, None)
+    return saved == now
 
 
 def run_finetune(cfg: FinetuneConfig) -> Dict[str, Any]:

@@ -165,6 +165,7 @@ class TeacherRecipe:
                                         cfg.temperature, cfg.task_cap or None, cfg.seed)
         self.state: Dict[str, Any] = {"step": 0, "micro_step": 0, "best_score": -math.inf, "best_step": None,
                                       "history": [], "nonfinite_total": 0}
+        dist.check_shared_folder(self.out)
         if cfg.resume:
             client = eng.load_checkpoint(self.ckpt_dir)
             if client is not None:
