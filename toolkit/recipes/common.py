@@ -4,7 +4,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -47,12 +46,10 @@ def resolve_ds_config(path: Union[str, Path, None], default: str = "auto") -> Pa
 
 
 def write_json(path: Union[str, Path], obj: Any) -> None:
-    """Write JSON atomically (tmp file + rename) so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically and durably (fsynced tmp file + rename): readers never see half a file."""
+    from toolkit.utils.fsio import write_json_atomic
+
+    write_json_atomic(path, obj, default=_json_default)
 
 
 def _json_default(o: Any) -> Any:

@@ -40,6 +40,8 @@ from toolkit.models.encoder import (EncoderSpec, build_encoder, count_parameters
                                     spec_from_model)
 from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
 from toolkit.recipes.frozen import FrozenTeacher
+from toolkit.utils.fsio import publish_dir
+from toolkit.utils.lock import locked_output
 from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
 from toolkit.utils.meter import Throughput, memory_kind
 from toolkit.utils.progress import ProgressBar
@@ -510,14 +512,16 @@ class DistillRecipe:
         }
         if eng.is_main:
             student = self.module.student
-            if state is not None:
-                prefix = "student."
-                sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-                save_encoder(student, self.out / "student", state_dict=sd)
-            else:
-                save_encoder(student, self.out / "student")
-            self.tokenizer.save_pretrained(self.out / "student")
-            write_json(self.out / "student" / "distill_info.json", result)
+            # The student appears whole (COMPLETE.json last) or not at all.
+            with publish_dir(self.out / "student", kind="student", meta={"step": self.state["step"]}) as tmp:
+                if state is not None:
+                    prefix = "student."
+                    sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                    save_encoder(student, tmp, state_dict=sd)
+                else:
+                    save_encoder(student, tmp)
+                self.tokenizer.save_pretrained(tmp)
+                write_json(tmp / "distill_info.json", result)
             write_json(self.out / "metrics.json", result)
         dist.barrier()
         return result
@@ -529,11 +533,12 @@ class DistillRecipe:
             close_log_file(self.rank_log)
 
     def run(self) -> Dict[str, Any]:
-        try:
-            self.setup()
-            return self.train()
-        finally:
-            self.cleanup()
+        with locked_output(self.out, "distill", is_main=dist.rank() == 0):
+            try:
+                self.setup()
+                return self.train()
+            finally:
+                self.cleanup()
 
 
 def _set_dropout(model: nn.Module, hidden: float, attention: float) -> None:

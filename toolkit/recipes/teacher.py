@@ -41,6 +41,8 @@ from toolkit.recipes.frozen import FrozenTeacher
 from toolkit.recipes.predict import predict, score_split
 from toolkit.tasks import resolve_tasks
 from toolkit.tasks.features import collate, encode_examples
+from toolkit.utils.fsio import publish_dir
+from toolkit.utils.lock import locked_output
 from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
 from toolkit.utils.meter import Throughput, memory_kind
 from toolkit.utils.progress import ProgressBar
@@ -269,10 +271,12 @@ class TeacherRecipe:
     def _save_model(self, metrics: Dict[str, Any]) -> None:
         state = self.engine.consolidated_state_dict()
         if self.engine.is_main:
-            save_task_model(self.model, self.tokenizer, self.out / "model", state_dict=state,
-                            extra={"mitkd_teacher": {"tasks": [t.name for t in self.tasks],
-                                                     "step": self.state["step"], **metrics}})
-            write_json(self.out / "model" / "metrics.json", metrics)
+            # Replaces the previous best whole: a kill leaves it or this one, never half of one.
+            with publish_dir(self.out / "model", kind="teacher", meta={"step": self.state["step"]}) as tmp:
+                save_task_model(self.model, self.tokenizer, tmp, state_dict=state,
+                                extra={"mitkd_teacher": {"tasks": [t.name for t in self.tasks],
+                                                         "step": self.state["step"], **metrics}})
+                write_json(tmp / "metrics.json", metrics)
         dist.barrier()
 
     def train(self) -> Dict[str, Any]:
@@ -364,11 +368,12 @@ class TeacherRecipe:
             close_log_file(self.rank_log)
 
     def run(self) -> Dict[str, Any]:
-        try:
-            self.setup()
-            return self.train()
-        finally:
-            self.cleanup()
+        with locked_output(self.out, "teacher", is_main=dist.rank() == 0):
+            try:
+                self.setup()
+                return self.train()
+            finally:
+                self.cleanup()
 
 
 def run_teacher(cfg: TeacherConfig) -> Dict[str, Any]:

@@ -4,8 +4,8 @@ A job's published outputs (models, reports, ``results.json``) must appear whole 
 all: a crash or a kill leaves either the previous complete version or nothing, never a
 folder that looks finished but lacks a file.
 
-* :func:`write_text_atomic` / :func:`write_json_atomic`: write a sibling temp file, fsync it,
-  rename it over the target, fsync the folder.
+* :func:`write_text_atomic` / :func:`write_json_atomic` / :func:`replacing`: write a sibling
+  temp file, fsync it, rename it over the target, fsync the folder.
 * :func:`publish_dir`: a context manager that yields a temp folder next to the target; on a
   clean exit it writes the completion marker (``COMPLETE.json``) last, fsyncs the tree and
   renames the folder into place. A folder is complete exactly when it holds the marker.
@@ -89,6 +89,24 @@ def write_json_atomic(path: PathLike, obj: Any, default: Any = None) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=default) + "\n")
 
 
+@contextlib.contextmanager
+def replacing(path: PathLike) -> Iterator[Path]:
+    """Yield a temp path next to ``path`` for a writer that takes a path (a plot, a task's
+    prediction writer); on success it is fsynced and renamed over ``path``, on failure removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        if tmp.exists():   # (a writer may decide there is nothing to write)
+            fsync_file(tmp)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def is_published(path: PathLike) -> bool:
     """True when ``path`` is a folder that :func:`publish_dir` completed."""
     return (Path(path) / MARKER).is_file()
@@ -119,7 +137,7 @@ def recover(final: PathLike) -> None:
         return
     old = parent / f"{OLD_PREFIX}{final.name}"
     if old.is_dir():
-        if not final.exists() and is_published(old):
+        if not final.exists():   # .old-<name> only ever holds a complete earlier version
             os.rename(old, final)
             fsync_dir(parent)
         else:
@@ -129,7 +147,8 @@ def recover(final: PathLike) -> None:
 
 
 @contextlib.contextmanager
-def publish_dir(final: PathLike, kind: str = "folder", meta: Optional[Dict[str, Any]] = None) -> Iterator[Path]:
+def publish_dir(final: PathLike, kind: str = "folder", meta: Optional[Dict[str, Any]] = None,
+                marker: bool = True) -> Iterator[Path]:
     """Build a folder in a temp sibling and move it into place whole.
 
     Usage::
@@ -145,6 +164,8 @@ def publish_dir(final: PathLike, kind: str = "folder", meta: Optional[Dict[str, 
         final: the folder to publish.
         kind: what it holds (recorded in the marker).
         meta: extra JSON-able fields for the marker.
+        marker: False for folders whose every file is for someone else (a leaderboard
+            submission): still renamed into place whole, without ``COMPLETE.json``.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -154,11 +175,12 @@ def publish_dir(final: PathLike, kind: str = "folder", meta: Optional[Dict[str, 
     try:
         yield tmp
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        marker = {"kind": kind, "time": time.time(), "host": socket.gethostname(), "id": secrets.token_hex(8),
-                  "files": files, **(meta or {})}
+        info = {"kind": kind, "time": time.time(), "host": socket.gethostname(), "id": secrets.token_hex(8),
+                "files": files, **(meta or {})}
         fsync_tree(tmp)
-        write_bytes_durable(tmp / MARKER, (json.dumps(marker, indent=1) + "\n").encode("utf-8"))
-        fsync_dir(tmp)
+        if marker:
+            write_bytes_durable(tmp / MARKER, (json.dumps(info, indent=1) + "\n").encode("utf-8"))
+            fsync_dir(tmp)
         old = final.parent / f"{OLD_PREFIX}{final.name}"
         if final.exists():
             os.rename(final, old)
