@@ -32,8 +32,8 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "scikit-learn>=1.3", "scipy>=1.10"],
-        "dev": ["pytest>=7.4", "scikit-learn>=1.3", "scipy>=1.10", "ruff"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "scikit-learn>=1.3", "scipy>=1.10"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "scikit-learn>=1.3", "scipy>=1.10", "ruff"],
         "triton": ["triton>=3.0"],
     },
     entry_points={"console_scripts": ["toolkit=toolkit.cli:entry"]},

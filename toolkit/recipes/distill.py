@@ -29,7 +29,7 @@ from toolkit.engine.engine import param_groups
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.precision import teacher_dtype
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
-from toolkit.errors import ConfigError, DataError
+from toolkit.errors import ConfigError, DataError, ToolkitError
 from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.losses import EMBEDDINGS, LOSSES, DistillInputs, LossContext, Needs, build_loss
 from toolkit.losses.registry import parse_options
@@ -38,7 +38,8 @@ from toolkit.models.capture import LayerCapture, default_teacher_layer, resolve_
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import (EncoderSpec, build_encoder, count_parameters, load_tokenizer, save_encoder,
                                     spec_from_model)
-from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
+from toolkit.recipes.common import (check_corpus, check_ds_config, check_model_dir, mean_across_ranks,
+                                    resolve_ds_config, write_json)
 from toolkit.recipes.frozen import FrozenTeacher
 from toolkit.utils.fsio import publish_dir
 from toolkit.utils.lock import locked_output
@@ -303,8 +304,23 @@ class DistillRecipe:
                 losses[name] = build_loss(name, cfg.loss.options.get(name), ctx)
         return losses
 
+    def validate(self) -> None:
+        """Check the inputs a user gives before loading any model: model folders, the DeepSpeed
+        JSON and the corpus (ConfigError/DataError naming the field or file)."""
+        cfg = self.cfg
+        check_model_dir("teacher", cfg.teacher)
+        if cfg.mix_teacher and cfg.mix_weight > 0:
+            check_model_dir("mix_teacher", cfg.mix_teacher)
+        if cfg.student.init == "path":
+            check_model_dir("student.path", cfg.student.path)
+        elif cfg.student.init == "teacher_layers" and cfg.student.init_from:
+            check_model_dir("student.init_from", cfg.student.init_from)
+        check_ds_config(cfg.ds_config)
+        check_corpus("corpus", cfg.corpus)
+
     def setup(self) -> None:
         cfg = self.cfg
+        self.validate()
         self._read_teacher_config()
         student = self._build_student()
         if cfg.student.fast_dropout:
@@ -354,6 +370,11 @@ class DistillRecipe:
                     raise ConfigError("ds_config", f"the checkpoint in {self.ckpt_dir} was written by "
                                       f"{client.get('world_size')} ranks but this run has {eng.world_size}; the "
                                       "stream position is per rank, so resume with the same number of ranks")
+                missing = [k for k in ("loader", "state") if k not in client]
+                if missing:
+                    raise ToolkitError(f"{self.ckpt_dir}: the latest checkpoint's state lacks {missing[0]!r} (not "
+                                       f"written by toolkit distill); start fresh with a new output_dir or "
+                                       f"resume=false")
                 self.loader.load_state_dict(client["loader"])
                 self.state.update(client["state"])
                 log.info("resumed from step %d", self.state["step"])

@@ -31,7 +31,7 @@ from toolkit.config import arg, save_config
 from toolkit.engine import dist
 from toolkit.engine.engine import OptimConfig
 from toolkit.errors import ConfigError
-from toolkit.recipes.common import mean_std, task_ref, write_json
+from toolkit.recipes.common import check_ds_config, check_model_dir, mean_std, task_ref, write_json
 from toolkit.recipes.finetune import FinetuneConfig, FinetuneRecipe
 from toolkit.tasks import get_task, group_names, resolve_tasks
 from toolkit.tasks.base import Task
@@ -124,7 +124,11 @@ class EvalRecipe:
 
     def _run(self) -> Dict[str, Any]:
         cfg = self.cfg
+        check_model_dir("model", cfg.model)
+        check_ds_config(cfg.ds_config)
         tasks = self._tasks()
+        for task in tasks:   # every train split read (and checked) before the first run starts
+            task.load("train")
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.json")

@@ -32,7 +32,8 @@ from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
-from toolkit.recipes.common import (batch_size_of, count_tokens, forward_kwargs, resolve_ds_config,
+from toolkit.recipes.common import (batch_size_of, check_ds_config, check_model_dir, count_tokens, forward_kwargs,
+                                    resolve_ds_config,
                                     to_device, write_json)
 from toolkit.recipes.predict import predict, score_split
 from toolkit.tasks import get_task
@@ -101,6 +102,9 @@ class FinetuneRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         set_seed(cfg.seed)
+        # Inputs checked before any model loads: the model folder and the DeepSpeed JSON.
+        check_model_dir("model", cfg.model)
+        check_ds_config(cfg.ds_config)
         self.task = get_task(cfg.task, cfg.data_dir)
         train = self.task.load("train")
         if not train:

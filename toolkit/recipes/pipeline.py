@@ -429,8 +429,28 @@ class PipelineRecipe:
             inputs["corpus"] = corpus_fingerprint(cfg.corpus)
         return {"config": config, "inputs": inputs}
 
+    def validate(self) -> None:
+        """Check the inputs given in the config before any stage runs (a refused pipeline leaves
+        no output folder): the teacher folder, the tasks, the corpus and the DeepSpeed JSONs."""
+        from toolkit.data.sources import resolve_shards
+        from toolkit.recipes.common import check_ds_config, check_model_dir
+        from toolkit.tasks import get_task
+
+        cfg = self.cfg
+        if cfg.teacher:
+            check_model_dir("teacher", cfg.teacher)
+        for key in ("in_domain", "out_of_domain", "extra_tasks"):
+            for ref in getattr(cfg, key):
+                get_task(ref, cfg.task_data_dir)
+        if cfg.corpus:
+            resolve_shards(list(cfg.corpus))
+        for job in (self.teacher_job, self.distill_job, self.eval_job):
+            if job.get("ds_config"):
+                check_ds_config(job["ds_config"])
+
     def _run(self) -> Dict[str, Any]:
         cfg = self.cfg
+        self.validate()
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / "pipeline_config.json")
         t_start = time.time()

@@ -28,7 +28,7 @@ from toolkit.config import arg, save_config
 from toolkit.errors import ConfigError, DataError
 from toolkit.models.capture import resolve_layer
 from toolkit.models.encoder import build_encoder, load_tokenizer
-from toolkit.recipes.common import write_json
+from toolkit.recipes.common import check_model_dir, write_json
 from toolkit.tasks import resolve_tasks
 from toolkit.tasks.base import CLASSIFICATION, REGRESSION, TOKEN_CLASSIFICATION
 from toolkit.tasks.features import collate, encode_examples
@@ -185,6 +185,8 @@ class ProbeRecipe:
     def _run(self) -> Dict[str, Any]:
         cfg = self.cfg
         t0 = time.time()
+        for name, path in cfg.models.items():
+            check_model_dir(f"models.{name}", path)
         tasks = [t for t in resolve_tasks(cfg.tasks, cfg.data_dir)]
         skipped = [t.name for t in tasks if t.task_type not in PROBED_TYPES]
         tasks = [t for t in tasks if t.task_type in PROBED_TYPES]

@@ -28,14 +28,15 @@ from toolkit.data.multitask import SAMPLING_MODES, TaskBatchSampler, task_probab
 from toolkit.engine import Engine, OptimConfig, dist
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
-from toolkit.errors import ConfigError, DataError
+from toolkit.errors import ConfigError, DataError, ToolkitError
 from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.losses import MiniLMv2RelationLoss, Needs
 from toolkit.models.capture import LayerCapture, resolve_layer
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
-from toolkit.recipes.common import (batch_size_of, check_task_tokenizer, count_tokens, forward_kwargs,
+from toolkit.recipes.common import (batch_size_of, check_corpus, check_ds_config, check_model_dir,
+                                    check_task_tokenizer, count_tokens, forward_kwargs,
                                     mean_across_ranks, resolve_ds_config, to_device, write_json)
 from toolkit.recipes.frozen import FrozenTeacher
 from toolkit.recipes.predict import predict, score_split
@@ -127,10 +128,21 @@ class TeacherRecipe:
         self.logger: Optional[RunLogger] = None
 
     # ------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check the model folder, the DeepSpeed JSON and the anchor corpus before loading anything."""
+        cfg = self.cfg
+        check_model_dir("model", cfg.model)
+        check_ds_config(cfg.ds_config)
+        if cfg.anchor.relation > 0:
+            check_corpus("anchor.corpus", cfg.anchor.corpus)
+
     def setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
+        self.validate()
         self.tasks = resolve_tasks(cfg.tasks, cfg.data_dir)
+        for task in self.tasks:   # every train split read (and checked) before the model loads
+            task.load("train")
         model, tokenizer = load_task_model(cfg.model)
         check_vocab(tokenizer, model.encoder, cfg.model)
         self.tokenizer = tokenizer
@@ -170,6 +182,11 @@ class TeacherRecipe:
         if cfg.resume:
             client = eng.load_checkpoint(self.ckpt_dir)
             if client is not None:
+                missing = [k for k in ("sampler", "state") if k not in client]
+                if missing:
+                    raise ToolkitError(f"{self.ckpt_dir}: the latest checkpoint's state lacks {missing[0]!r} (not "
+                                       f"written by toolkit teacher); start fresh with a new output_dir or "
+                                       f"resume=false")
                 self.sampler.load_state_dict(client["sampler"])
                 self.state.update(client["state"])
                 if self.anchor_loader is not None and "anchor_loader" in client:
