@@ -38,6 +38,7 @@ class Ctx:
     corpus: Path
     tmp: Path          # this case's folder
     out: Path          # the output folder the job is given (must not be left behind)
+    cleanups: Optional[List[Callable[[], None]]] = None   # run after the case (restore shared files)
 
     def write(self, name: str, text: str) -> Path:
         p = self.tmp / name
@@ -504,14 +505,11 @@ def _(c):
 
 @case("resume_corpus_shard_changed", "resume state")
 def _(c):
-    def alter(_):
-        shard = sorted(_CHECKPOINT_CORPUS.glob("*.txt"))[0]
-        c.write("corpus_copy/x", "")
-        shutil.copytree(_CHECKPOINT_CORPUS, c.tmp / "corpus2", dirs_exist_ok=True)
-        (c.tmp / "corpus2" / shard.name).write_text(shard.read_text() + "\n\nmore text was added here.\n")
-    argv = _resume(c, alter)
-    argv[argv.index("--corpus") + 1] = str(c.tmp / "corpus2" / "*.txt")
-    return argv, ["shard0.txt", "changed since the checkpoint", "new output_dir"]
+    shard = sorted(_CHECKPOINT_CORPUS.glob("*.txt"))[0]
+    original = shard.read_bytes()
+    c.cleanups.append(lambda: shard.write_bytes(original))
+    return _resume(c, lambda _: shard.write_bytes(original + b"\n\nmore text was added here.\n")), \
+        [shard.name, "changed since the checkpoint", "new output_dir"]
 
 
 @case("resume_seq_length_changed", "resume state")
@@ -543,11 +541,13 @@ def checkpointed(tiny_bert_dir, fixture_corpus, tmp_path_factory):
     global _CHECKPOINTED, _CHECKPOINT_CORPUS
     root = tmp_path_factory.mktemp("checkpointed")
     out = root / "run"
-    ctx = Ctx(tiny_bert_dir, {}, fixture_corpus, root, out)
+    corpus = root / "corpus"   # its own copy: one case alters (and restores) a shard
+    shutil.copytree(fixture_corpus, corpus)
+    ctx = Ctx(tiny_bert_dir, {}, corpus, root, out)
     r = CliRunner().invoke(main, ctx.distill())
     assert r.exit_code == 0, r.output
     assert (out / "checkpoints" / "latest").is_file()
-    _CHECKPOINTED, _CHECKPOINT_CORPUS = out, fixture_corpus
+    _CHECKPOINTED, _CHECKPOINT_CORPUS = out, corpus
     return out
 
 
@@ -575,11 +575,15 @@ def test_bad_input(name, request, tiny_bert_dir, fixture_tasks, fixture_corpus, 
     category, build = CASES[name]
     if category == "resume state":
         request.getfixturevalue("checkpointed")
-    c = Ctx(tiny_bert_dir, fixture_tasks, fixture_corpus, tmp_path / "in", tmp_path / "out")
+    c = Ctx(tiny_bert_dir, fixture_tasks, fixture_corpus, tmp_path / "in", tmp_path / "out", cleanups=[])
     c.tmp.mkdir()
-    argv, must = build(c)
-    before = _snapshot(c.out)
-    r = CliRunner().invoke(main, argv)
+    try:
+        argv, must = build(c)
+        before = _snapshot(c.out)
+        r = CliRunner().invoke(main, argv)
+    finally:
+        for fn in c.cleanups:
+            fn()
     if r.exit_code == 1 and r.exc_info is not None:   # an uncaught exception: show where
         import traceback
 
@@ -603,7 +607,7 @@ def test_at_least_forty_cases_across_every_kind_of_input():
                                   "model_dir_missing", "task_yaml_syntax"])
 def test_real_process(name, tiny_bert_dir, fixture_tasks, fixture_corpus, tmp_path):
     """The same refusals as a user sees them: ``python -m toolkit ...`` in its own process."""
-    c = Ctx(tiny_bert_dir, fixture_tasks, fixture_corpus, tmp_path / "in", tmp_path / "out")
+    c = Ctx(tiny_bert_dir, fixture_tasks, fixture_corpus, tmp_path / "in", tmp_path / "out", cleanups=[])
     c.tmp.mkdir()
     argv, must = CASES[name][1](c)
     p = subprocess.run([sys.executable, "-m", "toolkit", *argv], capture_output=True, text=True, timeout=300,

@@ -366,15 +366,15 @@ class DistillRecipe:
         if cfg.resume:
             client = eng.load_checkpoint(self.ckpt_dir)
             if client is not None:
-                if client.get("world_size") != eng.world_size:
-                    raise ConfigError("ds_config", f"the checkpoint in {self.ckpt_dir} was written by "
-                                      f"{client.get('world_size')} ranks but this run has {eng.world_size}; the "
-                                      "stream position is per rank, so resume with the same number of ranks")
-                missing = [k for k in ("loader", "state") if k not in client]
+                missing = [k for k in ("loader", "state", "world_size") if k not in client]
                 if missing:
                     raise ToolkitError(f"{self.ckpt_dir}: the latest checkpoint's state lacks {missing[0]!r} (not "
                                        f"written by toolkit distill); start fresh with a new output_dir or "
                                        f"resume=false")
+                if client.get("world_size") != eng.world_size:
+                    raise ConfigError("ds_config", f"the checkpoint in {self.ckpt_dir} was written by "
+                                      f"{client.get('world_size')} ranks but this run has {eng.world_size}; the "
+                                      "stream position is per rank, so resume with the same number of ranks")
                 self.loader.load_state_dict(client["loader"])
                 self.state.update(client["state"])
                 log.info("resumed from step %d", self.state["step"])
