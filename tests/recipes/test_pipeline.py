@@ -19,7 +19,7 @@ def _cfg(tiny_bert4_dir, fixture_tasks, fixture_corpus, out, **kw):
                         "student": {"init": "spec", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
                         "loss": {"options": {"minilmv2": {"num_relation_heads": 8}}}},
         "eval_job": {"max_steps": 3, "max_seq_length": 32, "lrs": [5e-4]},
-        "probe_job": {"max_seq_length": 32}, "evaluate_teacher": True,
+        "probe_job": {"max_seq_length": 32}, "evaluate_teacher": True, "probe_in_domain": True,
     }
     base.update(kw)
     return load_config(PipelineConfig, None, base=base)
@@ -50,7 +50,7 @@ def test_pipeline_end_to_end(tiny_bert4_dir, fixture_tasks, fixture_corpus, tmp_
             assert f"{r['average']:.2f}" in report
     assert re.search(r"MITKD .* vs baseline", report)
     for name in ("mitkd", "baseline"):
-        student = AutoModel.from_pretrained(out / name / "job" / "student")
+        student = AutoModel.from_pretrained(saved["models"][name]["path"])
         assert student.config.num_hidden_layers == 2
         assert saved["models"][name]["params"] > 0
         assert saved["models"][name]["inference"]["samples_per_s"] > 0

@@ -100,7 +100,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "eval_job": {"epochs": 1.0, "max_steps": 0, "max_seq_length": 64, "lrs": [1e-4],
                      "ds_config": "cpu_fp32_b32.json"},
         "low_resource_eval_job": {"epochs": 5.0, "eval_each_epoch": False},
-        "probe_job": {"max_seq_length": 64, "train_limit": 1000},
+        "probe_job": {"max_seq_length": 64, "train_limit": 600},
         "seeds": [1, 2], "low_resource": 200, "variant": "mix", "evaluate_teacher": False,
     },
     "large": {
@@ -141,6 +141,8 @@ class PipelineConfig:
     ablate: List[str] = arg(help="run these variants side by side against the baseline and write ablation.md "
                             "(e.g. plain,l2sp,mix)", factory=list)
     probe: bool = arg(True, "run the teacher generality check (linear probes) before distillation")
+    probe_in_domain: bool = arg(False, "probe the in-domain tasks too (the check itself needs only the "
+                                "out-of-domain ones)")
     forgetting_threshold: float = arg(2.0, "flag a multi-task teacher whose probe score on an out-of-domain task is "
                                       "this many points below the pretrained teacher's")
     teacher_job: Dict[str, Any] = arg(help="overrides for the teacher job (see toolkit teacher --help)", factory=dict)
@@ -463,12 +465,13 @@ class PipelineRecipe:
         if self.low_resource:
             settings["low_resource"] = self.low_resource
         all_tasks = list(in_dom) + list(ood)
+        probe_tasks = all_tasks if cfg.probe_in_domain or not ood else list(ood)
 
         names = list(cfg.ablate) or [self.variant]
         jobs = {n: self._variant_jobs(n, data) for n in names}
         probes: Dict[str, Any] = {}
         if cfg.probe:
-            probes["pretrained"] = self._probe("probe_pretrained", "pretrained", base_teacher, all_tasks)
+            probes["pretrained"] = self._probe("probe_pretrained", "pretrained", base_teacher, probe_tasks)
         mt_teachers: Dict[str, str] = {}
         for n in names:
             key = jobs[n]["teacher_key"]
@@ -476,7 +479,7 @@ class PipelineRecipe:
                 self._job_stage("teacher", key, jobs[n]["teacher_job"], outputs=["job/model"])
                 mt_teachers[key] = str(self.out / key / "job" / "model")
                 if cfg.probe:
-                    probes[key] = self._probe(f"probe_{key}", key, mt_teachers[key], all_tasks)
+                    probes[key] = self._probe(f"probe_{key}", key, mt_teachers[key], probe_tasks)
 
         # The baseline: the plain pretrained teacher, distilled the same way.
         self._job_stage("distill", "baseline", self._distill_job("baseline", base_teacher, data),

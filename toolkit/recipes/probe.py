@@ -39,7 +39,7 @@ from toolkit.utils.logging import get_logger
 log = get_logger(__name__)
 
 PROBED_TYPES = (CLASSIFICATION, REGRESSION, TOKEN_CLASSIFICATION)
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+L2_GRID = (1e-3, 1e-2, 1e-1)
 
 
 @dataclass
@@ -154,6 +154,16 @@ class ProbeRecipe:
         else:   # the encoded label: a class id, or the regression target
             y_tr = np.asarray([enc_tr[i]["labels"].item() for i in range(len(enc_tr))])
         x_tr, x_dev = _standardize(x_tr, x_dev)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # the fits are tiny: more threads only add synchronisation
+        try:
+            return self._fit_and_score(task, dev, x_tr, y_tr, x_dev, y_dev_tok, per_token)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit_and_score(self, task: Any, dev: Sequence[Any], x_tr: np.ndarray, y_tr: np.ndarray, x_dev: np.ndarray,
+                       y_dev_tok: Optional[np.ndarray], per_token: bool) -> float:
+        cfg = self.cfg
         rng = np.random.default_rng(cfg.seed)
         order = rng.permutation(len(x_tr))
         cut = max(1, len(order) // 5)
@@ -237,7 +247,7 @@ def render_probe(res: Dict[str, Any]) -> str:
         cells = [f"{res['scores'][m][t]:.2f}" for m in models]
         for m in models[1:]:
             drop = res["forgetting"][m][t]
-            cells.append(f"{-drop:+.2f}" + (" **(forgetting)**" if drop > res["threshold"] else ""))
+            cells.append(f"{0.0 - drop:+.2f}" + (" **(forgetting)**" if drop > res["threshold"] else ""))
         lines.append(f"| {t} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
