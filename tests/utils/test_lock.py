@@ -111,3 +111,16 @@ def test_other_ranks_do_not_lock(tmp_path):
     with L.locked_output(tmp_path / "run", "x", is_main=False) as lk:
         assert lk is None
     assert not (tmp_path / "run").exists()
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _write_lock(out, host="node-3", pid=777, slurm_job="4242", slurm_restart=0)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    with pytest.raises(L.OutputLockedError):     # same run: a live holder on another node
+        L.OutputLock(out, "x").acquire()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    lk = L.OutputLock(out, "x").acquire()
+    assert json.loads((out / L.LOCK_NAME).read_text())["slurm_restart"] == 1
+    lk.release()

@@ -12,7 +12,9 @@ holder. A lock left by a job that was killed is recognised and taken over:
 * another host (a shared filesystem), where the pid cannot be checked: its heartbeat is
   older than :data:`STALE_S` seconds. A live holder refreshes it every :data:`HEARTBEAT_S`
   seconds, so this takes the hosts' clocks to agree within a few minutes (NTP on a
-  cluster). Until then the error says how old the heartbeat is and when it counts as stale.
+  cluster). Until then the error says how old the heartbeat is and when it counts as stale;
+* a Slurm job requeued after a preemption (on any node): the lock names the same
+  ``SLURM_JOB_ID`` with a lower ``SLURM_RESTART_COUNT``, i.e. an earlier run of this job.
 
 The same process may take a lock it already holds (in-process nested jobs share a folder).
 """
@@ -64,6 +66,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _restart_count() -> int:
+    v = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return int(v) if v.isdigit() else 0
+
+
 def _user() -> str:
     try:
         return getpass.getuser()
@@ -92,7 +99,8 @@ class OutputLock:
     # -- the lock file ------------------------------------------------------------------
     def _mine(self) -> Dict[str, Any]:
         return {"host": socket.gethostname(), "pid": os.getpid(), "start": _proc_start(os.getpid()),
-                "user": _user(), "job": self.job, "since": time.time(), "heartbeat": time.time()}
+                "user": _user(), "job": self.job, "since": time.time(), "heartbeat": time.time(),
+                "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": _restart_count()}
 
     def _read(self) -> Optional[Dict[str, Any]]:
         try:
@@ -130,6 +138,10 @@ class OutputLock:
     def stale_reason(self, info: Dict[str, Any]) -> Optional[str]:
         """Why the lock described by ``info`` is stale, or None while its holder may be alive."""
         host, pid = info.get("host"), info.get("pid")
+        slurm_job = os.environ.get("SLURM_JOB_ID")
+        if info and slurm_job and info.get("slurm_job") == slurm_job \
+                and int(info.get("slurm_restart") or 0) < _restart_count():
+            return f"it was taken by an earlier run of this Slurm job ({slurm_job}, requeued since)"
         if not info:
             try:
                 age = time.time() - self.path.stat().st_mtime
