@@ -9,7 +9,7 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch (CPU wheel pinned by constraints.txt)"
   $PY -m pip install -q -c constraints.txt torch==2.13.0
 fi
-if ! $PY -c "import toolkit, deepspeed, transformers, sklearn, pytest" >/dev/null 2>&1; then
+if ! $PY -c "import toolkit, deepspeed, transformers, sklearn, pytest, pytest_timeout" >/dev/null 2>&1; then
   echo "[setup] installing the toolkit and its dependencies"
   $PY -m pip install -q -c constraints.txt -e ".[test]"
 fi

@@ -26,6 +26,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ASSETS = Path(__file__).parent / "assets"
 
+# Under CI=true a skip for want of something .ci/run installs fails (tests/ci_skips.py).
+pytest_plugins = ["ci_skips"]
+
+#: Per-test time limits (pytest-timeout): pytest.ini's default, and this for the tests that
+#: start processes or run whole pipelines (a hung rendezvous must not stall CI for an hour).
+LONG_TIMEOUT_S = 1800
+_LONG_MARKERS = ("launcher", "slurm", "slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("timeout") is None and any(item.get_closest_marker(m) for m in _LONG_MARKERS):
+            item.add_marker(pytest.mark.timeout(LONG_TIMEOUT_S))
+
 _WORDS = (
     "the a an and or but if then of to in on at for with by from as is are was were be been "
     "it this that these those he she they we you i me him her them us my your our their "

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Type, TypeVar, Union
 
 import yaml
 
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, DataError
 
 T = TypeVar("T")
 
@@ -175,15 +175,17 @@ def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
     """Read a YAML mapping with ``yaml.safe_load``; errors name the file and line."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError("config", f"file not found: {p}")
+        raise DataError(p, "file not found" if not p.exists() else "not a file")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise DataError(p, f"not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError("config", f"{p}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        raise DataError(p, f"invalid YAML: {getattr(e, 'problem', e)}",
+                        line=mark.line + 1 if mark is not None else None) from None
     if not isinstance(data, dict):
-        raise ConfigError("config", f"{p}: top level must be a mapping, got {type(data).__name__}")
+        raise DataError(p, f"the top level must be a mapping of fields, got a {type(data).__name__}", line=1)
     return data
 
 

@@ -276,6 +276,7 @@ def test_memory_probe_reports_every_phase():
         assert min(int(live), int(held), int(rss)) >= 0   # peaks above the set-up level, in MiB
 
 
+@pytest.mark.slow   # the real teacher and corpus, one whole job per allocator: `make test-slow`
 def test_job_allocator_bench_runs_the_real_job_under_each_allocator(tmp_path):
     from toolkit.demo import resources as res
     from toolkit.errors import ToolkitError

@@ -207,9 +207,29 @@ def test_replay_past_the_end_names_the_cause(tmp_path, tok):
     assert state["workers"][0]["base"] is None and state["workers"][0]["skip_rows"] == 10
     write_text(files[0], [0, 1])                 # the corpus shrank since the checkpoint
     resumed = build_loader(cfg, tok, 2)
+    # The shard's size and head/tail hash are in the fingerprint: the resume stops at once.
+    with pytest.raises(DataError, match=r"shard00\.txt: corpus shard changed since the checkpoint \(size .*new output_dir"):
+        resumed.load_state_dict(state)
+    # Past the fingerprint (a source it cannot hash), the replay still names the cause.
+    state["fingerprint"] = resumed._fingerprint()
     resumed.load_state_dict(state)
     with pytest.raises(ToolkitError, match="replayed .* of 10 rows.*corpus files changed"):
         list(resumed)
+
+
+def test_a_regenerated_shard_of_the_same_size_stops_a_resume(tmp_path, tok):
+    files = _corpus_files(tmp_path, 2, 12)
+    cfg = _cfg([tmp_path / "*.txt"], shuffle_buffer=0)
+    loader = build_loader(cfg, tok, 2)
+    list(itertools.islice(loader, 3))
+    state = loader.state_dict()
+    text = files[1].read_text(encoding="utf-8")
+    files[1].write_text(text.replace("a", "b", 1) if "a" in text else "x" + text[1:], encoding="utf-8")
+    assert len(files[1].read_bytes()) == len(text.encode("utf-8"))
+    with pytest.raises(DataError, match=r"shard01\.txt: corpus shard changed since the checkpoint \(same size"):
+        build_loader(cfg, tok, 2).load_state_dict(state)
+    files[1].write_text(text, encoding="utf-8")      # restored: the resume goes on
+    build_loader(cfg, tok, 2).load_state_dict(state)
 
 
 def test_too_small_corpus_for_endless_stream(tmp_path, tok):

@@ -205,6 +205,7 @@ def test_bbc_dev_articles_stay_out_of_corpus():
     assert train_titles & titles and not dev_titles & titles
 
 
+@pytest.mark.slow   # builds the real demo data twice more per language: `make test-slow`
 @pytest.mark.parametrize("language", ["en", "zh"])
 def test_idempotent_and_deterministic(language, english, chinese, tmp_path):
     out, _ = english if language == "en" else chinese

@@ -8,9 +8,47 @@ from toolkit.engine import precision
 from toolkit.engine.precision import native_bf16_supported, resolve_precision, teacher_dtype
 
 
-def test_native_bf16_matches_onednn_check():
-    # DeepSpeed's is_bf16_supported() is wrong on some CPUs; we must follow oneDNN's.
-    assert native_bf16_supported("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def _cpu_flags() -> set:
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split(":", 1)[1].split()}
+
+
+def test_native_bf16_agrees_with_the_cpu_instruction_set():
+    # An independent look at the hardware (/proc/cpuinfo): AVX512-BF16 or AMX-BF16 run bf16
+    # matmuls natively; without any AVX-512 (x86) or BF16/SVE (Arm) they are emulated, whatever
+    # DeepSpeed's is_bf16_supported() says. (AVX-512 without BF16 is oneDNN's call: not checked.)
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    if {"avx512_bf16", "amx_bf16"} & flags:
+        assert native_bf16_supported("cpu") is True
+    elif any(f.startswith(("avx512", "amx")) for f in flags) or {"bf16", "sve"} & flags:
+        pytest.skip("AVX-512 without BF16: oneDNN decides")
+    else:
+        assert native_bf16_supported("cpu") is False
+
+
+@pytest.mark.parametrize("answer,expected", [(True, True), (False, False)])
+def test_native_bf16_follows_onednn_not_deepspeed(monkeypatch, answer, expected):
+    import deepspeed.accelerator
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: answer)
+    # DeepSpeed's answer (True on such CPUs, which is wrong) must not matter.
+    acc = deepspeed.accelerator.get_accelerator()
+    monkeypatch.setattr(acc, "is_bf16_supported", lambda: not answer, raising=False)
+    assert native_bf16_supported("cpu") is expected
+
+
+@pytest.mark.parametrize("error", [RuntimeError("no mkldnn"), AttributeError("old torch")])
+def test_native_bf16_is_false_when_onednn_cannot_say(monkeypatch, error):
+    def broken():
+        raise error
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", broken)
+    assert native_bf16_supported("cpu") is False
 
 
 @pytest.mark.parametrize("key", ["bf16", "fp16", "bfloat16"])

@@ -17,8 +17,7 @@ def _mask():
     return torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
 
 
-@pytest.mark.parametrize("impl,chunk", [("chunked", 2), ("chunked", None), ("naive", None), ("auto", 3),
-                                        ("triton", 3)])
+@pytest.mark.parametrize("impl,chunk", [("chunked", 2), ("chunked", None), ("naive", None), ("auto", 3)])
 def test_matches_reference_with_different_hidden_sizes(impl, chunk):
     student, teacher = _qkv(2, 7, 32, 0), _qkv(2, 7, 48, 1)
     loss = MiniLMv2RelationLoss(8, chunk_size=chunk, impl=impl)
@@ -28,6 +27,35 @@ def test_matches_reference_with_different_hidden_sizes(impl, chunk):
     for key in out:
         torch.testing.assert_close(out[key].double(), ref[key], rtol=1e-5, atol=0)
     torch.testing.assert_close(out["loss"], out["qq"] + out["kk"] + out["vv"])
+
+
+def test_impl_triton_on_cpu_is_the_chunked_path():
+    """Triton runs only on CUDA: on CPU inputs ``impl: triton`` takes the chunked path, says so,
+    and gives the chunked path's numbers bit for bit (the Triton kernel itself is tested on a
+    GPU below and, in the interpreter, in tests/kernels/test_relation_kl_triton.py)."""
+    from toolkit.losses.relations import describe_relation_kl
+
+    student, teacher = _qkv(2, 7, 32, 0), _qkv(2, 7, 48, 1)
+    out = MiniLMv2RelationLoss(8, chunk_size=3, impl="triton")(student, teacher, _mask())
+    chunked = MiniLMv2RelationLoss(8, chunk_size=3, impl="chunked")(student, teacher, _mask())
+    for key in out:
+        assert torch.equal(out[key], chunked[key]), key
+    assert describe_relation_kl("triton", torch.device("cpu"), 2, 8, 7, chunk_size=3).startswith("chunked")
+
+
+@pytest.mark.gpu
+def test_impl_triton_on_cuda_matches_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("triton")
+    student = {k: v.cuda() for k, v in _qkv(2, 7, 32, 0).items()}
+    teacher = {k: v.cuda() for k, v in _qkv(2, 7, 48, 1).items()}
+    mask = _mask().cuda()
+    out = MiniLMv2RelationLoss(8, chunk_size=3, impl="triton")(student, teacher, mask)
+    ref = minilm_v2_reference({k: v.cpu() for k, v in student.items()}, {k: v.cpu() for k, v in teacher.items()},
+                              _mask(), 8)
+    for key in out:
+        torch.testing.assert_close(out[key].double().cpu(), ref[key], rtol=1e-4, atol=0)
 
 
 def test_gradients_flow_to_student_only_and_match_reference():
@@ -68,7 +96,9 @@ def test_config_errors():
 
 
 def test_registry_names():
-    assert LOSSES["minilm_v2"] is MiniLMv2RelationLoss
+    from toolkit.losses.minilm_v2 import MiniLMv2Loss
+
+    assert LOSSES["minilmv2"] is MiniLMv2Loss
     assert {"minilm_v1", "tinybert", "logit_kd"} <= set(LOSSES)
 
 

@@ -1,37 +1,60 @@
 """Throughput meter and peak memory."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from toolkit.utils.meter import Throughput, memory_kind, peak_memory_mb, reset_peak_memory
 
 
-def test_rates_and_data_wait_fraction():
+class FakeClock:
+    """perf_counter under the test's control: the meter's arithmetic, not the machine's timing."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    from toolkit.utils import meter
+
+    fake = FakeClock()
+    monkeypatch.setattr(meter, "time", fake)
+    return fake
+
+
+def test_rates_and_data_wait_fraction(clock):
     m = Throughput("cpu", window=10)
     for _ in range(3):
         with m.data_wait():
-            time.sleep(0.02)
-        time.sleep(0.02)
+            clock.sleep(0.02)
+        clock.sleep(0.03)
         m.step(samples=4, tokens=64)
     s = m.summary()
-    assert s["step_time_s"] == pytest.approx(0.04, abs=0.03)
-    assert 0.2 < s["data_wait_frac"] < 0.8
-    assert s["tokens_per_s"] == pytest.approx(16 * s["samples_per_s"])
+    assert s["step_time_s"] == pytest.approx(0.05)
+    assert s["data_wait_frac"] == pytest.approx(0.4)
+    assert s["samples_per_s"] == pytest.approx(4 / 0.05) and s["tokens_per_s"] == pytest.approx(64 / 0.05)
     assert s["overall_samples_per_s"] == pytest.approx(s["samples_per_s"])
+    assert s["overall_data_wait_frac"] == pytest.approx(0.4)
     assert s["peak_mem_mb"] > 10
 
 
-def test_sliding_window_forgets_old_steps():
+def test_sliding_window_forgets_old_steps(clock):
     m = Throughput("cpu", window=2)
-    time.sleep(0.1)
+    clock.sleep(1.0)
     m.step(samples=1)  # slow step, pushed out of the window below
     for _ in range(2):
+        clock.sleep(0.1)
         m.step(samples=100)
     s = m.summary()
-    assert s["samples_per_s"] > s["overall_samples_per_s"]
+    assert s["samples_per_s"] == pytest.approx(200 / 0.2)
+    assert s["overall_samples_per_s"] == pytest.approx(201 / 1.2)
     assert m.steps == 3
 
 

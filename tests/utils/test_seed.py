@@ -37,7 +37,7 @@ def test_rng_state_survives_torch_save(tmp_path):
     set_seed(5)
     torch.save(rng_state(), tmp_path / "rng.pt")
     a = draw()
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False))
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))   # what checkpoints load with
     assert draw() == a
 
 

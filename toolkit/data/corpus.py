@@ -46,6 +46,7 @@ from toolkit.errors import ConfigError, DataError
 from toolkit.data.packing import Row, SequencePacker, pad_row
 from toolkit.data.sources import (READERS, ReadOptions, SkipTracker, resolve_shards,
                                   start_cursor)
+from toolkit.utils.fingerprint import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -377,6 +378,7 @@ class StreamingCorpus(IterableDataset):
         self.shards, self.empty_files = resolve_shards(cfg.sources, cfg.format, cfg.strict)
         self._resume: Dict[int, Dict[str, Any]] = {}
         self._stream: Optional[WorkerStream] = None
+        self._fingerprint: Optional[Dict[str, Any]] = None
 
     @property
     def tokens_per_sample(self) -> int:
@@ -388,9 +390,17 @@ class StreamingCorpus(IterableDataset):
         return self.packer.pad_id
 
     def fingerprint(self) -> Dict[str, Any]:
-        """What a resume state must match: data-affecting settings, shards, rank layout."""
-        return {"shards": [s.name for s in self.shards], "rank": self.rank, "world_size": self.world_size,
-                **{k: getattr(self.cfg, k) for k in FINGERPRINT_FIELDS}}
+        """What a resume state must match: data-affecting settings, shards, rank layout.
+
+        Each file shard is named with its size and a sha256 of its first and last 64 KiB, so a
+        shard regenerated under the same name stops a resume instead of being read from a stale
+        byte offset. Computed once, when the corpus is opened.
+        """
+        if self._fingerprint is None:
+            self._fingerprint = {"shards": [shard_fingerprint(s) for s in self.shards], "rank": self.rank,
+                                 "world_size": self.world_size,
+                                 **{k: getattr(self.cfg, k) for k in FINGERPRINT_FIELDS}}
+        return self._fingerprint
 
     def worker_stream(self, worker_id: int, num_workers: int, state: Optional[Dict[str, Any]] = None) -> WorkerStream:
         """The row stream of DataLoader worker ``worker_id`` of ``num_workers`` on this rank."""
@@ -432,14 +442,61 @@ class StreamingCorpus(IterableDataset):
         return stats
 
 
+def shard_fingerprint(shard: Any) -> Dict[str, Any]:
+    """``{"name", "size", "sha256_head_tail"}`` of a file shard; ``{"name"}`` for an ``hf:`` one."""
+    if shard.kind == "hf":
+        return {"name": shard.name}
+    try:
+        return {"name": shard.name, **file_digest(shard.path)}
+    except OSError as e:
+        raise DataError(shard.path, f"cannot read the corpus file: {e.strerror}") from None
+
+
+_FRESH = "start fresh instead: a new output_dir, or resume=false"
+
+
+def _check_shards(saved: Any, now: List[Dict[str, Any]]) -> None:
+    """Name the first shard that was added, removed or changed since the checkpoint."""
+    def as_dict(x: Any) -> Dict[str, Any]:
+        return x if isinstance(x, dict) else {"name": x}   # states saved before sizes/hashes: names
+
+    old = [as_dict(x) for x in (saved or [])]
+    old_names, new_names = [x["name"] for x in old], [x["name"] for x in now]
+    for name in new_names:
+        if name not in old_names:
+            raise DataError(name, f"corpus shard added since the checkpoint; resume with the files it was made "
+                            f"with, or {_FRESH}")
+    for name in old_names:
+        if name not in new_names:
+            raise DataError(name, f"corpus shard missing since the checkpoint; resume with the files it was made "
+                            f"with, or {_FRESH}")
+    if old_names != new_names:
+        raise DataError(new_names[0], f"the corpus shards are in another order than at the checkpoint; {_FRESH}")
+    for o, n in zip(old, now):
+        if "size" not in o:
+            continue
+        if o.get("size") != n.get("size"):
+            raise DataError(n["name"], f"corpus shard changed since the checkpoint (size {o.get('size')} -> "
+                            f"{n.get('size')} bytes): the saved stream position would point into other text; "
+                            f"restore the original file, or {_FRESH}")
+        if o.get("sha256_head_tail") != n.get("sha256_head_tail"):
+            raise DataError(n["name"], f"corpus shard changed since the checkpoint (same size, other content in its "
+                            f"first or last 64 KiB); restore the original file, or {_FRESH}")
+
+
 def check_fingerprint(state: Dict[str, Any], expected: Dict[str, Any]) -> None:
-    """Raise a ToolkitError naming the first setting that differs from the saved stream."""
+    """Raise a ToolkitError naming the first setting or shard that differs from the saved stream."""
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise DataError(None, "not a corpus resume state (or from another toolkit version)",
                         hint="start the data stream fresh")
     saved = state.get("fingerprint", {})
+    if not isinstance(saved, dict):
+        raise DataError(None, "corpus resume state without a valid fingerprint", hint=_FRESH)
+    _check_shards(saved.get("shards"), expected.get("shards", []))
     for key, value in expected.items():
+        if key == "shards":
+            continue
         if saved.get(key) != value:
             field = f"corpus.{key}" if key in FINGERPRINT_FIELDS else key
             raise ConfigError(field, f"differs from the checkpoint's data stream ({saved.get(key)!r} there, "
-                                     f"{value!r} now): resume with the same corpus and layout, or start fresh")
+                                     f"{value!r} now): resume with the same corpus and layout, or {_FRESH}")

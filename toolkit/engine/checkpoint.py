@@ -85,10 +85,14 @@ def is_complete(path: PathLike) -> bool:
 def read_marker(path: PathLike) -> Dict[str, Any]:
     """The COMPLETE marker's JSON (tag, step, world_size, time)."""
     try:
-        return json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+        data = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ToolkitError(f"{Path(path) / MARKER}: unreadable checkpoint marker ({e}); "
                            f"delete this checkpoint folder to fall back to an older one") from None
+    if not isinstance(data, dict) or not data.get("tag"):
+        raise ToolkitError(f"{Path(path) / MARKER}: checkpoint marker without a tag; "
+                           f"delete this checkpoint folder to fall back to an older one")
+    return data
 
 
 def list_complete(ckpt_dir: PathLike) -> List[Path]:
@@ -179,7 +183,18 @@ def read_client_state(path: PathLike, rank: int) -> Dict[str, Any]:
         f = client_state_file(path, 0)
     if not f.is_file():
         return {}
-    return torch.load(f, map_location="cpu", weights_only=False)
+    # weights_only: the toolkit saves only tensors and plain types here, and a checkpoint
+    # folder (shared, copied from elsewhere) must never run code when it is loaded.
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors all mean "not loadable"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToolkitError(f"{f}: unreadable checkpoint state ({first[:200]}); delete this checkpoint folder to "
+                           f"resume from an older one, or start fresh (resume=false or a new output_dir)") from None
+    if not isinstance(state, dict):
+        raise ToolkitError(f"{f}: checkpoint state is a {type(state).__name__}, not a mapping; delete this "
+                           f"checkpoint folder to resume from an older one, or start fresh")
+    return state
 
 
 def write_atomic(ckpt_dir: PathLike, tag: str, write_payload: Callable[[Path], None],

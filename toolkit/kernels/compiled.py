@@ -3,7 +3,8 @@
 :mod:`toolkit.kernels.cpu_attention` and :mod:`toolkit.models.dropout` use this (the relation
 KL's row kernel, :mod:`toolkit.kernels.cpu_rows`, predates it and does the same by hand). A
 :class:`CompiledKernel` builds its C file with :func:`toolkit.kernels.cpu_rows.build_shared`
-(system compiler, OpenMP, ``-march=native``, cached per CPU), binds it with ``ctypes``, runs a
+(system compiler, OpenMP, ``-march=native``, cached per CPU in a per-user folder of mode 0700
+that is refused when another user owns it: :func:`toolkit.utils.cache.private_cache_dir`), binds it with ``ctypes``, runs a
 self-check against a torch or float64 reference, and keeps the result for the process. Anything
 that goes wrong (not Linux, no compiler, a failed build or check) is one ``RuntimeWarning`` with
 the reason, and :meth:`CompiledKernel.load` returns None so the caller runs its torch path. An

@@ -11,7 +11,8 @@ The C file is compiled on first use with the system C compiler (``$CC``, else ``
 ``clang``) and OpenMP, in well under a second, into a cache directory keyed by the source, the
 flags, the compiler and this CPU (``-march=native`` code must not run on another node that
 shares the home directory): ``$TOOLKIT_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/mitkd/kernels``,
-else ``~/.cache/mitkd/kernels``. A fresh build is checked against the torch block math before
+else ``~/.cache/mitkd/kernels``, created with mode 0700 and refused (so the fallback runs) when
+another user owns it or a cached library is writable by others. A fresh build is checked against the torch block math before
 it is used. Anything that goes wrong (no compiler, no OpenMP, not Linux, a failed check) is
 reported once as a warning with the reason, and the torch block math runs instead: same
 numbers to fp32 rounding, only slower. ``TOOLKIT_CPU_KERNEL=0`` turns the kernel off.
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 
 from toolkit.utils.env import switched_off
+from toolkit.utils.cache import check_private_file, private_cache_dir
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = _CSRC / "relation_kl_rows.c"
@@ -103,11 +105,9 @@ def _disabled_by_env() -> Optional[str]:
 
 
 def cache_dir() -> Path:
-    """Where builds are kept (see the module docstring)."""
-    if os.environ.get("TOOLKIT_KERNEL_CACHE"):
-        return Path(os.environ["TOOLKIT_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mitkd" / "kernels"
+    """Where builds are kept (see the module docstring): a per-user folder with mode 0700;
+    ToolkitError (so: the fallback, with the reason) when another user owns it."""
+    return private_cache_dir("kernels", override=os.environ.get("TOOLKIT_KERNEL_CACHE"))
 
 
 def find_compiler() -> Optional[str]:
@@ -160,7 +160,9 @@ def build_shared(source: Path, cc: str, out_dir: Path, abi: int, extra_flags: Se
                                          _cpu_id().encode(), str(abi).encode()])).hexdigest()[:16]
         target = out_dir / f"{source.stem}-{key}.so"
         if target.exists():
-            return target
+            # Loaded as code: only a file of ours that nobody else can write (else RuntimeError
+            # through ToolkitError, and the caller's fallback).
+            return check_private_file(target)
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
         os.close(fd)
@@ -168,6 +170,7 @@ def build_shared(source: Path, cc: str, out_dir: Path, abi: int, extra_flags: Se
             proc = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True,
                                   timeout=300)
             if proc.returncode == 0:
+                os.chmod(tmp, 0o700)
                 os.replace(tmp, target)
                 return target
             errors.append(f"{cc} {' '.join(flags)}: {(proc.stderr or proc.stdout).strip()[-400:]}")

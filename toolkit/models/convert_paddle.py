@@ -59,6 +59,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from toolkit.errors import DataError, ToolkitError
+from toolkit.utils.fsio import publish_dir
 
 PathLike = Union[str, Path]
 
@@ -345,15 +346,16 @@ def convert_paddle_ernie(src_dir: PathLike, out_dir: PathLike, keep_heads: bool 
     tensors, heads, skipped = convert_state_dict(state, expected)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    _save_tokenizer(vocab, out, config.max_position_embeddings)
     report = ConversionReport(mapped=len(tensors), skipped=sorted(skipped), heads=sorted(heads),
                               heads_kept=keep_heads and bool(heads), config=cfg_kwargs)
-    if keep_heads and heads:
-        save_file({k: np.ascontiguousarray(_to_float32(k, v).T if np.ndim(v) == 2 else _to_float32(k, v))
-                   for k, v in heads.items()}, str(out / "paddle_heads.safetensors"))
-    (out / "conversion_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+    # The converted folder appears whole (COMPLETE.json last) or not at all.
+    with publish_dir(out, kind="converted_ernie") as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        _save_tokenizer(vocab, tmp, config.max_position_embeddings)
+        if keep_heads and heads:
+            save_file({k: np.ascontiguousarray(_to_float32(k, v).T if np.ndim(v) == 2 else _to_float32(k, v))
+                       for k, v in heads.items()}, str(tmp / "paddle_heads.safetensors"))
+        (tmp / "conversion_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
     return report
 
 

@@ -47,12 +47,10 @@ def resolve_ds_config(path: Union[str, Path, None], default: str = "auto") -> Pa
 
 
 def write_json(path: Union[str, Path], obj: Any) -> None:
-    """Write JSON atomically (tmp file + rename) so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically and durably (fsynced tmp file + rename): readers never see half a file."""
+    from toolkit.utils.fsio import write_json_atomic
+
+    write_json_atomic(path, obj, default=_json_default)
 
 
 def _json_default(o: Any) -> Any:
@@ -191,3 +189,34 @@ def mean_across_ranks(sums: Dict[str, Any], n: int) -> Dict[str, float]:
     t = dist.all_reduce_sum(t)
     total = float(t[-1]) or 1.0
     return {k: float(v) / total for k, v in zip(keys, t[:-1].tolist())}
+
+
+# -- early input checks: a refused job fails here, before any model loads ---------------------
+def check_model_dir(field: str, path: Optional[str]) -> None:
+    """``path`` (the config field ``field``) is a BERT/ERNIE ``save_pretrained`` folder; else a
+    ConfigError naming the field, the folder and what is wrong with it."""
+    from toolkit.errors import ToolkitError
+    from toolkit.models.encoder import read_model_type
+
+    if not path:
+        raise ConfigError(field, "is required: give a model directory")
+    try:
+        read_model_type(path)
+    except ToolkitError as e:
+        raise ConfigError(field, str(e)) from None
+
+
+def check_ds_config(path: Optional[str]) -> Dict[str, Any]:
+    """The job's DeepSpeed JSON, read and checked for this world size (see ds_config.py)."""
+    from toolkit.engine.ds_config import load_ds_config
+
+    return load_ds_config(resolve_ds_config(path), int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def check_corpus(field: str, corpus: Any) -> None:
+    """The corpus sources resolve to readable, non-empty shards (DataError naming the spec/file)."""
+    from toolkit.data.sources import resolve_shards
+
+    if not corpus.sources:
+        raise ConfigError(f"{field}.sources", "no corpus given: list files, globs or hf: specs")
+    resolve_shards(corpus.sources, corpus.format, corpus.strict)

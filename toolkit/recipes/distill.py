@@ -29,7 +29,7 @@ from toolkit.engine.engine import param_groups
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.precision import teacher_dtype
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
-from toolkit.errors import ConfigError, DataError
+from toolkit.errors import ConfigError, DataError, ToolkitError
 from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.losses import EMBEDDINGS, LOSSES, DistillInputs, LossContext, Needs, build_loss
 from toolkit.losses.registry import parse_options
@@ -38,8 +38,11 @@ from toolkit.models.capture import LayerCapture, default_teacher_layer, resolve_
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import (EncoderSpec, build_encoder, count_parameters, load_tokenizer, save_encoder,
                                     spec_from_model)
-from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
+from toolkit.recipes.common import (check_corpus, check_ds_config, check_model_dir, mean_across_ranks,
+                                    resolve_ds_config, write_json)
 from toolkit.recipes.frozen import FrozenTeacher
+from toolkit.utils.fsio import publish_dir
+from toolkit.utils.lock import locked_output
 from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
 from toolkit.utils.meter import Throughput, memory_kind
 from toolkit.utils.progress import ProgressBar
@@ -301,8 +304,23 @@ class DistillRecipe:
                 losses[name] = build_loss(name, cfg.loss.options.get(name), ctx)
         return losses
 
+    def validate(self) -> None:
+        """Check the inputs a user gives before loading any model: model folders, the DeepSpeed
+        JSON and the corpus (ConfigError/DataError naming the field or file)."""
+        cfg = self.cfg
+        check_model_dir("teacher", cfg.teacher)
+        if cfg.mix_teacher and cfg.mix_weight > 0:
+            check_model_dir("mix_teacher", cfg.mix_teacher)
+        if cfg.student.init == "path":
+            check_model_dir("student.path", cfg.student.path)
+        elif cfg.student.init == "teacher_layers" and cfg.student.init_from:
+            check_model_dir("student.init_from", cfg.student.init_from)
+        check_ds_config(cfg.ds_config)
+        check_corpus("corpus", cfg.corpus)
+
     def setup(self) -> None:
         cfg = self.cfg
+        self.validate()
         self._read_teacher_config()
         student = self._build_student()
         if cfg.student.fast_dropout:
@@ -350,6 +368,11 @@ class DistillRecipe:
         if cfg.resume:
             client = eng.load_checkpoint(self.ckpt_dir)
             if client is not None:
+                missing = [k for k in ("loader", "state", "world_size") if k not in client]
+                if missing:
+                    raise ToolkitError(f"{self.ckpt_dir}: the latest checkpoint's state lacks {missing[0]!r} (not "
+                                       f"written by toolkit distill); start fresh with a new output_dir or "
+                                       f"resume=false")
                 if client.get("world_size") != eng.world_size:
                     raise ConfigError("ds_config", f"the checkpoint in {self.ckpt_dir} was written by "
                                       f"{client.get('world_size')} ranks but this run has {eng.world_size}; the "
@@ -559,14 +582,16 @@ class DistillRecipe:
         }
         if eng.is_main:
             student = self.module.student
-            if state is not None:
-                prefix = "student."
-                sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-                save_encoder(student, self.out / "student", state_dict=sd)
-            else:
-                save_encoder(student, self.out / "student")
-            self.tokenizer.save_pretrained(self.out / "student")
-            write_json(self.out / "student" / "distill_info.json", result)
+            # The student appears whole (COMPLETE.json last) or not at all.
+            with publish_dir(self.out / "student", kind="student", meta={"step": self.state["step"]}) as tmp:
+                if state is not None:
+                    prefix = "student."
+                    sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                    save_encoder(student, tmp, state_dict=sd)
+                else:
+                    save_encoder(student, tmp)
+                self.tokenizer.save_pretrained(tmp)
+                write_json(tmp / "distill_info.json", result)
             write_json(self.out / "metrics.json", result)
         dist.barrier()
         return result
@@ -578,11 +603,12 @@ class DistillRecipe:
             close_log_file(self.rank_log)
 
     def run(self) -> Dict[str, Any]:
-        try:
-            self.setup()
-            return self.train()
-        finally:
-            self.cleanup()
+        with locked_output(self.out, "distill", is_main=dist.rank() == 0):
+            try:
+                self.setup()
+                return self.train()
+            finally:
+                self.cleanup()
 
 
 def _as_float(obj: Any) -> Any:

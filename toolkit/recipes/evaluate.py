@@ -32,10 +32,12 @@ from toolkit.config import arg, save_config
 from toolkit.engine import dist
 from toolkit.engine.engine import OptimConfig
 from toolkit.errors import ConfigError
-from toolkit.recipes.common import mean_std, task_ref, write_json
+from toolkit.recipes.common import check_ds_config, check_model_dir, mean_std, task_ref, write_json
 from toolkit.recipes.finetune import FinetuneConfig, FinetuneRecipe, same_run_config
 from toolkit.tasks import get_task, group_names, resolve_tasks
 from toolkit.tasks.base import Task
+from toolkit.utils.fsio import publish_dir, replacing, write_text_atomic
+from toolkit.utils.lock import locked_output
 from toolkit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -133,8 +135,16 @@ class EvalRecipe:
         return out
 
     def run(self) -> Dict[str, Any]:
+        with locked_output(self.out, "eval", is_main=dist.rank() == 0):
+            return self._run()
+
+    def _run(self) -> Dict[str, Any]:
         cfg = self.cfg
+        check_model_dir("model", cfg.model)
+        check_ds_config(cfg.ds_config)
         tasks = self._tasks()
+        for task in tasks:   # every train split read (and checked) before the first run starts
+            task.load("train")
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.json")
@@ -170,8 +180,8 @@ class EvalRecipe:
             summary["submissions"] = self._bundle_submissions(summary) if cfg.write_submissions else {}
             summary["prediction_files"] = self._copy_dev_predictions(summary)
             table = render_table(summary)
-            write_json(self.out / "results.json", summary)
-            (self.out / "results.md").write_text(table, encoding="utf-8")
+            write_text_atomic(self.out / "results.md", table)
+            write_json(self.out / "results.json", summary)   # last: the record of a finished run
             sys.stdout.write("\n" + table)
             sys.stdout.flush()
         dist.barrier()
@@ -216,11 +226,10 @@ class EvalRecipe:
         out: Dict[str, Any] = {}
         for bench, files in by_bench.items():
             folder = root / bench
-            if folder.is_dir():
-                shutil.rmtree(folder)  # a re-run must not ship a stale file of a task it dropped
-            folder.mkdir(parents=True)
-            for f in files:
-                shutil.copy2(f, folder / f.name)
+            # Replaced whole: a re-run must not ship a stale file of a task it dropped.
+            with publish_dir(folder, kind="submissions", marker=False) as tmp:
+                for f in files:
+                    shutil.copy2(f, tmp / f.name)
             names = sorted(f.name for f in files)
             info: Dict[str, Any] = {"dir": str(folder), "files": names}
             if bench in BENCHMARKS:
@@ -243,21 +252,19 @@ class EvalRecipe:
             if not files:
                 continue
             dest = self.out / "predictions" / name
-            dest.mkdir(parents=True, exist_ok=True)
-            out[name] = {}
-            for key, path in files.items():
-                shutil.copy2(path, dest / Path(path).name)
-                out[name][key] = str(dest / Path(path).name)
+            with publish_dir(dest, kind="predictions", marker=False) as tmp:
+                for path in files.values():
+                    shutil.copy2(path, tmp / Path(path).name)
+            out[name] = {key: str(dest / Path(path).name) for key, path in files.items()}
         return out
 
 
 def write_zip(folder: Path, names: Sequence[str], path: Path) -> Path:
     """Zip ``names`` from ``folder`` at the archive's top level (no folder inside), atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        for n in names:
-            z.write(folder / n, arcname=n)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            for n in names:
+                z.write(folder / n, arcname=n)
     return path
 
 

@@ -36,12 +36,15 @@ from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
-from toolkit.recipes.common import (batch_size_of, count_tokens, forward_kwargs, resolve_ds_config,
+from toolkit.recipes.common import (batch_size_of, check_ds_config, check_model_dir, count_tokens, forward_kwargs,
+                                    resolve_ds_config,
                                     to_device, write_json)
 from toolkit.recipes.predict import predict, score_split
 from toolkit.tasks import get_task
 from toolkit.tasks.base import SPAN
 from toolkit.tasks.features import collate, encode_examples
+from toolkit.utils.fsio import publish_dir, replacing
+from toolkit.utils.lock import locked_output
 from toolkit.utils.logging import RunLogger, get_logger
 from toolkit.utils.meter import Throughput, memory_kind
 from toolkit.utils.progress import ProgressBar
@@ -113,6 +116,9 @@ class FinetuneRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         set_seed(cfg.seed)
+        # Inputs checked before any model loads: the model folder and the DeepSpeed JSON.
+        check_model_dir("model", cfg.model)
+        check_ds_config(cfg.ds_config)
         self.task = get_task(cfg.task, cfg.data_dir)
         train = self.task.load("train")
         if not train:
@@ -393,12 +399,14 @@ class FinetuneRecipe:
         for split, _, examples in self.eval_sets:
             tag = "" if single else f"_{split}"
             path = self.out / PREDICTIONS_FILE.replace(".json", f"{tag}.json")
-            self.task.write_predictions(examples, best["predictions"][split], path)
+            with replacing(path) as tmp:
+                self.task.write_predictions(examples, best["predictions"][split], tmp)
             files[f"predictions{tag}"] = str(path)
             odds = best.get("extras", {}).get(split, {}).get("null_odds")
             if odds is not None and getattr(self.task, "version_2_with_negative", False):
                 na_path = self.out / NA_PROB_FILE.replace(".json", f"{tag}.json")
-                self.task.write_na_probs(examples, na_probabilities(odds), na_path)
+                with replacing(na_path) as tmp:
+                    self.task.write_na_probs(examples, na_probabilities(odds), tmp)
                 files[f"na_prob{tag}"] = str(na_path)
         return files
 
@@ -416,23 +424,27 @@ class FinetuneRecipe:
             self.out.mkdir(parents=True, exist_ok=True)
             result["prediction_files"] = self._write_dev_predictions(best or {})
         if cfg.write_submissions:
+            # Every rank predicts; rank 0 writes the folder, which appears whole.
+            predicted = [(task, split, ex, self._predict_split(ex))
+                         for task, split in self._submission_sources() for ex in [task.load(split)]]
             subs = {}
-            for task, split in self._submission_sources():
-                ex = task.load(split)
-                preds = self._predict_split(ex)
-                if self.engine.is_main:
-                    path = self.out / "submissions" / task.submission_name(split)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    task.write_predictions(ex, preds, path)
+            if self.engine.is_main and predicted:
+                folder = self.out / "submissions"
+                with publish_dir(folder, kind="submissions", marker=False) as tmp:
+                    for task, split, ex, preds in predicted:
+                        task.write_predictions(ex, preds, tmp / task.submission_name(split))
+                for task, split, _, _ in predicted:
                     key = split if task is self.task else f"{task.name}/{split}"
-                    subs[key] = {"path": str(path), "benchmark": task.benchmark, "task": task.name}
+                    subs[key] = {"path": str(folder / task.submission_name(split)), "benchmark": task.benchmark,
+                                 "task": task.name}
             result["submissions"] = subs
         if self.engine.is_main:
             if cfg.save_model:
                 # The gathered weights: under ZeRO-3 the live module holds only partitions.
-                save_task_model(self.model, self.tokenizer, self.out / "model",
-                                extra={"task": self.task.name, "metrics": result["metrics"]}, state_dict=state)
-            write_json(self.out / "results.json", result)
+                with publish_dir(self.out / "model", kind="task_model", meta={"task": self.task.name}) as tmp:
+                    save_task_model(self.model, self.tokenizer, tmp,
+                                    extra={"task": self.task.name, "metrics": result["metrics"]}, state_dict=state)
+            write_json(self.out / "results.json", result)   # last: the record of a finished run
         dist.barrier()
 
     def cleanup(self) -> None:
@@ -444,11 +456,12 @@ class FinetuneRecipe:
             self.engine = None
 
     def run(self) -> Dict[str, Any]:
-        try:
-            self.setup()
-            return self.train()
-        finally:
-            self.cleanup()
+        with locked_output(self.out, "finetune", is_main=dist.rank() == 0):
+            try:
+                self.setup()
+                return self.train()
+            finally:
+                self.cleanup()
 
 
 def same_run_config(saved_file: Path, cfg: FinetuneConfig) -> bool:

@@ -20,8 +20,11 @@ trains the preset's default variant; ``ablate: [v1, v2, ...]`` (``toolkit pipeli
 trains each listed variant with the same students, data and seeds, and writes ``ablation.md``,
 ``ablation.json`` and ``ablation.png`` against the one shared baseline student.
 
-Every finished stage leaves ``<stage>/STAGE_COMPLETE.json``; a re-run skips finished stages, so
-a stopped pipeline picks up where it stopped. With ``launcher: deepspeed`` every stage runs as
+Every finished stage leaves ``<stage>/STAGE_COMPLETE.json`` with its job config and fingerprints
+of its inputs (model folders, task files, corpus shards). A re-run skips a finished stage whose
+config and inputs are unchanged, so a stopped pipeline picks up where it stopped; a stage whose
+config or inputs changed runs again, and the log says which and why (the old stage folder is
+kept as ``<stage>.previous``). Stages that read a re-run stage's output run again with it. With ``launcher: deepspeed`` every stage runs as
 ``deepspeed launchers/<job>.py`` in a subprocess (the same path users take on clusters).
 """
 from __future__ import annotations
@@ -30,11 +33,12 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -42,9 +46,15 @@ from toolkit.config import arg, load_config, save_config, to_dict
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.launch.commands import visible_gpu_include
 from toolkit.recipes.common import REPO_ROOT, mean_std, write_json
+from toolkit.utils.fingerprint import digest, path_fingerprint
+from toolkit.utils.fsio import is_published, publish_dir
+from toolkit.utils.lock import locked_output
 from toolkit.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+STAGE_MARKER = "STAGE_COMPLETE.json"
+STAGE_INPUTS = "STAGE_INPUTS.json"
 
 #: Built-in MITKD variants: overrides of the multi-task teacher job (``teacher_job``) and of the
 #: MITKD student's distillation job (``distill_job``); ``extra_tasks: true`` also trains the
@@ -206,25 +216,69 @@ class PipelineRecipe:
         self.timings: Dict[str, float] = {}
 
     # -- stage bookkeeping ----------------------------------------------------------------
-    def _done(self, stage: str) -> Optional[Dict[str, Any]]:
-        marker = self.out / stage / "STAGE_COMPLETE.json"
-        if marker.is_file():
-            return json.loads(marker.read_text(encoding="utf-8"))
-        return None
+    def _read_marker(self, path: Path) -> Optional[Dict[str, Any]]:
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}   # unreadable: the stage runs again (and says so)
+        return data if isinstance(data, dict) else {}
 
-    def _stage(self, stage: str, fn: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
-        done = self._done(stage)
+    def _stage(self, stage: str, fn: Callable[[], Dict[str, Any]], config: Optional[Dict[str, Any]] = None,
+               inputs: Optional[Dict[str, Any]] = None, outputs: Sequence[str] = (),
+               record_start: bool = True) -> Dict[str, Any]:
+        """Run ``fn`` as stage ``stage`` unless it already finished with the same config and inputs.
+
+        ``<stage>/STAGE_COMPLETE.json`` records the stage's result with its identity: the job
+        config (and its sha256) and fingerprints of its inputs (model folders, task files, corpus
+        shards; see :func:`stage_identity`). A re-run skips a finished stage only when both match
+        and its ``outputs`` (folders under the stage, published whole) are there; otherwise it
+        says why, moves the old stage folder to ``<stage>.previous`` and runs the stage afresh.
+        A stage that stopped before finishing resumes in place when its identity is unchanged
+        (recorded in ``<stage>/STAGE_INPUTS.json`` when it starts, unless ``record_start`` is
+        False: the data stage's folder belongs to the demo data builder until it is done).
+        """
+        ident = stage_identity(config or {}, inputs or {})
+        stage_dir = self.out / stage
+        done = self._read_marker(stage_dir / STAGE_MARKER)
+        started = self._read_marker(stage_dir / STAGE_INPUTS)
+        why: Optional[str] = None
         if done is not None:
-            log.info("pipeline: stage %s already complete, skipping", stage)
-            self.timings[stage] = done.get("seconds", 0.0)
-            return done["result"]
-        log.info("pipeline: stage %s", stage)
+            why = identity_change(done.get("identity"), ident)
+            missing = [o for o in outputs if not is_published(stage_dir / o)]
+            if why is None and missing:
+                why = f"its output {stage_dir / missing[0]} is missing or incomplete"
+            if why is None:
+                log.info("pipeline: stage %s already complete with the same config and inputs, skipping", stage)
+                self.timings[stage] = done.get("seconds", 0.0)
+                return done["result"]
+        elif started is not None:
+            why = identity_change(started.get("identity"), ident)
+        if why is not None:
+            log.warning("pipeline: stage %s runs again: %s (the old stage folder is kept as %s.previous)",
+                        stage, why, stage)
+            previous = self.out / f"{stage}.previous"
+            if previous.exists():
+                shutil.rmtree(previous)
+            os.rename(stage_dir, previous)
+        elif started is not None:
+            log.info("pipeline: stage %s resumes (same config and inputs)", stage)
+        else:
+            log.info("pipeline: stage %s", stage)
+        if record_start:
+            write_json(stage_dir / STAGE_INPUTS, {"stage": stage, "identity": ident})
         t0 = time.time()
         result = fn()
         secs = time.time() - t0
         self.timings[stage] = secs
-        write_json(self.out / stage / "STAGE_COMPLETE.json", {"stage": stage, "seconds": secs, "result": result})
+        write_json(stage_dir / STAGE_MARKER, {"stage": stage, "seconds": secs, "result": result, "identity": ident})
         return result
+
+    def _job_stage(self, job: str, stage: str, cfg_dict: Dict[str, Any], outputs: Sequence[str] = ()) -> Dict[str, Any]:
+        """A stage that runs one toolkit job, identified by the job's config and its inputs."""
+        return self._stage(stage, lambda: self._run_job(job, stage, cfg_dict), config={"job": job, **cfg_dict},
+                           inputs=job_inputs(job, cfg_dict), outputs=outputs)
 
     def _run_job(self, job: str, stage: str, cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         """Run a toolkit job in-process or through the deepspeed launcher."""
@@ -296,15 +350,16 @@ class PipelineRecipe:
         from toolkit.models.encoder import EncoderSpec, build_encoder
 
         out = self.out / "zh_teacher_init"
-        if (out / "config.json").is_file():
+        if is_published(out):   # built means complete: the marker is written last
             return str(out)
         tok = BertTokenizerFast(vocab=str(manifest["vocab"]), do_lower_case=True)
         torch.manual_seed(self.cfg.data_seed)
         spec = EncoderSpec(arch="ernie", num_layers=6, hidden_size=384, num_heads=12, intermediate_size=1536,
                            vocab_size=len(tok), max_position_embeddings=512, use_task_id=True)
         model = build_encoder(spec)
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
+        with publish_dir(out, kind="teacher_init") as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         return str(out)
 
     def _variant_jobs(self, name: str, data: Dict[str, Any]) -> Dict[str, Any]:
@@ -342,7 +397,7 @@ class PipelineRecipe:
         job = _merge({"models": {name: model_dir}, "tasks": tasks, "data_dir": self.cfg.task_data_dir,
                       "output_dir": str(self.out / stage / "job"), "threshold": self.cfg.forgetting_threshold},
                      self.probe_job)
-        return self._stage(stage, lambda: self._run_job("probe", stage, job))
+        return self._job_stage("probe", stage, job)
 
     def _evaluate(self, model_name: str, model_dir: str, tasks: List[str],
                   settings: Dict[str, int]) -> Dict[str, Any]:
@@ -355,15 +410,53 @@ class PipelineRecipe:
                 "train_limit": limit, "write_submissions": False}, self.eval_job)
             if setting == "low_resource":
                 job = _merge(job, self.low_resource_eval_job)
-            evals[setting] = self._stage(stage, lambda j=job, s=stage: self._run_job("eval", s, j))
+            evals[setting] = self._job_stage("eval", stage, job)
         return evals
 
     def run(self) -> Dict[str, Any]:
+        with locked_output(self.out, "pipeline"):
+            return self._run()
+
+    def _data_identity(self) -> Dict[str, Any]:
         cfg = self.cfg
+        config = {k: getattr(cfg, k) for k in ("language", "preset", "data_seed", "teacher", "in_domain",
+                                                "out_of_domain", "extra_tasks", "corpus", "task_data_dir")}
+        inputs: Dict[str, Any] = {}
+        if cfg.teacher:
+            inputs["teacher"] = path_fingerprint(cfg.teacher)
+        for key in ("in_domain", "out_of_domain", "extra_tasks"):
+            if getattr(cfg, key):
+                inputs[key] = tasks_fingerprint(getattr(cfg, key), cfg.task_data_dir)
+        if cfg.corpus:
+            inputs["corpus"] = corpus_fingerprint(cfg.corpus)
+        return {"config": config, "inputs": inputs}
+
+    def validate(self) -> None:
+        """Check the inputs given in the config before any stage runs (a refused pipeline leaves
+        no output folder): the teacher folder, the tasks, the corpus and the DeepSpeed JSONs."""
+        from toolkit.data.sources import resolve_shards
+        from toolkit.recipes.common import check_ds_config, check_model_dir
+        from toolkit.tasks import get_task
+
+        cfg = self.cfg
+        if cfg.teacher:
+            check_model_dir("teacher", cfg.teacher)
+        for key in ("in_domain", "out_of_domain", "extra_tasks"):
+            for ref in getattr(cfg, key):
+                get_task(ref, cfg.task_data_dir)
+        if cfg.corpus:
+            resolve_shards(list(cfg.corpus))
+        for job in (self.teacher_job, self.distill_job, self.eval_job):
+            if job.get("ds_config"):
+                check_ds_config(job["ds_config"])
+
+    def _run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        self.validate()
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / "pipeline_config.json")
         t_start = time.time()
-        data = self._stage("data", self._data)
+        data = self._stage("data", self._data, record_start=False, **self._data_identity())
         base_teacher = data["teacher"]
         in_dom, ood = data["in_domain"], data["out_of_domain"]
         if not in_dom:
@@ -383,19 +476,19 @@ class PipelineRecipe:
         for n in names:
             key = jobs[n]["teacher_key"]
             if key not in mt_teachers:
-                self._stage(key, lambda j=jobs[n]["teacher_job"], k=key: self._run_job("teacher", k, j))
+                self._job_stage("teacher", key, jobs[n]["teacher_job"], outputs=["job/model"])
                 mt_teachers[key] = str(self.out / key / "job" / "model")
                 if cfg.probe:
                     probes[key] = self._probe(f"probe_{key}", key, mt_teachers[key], probe_tasks)
 
         # The baseline: the plain pretrained teacher, distilled the same way.
-        self._stage("baseline", lambda: self._run_job("distill", "baseline",
-                                                      self._distill_job("baseline", base_teacher, data)))
+        self._job_stage("distill", "baseline", self._distill_job("baseline", base_teacher, data),
+                        outputs=["job/student"])
         students = {"baseline": str(self.out / "baseline" / "job" / "student")}
         for n in names:
             stage = f"mitkd_{n}"
             job = self._distill_job(stage, mt_teachers[jobs[n]["teacher_key"]], data, jobs[n]["distill_job"])
-            self._stage(stage, lambda j=job, s=stage: self._run_job("distill", s, j))
+            self._job_stage("distill", stage, job, outputs=["job/student"])
             students[stage] = str(self.out / stage / "job" / "student")
 
         models: Dict[str, str] = {}
@@ -560,6 +653,115 @@ def _param_count(c: Dict[str, Any]) -> int:
 def noise(m_std: Optional[float], b_std: Optional[float]) -> float:
     """The seed noise of a difference of two seed-averaged scores: sqrt(s_m^2 + s_b^2)."""
     return math.sqrt((m_std or 0.0) ** 2 + (b_std or 0.0) ** 2)
+
+
+def tasks_fingerprint(refs: Sequence[str], data_dir: Optional[str]) -> Dict[str, Any]:
+    """Fingerprints of the files behind task references: a custom task's YAML and every split
+    file that exists. A task that does not resolve is recorded as such (its job reports it)."""
+    from toolkit.tasks import get_task
+
+    out: Dict[str, Any] = {}
+    for ref in refs:
+        try:
+            task = get_task(ref, data_dir)
+        except ToolkitError as e:
+            out[str(ref)] = {"unresolved": str(e)}
+            continue
+        files: Dict[str, Any] = {}
+        source = getattr(getattr(task, "spec", None), "source", None)
+        if source:
+            files[str(source)] = path_fingerprint(source)
+        for split in getattr(task, "splits", {}) or {}:
+            if task.has_split(split):
+                path = task.split_path(split)
+                files[str(path)] = path_fingerprint(path)
+        out[str(ref)] = files
+    return out
+
+
+def corpus_fingerprint(sources: Any) -> Dict[str, Any]:
+    """Per corpus file, its size and head/tail hash (what the distillation's resume checks too)."""
+    from toolkit.data.sources import resolve_shards
+    from toolkit.utils.fingerprint import file_digest
+
+    specs = [sources] if isinstance(sources, str) else list(sources or [])
+    if not specs:
+        return {}
+    try:
+        shards, _ = resolve_shards(specs)
+    except ToolkitError as e:
+        return {"unresolved": str(e)}
+    return {s.name: ({} if s.kind == "hf" else file_digest(s.path)) for s in shards}
+
+
+def job_inputs(job: str, d: Dict[str, Any]) -> Dict[str, Any]:
+    """The inputs of a stage's job config whose change must re-run the stage."""
+    data_dir = d.get("data_dir")
+    out: Dict[str, Any] = {}
+    if job in ("teacher", "eval", "finetune") and d.get("model"):
+        out["model"] = path_fingerprint(d["model"])
+    if job in ("teacher", "eval", "probe"):
+        out["tasks"] = tasks_fingerprint(list(d.get("tasks") or []), data_dir)
+    if job == "finetune" and d.get("task"):
+        out["tasks"] = tasks_fingerprint([d["task"]], data_dir)
+    if job == "probe":
+        out["models"] = {k: path_fingerprint(v) for k, v in (d.get("models") or {}).items()}
+    if job == "teacher":
+        anchor = (d.get("anchor") or {}).get("corpus") or {}
+        if anchor.get("sources"):
+            out["anchor_corpus"] = corpus_fingerprint(anchor["sources"])
+    if job == "distill":
+        out["teacher"] = path_fingerprint(d["teacher"])
+        if d.get("mix_teacher"):
+            out["mix_teacher"] = path_fingerprint(d["mix_teacher"])
+        student = d.get("student") or {}
+        for key in ("init_from", "path"):
+            if student.get(key):
+                out[f"student.{key}"] = path_fingerprint(student[key])
+        out["corpus"] = corpus_fingerprint((d.get("corpus") or {}).get("sources"))
+    return out
+
+
+def stage_identity(config: Dict[str, Any], inputs: Dict[str, Any]) -> Dict[str, Any]:
+    """What a finished stage is checked against on a re-run: its config and its inputs."""
+    plain = json.loads(json.dumps(config, default=str))
+    return {"config": plain, "config_sha256": digest(plain), "inputs": inputs, "inputs_sha256": digest(inputs)}
+
+
+def _flat(obj: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: Dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def identity_change(old: Optional[Dict[str, Any]], new: Dict[str, Any]) -> Optional[str]:
+    """Why a stage recorded with identity ``old`` must run again for ``new``; None when it need not."""
+    if not old:
+        return "its record predates config and input tracking"
+    if old.get("config_sha256") != new["config_sha256"]:
+        a, b = _flat(old.get("config", {})), _flat(new["config"])
+        changed = [k for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+        shown = ", ".join(f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        return f"its config changed: {shown}{more}" if changed else "its config changed"
+    if old.get("inputs_sha256") != new["inputs_sha256"]:
+        a, b = old.get("inputs", {}), new["inputs"]
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) == b.get(key):
+                continue
+            fa, fb = _flat(a.get(key) or {}), _flat(b.get(key) or {})
+            names = sorted({k.rsplit(".", 1)[0] if k.rsplit(".", 1)[-1] in _DIGEST_KEYS else k
+                            for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)})
+            detail = f" ({', '.join(names[:2])}{' ...' if len(names) > 2 else ''})" if names and names != [""] else ""
+            return f"its input '{key}' changed{detail}"
+        return "its inputs changed"
+    return None
+
+
+_DIGEST_KEYS = ("size", "sha256_head_tail", "published", "missing")
 
 
 def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:

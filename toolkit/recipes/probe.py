@@ -28,10 +28,12 @@ from toolkit.config import arg, save_config
 from toolkit.errors import ConfigError, DataError
 from toolkit.models.capture import resolve_layer
 from toolkit.models.encoder import build_encoder, load_tokenizer
-from toolkit.recipes.common import write_json
+from toolkit.recipes.common import check_model_dir, write_json
 from toolkit.tasks import resolve_tasks
 from toolkit.tasks.base import CLASSIFICATION, REGRESSION, TOKEN_CLASSIFICATION
 from toolkit.tasks.features import collate, encode_examples
+from toolkit.utils.fsio import write_text_atomic
+from toolkit.utils.lock import locked_output
 from toolkit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -187,8 +189,14 @@ class ProbeRecipe:
         return float(task.score(dev, preds)[task.main_metric])
 
     def run(self) -> Dict[str, Any]:
+        with locked_output(self.out, "probe"):
+            return self._run()
+
+    def _run(self) -> Dict[str, Any]:
         cfg = self.cfg
         t0 = time.time()
+        for name, path in cfg.models.items():
+            check_model_dir(f"models.{name}", path)
         tasks = [t for t in resolve_tasks(cfg.tasks, cfg.data_dir)]
         skipped = [t.name for t in tasks if t.task_type not in PROBED_TYPES]
         tasks = [t for t in tasks if t.task_type in PROBED_TYPES]
@@ -224,8 +232,8 @@ class ProbeRecipe:
                   "metrics": {t: data[t][0].main_metric for t in data}, "seconds": time.time() - t0}
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / "config.json")
-        write_json(self.out / "results.json", result)
-        (self.out / "results.md").write_text(render_probe(result), encoding="utf-8")
+        write_text_atomic(self.out / "results.md", render_probe(result))
+        write_json(self.out / "results.json", result)   # last: the record of a finished run
         return result
 
 

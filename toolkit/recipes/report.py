@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from toolkit.recipes.common import human_count, write_json
+from toolkit.utils.fsio import replacing, write_text_atomic
 
 LABELS = {"teacher": "Teacher (fine-tuned per task)", "mitkd": "MITKD student",
           "baseline": "Baseline student (plain teacher)"}
@@ -233,11 +234,14 @@ def write_report(out_dir: Path, results: Dict[str, Any]) -> None:
                 info["inference"] = measure_inference(info["path"])
             except Exception as e:  # noqa: BLE001 - a speed probe must not lose the report
                 info["inference"] = {"error": str(e)}
+    # Each file replaces its old version whole; results.json, the record of a finished run, last.
+    write_text_atomic(out_dir / "report.md", render_markdown(results))
+    with replacing(out_dir / "comparison.png") as tmp:
+        _plot_comparison(results, tmp)
+    with replacing(out_dir / "curves.png") as tmp:
+        _plot_curves(out_dir, tmp, results.get("stages") or {"teacher": "teacher", "mitkd": "mitkd",
+                                                              "baseline": "baseline"})
     write_json(out_dir / "results.json", results)
-    (out_dir / "report.md").write_text(render_markdown(results), encoding="utf-8")
-    _plot_comparison(results, out_dir / "comparison.png")
-    _plot_curves(out_dir, out_dir / "curves.png",
-                 results.get("stages") or {"teacher": "teacher", "mitkd": "mitkd", "baseline": "baseline"})
 
 
 def ablation_rows(results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
@@ -303,8 +307,9 @@ def write_ablation(out_dir: Path, results: Dict[str, Dict[str, Any]], jobs: Dict
     lines += ["", "Variants:", ""] + [f"- `{n}`: {json.dumps(r['spec']) if r['spec'] else 'MITKD as in the paper'}"
                                        for n, r in summary["variants"].items()]
     lines += ["", "![ablation](ablation.png)", ""]
-    (out_dir / "ablation.md").write_text("\n".join(lines), encoding="utf-8")
-    _plot_ablation(summary, out_dir / "ablation.png")
+    write_text_atomic(out_dir / "ablation.md", "\n".join(lines))
+    with replacing(out_dir / "ablation.png") as tmp:
+        _plot_ablation(summary, tmp)
     return summary
 
 

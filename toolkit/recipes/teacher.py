@@ -28,19 +28,22 @@ from toolkit.data.multitask import SAMPLING_MODES, TaskBatchSampler, task_probab
 from toolkit.engine import Engine, OptimConfig, dist
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
-from toolkit.errors import ConfigError, DataError
+from toolkit.errors import ConfigError, DataError, ToolkitError
 from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.losses import MiniLMv2RelationLoss, Needs
 from toolkit.models.capture import LayerCapture, resolve_layer
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
-from toolkit.recipes.common import (batch_size_of, check_task_tokenizer, count_tokens, forward_kwargs,
+from toolkit.recipes.common import (batch_size_of, check_corpus, check_ds_config, check_model_dir,
+                                    check_task_tokenizer, count_tokens, forward_kwargs,
                                     mean_across_ranks, resolve_ds_config, to_device, write_json)
 from toolkit.recipes.frozen import FrozenTeacher
 from toolkit.recipes.predict import predict, score_split
 from toolkit.tasks import resolve_tasks
 from toolkit.tasks.features import collate, encode_examples
+from toolkit.utils.fsio import publish_dir
+from toolkit.utils.lock import locked_output
 from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
 from toolkit.utils.meter import Throughput, memory_kind
 from toolkit.utils.progress import ProgressBar
@@ -125,10 +128,21 @@ class TeacherRecipe:
         self.logger: Optional[RunLogger] = None
 
     # ------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check the model folder, the DeepSpeed JSON and the anchor corpus before loading anything."""
+        cfg = self.cfg
+        check_model_dir("model", cfg.model)
+        check_ds_config(cfg.ds_config)
+        if cfg.anchor.relation > 0:
+            check_corpus("anchor.corpus", cfg.anchor.corpus)
+
     def setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
+        self.validate()
         self.tasks = resolve_tasks(cfg.tasks, cfg.data_dir)
+        for task in self.tasks:   # every train split read (and checked) before the model loads
+            task.load("train")
         model, tokenizer = load_task_model(cfg.model)
         check_vocab(tokenizer, model.encoder, cfg.model)
         self.tokenizer = tokenizer
@@ -169,6 +183,11 @@ class TeacherRecipe:
         if cfg.resume:
             client = eng.load_checkpoint(self.ckpt_dir)
             if client is not None:
+                missing = [k for k in ("sampler", "state") if k not in client]
+                if missing:
+                    raise ToolkitError(f"{self.ckpt_dir}: the latest checkpoint's state lacks {missing[0]!r} (not "
+                                       f"written by toolkit teacher); start fresh with a new output_dir or "
+                                       f"resume=false")
                 self.sampler.load_state_dict(client["sampler"])
                 self.state.update(client["state"])
                 if self.anchor_loader is not None and "anchor_loader" in client:
@@ -276,10 +295,12 @@ class TeacherRecipe:
     def _save_model(self, metrics: Dict[str, Any]) -> None:
         state = self.engine.consolidated_state_dict()
         if self.engine.is_main:
-            save_task_model(self.model, self.tokenizer, self.out / "model", state_dict=state,
-                            extra={"mitkd_teacher": {"tasks": [t.name for t in self.tasks],
-                                                     "step": self.state["step"], **metrics}})
-            write_json(self.out / "model" / "metrics.json", metrics)
+            # Replaces the previous best whole: a kill leaves it or this one, never half of one.
+            with publish_dir(self.out / "model", kind="teacher", meta={"step": self.state["step"]}) as tmp:
+                save_task_model(self.model, self.tokenizer, tmp, state_dict=state,
+                                extra={"mitkd_teacher": {"tasks": [t.name for t in self.tasks],
+                                                         "step": self.state["step"], **metrics}})
+                write_json(tmp / "metrics.json", metrics)
         dist.barrier()
 
     def train(self) -> Dict[str, Any]:
@@ -372,11 +393,12 @@ class TeacherRecipe:
             close_log_file(self.rank_log)
 
     def run(self) -> Dict[str, Any]:
-        try:
-            self.setup()
-            return self.train()
-        finally:
-            self.cleanup()
+        with locked_output(self.out, "teacher", is_main=dist.rank() == 0):
+            try:
+                self.setup()
+                return self.train()
+            finally:
+                self.cleanup()
 
 
 def run_teacher(cfg: TeacherConfig) -> Dict[str, Any]:

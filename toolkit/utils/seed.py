@@ -1,7 +1,8 @@
 """Seeding and RNG state capture for exact resume.
 
 ``rng_state()`` returns every generator the training loop draws from (Python, NumPy, torch
-CPU and, where present, all CUDA devices) so a checkpoint can put them back bit for bit.
+CPU and, where present, all CUDA devices) so a checkpoint can put them back bit for bit. It
+holds only tensors and plain types, so it loads with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -30,11 +31,25 @@ def set_seed(seed: int, rank: int = 0) -> int:
     return eff
 
 
+def _numpy_state() -> Dict[str, Any]:
+    """NumPy's global MT19937 state with its key as a tensor (no numpy objects in a checkpoint)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}
+
+
+def _numpy_legacy(state: Any) -> Any:
+    if isinstance(state, dict):
+        key = np.asarray(state["key"].numpy() if hasattr(state["key"], "numpy") else state["key"], dtype=np.uint32)
+        return state["name"], key, state["pos"], state["has_gauss"], state["cached_gaussian"]
+    return state   # the tuple np.random.get_state() returns
+
+
 def rng_state() -> Dict[str, Any]:
     """Snapshot of all RNG states: ``{"python", "numpy", "torch", "cuda"?}``."""
     state: Dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state(),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -52,7 +67,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     if missing:
         raise ToolkitError(f"RNG state in the checkpoint lacks {missing}; it was not written by rng_state()")
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_legacy(state["numpy"]))
     torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
