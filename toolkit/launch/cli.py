@@ -1,7 +1,6 @@
 """``toolkit launch`` and ``toolkit slurm``: run any job across processes and nodes."""
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
@@ -12,8 +11,8 @@ from pathlib import Path
 import click
 
 from toolkit.errors import ToolkitError
-from toolkit.launch.commands import (SCRIPTS, LaunchSpec, SlurmSpec, cpu_launch_env, deepspeed_command, render_sbatch,
-                                     visible_gpu_include)
+from toolkit.launch.commands import (SCRIPTS, LaunchSpec, SlurmSpec, child_env, cpu_launch_env, deepspeed_command,
+                                     render_sbatch, visible_gpu_include)
 
 
 def _fail(e: Exception) -> None:
@@ -73,8 +72,7 @@ def launch(job, overrides, config, ds_config, num_nodes, num_gpus, hostfile, mas
     if dry_run:
         click.echo(shown + " ".join(shlex.quote(c) for c in cmd))
         return
-    env = {**os.environ, **env_extra}
-    sys.exit(subprocess.call(cmd, env=env))
+    sys.exit(subprocess.call(cmd, env={**child_env(), **env_extra}))
 
 
 @click.command(context_settings={"ignore_unknown_options": True})

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from typing import List
 
-from toolkit.launch.commands import REPO_ROOT, LaunchSpec, deepspeed_command
+from toolkit.launch.commands import SCRIPTS, LaunchSpec, child_env, deepspeed_command
 
 
 def slurm_hosts() -> List[str]:
@@ -32,12 +32,12 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--num-gpus", type=int, default=1, help="ranks on this node")
     p.add_argument("--master-port", type=int, default=29500)
     p.add_argument("--bind-cores", action="store_true")
-    p.add_argument("script", help="launcher script name in launchers/ (e.g. distill.py)")
+    p.add_argument("script", help="the job's launcher script name (e.g. distill.py: toolkit.launchers.distill)")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     hosts = slurm_hosts()
     node_rank = int(os.environ.get("SLURM_NODEID", "0"))
-    job = {v: k for k, v in __import__("toolkit.launch.commands", fromlist=["SCRIPTS"]).SCRIPTS.items()}[a.script]
+    job = {v: k for k, v in SCRIPTS.items()}[a.script]
     args = [x for x in a.args if x != "--"]
     config = ds = None
     rest = []
@@ -61,8 +61,7 @@ def main(argv: List[str] = None) -> None:
         spec = LaunchSpec(job=job, config=config, ds_config=ds, overrides=rest, num_gpus=a.num_gpus,
                           master_port=a.master_port, bind_cores=a.bind_cores)
     cmd = deepspeed_command(spec)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO_ROOT}:{env.get('PYTHONPATH', '')}".rstrip(":")
+    env = child_env()
     if not a.bind_cores and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, a.num_gpus)))
     # Slurm's --signal=USR1 reaches every process of the step. The launcher processes must

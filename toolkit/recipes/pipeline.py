@@ -13,7 +13,7 @@ Stages (each a normal job of the toolkit, run with the same recipes):
 
 Every finished stage leaves ``<stage>/STAGE_COMPLETE.json``; a re-run skips finished stages, so
 a stopped pipeline picks up where it stopped. With ``launcher: deepspeed`` every stage runs as
-``deepspeed launchers/<job>.py`` in a subprocess (the same path users take on clusters).
+``deepspeed --module toolkit.launchers.<job>`` in a subprocess (the same path users take on clusters).
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import yaml
 
 from toolkit.config import arg, load_config, save_config, to_dict
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.launch.commands import visible_gpu_include
-from toolkit.recipes.common import REPO_ROOT, mean_std, write_json
+from toolkit.launch.commands import child_env, deepspeed_runner, launcher_module, visible_gpu_include
+from toolkit.recipes.common import mean_std, write_json
 from toolkit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -163,17 +163,15 @@ class PipelineRecipe:
         if self.cfg.launcher == "none":
             res = run_job(job, cfg)
         else:
-            script = {"teacher": "train_teacher.py", "distill": "distill.py", "eval": "evaluate.py",
-                      "finetune": "finetune.py"}[job]
             # On a GPU host with CUDA_VISIBLE_DEVICES set, name those devices: the launcher drops
             # the variable when it gets --num_gpus and would start on GPUs 0..n-1.
             import torch
 
             visible = visible_gpu_include(self.cfg.num_gpus) if torch.cuda.is_available() else None
             resources = ["--include", visible] if visible else ["--num_gpus", str(self.cfg.num_gpus)]
-            cmd = ["deepspeed", *resources, str(REPO_ROOT / "launchers" / script), "--config", str(job_yaml)]
+            cmd = [*deepspeed_runner(), *resources, "--module", launcher_module(job), "--config", str(job_yaml)]
             log.info("pipeline: %s", " ".join(cmd))
-            proc = subprocess.run(cmd, cwd=os.getcwd())
+            proc = subprocess.run(cmd, cwd=os.getcwd(), env=child_env())
             if proc.returncode != 0:
                 raise ToolkitError(f"stage {stage} failed (exit {proc.returncode}); its logs are in {stage_dir}")
             metrics = Path(cfg_dict["output_dir"]) / ("results.json" if job == "eval" else "metrics.json")
