@@ -47,21 +47,19 @@ def _fail(e: Exception) -> None:
 
 
 def _run(job: str, config: Optional[str], overrides: Sequence[str], options: Dict[str, Any]) -> Any:
-    """Options given explicitly on the command line win over the YAML; overrides win over both."""
+    """Options given explicitly on the command line win over the YAML; overrides win over both.
+
+    Option values go to the config as Click typed them (``--teacher 0755`` is the path "0755",
+    never re-read as YAML).
+    """
     from toolkit.jobs import build_config, run_job
 
-    extra = [f"{k}={_fmt(v)}" for k, v in options.items() if v is not None and v != ()]
+    given = {k: v for k, v in options.items() if v is not None and v != ()}
     try:
-        cfg = build_config(job, config, [*extra, *overrides])
+        cfg = build_config(job, config, overrides, options=given)
         return run_job(job, cfg)
     except ToolkitError as e:
         _fail(e)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v)
-    return str(v)
 
 
 def _common(f):  # noqa: ANN001 - click decorator plumbing
@@ -71,7 +69,8 @@ def _common(f):  # noqa: ANN001 - click decorator plumbing
                      help="DeepSpeed JSON (a path, or a name in ds_configs/ such as zero2_bf16.json). "
                           "The only source of micro batch, accumulation, precision and ZeRO settings.")(f)
     f = click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
-                     help="Job YAML (see configs/); fields not given keep their defaults.")(f)
+                     help="Job YAML: a path, or a shipped example by name such as distill_bert_large.yaml "
+                          "(see configs/); fields not given keep their defaults.")(f)
     return f
 
 
