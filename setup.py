@@ -16,7 +16,7 @@ from setuptools.command.build_py import build_py
 HERE = Path(__file__).resolve().parent
 
 #: Top-level folders shipped inside the package, with the files each contributes.
-SHIPPED = {"ds_configs": ("*.json",), "configs": ("*.yaml", "models/*/*")}
+SHIPPED = {"ds_configs": ("*.json",), "configs": ("*.yaml", "models/*", "models/*/*")}
 
 
 class BuildPyWithShippedFiles(build_py):

@@ -57,7 +57,7 @@ def _run(job: str, config: Optional[str], overrides: Sequence[str], options: Dic
     given = {k: v for k, v in options.items() if v is not None and v != ()}
     try:
         cfg = build_config(job, config, overrides, options=given)
-        return run_job(job, cfg)
+        return run_job(job, cfg, config_file=config)
     except ToolkitError as e:
         _fail(e)
 
@@ -167,6 +167,67 @@ def pipeline(config, ds_config, output_dir, overrides, preset, language):  # noq
     """
     _run("pipeline", config, overrides, dict(ds_config=ds_config, output_dir=output_dir, preset=preset,
                                              language=language))
+
+
+def _memory_size(text: str) -> float:
+    """``80GB``, ``80G``, ``80GiB``, ``81920MiB`` or a number of bytes -> bytes (GB counts as GiB,
+    as GPU memory is sold: an "80 GB" card has 80 GiB)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", text, re.I)
+    if not m:
+        raise click.BadParameter(f"{text!r}: give a size like 80GB, 40GiB or 24576MiB")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return float(m.group(1)) * scale
+
+
+@main.command("plan", context_settings={"ignore_unknown_options": True})
+@click.argument("job", type=click.Choice(sorted(JOBS)))
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--config", "config", default=None, help="Job YAML: a path, or a shipped example by name.")
+@click.option("--ds-config", "ds_config", default=None,
+              help="DeepSpeed JSON (a path, or a shipped name such as zero2_bf16.json); default: the job's.")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes.")
+@click.option("--gpus-per-node", type=int, default=8, show_default=True, help="GPUs (ranks) per node.")
+@click.option("--gpu-memory", default="80GB", show_default=True, help="Memory per GPU (80GB, 40GiB, 24576MiB).")
+@click.option("--gpu-tflops", type=float, default=312.0, show_default=True,
+              help="The GPU's dense peak TFLOP/s at the job's precision (A100 bf16: 312; H100 SXM bf16: 989).")
+@click.option("--mfu", type=float, default=0.4, show_default=True,
+              help="Model-FLOPs utilisation the step time is estimated at.")
+@click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="gpu: half-precision teacher, stock attention; cpu: CPU ranks (the CPU kernels' memory).")
+def plan_cmd(job, overrides, config, ds_config, nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu,
+             device):  # noqa: ANN001
+    """Check JOB completely without training, and print its plan.
+
+    Checks every job field and every DeepSpeed key (nested ones too, with "did you mean"),
+    builds the models at full size on the meta device from their config.json (no weights
+    needed: a model field may also name a reference config of configs/models/, e.g.
+    teacher=bert-large-uncased) and checks them against each other and the batch against
+    the ranks. Then prints parameters, memory per GPU for the ZeRO stage and offload of the
+    JSON, tokens per step and in all, and the step time at the stated MFU (docs/PLAN.md).
+    A bad config exits 2 with one line naming the field and file.
+    """
+    from toolkit.jobs import build_config
+    from toolkit.plan import Hardware, make_plan, render
+
+    try:
+        if nodes < 1 or gpus_per_node < 1:
+            raise click.BadParameter("--nodes and --gpus-per-node must be >= 1")
+        if not 0 < mfu <= 1 or gpu_tflops <= 0:
+            raise click.BadParameter("--mfu must be in (0, 1] and --gpu-tflops > 0")
+        hw = Hardware(device=device, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory=_memory_size(gpu_memory),
+                      peak_tflops=gpu_tflops, mfu=mfu)
+        cfg = build_config(job, config, overrides, options={"ds_config": ds_config} if ds_config else None)
+        from toolkit.jobs import with_config_file
+
+        with with_config_file(config):
+            plan = make_plan(job, cfg, hw, source=config)
+    except ToolkitError as e:
+        _fail(e)
+    except click.BadParameter as e:
+        _fail(e)
+    click.echo(render(plan, title=config or ""), nl=False)
 
 
 @main.command()

@@ -5,11 +5,12 @@ Recipe modules are imported lazily: ``toolkit --help`` must not import torch.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,26 @@ def build_config(job: str, config_path: Optional[str], overrides: Sequence[str] 
     return load_config(cfg_cls, resolve_config_path(config_path), overrides, base=base, options=options)
 
 
-def run_job(job: str, cfg: Any) -> Any:
+@contextlib.contextmanager
+def with_config_file(config_file: Optional[str]) -> Iterator[None]:
+    """Errors about a job field raised inside name ``config_file`` (the job YAML) when they
+    name no file of their own (the recipes' checks see the config, not the file it came from)."""
+    from toolkit.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as e:
+        if e.source is not None or not config_file:
+            raise
+        message = str(e).split(f"config field '{e.field}': ", 1)[-1]
+        raise ConfigError(e.field, message, config_file) from None
+
+
+def run_job(job: str, cfg: Any, config_file: Optional[str] = None) -> Any:
+    """Run ``job``'s recipe on ``cfg``; ``config_file`` (the job YAML) is named in its config errors."""
     _, runner = JOBS[job].load()
-    return runner(cfg)
+    with with_config_file(config_file):
+        return runner(cfg)
 
 
 def launcher_main(job: str, argv: Optional[List[str]] = None) -> None:
@@ -104,7 +122,7 @@ def launcher_main(job: str, argv: Optional[List[str]] = None) -> None:
     try:
         cfg = build_config(job, args.config, list(args.overrides),
                            options={"ds_config": args.ds_config} if args.ds_config else None)
-        run_job(job, cfg)
+        run_job(job, cfg, config_file=args.config)
     except ToolkitError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2

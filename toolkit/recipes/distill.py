@@ -38,6 +38,7 @@ from toolkit.models.capture import (CheckpointLayers, ProjectionsOnly, QKVCaptur
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import (EncoderSpec, build_encoder, count_parameters, load_tokenizer, save_encoder,
                                     spec_from_model)
+from toolkit.plan import preflight
 from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
 from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
 from toolkit.utils.meter import Throughput, memory_kind
@@ -280,6 +281,7 @@ class DistillRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
+        preflight("distill", cfg)   # a bad config fails here, before any model is loaded
         self._build_teacher()
         student = self._build_student()
         if cfg.student.fast_dropout:

@@ -17,6 +17,7 @@ from toolkit.config import arg, save_config
 from toolkit.engine import dist
 from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl
 from toolkit.errors import ConfigError
+from toolkit.plan import preflight
 from toolkit.recipes.common import mean_std, task_ref, write_json
 from toolkit.recipes.finetune import FinetuneConfig, FinetuneRecipe
 from toolkit.tasks import resolve_tasks
@@ -68,6 +69,7 @@ class EvalRecipe:
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
+        preflight("eval", cfg)   # a bad config fails here, before any model is loaded
         tasks = resolve_tasks(cfg.tasks, cfg.data_dir)
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)

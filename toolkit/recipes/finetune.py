@@ -23,6 +23,7 @@ from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
+from toolkit.plan import preflight
 from toolkit.recipes.common import (batch_size_of, count_tokens, forward_kwargs, resolve_ds_config,
                                     to_device, write_json)
 from toolkit.recipes.predict import predict, score_split
@@ -93,6 +94,7 @@ class FinetuneRecipe:
     # ------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        preflight("finetune", cfg)   # a bad config fails here, before any model is loaded
         set_seed(cfg.seed)
         self.task = get_task(cfg.task, cfg.data_dir)
         train = self.task.load("train")

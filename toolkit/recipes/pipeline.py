@@ -30,6 +30,7 @@ import yaml
 from toolkit.config import arg, load_config, save_config, to_dict
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.launch.commands import child_env, deepspeed_runner, launcher_module, visible_gpu_include
+from toolkit.plan import preflight
 from toolkit.recipes.common import mean_std, write_json
 from toolkit.utils.logging import get_logger
 
@@ -231,6 +232,7 @@ class PipelineRecipe:
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
+        preflight("pipeline", cfg)   # a bad config fails here, before any model is loaded
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / "pipeline_config.json")
         t_start = time.time()

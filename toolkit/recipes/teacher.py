@@ -32,6 +32,7 @@ from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
+from toolkit.plan import preflight
 from toolkit.recipes.common import (batch_size_of, check_task_tokenizer, count_tokens, forward_kwargs,
                                     mean_across_ranks, resolve_ds_config, to_device, write_json)
 from toolkit.recipes.predict import predict, score_split
@@ -102,6 +103,7 @@ class TeacherRecipe:
     # ------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        preflight("teacher", cfg)   # a bad config fails here, before any model is loaded
         torch.manual_seed(cfg.seed)
         self.tasks = resolve_tasks(cfg.tasks, cfg.data_dir)
         model, tokenizer = load_task_model(cfg.model)
