@@ -8,7 +8,6 @@ it on its own line (.ci/run).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

@@ -107,7 +107,9 @@ def main() -> None:
       2. toolkit distill   task-agnostic MiniLMv2 distillation on unlabeled text
       3. toolkit eval      fine-tune and score the student on GLUE / CLUE / custom tasks
     toolkit pipeline runs all three with the MITKD-vs-baseline comparison and a report.
-    Multi-GPU / multi-node: `deepspeed launchers/<job>.py --ds_config ...`, `toolkit launch`, `toolkit slurm`.
+    toolkit plan JOB checks a job at full size without training and prints its memory and time plan.
+    Multi-GPU / multi-node: `deepspeed launchers/<job>.py --ds_config ...` in a checkout,
+    `deepspeed --module toolkit.launchers.<job> ...` anywhere, `toolkit launch`, `toolkit slurm`.
     """
 
 

@@ -5,14 +5,18 @@ One table serves ``setup.py`` (it reads :data:`MINIMUMS` without importing the p
 version found and what to install. The check reads installed versions from package metadata
 (``importlib.metadata``), so ``toolkit --help`` never imports torch.
 
-Why each floor:
+Why each floor (transformers' and deepspeed's found by running the tests on older releases):
 
 * torch 2.4: ``torch.cuda.is_bf16_supported(including_emulation=False)`` (native bf16 only,
-  toolkit/engine/precision.py) and the fused AdamW on CPU tensors.
-* transformers 5.0: ``from_pretrained(dtype=...)``, the attention and attention-mask
-  interfaces the CPU attention kernel registers into, and encoder layers that return a tensor.
-* deepspeed 0.17: the pydantic-2 config models whose fields ``toolkit plan`` validates the
-  DeepSpeed JSON against, and the CPU accelerator with its shared-memory collectives.
+  toolkit/engine/precision.py) is new in 2.4.
+* transformers 5.0: ``BertTokenizerFast(vocab=<vocab.txt>)`` (toolkit/models/encoder.py
+  ``load_tokenizer``; 4.x takes ``vocab_file=`` and fails), ``from_pretrained(dtype=...)``, the
+  attention and attention-mask interfaces the CPU attention kernel registers into, and encoder
+  layers that return a tensor. 4.57 fails the model tests at the tokenizer.
+* deepspeed 0.16: its checkpoints load under torch >= 2.6's ``weights_only`` default (0.15.4
+  fails to resume a ZeRO-2 checkpoint there); 0.16.0 passes the engine and DeepSpeed-JSON tests
+  (resume at every ZeRO stage), and its config models are pydantic 2, whose fields the
+  DeepSpeed-JSON check reads.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 MINIMUMS: Dict[str, str] = {
     "torch": "2.4",
     "transformers": "5.0",
-    "deepspeed": "0.17",
+    "deepspeed": "0.16",
 }
 
 #: ``python_requires`` (``types.UnionType`` in the config loader needs 3.10).

@@ -183,6 +183,8 @@ class _Recorder(dict):
         dict.update(out, self)
         return out
 
+    copy = __copy__
+
 
 class _RecordingKeys:
     def __init__(self, owner: _Recorder):
@@ -258,6 +260,47 @@ def _block_schema(key: str) -> Tuple[str, Optional[str], FrozenSet[str]]:
     return ("reads", None, nested) if nested else ("open", None, frozenset())
 
 
+@functools.lru_cache(maxsize=None)
+def _deepspeed_constants() -> Tuple[Tuple[str, str], ...]:
+    """``(NAME, "key")`` of every key-like string constant in DeepSpeed's loaded config and
+    constants modules (``FP16_LOSS_SCALE_WINDOW = "loss_scale_window"``)."""
+    import sys
+
+    accepted_top_keys()   # DeepSpeed's config modules are loaded by its parse
+    out = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("deepspeed.") or not name.endswith(("constants", "config")):
+            continue
+        for attr, value in vars(module).items():
+            if attr.isupper() and isinstance(value, str) and value.isidentifier():
+                out.append((attr, value))
+    return tuple(out)
+
+
+def _constant_children(key: str) -> FrozenSet[str]:
+    """Keys DeepSpeed names under block ``key`` in its constants: for ``FP16 = "fp16"``, the
+    values of ``FP16_*`` (defaults excluded). Covers keys it reads only in some set-ups."""
+    consts = _deepspeed_constants()
+    prefixes = {name + "_" for name, value in consts if value == key}
+    return frozenset(value for name, value in consts
+                     if not name.endswith("_DEFAULT") and any(name.startswith(p) for p in prefixes))
+
+
+def _read_by(cfg: Dict[str, Any]) -> Set[str]:
+    """The keys DeepSpeed reads when it parses ``cfg`` itself (some only when others are set);
+    a parse that fails reads what it read so far (the failure is reported later)."""
+    log: Set[str] = set()
+    probe = {k: v for k, v in cfg.items() if k not in (MB, GAS, TBS)}
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        with _quiet_deepspeed():
+            DeepSpeedConfig(_Recorder({**probe, **_PROBE_BATCH}, log))
+    except Exception:  # noqa: BLE001 - deepspeed_view reports DeepSpeed's refusal, with the key
+        pass
+    return log
+
+
 def _did_you_mean(key: str, candidates: Any) -> str:
     close = difflib.get_close_matches(str(key), sorted(str(c) for c in candidates), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
@@ -274,13 +317,12 @@ def check_ds_keys(cfg: Dict[str, Any], source: Optional[str] = None) -> None:
         if key not in top:
             raise ConfigError(str(key), "not a DeepSpeed config key (DeepSpeed would ignore it)"
                               + _did_you_mean(key, top), source)
-    for key, block in cfg.items():
-        if not isinstance(block, dict):
-            continue
-        kind, _, nested = _block_schema(key)
-        if kind != "reads":
-            continue
-        for sub in block:
+    blocks = [k for k, v in cfg.items() if isinstance(v, dict) and _block_schema(k)[0] == "reads"]
+    read = _read_by(cfg) if blocks else set()
+    for key in blocks:
+        nested = (_block_schema(key)[2] | _constant_children(key)
+                  | {r[len(key) + 1:].split(".")[0] for r in read if r.startswith(key + ".")})
+        for sub in cfg[key]:
             if sub not in nested:
                 raise ConfigError(f"{key}.{sub}", "not a DeepSpeed config key (DeepSpeed would ignore it)"
                                   + _did_you_mean(sub, nested), source)
@@ -372,9 +414,10 @@ def deepspeed_view(cfg: Dict[str, Any], source: Optional[str] = None) -> Any:
         parsed, _ = _parse(probe)
     except ValidationError as e:
         raise _validation_error(e, cfg, source) from None
-    except (AssertionError, ValueError, TypeError, KeyError, _config_error_class()) as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        keys = [k for k in cfg if f"'{k}'" in text or f"\"{k}\"" in text]
-        raise ConfigError(keys[0] if keys else "deepspeed", f"DeepSpeed refuses this config: {text}",
+    except Exception as e:  # noqa: BLE001 - any refusal of DeepSpeed's parse is a config problem
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        what = text if isinstance(e, (_config_error_class(), AssertionError)) else f"{type(e).__name__}: {text}"
+        keys = [k for k in cfg if f"'{k}'" in text or f"\"{k}\"" in text or k in type(e).__name__.lower()]
+        raise ConfigError(keys[0] if keys else "deepspeed", f"DeepSpeed refuses this config: {what}",
                           source) from None
     return parsed
