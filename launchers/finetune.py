@@ -3,6 +3,8 @@
 
     deepspeed launchers/finetune.py --ds_config ds_configs/<file>.json --config <job.yaml> [key=value ...]
 
+An installed toolkit (no checkout) runs the same job with
+`deepspeed --module toolkit.launchers.finetune --ds_config zero2_bf16.json --config <job.yaml>`.
 Also runs as a plain `python launchers/finetune.py ...` (one process) and under torchrun or srun.
 All logic lives in the recipe; this file only hands over the command line.
 """

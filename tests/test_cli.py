@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from toolkit.cli import main
 
 JOBS = ["teacher", "distill", "finetune", "eval", "pipeline", "score", "convert", "launch", "slurm", "tasks",
-        "prepare-data"]
+        "prepare-data", "plan"]
 
 
 def test_help_lists_every_job():
@@ -98,3 +98,74 @@ def test_requeue_exit_code_matches_engine():
     from toolkit.launch.commands import REQUEUE_EXIT_CODE as SCRIPT_CODE
 
     assert SCRIPT_CODE == REQUEUE_EXIT_CODE
+
+
+def test_option_values_are_taken_as_typed_not_yaml(monkeypatch, tmp_path):
+    """`--teacher 0755` is the path "0755" (YAML would read the octal 493); key=value keeps the
+    text for string fields too, and still converts numbers for numeric fields."""
+    import toolkit.jobs as jobs
+
+    seen = {}
+    monkeypatch.setattr(jobs, "run_job", lambda job, cfg, **kw: seen.setdefault(job, cfg))
+    r = CliRunner().invoke(main, ["distill", "--teacher", "0755", "--corpus", "0x10,on", "--max-steps", "12",
+                                  "--output-dir", "1e3", "--ds-config", "null"])
+    assert r.exit_code == 0, r.output
+    cfg = seen["distill"]
+    assert cfg.teacher == "0755" and cfg.corpus.sources == ["0x10", "on"] and cfg.max_steps == 12
+    assert cfg.output_dir == "1e3" and cfg.ds_config == "null"
+    r = CliRunner().invoke(main, ["finetune", "--model", "yes", "task=0755", "lr=6e-4", "max_steps=010",
+                                  "data_dir=~", "epochs=2"])
+    assert r.exit_code == 0, r.output
+    cfg = seen["finetune"]
+    assert (cfg.model, cfg.task, cfg.lr, cfg.max_steps, cfg.data_dir, cfg.epochs) == ("yes", "0755", 6e-4, 10, "~", 2.0)
+
+
+def test_typed_option_wins_over_yaml_and_override_wins_over_option(monkeypatch, tmp_path):
+    import toolkit.jobs as jobs
+
+    seen = {}
+    monkeypatch.setattr(jobs, "run_job", lambda job, cfg, **kw: seen.setdefault(job, cfg))
+    y = tmp_path / "job.yaml"
+    y.write_text("teacher: from_yaml\nmax_steps: 5\n")
+    r = CliRunner().invoke(main, ["distill", "--config", str(y), "--teacher", "0755", "max_steps=7"])
+    assert r.exit_code == 0, r.output
+    assert seen["distill"].teacher == "0755" and seen["distill"].max_steps == 7
+
+
+def test_shipped_configs_found_by_name_from_any_folder(monkeypatch, tmp_path):
+    import toolkit.jobs as jobs
+
+    seen = {}
+    monkeypatch.setattr(jobs, "run_job", lambda job, cfg, **kw: seen.setdefault(job, cfg))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["distill", "--config", "distill_bert_large.yaml"])
+    assert r.exit_code == 0, r.output
+    assert seen["distill"].student.hidden_size == 384 and seen["distill"].max_steps == 400000
+    r = CliRunner().invoke(main, ["distill", "--config", "no_such_job.yaml"])
+    assert r.exit_code == 2 and "distill_bert_large.yaml" in r.output and r.output.count("\n") == 1
+
+
+def test_version_floors_and_their_message():
+    from toolkit.requirements import MINIMUMS, too_old, version_tuple
+
+    assert version_tuple("2.13.0+cpu") == (2, 13, 0) and version_tuple("2.4.0rc1") == (2, 4, 0)
+    assert version_tuple("5.0.0.dev0") == (5, 0, 0) and version_tuple("0.16") == (0, 16)
+    assert too_old({name: version for name, version in MINIMUMS.items()}) == []
+    assert too_old({"torch": None}) == []   # not installed: the import error says so itself
+    (msg,) = too_old({"transformers": "4.57.6", "torch": "2.13.0+cpu"})
+    assert "transformers 4.57.6" in msg and f"transformers>={MINIMUMS['transformers']}" in msg and "pip install" in msg
+
+
+def test_an_older_library_fails_at_import_naming_it(tmp_path):
+    """A transformers older than the floor (its metadata found first on the path) stops
+    `import toolkit` with the package, the version and what to install."""
+    from pathlib import Path
+
+    dist = tmp_path / "transformers-4.40.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 4.40.0\n")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", "import toolkit.cli"], capture_output=True, text=True,
+                       env={"PYTHONPATH": f"{tmp_path}:{root}", "PATH": "/usr/bin:/bin"})
+    assert r.returncode != 0
+    assert "ImportError: transformers 4.40.0 is installed but mitkd-toolkit needs transformers>=5.0" in r.stderr

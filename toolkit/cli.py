@@ -47,28 +47,26 @@ def _fail(e: Exception) -> None:
 
 
 def _run(job: str, config: Optional[str], overrides: Sequence[str], options: Dict[str, Any]) -> Any:
-    """Options given explicitly on the command line win over the YAML; overrides win over both."""
+    """Options given explicitly on the command line win over the YAML; overrides win over both.
+
+    Option values go to the config as Click typed them (``--teacher 0755`` is the path "0755",
+    never re-read as YAML).
+    """
     from toolkit.jobs import build_config, run_job
 
     from contextlib import nullcontext
 
     from toolkit.engine.signals import PreemptionHandler
 
-    extra = [f"{k}={_fmt(v)}" for k, v in options.items() if v is not None and v != ()]
+    given = {k: v for k, v in options.items() if v is not None and v != ()}
     # Jobs that checkpoint on preemption catch it for their whole run (the recipe's handler nests
     # inside): a signal during start-up is remembered rather than fatal.
     with PreemptionHandler() if job in _JOB_COMMANDS else nullcontext():
         try:
-            cfg = build_config(job, config, [*extra, *overrides])
-            return run_job(job, cfg)
+            cfg = build_config(job, config, overrides, options=given)
+            return run_job(job, cfg, config_file=config)
         except ToolkitError as e:
             _fail(e)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v)
-    return str(v)
 
 
 def _common(f):  # noqa: ANN001 - click decorator plumbing
@@ -78,7 +76,8 @@ def _common(f):  # noqa: ANN001 - click decorator plumbing
                      help="DeepSpeed JSON (a path, or a name in ds_configs/ such as zero2_bf16.json). "
                           "The only source of micro batch, accumulation, precision and ZeRO settings.")(f)
     f = click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
-                     help="Job YAML (see configs/); fields not given keep their defaults.")(f)
+                     help="Job YAML: a path, or a shipped example by name such as distill_bert_large.yaml "
+                          "(see configs/); fields not given keep their defaults.")(f)
     return f
 
 
@@ -115,7 +114,9 @@ def main() -> None:
       2. toolkit distill   task-agnostic MiniLMv2 distillation on unlabeled text
       3. toolkit eval      fine-tune and score the student on GLUE / CLUE / custom tasks
     toolkit pipeline runs all three with the MITKD-vs-baseline comparison and a report.
-    Multi-GPU / multi-node: `deepspeed launchers/<job>.py --ds_config ...`, `toolkit launch`, `toolkit slurm`.
+    toolkit plan JOB checks a job at full size without training and prints its memory and time plan.
+    Multi-GPU / multi-node: `deepspeed launchers/<job>.py --ds_config ...` in a checkout,
+    `deepspeed --module toolkit.launchers.<job> ...` anywhere, `toolkit launch`, `toolkit slurm`.
     """
 
 
@@ -190,6 +191,67 @@ def pipeline(config, ds_config, output_dir, overrides, preset, language, ablate)
 def probe(config, output_dir, overrides, tasks, data_dir):  # noqa: ANN001
     """Linear probes of frozen encoders (models.NAME=DIR ...): the first is the reference; drops are flagged."""
     _run("probe", config, overrides, dict(output_dir=output_dir, tasks=tasks, data_dir=data_dir))
+
+
+def _memory_size(text: str) -> float:
+    """``80GB``, ``80G``, ``80GiB``, ``81920MiB`` or a number of bytes -> bytes (GB counts as GiB,
+    as GPU memory is sold: an "80 GB" card has 80 GiB)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", text, re.I)
+    if not m:
+        raise click.BadParameter(f"{text!r}: give a size like 80GB, 40GiB or 24576MiB")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return float(m.group(1)) * scale
+
+
+@main.command("plan", context_settings={"ignore_unknown_options": True})
+@click.argument("job", type=click.Choice(sorted(JOBS)))
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--config", "config", default=None, help="Job YAML: a path, or a shipped example by name.")
+@click.option("--ds-config", "ds_config", default=None,
+              help="DeepSpeed JSON (a path, or a shipped name such as zero2_bf16.json); default: the job's.")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes.")
+@click.option("--gpus-per-node", type=int, default=8, show_default=True, help="GPUs (ranks) per node.")
+@click.option("--gpu-memory", default="80GB", show_default=True, help="Memory per GPU (80GB, 40GiB, 24576MiB).")
+@click.option("--gpu-tflops", type=float, default=312.0, show_default=True,
+              help="The GPU's dense peak TFLOP/s at the job's precision (A100 bf16: 312; H100 SXM bf16: 989).")
+@click.option("--mfu", type=float, default=0.4, show_default=True,
+              help="Model-FLOPs utilisation the step time is estimated at.")
+@click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="gpu: half-precision teacher, stock attention; cpu: CPU ranks (the CPU kernels' memory).")
+def plan_cmd(job, overrides, config, ds_config, nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu,
+             device):  # noqa: ANN001
+    """Check JOB completely without training, and print its plan.
+
+    Checks every job field and every DeepSpeed key (nested ones too, with "did you mean"),
+    builds the models at full size on the meta device from their config.json (no weights
+    needed: a model field may also name a reference config of configs/models/, e.g.
+    teacher=bert-large-uncased) and checks them against each other and the batch against
+    the ranks. Then prints parameters, memory per GPU for the ZeRO stage and offload of the
+    JSON, tokens per step and in all, and the step time at the stated MFU (docs/PLAN.md).
+    A bad config exits 2 with one line naming the field and file.
+    """
+    from toolkit.jobs import build_config
+    from toolkit.plan import Hardware, make_plan, render
+
+    try:
+        if nodes < 1 or gpus_per_node < 1:
+            raise click.BadParameter("--nodes and --gpus-per-node must be >= 1")
+        if not 0 < mfu <= 1 or gpu_tflops <= 0:
+            raise click.BadParameter("--mfu must be in (0, 1] and --gpu-tflops > 0")
+        hw = Hardware(device=device, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory=_memory_size(gpu_memory),
+                      peak_tflops=gpu_tflops, mfu=mfu)
+        cfg = build_config(job, config, overrides, options={"ds_config": ds_config} if ds_config else None)
+        from toolkit.jobs import with_config_file
+
+        with with_config_file(config):
+            plan = make_plan(job, cfg, hw, source=config)
+    except ToolkitError as e:
+        _fail(e)
+    except click.BadParameter as e:
+        _fail(e)
+    click.echo(render(plan, title=config or ""), nl=False)
 
 
 @main.command()

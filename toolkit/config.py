@@ -137,8 +137,47 @@ def _from_dict(cls: Type[T], data: Dict[str, Any], prefix: str = "", source: Opt
         raise
 
 
-def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
-    """Turn ``["a.b=3", "c=x"]`` into a nested dict; values parse as YAML scalars."""
+def _field_type(cls: Optional[Type[Any]], parts: List[str]) -> Any:
+    """The annotated type at dotted path ``parts`` of dataclass ``cls`` (Any when unknown)."""
+    tp: Any = cls
+    for part in parts:
+        tp = _strip_optional(tp)
+        if dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                return Any
+            tp = hints[part]
+        elif typing.get_origin(tp) in (dict, Dict):
+            args = typing.get_args(tp)
+            tp = args[1] if len(args) == 2 else Any
+        else:
+            return Any
+    return _strip_optional(tp)
+
+
+def _override_value(raw: str, tp: Any) -> Any:
+    """An override's text for a field of type ``tp``: kept as written for typed scalar fields
+    (the field's own conversion reads it: ``teacher=0755`` stays the path "0755", ``lr=6e-4`` a
+    float), parsed as a YAML scalar or flow collection otherwise (``Any``, dict-valued fields)."""
+    origin = typing.get_origin(tp)
+    scalar = tp in (str, int, float, bool) or origin is typing.Literal
+    listy = origin in (list, List, tuple) or tp in (list, tuple)
+    if tp in (int, float, bool) and raw.strip() in ("null", "~"):
+        return None
+    if scalar or (listy and not raw.lstrip().startswith("[")):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_overrides(overrides: Iterable[str], cls: Optional[Type[Any]] = None) -> Dict[str, Any]:
+    """Turn ``["a.b=3", "c=x"]`` into a nested dict.
+
+    With the config dataclass ``cls``, a value for a typed field keeps its text for that
+    field's conversion (see :func:`_override_value`); other values parse as YAML scalars.
+    """
     out: Dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -147,16 +186,25 @@ def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
         key = key.strip()
         if not key:
             raise ConfigError(item, "override has an empty key")
-        try:
-            val = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            val = raw
-        node = out
         parts = key.split(".")
+        val = _override_value(raw, _field_type(cls, parts) if cls is not None else Any)
+        node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(key, "conflicts with another override")
+        node[parts[-1]] = val
+    return out
+
+
+def nest(options: Dict[str, Any]) -> Dict[str, Any]:
+    """``{"corpus.sources": x}`` -> ``{"corpus": {"sources": x}}`` (values kept as they are)."""
+    out: Dict[str, Any] = {}
+    for key, val in options.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
         node[parts[-1]] = val
     return out
 
@@ -190,18 +238,21 @@ def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
 
 
 def load_config(cls: Type[T], path: Union[str, Path, None] = None, overrides: Iterable[str] = (),
-                base: Optional[Dict[str, Any]] = None) -> T:
-    """Build config ``cls`` from an optional YAML file, a base dict and ``key=value`` overrides.
+                base: Optional[Dict[str, Any]] = None, options: Optional[Dict[str, Any]] = None) -> T:
+    """Build config ``cls`` from a base dict, an optional YAML file, typed ``options`` and
+    ``key=value`` overrides (each wins over the ones before).
 
-    Relative paths inside the YAML stay as written; recipes resolve them against the
-    working directory, which is how users expect CLI paths to behave.
+    ``options`` maps dotted field names to values already typed (the CLI's options: never
+    parsed again). Relative paths inside the YAML stay as written; recipes resolve them
+    against the working directory, which is how users expect CLI paths to behave.
     """
     data: Dict[str, Any] = dict(base or {})
     source = None
     if path is not None:
         data = _merge(data, read_yaml(path))
         source = str(path)
-    data = _merge(data, parse_overrides(overrides))
+    data = _merge(data, nest(dict(options or {})))
+    data = _merge(data, parse_overrides(overrides, cls))
     return _from_dict(cls, data, source=source)
 
 

@@ -5,10 +5,12 @@ Recipe modules are imported lazily: ``toolkit --help`` must not import torch.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -40,17 +42,54 @@ JOBS: Dict[str, Job] = {
 }
 
 
-def build_config(job: str, config_path: Optional[str], overrides: Sequence[str],
-                 base: Optional[Dict[str, Any]] = None) -> Any:
+def resolve_config_path(path: Optional[str]) -> Optional[Path]:
+    """A job YAML: the path as given, else a shipped example by name
+    (``distill_bert_large.yaml`` or ``distill_bert_large``) from any folder."""
+    from toolkit.errors import ConfigError
+    from toolkit.resources import config_dir, find_shipped, shipped_names
+
+    if path is None:
+        return None
+    found = find_shipped(path, config_dir(), ".yaml")
+    if found is None:
+        names = ", ".join(shipped_names(config_dir(), "*.yaml")) or "none"
+        raise ConfigError("config", f"file not found: {path} (a path, or a shipped example: {names})")
+    return found
+
+
+def build_config(job: str, config_path: Optional[str], overrides: Sequence[str] = (),
+                 base: Optional[Dict[str, Any]] = None, options: Optional[Dict[str, Any]] = None) -> Any:
+    """The job's typed config: ``base`` < the YAML < ``options`` < ``key=value`` overrides.
+
+    ``options`` are dotted field names with values already typed (command-line options, taken
+    as given); override values keep their text for typed fields (``teacher=0755`` is the path).
+    """
     from toolkit.config import load_config
 
     cfg_cls, _ = JOBS[job].load()
-    return load_config(cfg_cls, config_path, overrides, base=base)
+    return load_config(cfg_cls, resolve_config_path(config_path), overrides, base=base, options=options)
 
 
-def run_job(job: str, cfg: Any) -> Any:
+@contextlib.contextmanager
+def with_config_file(config_file: Optional[str]) -> Iterator[None]:
+    """Errors about a job field raised inside name ``config_file`` (the job YAML) when they
+    name no file of their own (the recipes' checks see the config, not the file it came from)."""
+    from toolkit.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as e:
+        if e.source is not None or not config_file:
+            raise
+        message = str(e).split(f"config field '{e.field}': ", 1)[-1]
+        raise ConfigError(e.field, message, config_file) from None
+
+
+def run_job(job: str, cfg: Any, config_file: Optional[str] = None) -> Any:
+    """Run ``job``'s recipe on ``cfg``; ``config_file`` (the job YAML) is named in its config errors."""
     _, runner = JOBS[job].load()
-    return runner(cfg)
+    with with_config_file(config_file):
+        return runner(cfg)
 
 
 def launcher_main(job: str, argv: Optional[List[str]] = None) -> None:
@@ -74,16 +113,13 @@ def launcher_main(job: str, argv: Optional[List[str]] = None) -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    p = argparse.ArgumentParser(prog=f"launchers/{job}.py", description=JOBS[job].summary)
-    p.add_argument("--config", help="job YAML (see configs/)")
+    p = argparse.ArgumentParser(description=JOBS[job].summary)
+    p.add_argument("--config", help="job YAML: a path, or a shipped example by name (see configs/)")
     p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config",
-                   help="DeepSpeed JSON: the engine settings (see ds_configs/)")
+                   help="DeepSpeed JSON: the engine settings; a path, or a shipped name (see ds_configs/)")
     p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the job YAML")
     args = p.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.ds_config:
-        overrides.append(f"ds_config={args.ds_config}")
     from toolkit.engine import dist
     from toolkit.engine.signals import PreemptionHandler
 
@@ -92,8 +128,9 @@ def launcher_main(job: str, argv: Optional[List[str]] = None) -> None:
     with PreemptionHandler():
         code = 0
         try:
-            cfg = build_config(job, args.config, overrides)
-            run_job(job, cfg)
+            cfg = build_config(job, args.config, list(args.overrides),
+                               options={"ds_config": args.ds_config} if args.ds_config else None)
+            run_job(job, cfg, config_file=args.config)
         except ToolkitError as e:
             print(f"error: {e}", file=sys.stderr)
             code = 2

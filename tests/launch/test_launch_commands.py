@@ -20,8 +20,9 @@ def test_launch_dry_run_prints_the_command():
     argv = shlex.split(r.output.strip().split(" ", 1)[1] if r.output.startswith("OMP") else r.output.strip())
     assert "--num_gpus" in argv and argv[argv.index("--num_gpus") + 1] == "2"
     assert argv[argv.index("--master_port") + 1] == "29555"
-    script = next(a for a in argv if a.endswith("launchers/distill.py"))
-    tail = argv[argv.index(script) + 1:]
+    # The job module ships in the package: the same command from a checkout or a wheel.
+    assert argv[argv.index("--module") + 1] == "toolkit.launchers.distill"
+    tail = argv[argv.index("--module") + 2:]
     assert tail == ["--config", "job.yaml", "--ds_config", "ds_configs/zero2_bf16.json", "max_steps=10"]
 
 
@@ -32,7 +33,7 @@ def test_multinode_flags_and_errors(tmp_path):
                                        node_rank=1, master_addr="a", config="c.yaml"))
     for flag, val in (("--hostfile", str(hf)), ("--num_nodes", "2"), ("--node_rank", "1"), ("--master_addr", "a")):
         assert cmd[cmd.index(flag) + 1] == val
-    assert "--no_ssh" in cmd and cmd[-3].endswith("train_teacher.py")
+    assert "--no_ssh" in cmd and cmd[-3:-2] == ["toolkit.launchers.train_teacher"] and cmd[-4] == "--module"
     with pytest.raises(ConfigError, match="hostfile"):
         LaunchSpec(job="distill", num_nodes=2)
     with pytest.raises(ConfigError, match="node_rank"):

@@ -1,7 +1,6 @@
 """``toolkit launch`` and ``toolkit slurm``: run any job across processes and nodes."""
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import click
 
 from toolkit.errors import ToolkitError
-from toolkit.launch.commands import (SCRIPTS, LaunchSpec, SlurmSpec, cpu_launch_env, default_master_port,
+from toolkit.launch.commands import (SCRIPTS, LaunchSpec, SlurmSpec, child_env, cpu_launch_env, default_master_port,
                                      deepspeed_command, render_sbatch, restricted_core_list, visible_gpu_include)
 from toolkit.launch.supervise import DEFAULT_GRACE_S, run_supervised
 
@@ -83,8 +82,7 @@ def launch(job, overrides, config, ds_config, num_nodes, num_gpus, hostfile, mas
     if dry_run:
         click.echo(shown + " ".join(shlex.quote(c) for c in cmd))
         return
-    env = {**os.environ, **env_extra}
-    sys.exit(run_supervised(cmd, env, grace_s=grace_seconds))
+    sys.exit(run_supervised(cmd, {**child_env(), **env_extra}, grace_s=grace_seconds))
 
 
 @click.command(context_settings={"ignore_unknown_options": True})

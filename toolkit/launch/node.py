@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from toolkit.launch.commands import (REPO_ROOT, REQUEUE_EXIT_CODE, SCRIPTS, LaunchSpec, affinity_cpus, cpu_list,
+from toolkit.launch.commands import (REQUEUE_EXIT_CODE, SCRIPTS, LaunchSpec, affinity_cpus, child_env, cpu_list,
                                      deepspeed_command, slurm_master_port, threads_per_rank)
 from toolkit.launch.supervise import DEFAULT_GRACE_S, run_supervised
 
@@ -124,8 +124,7 @@ def build(a: argparse.Namespace, env: Dict[str, str]) -> Tuple[List[str], Dict[s
     else:
         spec = LaunchSpec(**common, num_gpus=a.num_gpus)
     cmd = deepspeed_command(spec)
-    out = dict(env)
-    out["PYTHONPATH"] = f"{REPO_ROOT}:{out.get('PYTHONPATH', '')}".rstrip(":")
+    out = child_env(env)
     if not a.bind_cores and "OMP_NUM_THREADS" not in env:
         out["OMP_NUM_THREADS"] = str(threads_per_rank(a.num_gpus, cpus))
     return cmd, out

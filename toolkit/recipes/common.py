@@ -11,10 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from toolkit.errors import ConfigError
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
-CONFIG_DIR = REPO_ROOT / "configs"
+from toolkit.resources import ds_config_dir, find_shipped, shipped_names
 
 
 def auto_ds_config() -> str:
@@ -28,7 +25,8 @@ def auto_ds_config() -> str:
 
 
 def resolve_ds_config(path: Union[str, Path, None], default: str = "auto") -> Path:
-    """A DeepSpeed JSON path: as given, else relative to the shipped ``ds_configs/``.
+    """A DeepSpeed JSON path: as given, else a shipped one by name (``zero2_bf16.json`` or
+    ``zero2_bf16``), from the checkout's ``ds_configs/`` or the installed package's copy.
 
     ``auto`` (the jobs' default) picks :func:`auto_ds_config`.
     """
@@ -36,14 +34,12 @@ def resolve_ds_config(path: Union[str, Path, None], default: str = "auto") -> Pa
         path = default
     if str(path) == "auto":
         path = auto_ds_config()
-    p = Path(path)
-    if p.is_file():
-        return p
-    alt = DS_CONFIG_DIR / p.name if p.suffix else DS_CONFIG_DIR / f"{p.name}.json"
-    if alt.is_file():
-        return alt
-    shipped = ", ".join(sorted(x.name for x in DS_CONFIG_DIR.glob("*.json"))) if DS_CONFIG_DIR.is_dir() else "none"
-    raise ConfigError("ds_config", f"file not found: {path} (shipped configs in {DS_CONFIG_DIR}: {shipped})")
+    folder = ds_config_dir()
+    found = find_shipped(path, folder, ".json")
+    if found is not None:
+        return found
+    shipped = ", ".join(shipped_names(folder, "*.json")) or "none"
+    raise ConfigError("ds_config", f"file not found: {path} (a path, or a shipped name: {shipped})")
 
 
 def write_json(path: Union[str, Path], obj: Any) -> None:

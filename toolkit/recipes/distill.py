@@ -38,6 +38,7 @@ from toolkit.models.capture import LayerCapture, default_teacher_layer, resolve_
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import (EncoderSpec, build_encoder, count_parameters, load_tokenizer, save_encoder,
                                     spec_from_model)
+from toolkit.plan import preflight
 from toolkit.recipes.common import (check_corpus, check_ds_config, check_model_dir, mean_across_ranks,
                                     resolve_ds_config, write_json)
 from toolkit.recipes.frozen import FrozenTeacher
@@ -321,6 +322,7 @@ class DistillRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.validate()
+        preflight("distill", cfg)   # shapes, layers and relation heads, before any model is loaded
         self._read_teacher_config()
         student = self._build_student()
         if cfg.student.fast_dropout:

@@ -32,6 +32,7 @@ from toolkit.config import arg, save_config
 from toolkit.engine import dist
 from toolkit.engine.engine import OptimConfig
 from toolkit.errors import ConfigError
+from toolkit.plan import preflight
 from toolkit.recipes.common import check_ds_config, check_model_dir, mean_std, task_ref, write_json
 from toolkit.recipes.finetune import FinetuneConfig, FinetuneRecipe, same_run_config
 from toolkit.tasks import get_task, group_names, resolve_tasks
@@ -142,6 +143,7 @@ class EvalRecipe:
         cfg = self.cfg
         check_model_dir("model", cfg.model)
         check_ds_config(cfg.ds_config)
+        preflight("eval", cfg)   # shapes and the batch, before any model is loaded
         tasks = self._tasks()
         for task in tasks:   # every train split read (and checked) before the first run starts
             task.load("train")

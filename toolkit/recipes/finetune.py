@@ -36,6 +36,7 @@ from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
+from toolkit.plan import preflight
 from toolkit.recipes.common import (batch_size_of, check_ds_config, check_model_dir, count_tokens, forward_kwargs,
                                     resolve_ds_config,
                                     to_device, write_json)
@@ -116,9 +117,11 @@ class FinetuneRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         set_seed(cfg.seed)
-        # Inputs checked before any model loads: the model folder and the DeepSpeed JSON.
+        # Inputs checked before any model loads: the model folder and the DeepSpeed JSON, then
+        # the shapes and the batch against the ranks.
         check_model_dir("model", cfg.model)
         check_ds_config(cfg.ds_config)
+        preflight("finetune", cfg)
         self.task = get_task(cfg.task, cfg.data_dir)
         train = self.task.load("train")
         if not train:

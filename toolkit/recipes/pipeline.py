@@ -24,8 +24,9 @@ Every finished stage leaves ``<stage>/STAGE_COMPLETE.json`` with its job config 
 of its inputs (model folders, task files, corpus shards). A re-run skips a finished stage whose
 config and inputs are unchanged, so a stopped pipeline picks up where it stopped; a stage whose
 config or inputs changed runs again, and the log says which and why (the old stage folder is
-kept as ``<stage>.previous``). Stages that read a re-run stage's output run again with it. With ``launcher: deepspeed`` every stage runs as
-``deepspeed launchers/<job>.py`` in a subprocess (the same path users take on clusters).
+kept as ``<stage>.previous``). Stages that read a re-run stage's output run again with it.
+With ``launcher: deepspeed`` every stage runs as ``deepspeed --module toolkit.launchers.<job>``
+in a subprocess (the same path users take on clusters).
 """
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ import yaml
 
 from toolkit.config import arg, load_config, save_config, to_dict
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.launch.commands import visible_gpu_include
-from toolkit.recipes.common import REPO_ROOT, mean_std, write_json
+from toolkit.launch.commands import child_env, deepspeed_runner, launcher_module, visible_gpu_include
+from toolkit.plan import preflight
+from toolkit.recipes.common import mean_std, write_json
 from toolkit.utils.fingerprint import digest, path_fingerprint
 from toolkit.utils.fsio import is_published, publish_dir
 from toolkit.utils.lock import locked_output
@@ -292,17 +294,15 @@ class PipelineRecipe:
         cfg = load_config(cfg_cls, job_yaml)
         if self.cfg.launcher == "none" or job == "probe":
             return run_job(job, cfg)
-        script = {"teacher": "train_teacher.py", "distill": "distill.py", "eval": "evaluate.py",
-                  "finetune": "finetune.py"}[job]
         # On a GPU host with CUDA_VISIBLE_DEVICES set, name those devices: the launcher drops
         # the variable when it gets --num_gpus and would start on GPUs 0..n-1.
         import torch
 
         visible = visible_gpu_include(self.cfg.num_gpus) if torch.cuda.is_available() else None
         resources = ["--include", visible] if visible else ["--num_gpus", str(self.cfg.num_gpus)]
-        cmd = ["deepspeed", *resources, str(REPO_ROOT / "launchers" / script), "--config", str(job_yaml)]
+        cmd = [*deepspeed_runner(), *resources, "--module", launcher_module(job), "--config", str(job_yaml)]
         log.info("pipeline: %s", " ".join(cmd))
-        proc = subprocess.run(cmd, cwd=os.getcwd())
+        proc = subprocess.run(cmd, cwd=os.getcwd(), env=child_env())
         if proc.returncode != 0:
             raise ToolkitError(f"stage {stage} failed (exit {proc.returncode}); its logs are in {stage_dir}")
         metrics = Path(cfg_dict["output_dir"]) / ("results.json" if job == "eval" else "metrics.json")
@@ -453,6 +453,7 @@ class PipelineRecipe:
     def _run(self) -> Dict[str, Any]:
         cfg = self.cfg
         self.validate()
+        preflight("pipeline", cfg)   # shapes and layers of every stage, before any model is loaded
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / "pipeline_config.json")
         t_start = time.time()

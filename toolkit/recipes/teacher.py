@@ -35,6 +35,7 @@ from toolkit.losses import MiniLMv2RelationLoss, Needs
 from toolkit.models.capture import LayerCapture, resolve_layer
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
+from toolkit.plan import preflight
 from toolkit.recipes.common import (batch_size_of, check_corpus, check_ds_config, check_model_dir,
                                     check_task_tokenizer, count_tokens, forward_kwargs,
                                     mean_across_ranks, resolve_ds_config, to_device, write_json)
@@ -140,6 +141,7 @@ class TeacherRecipe:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.validate()
+        preflight("teacher", cfg)   # shapes and the batch, before any model is loaded
         self.tasks = resolve_tasks(cfg.tasks, cfg.data_dir)
         for task in self.tasks:   # every train split read (and checked) before the model loads
             task.load("train")
