@@ -228,6 +228,34 @@ def convert(paths, fmt, keep_heads):  # noqa: ANN001
         _fail(e)
 
 
+@main.command("trim-vocab")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Model folder (save_pretrained) with a fast tokenizer: SentencePiece unigram or WordPiece.")
+@click.option("--corpus", multiple=True, help="Corpus sources (files, globs, hf: specs), as corpus.sources; repeatable.")
+@click.option("--tasks", default="", help="Tasks whose every split is read: names, groups or custom task YAMLs, "
+                                          "comma-separated.")
+@click.option("--data-dir", default=None, help="Data root of registered tasks.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output model folder.")
+@click.option("--min-count", type=int, default=1, show_default=True, help="Drop pieces used fewer times than this.")
+@click.option("--text-field", default="text", show_default=True, help="JSONL/Parquet corpus field holding the text.")
+@click.option("--doc-separator", type=click.Choice(["blank_line", "line"]), default="blank_line", show_default=True,
+              help="Text corpus files: documents are blank-line blocks or single lines.")
+def trim_vocab(model_dir, corpus, tasks, data_dir, out_dir, min_count, text_field, doc_separator):  # noqa: ANN001
+    """Keep only the vocabulary a corpus and tasks use; slice the embedding rows to match."""
+    from dataclasses import asdict
+
+    from toolkit.models.vocab_trim import trim_vocabulary
+
+    try:
+        report = trim_vocabulary(model_dir, out_dir, corpus=list(corpus),
+                                 tasks=[t for t in tasks.split(",") if t.strip()], data_dir=data_dir,
+                                 min_count=min_count, text_field=text_field, doc_separator=doc_separator)
+    except ToolkitError as e:
+        _fail(e)
+    summary = {k: v for k, v in asdict(report).items() if k != "kept_ids"}
+    click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+
+
 @main.command("prepare-data")
 @click.option("--language", type=click.Choice(["en", "zh"]), default="en", show_default=True,
               help="Which demo data to build.")
