@@ -265,7 +265,7 @@ def trim_vocab(model_dir, corpus, tasks, data_dir, out_dir, min_count, text_fiel
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits.")
 def prepare_data(language, preset, out_dir, seed):  # noqa: ANN001
     """Turn the real text and labels of registry packages into task YAMLs and corpus shards."""
-    from toolkit.demo.prepare import prepare_chinese, prepare_english
+    from toolkit.demo import prepare_chinese, prepare_english
 
     try:
         fn = prepare_english if language == "en" else prepare_chinese
