@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from toolkit.errors import DataError, ToolkitError
 
@@ -40,8 +40,8 @@ LAYOUTS: Dict[str, Tuple[str, str, str, str, str]] = {
     "bert": ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"),
 }
 
-# SentencePiece ModelProto.SentencePiece.Type values.
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+# SentencePiece ModelProto.SentencePiece.Type values of special pieces.
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 
 
 def compile_charsmap(mapping: Mapping[int, Sequence[int]]) -> bytes:
@@ -207,16 +207,3 @@ def load_sentencepiece_model(path: PathLike, model_max_length: int = 512) -> Any
                                    strip=bool(ns.remove_extra_whitespaces),
                                    byte_fallback=bool(proto.trainer_spec.byte_fallback),
                                    model_max_length=model_max_length, special_pieces=special)
-
-
-def unigram_vocab(tokenizer: Any) -> Optional[List[Tuple[str, float]]]:
-    """``(piece, score)`` in id order if ``tokenizer`` is a unigram (SentencePiece) fast tokenizer."""
-    import json
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    model = json.loads(backend.to_str()).get("model", {})
-    if model.get("type") != "Unigram":
-        return None
-    return [(str(p), float(s)) for p, s in model["vocab"]]
