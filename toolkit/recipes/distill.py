@@ -77,6 +77,10 @@ class StudentConfig:
     init_from: Optional[str] = arg(None, "init=teacher_layers: copy the layers from this encoder directory instead "
                                    "of the teacher (e.g. the pretrained model, so that students distilled from "
                                    "different teachers start from the same weights)")
+    arch: str = arg("auto", "student architecture: auto (the teacher's) | bert | ernie (ERNIE 3.0: BERT layers plus "
+                    "task-type embeddings); init=spec and teacher_layers")
+    use_task_id: Optional[bool] = arg(None, "ERNIE students: task-type embeddings (null = as the teacher; a teacher "
+                                      "without them gives a zero-initialised table)")
 
     def __post_init__(self) -> None:
         if self.init not in ("spec", "teacher_layers", "path"):
@@ -86,6 +90,10 @@ class StudentConfig:
         if self.hidden_size % self.num_heads:
             raise ConfigError("student.num_heads", f"hidden_size {self.hidden_size} is not divisible by "
                               f"num_heads {self.num_heads}")
+        if self.arch not in ("auto", "bert", "ernie"):
+            raise ConfigError("student.arch", f"must be auto, bert or ernie, got {self.arch!r}")
+        if self.use_task_id and self.arch == "bert":
+            raise ConfigError("student.use_task_id", "task-type embeddings need arch: ernie")
 
 
 @dataclass
@@ -248,7 +256,6 @@ class DistillRecipe:
     def _build_student(self) -> nn.Module:
         cfg, sc = self.cfg, self.cfg.student
         tcfg = self.teacher_config
-        arch = "ernie" if tcfg.model_type == "ernie" else "bert"
         if sc.init == "path":
             student = build_encoder(sc.path)
             _set_dropout(student, sc.hidden_dropout, sc.attention_dropout)
@@ -256,11 +263,16 @@ class DistillRecipe:
                 raise DataError(sc.path, f"student vocabulary ({student.config.vocab_size}) differs from the "
                                 f"teacher's ({tcfg.vocab_size}); distillation needs one shared tokenizer")
             return student
+        # An ERNIE 3.0 student may learn from a BERT teacher: the layers are the same modules.
+        arch = sc.arch if sc.arch != "auto" else ("ernie" if tcfg.model_type == "ernie" else "bert")
+        use_task_id = sc.use_task_id if sc.use_task_id is not None else bool(getattr(tcfg, "use_task_id", False))
+        if use_task_id and arch != "ernie":
+            raise ConfigError("student.use_task_id", f"the student is {arch} (student.arch={sc.arch}); "
+                              f"task-type embeddings need student.arch: ernie")
         spec = EncoderSpec(arch=arch, num_layers=sc.num_layers, hidden_size=sc.hidden_size, num_heads=sc.num_heads,
                            intermediate_size=sc.intermediate_size, vocab_size=tcfg.vocab_size,
                            max_position_embeddings=tcfg.max_position_embeddings,
-                           type_vocab_size=tcfg.type_vocab_size,
-                           use_task_id=bool(getattr(tcfg, "use_task_id", False)),
+                           type_vocab_size=tcfg.type_vocab_size, use_task_id=use_task_id,
                            task_type_vocab_size=int(getattr(tcfg, "task_type_vocab_size", 3) or 3),
                            hidden_dropout=sc.hidden_dropout, attention_dropout=sc.attention_dropout)
         torch.manual_seed(cfg.seed)
@@ -285,7 +297,16 @@ class DistillRecipe:
         layers = sc.teacher_layers or [round((i + 1) * n_t / sc.num_layers) for i in range(sc.num_layers)]
         if len(layers) != sc.num_layers:
             raise ConfigError("student.teacher_layers", f"needs {sc.num_layers} entries, got {len(layers)}")
-        student.embeddings.load_state_dict(full.embeddings.state_dict())
+        # BERT and ERNIE embeddings differ only by ERNIE's task-type table: a table the source lacks
+        # starts at zero (the student then computes the source's function for every task id),
+        # one the student lacks is left out.
+        task_table = "task_type_embeddings.weight"
+        missing, unexpected = student.embeddings.load_state_dict(full.embeddings.state_dict(), strict=False)
+        if set(missing) - {task_table} or set(unexpected) - {task_table}:
+            raise ConfigError("student.init", f"cannot copy the embeddings of {source}: missing {missing}, "
+                              f"unexpected {unexpected}")
+        if task_table in missing:
+            nn.init.zeros_(student.embeddings.task_type_embeddings.weight)
         for s_i, t_l in enumerate(layers):
             t_i = resolve_layer(t_l, n_t)
             student.encoder.layer[s_i].load_state_dict(full.encoder.layer[t_i].state_dict())

@@ -314,7 +314,7 @@ class PipelineRecipe:
         if cfg.in_domain and cfg.teacher and cfg.corpus:
             return {"teacher": cfg.teacher, "in_domain": cfg.in_domain, "out_of_domain": cfg.out_of_domain,
                     "extra": cfg.extra_tasks, "corpus": cfg.corpus, "source": "config"}
-        from toolkit.demo.prepare import prepare_chinese, prepare_english
+        from toolkit.demo import prepare_chinese, prepare_english
 
         fn = prepare_english if cfg.language == "en" else prepare_chinese
         manifest = fn(str(self.out / "data"), preset=cfg.preset, seed=cfg.data_seed)

@@ -9,10 +9,18 @@ Encoders and decoders are registries keyed by task type.
 Span (QA) windows follow the original BERT/ERNIE convention: ``doc_stride`` is the step, in
 context tokens, between the starts of consecutive windows (capped at the room a window has,
 so ``doc_stride >= room`` gives non-overlapping windows).
+
+Tokenizers of both families work: WordPiece (BERT, ERNIE) and SentencePiece (XLM-R layout,
+``▁`` word-start marks). For pre-split tokens (token classification) a SentencePiece tokenizer
+marks a word as space-separated only where running text would have a space, so the characters
+of a Chinese sentence stay one piece each instead of a lone ``▁`` before every character.
 """
 from __future__ import annotations
 
+import copy
 import functools
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -197,7 +205,8 @@ def _encode_span(task: Task, examples: Sequence[SpanExample], tokenizer: Any, s:
         answer = _answer_span(ex) if labelled else None
         for wi in range(len(enc["input_ids"])):
             seq_ids = enc.sequence_ids(wi)
-            offsets = [tuple(o) if sid == 1 else None for o, sid in zip(enc["offset_mapping"][wi], seq_ids)]
+            offsets = [_skip_space(ex.context, o) if sid == 1 else None
+                       for o, sid in zip(enc["offset_mapping"][wi], seq_ids)]
             item = _pair_tensors({k: enc[k][wi] for k in ("input_ids", "attention_mask", "token_type_ids")
                                   if k in enc})
             if labelled:
@@ -206,6 +215,15 @@ def _encode_span(task: Task, examples: Sequence[SpanExample], tokenizer: Any, s:
             f2e.append(ei)
             span_feats.append(SpanFeature(ei, offsets))
     return EncodedSplit(task.task_type, items, list(examples), f2e, labelled, span_features=span_feats)
+
+
+def _skip_space(text: str, offset: Sequence[int]) -> Tuple[int, int]:
+    """A token's character span without the space before it (SentencePiece's ``▁word`` pieces
+    cover it), so answers sliced from the context start at the word."""
+    start, end = int(offset[0]), int(offset[1])
+    while start < end - 1 and text[start].isspace():
+        start += 1
+    return start, end
 
 
 def _window_positions(offsets: List[Optional[Tuple[int, int]]], answer: Optional[Tuple[int, int]]) -> Tuple[int, int]:
@@ -228,14 +246,67 @@ def _window_positions(offsets: List[Optional[Tuple[int, int]]], answer: Optional
     return start, end
 
 
+# Scripts written without spaces between words (CJK ideographs and punctuation, kana, full-width forms).
+_NO_SPACE = re.compile("[\u2e80-\u2fdf\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u31a0-\u31ff\u3400-\u4dbf"
+                       "\u4e00-\u9fff\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef\U00020000-\U0003ffff]")
+
+
+def _metaspace_nodes(node: Any) -> List[Dict[str, Any]]:
+    """The Metaspace pre-tokenizers inside a tokenizer.json ``pre_tokenizer`` entry."""
+    if isinstance(node, dict):
+        found = [node] if node.get("type") == "Metaspace" else []
+        for v in node.values():
+            found += _metaspace_nodes(v)
+        return found
+    if isinstance(node, list):
+        return [m for v in node for m in _metaspace_nodes(v)]
+    return []
+
+
+def word_encoder(tokenizer: Any) -> Tuple[Any, Callable[[Sequence[str]], List[str]]]:
+    """How to encode pre-split words: ``(tokenizer, prepare)``, then
+    ``tokenizer(prepare(words), is_split_into_words=True)``.
+
+    For WordPiece tokenizers this is the tokenizer itself and the words unchanged. A
+    SentencePiece (metaspace) tokenizer would put ``▁`` before every word; instead a copy that
+    never adds it is returned, and ``prepare`` writes the ``▁`` itself before the words that
+    running text separates by a space: not next to a character of a script written without
+    spaces (Chinese, Japanese).
+    """
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    data = json.loads(backend.to_str()) if backend is not None else {}
+    nodes = _metaspace_nodes(data.get("pre_tokenizer"))
+    if not nodes:
+        return tokenizer, list
+    marker = str(nodes[0].get("replacement", "\u2581"))
+    for node in nodes:
+        node["prepend_scheme"] = "never"
+        node.pop("add_prefix_space", None)   # the pre-0.19 spelling of the same switch
+    bare = copy.copy(tokenizer)
+    bare._tokenizer = Tokenizer.from_str(json.dumps(data))
+
+    def prepare(words: Sequence[str]) -> List[str]:
+        out = []
+        for i, w in enumerate(words):
+            joined = _NO_SPACE.match(w[:1]) or (i > 0 and _NO_SPACE.match(words[i - 1][-1:]))
+            out.append(w if (joined or not w) else marker + w)
+        return out
+
+    return bare, prepare
+
+
 def _encode_tokens(task: Task, examples: Sequence[TokenExample], tokenizer: Any, s: _Settings) -> EncodedSplit:
     labelled = _labelled(task, examples, lambda e: e.labels is not None)
+    tokenizer, prepare = word_encoder(tokenizer)
     items, word_ids = [], []
     for ex in examples:
         if labelled and len(ex.labels) != len(ex.tokens):  # type: ignore[arg-type]
             raise DataError(_where(task), f"task '{task.name}': example {ex.guid!r} has {len(ex.tokens)} "
                             f"tokens but {len(ex.labels)} labels")  # type: ignore[arg-type]
-        enc = tokenizer(list(ex.tokens), is_split_into_words=True, truncation=True, max_length=s.max_seq_length)
+        enc = tokenizer(prepare(list(ex.tokens)), is_split_into_words=True, truncation=True,
+                        max_length=s.max_seq_length)
         wids = enc.word_ids()
         item = _pair_tensors(enc)
         if labelled:
