@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["toolkit", "toolkit.*"]),
     include_package_data=True,
-    package_data={"toolkit": ["configs/*.yaml", "configs/**/*.yaml", "ds_configs/*.json", "kernels/csrc/*.c"]},
+    package_data={"toolkit": ["configs/*.yaml", "configs/**/*.yaml", "ds_configs/*.json", "cpu/csrc/*.c", "cpu/csrc/*.h"]},
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",

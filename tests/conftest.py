@@ -9,7 +9,6 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import random
 from typing import Any, Dict, List
@@ -217,98 +216,29 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
              "CROSS_RANK", "CROSS_SIZE")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def subprocess_env(**extra: str) -> dict:
     """os.environ for a child job, without the one-process world that in-process tests set
-    up (a stale MASTER_PORT would collide with this process's rendezvous port)."""
+    up (a stale MASTER_PORT would collide with this process's rendezvous port), with this
+    checkout first on PYTHONPATH (children import the toolkit under test, not an installed one)."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env["TOOLKIT_NO_PROGRESS"] = "1"
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO_ROOT]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
     env.update(extra)
     return env
 
 
-# ----- the compiled CPU kernels' common checks -------------------------------------------------
-# What every optional compiled CPU kernel (toolkit/kernels/compiled.py) must do, as one fixture:
-# ``compiled_checks`` gives the tests of each kernel module (cpu_linear, cpu_wgrad, cpu_relation,
-# cpu_dropout) the same checks: it builds into an empty cache on a Linux host with a C compiler,
-# without a warning; its switch turns it off and says so; with no compiler it warns once and
-# falls back; ``disabled()`` says so; and a build that computes a wrong number is caught by the
-# self-check before use.
-class CompiledKernelChecks:
-    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-        self.tmp_path, self.monkeypatch = tmp_path, monkeypatch
-        self._reset: List[ModuleType] = []
+@pytest.fixture(autouse=True)
+def _relation_kl_registry():
+    """Each test starts and ends with the same relation-KL registry (a test that runs a job with
+    cpu_accel auto, or registers a toy implementation, must not change what later tests run)."""
+    from toolkit.losses import relation_kl
 
-    def loaded(self, module: ModuleType) -> Any:
-        """The module's kernel, or skip the test where it does not build here."""
-        k = module.load()
-        if k is None:
-            pytest.skip(f"{module._KERNEL.what} does not run here: {module.unavailable_reason()}")
-        return k
-
-    def fresh(self, module: ModuleType) -> Path:
-        """An empty kernel cache, the switch unset, nothing loaded (the real state comes back
-        after the test)."""
-        cache = self.tmp_path / "cache"
-        self.monkeypatch.setenv("TOOLKIT_KERNEL_CACHE", str(cache))
-        self.monkeypatch.delenv(module._KERNEL.env_var, raising=False)
-        module.reset()
-        self._reset.append(module)
-        return cache
-
-    @staticmethod
-    def _can_build() -> bool:
-        from toolkit.kernels import cpu_rows
-
-        return sys.platform.startswith("linux") and cpu_rows.find_compiler() is not None
-
-    def builds(self, module: ModuleType, prefix: str) -> None:
-        """Built into the (fresh) cache without a warning, named after its source."""
-        cache = self.fresh(module)
-        if not self._can_build():
-            pytest.skip("needs Linux and a C compiler (the fallback is tested separately)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            k = module.load()
-        assert k is not None, module.unavailable_reason()
-        assert k.path.parent == cache and k.path.name.startswith(prefix)
-
-    def switched_off(self, module: ModuleType) -> None:
-        """``<VAR>=0``: not loaded, and the reason names the variable (stays set for the caller's
-        own check of the fallback path)."""
-        self.fresh(module)
-        var = module._KERNEL.env_var
-        self.monkeypatch.setenv(var, "0")
-        assert module.load() is None and f"{var}=0" in module.unavailable_reason()
-
-    def no_compiler_and_disabled(self, module: ModuleType) -> None:
-        """No C compiler: one RuntimeWarning and the fallback; ``disabled()`` says so."""
-        from toolkit.kernels import cpu_rows
-
-        self.fresh(module)
-        self.monkeypatch.setattr(cpu_rows, "find_compiler", lambda: None)
-        with pytest.warns(RuntimeWarning, match="no C compiler"):
-            assert module.load() is None
-        with module.disabled():
-            assert "disabled" in module.unavailable_reason()
-
-    def wrong_build_is_caught(self, module: ModuleType, wrong: str, replacement: str,
-                              match: str = "differs from float64") -> None:
-        """A copy of the source with ``wrong`` replaced fails the self-check: a warning, no kernel."""
-        self.fresh(module)
-        if not self._can_build():
-            pytest.skip("needs Linux and a C compiler")
-        src = module.SOURCE.read_text()
-        assert wrong in src
-        bad = self.tmp_path / module.SOURCE.name
-        bad.write_text(src.replace(wrong, replacement))
-        self.monkeypatch.setattr(module._KERNEL, "source", bad)
-        with pytest.warns(RuntimeWarning, match=match):
-            assert module.load() is None
-
-
-@pytest.fixture
-def compiled_checks(tmp_path, monkeypatch):
-    checks = CompiledKernelChecks(tmp_path, monkeypatch)
-    yield checks
-    for module in checks._reset:
-        module.reset()
+    saved = dict(relation_kl._IMPLS), dict(relation_kl._FAILED)
+    yield
+    relation_kl._IMPLS.clear()
+    relation_kl._IMPLS.update(saved[0])
+    relation_kl._FAILED.clear()
+    relation_kl._FAILED.update(saved[1])

@@ -63,7 +63,7 @@ def _teacher_yaml(path: Path, model: Path, tasks, out: Path) -> Path:
 
     path.write_text(yaml.safe_dump({"model": str(model), "tasks": [str(t) for t in tasks], "output_dir": str(out),
                                     "max_steps": STEPS, "lr": 3e-4, "log_every": 1, "dropout": 0.0,
-                                    "warmup_ratio": 0.0, "eval_every": 0}))
+                                    "warmup_ratio": 0.0, "eval_every": 0, "cpu_accel": "off"}))
     return path
 
 
@@ -202,7 +202,7 @@ def test_finetune_two_ranks_zero3_saves_and_predicts_with_the_best_weights(tiny_
     y = tmp_path / "ft.yaml"
     y.write_text(yaml.safe_dump({"model": str(tiny_bert_dir), "task": str(fixture_tasks["senti"]),
                                  "output_dir": str(out), "max_steps": 8, "eval_every": 2, "lr": 5e-4,
-                                 "log_every": 1, "max_seq_length": 64}))
+                                 "log_every": 1, "max_seq_length": 64, "cpu_accel": "off"}))
     proc = _launch(["finetune", "--num-gpus", "2", "--master-port", str(_port()), "--config", str(y),
                     "--ds-config", str(_ds(tmp_path / "ds.json", 4, 3, stage3_param_persistence_threshold=0))])
     log = _finish(proc)   # threshold 0: every parameter is partitioned, however small

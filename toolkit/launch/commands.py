@@ -111,7 +111,7 @@ def deepspeed_command(spec: LaunchSpec, python: Optional[str] = None) -> List[st
 
 
 def cpu_launch_env(spec: LaunchSpec) -> Dict[str, str]:
-    """On CPU machines each rank should use one thread per core it owns (PLATFORM_NOTES)."""
+    """On CPU machines each rank should use one thread per core it owns (more oversubscribes the cores)."""
     env: Dict[str, str] = {}
     if not spec.bind_cores:
         env["OMP_NUM_THREADS"] = "1"

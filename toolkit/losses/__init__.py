@@ -5,7 +5,8 @@
 from toolkit.losses.logit_kd import LogitKDLoss
 from toolkit.losses.minilm_v1 import MiniLMv1Loss
 from toolkit.losses.reference import minilm_v2_reference, relation_kl_reference
-from toolkit.losses.relations import RELATION_KL_IMPLS, MiniLMv2RelationLoss, relation_kl_naive
+from toolkit.losses.relation_kl import register_relation_kl, relation_kl_naive
+from toolkit.losses.relations import MiniLMv2RelationLoss
 from toolkit.losses.tinybert import TinyBERTLoss
 
 #: Loss registry: config name -> class.
@@ -16,5 +17,5 @@ LOSSES = {
     "logit_kd": LogitKDLoss,
 }
 
-__all__ = ["LOSSES", "LogitKDLoss", "MiniLMv1Loss", "MiniLMv2RelationLoss", "RELATION_KL_IMPLS",
-           "TinyBERTLoss", "minilm_v2_reference", "relation_kl_naive", "relation_kl_reference"]
+__all__ = ["LOSSES", "LogitKDLoss", "MiniLMv1Loss", "MiniLMv2RelationLoss", "TinyBERTLoss", "minilm_v2_reference",
+           "register_relation_kl", "relation_kl_naive", "relation_kl_reference"]

@@ -12,7 +12,7 @@ from typing import Dict, Mapping, Optional
 from torch import Tensor, nn
 
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.kernels.relation_kl_chunked import relation_kl_qk
+from toolkit.losses.relation_kl.chunked import relation_kl_qk
 
 
 class MiniLMv1Loss(nn.Module):

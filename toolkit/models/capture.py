@@ -22,6 +22,7 @@ losses use), for the teacher and for the student alike.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -29,7 +30,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.utils.bind import BoundMethod
 
 _PROJ = {"q": "query", "k": "key", "v": "value"}
 _WHAT = tuple(_PROJ) + ("hidden",)
@@ -214,17 +214,31 @@ def _layer_returns_tuple() -> bool:
         return False
 
 
-def _projections_forward(self: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
-    """Forward of an encoder layer cut to its Q/K/V projections (bound by ProjectionsOnly).
+class _ProjectionsLayer(nn.Module):
+    """An encoder layer cut to its Q/K/V projections (installed by :class:`ProjectionsOnly`).
 
-    The projections run as submodule calls, so capture hooks (and DeepSpeed's per-module
-    hooks) fire as usual; the layer then passes its input through unchanged.
+    It holds the original layer's submodules under the same names, so parameter names, the
+    ``state_dict`` and every hook on the submodules are the original layer's. The projections
+    run as submodule calls, so capture hooks (and DeepSpeed's per-module hooks) fire as usual;
+    the layer then passes its input through unchanged.
     """
-    attn = self.attention.self
-    attn.query(hidden_states)
-    attn.key(hidden_states)
-    attn.value(hidden_states)
-    return (hidden_states,) if self._projections_only_tuple else hidden_states
+
+    def __init__(self, layer: nn.Module, returns_tuple: bool):
+        super().__init__()
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        for name, param in layer.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in layer.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+        attn = self.attention.self
+        attn.query(hidden_states)
+        attn.key(hidden_states)
+        attn.value(hidden_states)
+        return (hidden_states,) if self.returns_tuple else hidden_states
 
 
 class ProjectionsOnly:
@@ -234,12 +248,14 @@ class ProjectionsOnly:
     nothing after them: that layer's attention, output projection and feed-forward are dead
     work, a quarter of a layer's matmuls and most of its elementwise work, in the forward of
     the teacher and of the student (autograd already skips their backward). With this handle
-    the layer's forward computes the projections and returns its input, so the model's
-    ``last_hidden_state`` is the *previous* layer's output: use it only where nothing reads
-    the cut layer's output (no ``hidden`` capture of it, no TinyBERT, no logit KD).
+    the layer's slot in ``encoder.layer`` holds a module that computes the projections and
+    returns its input, so the model's ``last_hidden_state`` is the *previous* layer's output: use
+    it only where nothing reads the cut layer's output (no ``hidden`` capture of it, no TinyBERT,
+    no logit KD).
 
-    Parameters and ``state_dict`` are untouched (only the instance's ``forward`` is
-    replaced), so a student saved while cut is complete. :meth:`remove` restores the layer.
+    Parameters and ``state_dict`` are untouched (the stand-in holds the layer's own submodules
+    under their names), so a student saved while cut is complete. :meth:`remove` puts the
+    layer back.
 
     Args:
         model: BERT/ERNIE model or a wrapper holding one.
@@ -256,23 +272,24 @@ class ProjectionsOnly:
             raise ToolkitError(f"ProjectionsOnly cuts the last encoder layer only (layer {n - 1}), got layer "
                                f"{layer % n}: the layers after it would receive the wrong input")
         block = layer_list[n - 1]
+        if isinstance(block, _ProjectionsLayer):
+            raise ToolkitError(f"encoder layer {n - 1} is already cut to its projections")
         for what in ("q", "k", "v"):
             QKVCapture._projection(block, what, n - 1)   # same error as the capture for non-BERT layers
         self.layer = n - 1
-        self._block: Optional[nn.Module] = block
-        block._projections_only_tuple = _layer_returns_tuple()
-        block.forward = BoundMethod(_projections_forward, block)
+        self._list: Optional[nn.ModuleList] = layer_list
+        self._block = block
+        layer_list[n - 1] = _ProjectionsLayer(block, _layer_returns_tuple())
 
     @property
     def active(self) -> bool:
-        return self._block is not None
+        return self._list is not None
 
     def remove(self) -> None:
-        """Restore the layer's full forward."""
-        if self._block is not None:
-            self._block.__dict__.pop("forward", None)
-            self._block.__dict__.pop("_projections_only_tuple", None)
-            self._block = None
+        """Put the full layer back."""
+        if self._list is not None:
+            self._list[self.layer] = self._block
+            self._list = None
 
     def __enter__(self) -> "ProjectionsOnly":
         return self
@@ -284,13 +301,14 @@ class ProjectionsOnly:
 class CheckpointLayers:
     """Recompute chosen encoder layers' activations in the backward instead of keeping them.
 
-    Each chosen layer's forward runs under ``torch.utils.checkpoint`` (non-reentrant, RNG
-    state preserved, so dropout masks are the same in the recompute): the forward keeps only
-    the layer's input, and the backward runs the layer again before differentiating it. At
+    Each chosen layer runs under ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved,
+    so dropout masks are the same in the recompute) while the model trains: the forward keeps
+    only the layer's input, and the backward runs the layer again before differentiating it. At
     long sequences most of a small student's training memory is these activations (the
     feed-forward's ``[B, L, 4H]`` tensors above all); the price is one more forward of the
-    checkpointed layers per step. Like :class:`ProjectionsOnly` this replaces the instance's
-    ``forward`` only (parameters and ``state_dict`` untouched); :meth:`remove` undoes it.
+    checkpointed layers per step. It uses transformers' own per-layer switch
+    (``GradientCheckpointingLayer``: ``gradient_checkpointing`` and the checkpoint function it
+    calls); parameters and ``state_dict`` are untouched, and :meth:`remove` undoes it.
 
     Args:
         model: BERT/ERNIE model or a wrapper holding one.
@@ -298,6 +316,8 @@ class CheckpointLayers:
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[int]):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
         layer_list = encoder_layers(model)
         n = len(layer_list)
         chosen: List[int] = []
@@ -307,25 +327,22 @@ class CheckpointLayers:
             if i % n not in chosen:
                 chosen.append(i % n)
         self.layers = sorted(chosen)
-        self._blocks: List[nn.Module] = []
-        for j in self.layers:
-            block = layer_list[j]
-            if "forward" in block.__dict__:
-                raise ToolkitError(f"encoder layer {j} already has a replaced forward (ProjectionsOnly?); "
-                                   f"checkpoint only the layers that run in full")
-            block.forward = BoundMethod(_checkpointed_forward, block)
-            self._blocks.append(block)
+        blocks = [layer_list[j] for j in self.layers]
+        for j, block in zip(self.layers, blocks):
+            if isinstance(block, _ProjectionsLayer):
+                raise ToolkitError(f"encoder layer {j} is cut to its projections (ProjectionsOnly); checkpoint only "
+                                   f"the layers that run in full")
+            if not isinstance(block, GradientCheckpointingLayer):
+                raise ToolkitError(f"encoder layer {j} ({type(block).__name__}) is not a transformers "
+                                   f"GradientCheckpointingLayer; activation checkpointing needs transformers >= 5")
+        fn = functools.partial(checkpoint, use_reentrant=False)
+        for block in blocks:
+            block.gradient_checkpointing = True
+            block._gradient_checkpointing_func = fn
+        self._blocks: List[nn.Module] = blocks
 
     def remove(self) -> None:
-        """Restore the layers' plain forwards."""
+        """Run the layers without checkpointing again."""
         for block in self._blocks:
-            block.__dict__.pop("forward", None)
+            block.gradient_checkpointing = False
         self._blocks = []
-
-
-def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """Forward of an encoder layer under activation checkpointing (bound by CheckpointLayers)."""
-    plain = type(self).forward.__get__(self, type(self))
-    if not torch.is_grad_enabled():
-        return plain(*args, **kwargs)
-    return checkpoint(plain, *args, use_reentrant=False, **kwargs)

@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from toolkit.errors import ConfigError
+from toolkit.utils.logging import get_logger
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
@@ -44,6 +45,26 @@ def resolve_ds_config(path: Union[str, Path, None], default: str = "auto") -> Pa
         return alt
     shipped = ", ".join(sorted(x.name for x in DS_CONFIG_DIR.glob("*.json"))) if DS_CONFIG_DIR.is_dir() else "none"
     raise ConfigError("ds_config", f"file not found: {path} (shipped configs in {DS_CONFIG_DIR}: {shipped})")
+
+
+def accelerate_cpu(model: torch.nn.Module, *, trained: bool, cpu_accel: str, what: str) -> Dict[str, Any]:
+    """The job's one call into the optional CPU package (:func:`toolkit.cpu.accelerate`) for
+    ``model`` (``what`` names it in the log). With ``cpu_accel: off`` the package is not imported
+    and nothing changes. Returns the package's record of what it switched, for the job's metrics."""
+    log = get_logger("toolkit.cpu")
+    if cpu_accel == "off":
+        return {"cpu_accel": "off"}
+    try:
+        from toolkit.cpu import accelerate
+    except ImportError as e:
+        log.warning("cpu_accel: %s: the CPU package cannot be imported (%s); running plain PyTorch", what, e)
+        return {"cpu_accel": cpu_accel, "applied": {}, "skipped": {"all": f"toolkit.cpu cannot be imported: {e}"}}
+    record = accelerate(model, trained=trained, cfg_value=cpu_accel)
+    applied = ", ".join(f"{k} ({v})" for k, v in record["applied"].items()) or "nothing"
+    skipped = "; ".join(f"{k}: {v}" for k, v in record["skipped"].items())
+    log.info("cpu_accel %s: %s: %s%s; host allocator %s", cpu_accel, what, applied,
+             f" (skipped: {skipped})" if skipped else "", record.get("allocator", "?"))
+    return record
 
 
 def write_json(path: Union[str, Path], obj: Any) -> None:

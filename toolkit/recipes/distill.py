@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from toolkit.config import arg, save_config
+from toolkit.config import arg, cpu_accel_arg, normalize_cpu_accel, save_config
 from toolkit.data.corpus import CorpusConfig
 from toolkit.data.loader import build_loader
 from toolkit.engine import Engine, OptimConfig, dist, prepare_frozen
@@ -30,15 +30,13 @@ from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.precision import teacher_dtype
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 from toolkit.errors import ConfigError, DataError
-from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.losses import LogitKDLoss, MiniLMv1Loss, MiniLMv2RelationLoss, TinyBERTLoss
 from toolkit.losses.relations import describe_relation_kl
 from toolkit.models.capture import (CheckpointLayers, ProjectionsOnly, QKVCapture, default_teacher_layer, resolve_layer,
                                     truncate_encoder)
-from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import (EncoderSpec, build_encoder, count_parameters, load_tokenizer, save_encoder,
                                     spec_from_model)
-from toolkit.recipes.common import mean_across_ranks, resolve_ds_config, write_json
+from toolkit.recipes.common import accelerate_cpu, mean_across_ranks, resolve_ds_config, write_json
 from toolkit.utils.logging import RunLogger, close_log_file, configure_logging, get_logger
 from toolkit.utils.meter import Throughput, memory_kind
 from toolkit.utils.progress import ProgressBar
@@ -67,9 +65,7 @@ class StudentConfig:
                                    "CPU); the relation loss reads Q/K/V, not attention probabilities")
     activation_checkpointing: bool = arg(False, "recompute each student layer's activations in the backward instead "
                                          "of keeping them: less memory at long sequences for one more forward of "
-                                         "those layers per step (figures: benchmarks/RESULTS.md)")
-    fast_dropout: bool = arg(True, "CPU: draw the student's dropout masks from 15-bit uniforms (2-3x cheaper than "
-                             "torch's Bernoulli; p is rounded to a multiple of 2^-15). No effect on GPUs")
+                                         "those layers per step")
     init_from: Optional[str] = arg(None, "init=teacher_layers: copy the layers from this encoder directory instead "
                                    "of the teacher (e.g. the pretrained model, so that students distilled from "
                                    "different teachers start from the same weights)")
@@ -130,8 +126,10 @@ class DistillConfig:
     max_nonfinite: int = arg(20, "stop with an error after this many consecutive non-finite losses")
     stop_after: int = arg(0, "testing aid: stop (with a checkpoint) after N steps, as a preemption would")
     mask_prob: float = arg(0.15, "logit_kd only: share of tokens masked for the MLM logits")
+    cpu_accel: str = cpu_accel_arg()
 
     def __post_init__(self) -> None:
+        self.cpu_accel = normalize_cpu_accel(self.cpu_accel)
         check_optimizer_impl(self.optimizer, "optimizer")
         if self.max_steps <= 0:
             raise ConfigError("max_steps", "must be > 0")
@@ -282,8 +280,6 @@ class DistillRecipe:
         cfg = self.cfg
         self._build_teacher()
         student = self._build_student()
-        if cfg.student.fast_dropout:
-            use_fast_dropout(student)
         if student.config.vocab_size != self.teacher.config.vocab_size:
             raise DataError(cfg.teacher, "teacher and student vocabularies differ")
         if len(self.tokenizer) > self.teacher.config.vocab_size:
@@ -338,6 +334,9 @@ class DistillRecipe:
             self.teacher.to(t_dtype)
             if getattr(self, "teacher_mlm", None) is not None:
                 self.teacher_mlm.to(t_dtype)
+        self.cpu_accel = {
+            "teacher": accelerate_cpu(self.teacher, trained=False, cpu_accel=cfg.cpu_accel, what="teacher"),
+            "student": accelerate_cpu(self.module, trained=True, cpu_accel=cfg.cpu_accel, what="student")}
         self.loader = build_loader(cfg.corpus, self.tokenizer, batch_size=eng.micro_batch_size, rank=eng.rank,
                                    world_size=eng.world_size)
         self.state: Dict[str, Any] = {"step": 0, "micro_step": 0, "tokens": 0, "samples": 0, "nonfinite_total": 0}
@@ -365,13 +364,6 @@ class DistillRecipe:
                  self.teacher_full_layers, self.teacher_layer, self.teacher.dtype if hasattr(self.teacher, "dtype")
                  else "", student.config.num_hidden_layers, student.config.hidden_size, self.student_params / 1e6,
                  rel_heads, eng.train_batch_size, cfg.corpus.seq_length, eng.compute_dtype)
-        if self.device.type == "cpu":
-            from toolkit.kernels.cpu_attention import attention_note
-            from toolkit.models.onednn import count_onednn_linears, gemm_note
-
-            log.info("distill: teacher linears on %s, attention on %s; student linears on %s, attention on %s",
-                     gemm_note(count_onednn_linears(self.teacher)), attention_note(self.teacher),
-                     gemm_note(eng.onednn_linears, trained=True, model=student), attention_note(student))
         if "minilmv2" in weights:
             log.info("distill: relation KL %s", describe_relation_kl(cfg.loss.impl, self.device, eng.micro_batch_size,
                                                                       rel_heads, cfg.corpus.seq_length,
@@ -522,7 +514,7 @@ class DistillRecipe:
             "steps": self.state["step"], "tokens": self.state["tokens"], "samples": self.state["samples"],
             "final_losses": last, "nonfinite_losses": self.state["nonfinite_total"],
             "throughput": {**throughput, "memory_kind": memory_kind(eng.device)},
-            "host_allocator": allocator_in_use(), "train_time_s": elapsed,
+            "cpu_accel": self.cpu_accel, "train_time_s": elapsed,
             "corpus_stats": self.loader.stats,  # this rank's stream: documents, skips, truncations
         }
         if eng.is_main:

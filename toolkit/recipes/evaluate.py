@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from toolkit.config import arg, save_config
+from toolkit.config import arg, cpu_accel_arg, normalize_cpu_accel, save_config
 from toolkit.engine import dist
 from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl
 from toolkit.errors import ConfigError
@@ -46,8 +46,10 @@ class EvalConfig:
     eval_batch_size: int = arg(64, "prediction batch size")
     save_models: bool = arg(False, "keep each run's fine-tuned model (large); the best run's results are always kept")
     write_submissions: bool = arg(True, "write leaderboard submission files for test splits that exist")
+    cpu_accel: str = cpu_accel_arg()
 
     def __post_init__(self) -> None:
+        self.cpu_accel = normalize_cpu_accel(self.cpu_accel)
         check_optimizer_impl(self.optimizer, "optimizer")
         if not self.tasks:
             raise ConfigError("tasks", "give at least one task (e.g. --tasks glue)")
@@ -86,7 +88,7 @@ class EvalRecipe:
                         weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, train_limit=cfg.train_limit,
                         eval_each_epoch=cfg.eval_each_epoch,
                         eval_batch_size=cfg.eval_batch_size, save_model=cfg.save_models,
-                        write_submissions=cfg.write_submissions)
+                        write_submissions=cfg.write_submissions, cpu_accel=cfg.cpu_accel)
                     log.info("eval: %s lr=%g seed=%d", task.name, lr, seed)
                     res = FinetuneRecipe(fcfg).run()
                     res["run_dir"] = str(run_dir)

@@ -15,15 +15,13 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from toolkit.config import arg, save_config
+from toolkit.config import arg, cpu_accel_arg, normalize_cpu_accel, save_config
 from toolkit.engine import Engine, OptimConfig, dist
 from toolkit.engine.engine import OPTIMIZER_HELP, check_optimizer_impl
 from toolkit.errors import ConfigError, DataError
-from toolkit.launch.allocator import in_use as allocator_in_use
-from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
-from toolkit.recipes.common import (batch_size_of, count_tokens, forward_kwargs, resolve_ds_config,
+from toolkit.recipes.common import (accelerate_cpu, batch_size_of, count_tokens, forward_kwargs, resolve_ds_config,
                                     to_device, write_json)
 from toolkit.recipes.predict import predict, score_split
 from toolkit.tasks import get_task
@@ -62,14 +60,14 @@ class FinetuneConfig:
                                 "false = only after the last step")
     train_limit: int = arg(0, "use only the first N training examples after a seeded shuffle (low-resource); 0 = all")
     dropout: float = arg(0.1, "dropout of a newly created task head")
-    fast_dropout: bool = arg(True, "CPU: draw dropout masks from 15-bit uniforms (2-3x cheaper than torch's "
-                             "Bernoulli; p rounded to a multiple of 2^-15). No effect on GPUs")
     seed: int = arg(42, "random seed (data order, head init, dropout)")
     log_every: int = arg(20, "log training loss and throughput every N optimizer steps")
     save_model: bool = arg(True, "save the best model (by the task's main dev metric) to output_dir/model")
     write_submissions: bool = arg(True, "write leaderboard submission files for test splits that exist")
+    cpu_accel: str = cpu_accel_arg()
 
     def __post_init__(self) -> None:
+        self.cpu_accel = normalize_cpu_accel(self.cpu_accel)
         check_optimizer_impl(self.optimizer, "optimizer")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("epochs", "set epochs > 0 or max_steps > 0")
@@ -112,8 +110,6 @@ class FinetuneRecipe:
         if self.task.name not in model.heads:
             model.add_head(self.task.name, self.task.task_type, self.task.num_labels,
                            labels=self.task.labels, dropout=cfg.dropout)
-        if cfg.fast_dropout:
-            use_fast_dropout(model)
         self.tokenizer = tokenizer
         enc_kw = dict(max_seq_length=cfg.max_seq_length, doc_stride=cfg.doc_stride,
                       max_query_length=cfg.max_query_length)
@@ -136,6 +132,7 @@ class FinetuneRecipe:
                             decay=cfg.decay, impl=cfg.optimizer)
         self.engine = Engine(model, ds, optim, total_steps=self.total_steps)
         self.model = self.engine.module
+        self.cpu_accel = accelerate_cpu(self.model, trained=True, cpu_accel=cfg.cpu_accel, what="task model")
         self.steps_per_epoch = steps_per_epoch
         self.logger = RunLogger(self.out, is_main=self.engine.is_main)
         if self.engine.is_main:
@@ -250,8 +247,8 @@ class FinetuneRecipe:
             "history": history,
             "throughput": {"train_samples_per_s": summary.get("samples_per_s"),
                            "train_tokens_per_s": summary.get("tokens_per_s"),
-                           "peak_mem_mb": summary.get("peak_mem_mb"), "memory_kind": memory_kind(eng.device),
-                           "host_allocator": allocator_in_use()},
+                           "peak_mem_mb": summary.get("peak_mem_mb"), "memory_kind": memory_kind(eng.device)},
+            "cpu_accel": self.cpu_accel,
             "train_time_s": time.time() - t0,
         }
         if best.get("metrics") is not None:

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from toolkit.kernels import cpu_linear, cpu_wgrad
-from toolkit.utils.bind import BoundMethod
-from toolkit.utils.env import switched_off
+from toolkit.cpu import gemm as cpu_linear
+from toolkit.cpu import wgrad as cpu_wgrad
+from toolkit.cpu.bind import BoundMethod
 
 _CHECK: dict = {}
 
@@ -127,9 +127,6 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 def onednn_unavailable_reason() -> Optional[str]:
     """None when :func:`use_onednn_linears` would switch layers here, else why not."""
-    env_off = switched_off("TOOLKIT_ONEDNN_LINEAR")
-    if env_off:
-        return f"turned off by {env_off}"
     if "reason" not in _CHECK:
         _CHECK["reason"] = _check()
     return _CHECK["reason"]
@@ -292,7 +289,7 @@ def recompute_feed_forward_gelu(model: nn.Module) -> int:
     cost the step's A/B does not resolve: ``bench_row_kernel_ab.py --switch ffn-recompute``,
     benchmarks/RESULTS.md run U). Needs the compiled GEMM kernel (for its
     GELU); ``TOOLKIT_FFN_RECOMPUTE=0`` keeps the layers' own methods. Returns how many layers."""
-    if switched_off("TOOLKIT_FFN_RECOMPUTE") or cpu_linear.load() is None:
+    if cpu_linear.load() is None:
         return 0
     n = 0
     for module in model.modules():

@@ -1,21 +1,21 @@
-"""A compiled CPU relation KL, forward and the student's gradient in one pass (optional, with
-fallback to the chunked path's blocks).
+"""The relation KL as one compiled CPU kernel, registered as ``cpu_fused`` in the relation-KL
+registry (:mod:`toolkit.losses.relation_kl`).
 
-The chunked path (:mod:`toolkit.kernels.relation_kl_chunked`) on CPUs runs, per block of query
-rows, two logits ``bmm`` (inner dimension: the relation head size, 32 for MiniLM shapes, where
-a general GEMM runs at half the matmul peak), the compiled row kernel and one or two gradient
-``bmm``, after copying and scaling every input into ``[B, R, L, d]``. ``csrc/relation_kl_fused.c``
-does it all per (sample, relation head) with the shared register-blocked micro-kernel
+The chunked PyTorch path runs, per block of query rows, two logits ``bmm`` (inner dimension:
+the relation head size, 32 for MiniLM shapes, where a general GEMM is far from the matmul
+peak), about ten elementwise passes over ``[b, R, rows, L]`` and one or two gradient ``bmm``,
+after copying and scaling every input into ``[B, R, L, d]``. ``csrc/relation_kl_fused.c`` does
+it all per (sample, relation head) with the shared register-blocked micro-kernel
 (``csrc/microkernel.h``), reading the ``[B, L, R * d]`` projections in place: both logit rows
-of 8 query rows, the row math of the row kernel on the 8 x L block in L1, then the query-side
-gradient of those rows and rank-8 updates of the key-side gradient. Nothing of size L x L
-exists; per thread the memory is O(L * d) (docs/KERNELS.md has the figures).
+of 8 query rows, the row math (``csrc/relation_row.h``) on the 8 x L block in L1, then the
+query-side gradient of those rows and rank-8 updates of the key-side gradient. Nothing of size
+L x L exists; per thread the memory is O(L * d).
 
-It computes what the chunked path computes (per-row KL, ``dKL/dsq``, ``dKL/dsk``) for fp32
-inputs on CPUs. Built, checked (against the float64 reference with padding, head sizes that
-differ between teacher and student and are not multiples of 32, the query/key form) and loaded
-like the other kernels (:mod:`toolkit.kernels.compiled`); anything that goes wrong is one
-warning and the chunked blocks run. ``TOOLKIT_CPU_RELATION=0`` turns it off.
+It computes what the chunked path computes (the mean row KL, and in the same pass the
+student's gradient, which the backward only scales) for fp32 CPU inputs. Built and checked
+(against the float64 reference with padding, head sizes that differ between teacher and student
+and are not multiples of 32) on first use (:mod:`toolkit.cpu.compiled`); where it cannot run,
+``auto`` keeps the chunked path.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from toolkit.kernels.compiled import CompiledKernel, max_rel_error
+from toolkit.cpu.compiled import CompiledKernel, max_rel_error
+from toolkit.losses.relation_kl import register_relation_kl, validate_relation_inputs
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "relation_kl_fused.c"
 ABI_VERSION = 1
@@ -123,9 +124,67 @@ def _self_check(kernel: RelationKernel) -> None:
                                    f"teacher {ht}, student {hs}, {heads} heads, {threads or torch.get_num_threads()} threads)")
 
 
-_KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "relf", "TOOLKIT_CPU_RELATION", _bind, RelationKernel, _self_check,
-                         what="the compiled CPU relation KL", fallback="the chunked path's blocks run instead")
+_KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "relf", _bind, RelationKernel, _self_check,
+                         what="the compiled CPU relation KL", fallback="the chunked path runs instead")
 
 # load() builds and checks the kernel on first use (None where it cannot run), unavailable_reason()
 # says why, disabled() turns it off in a block (tests, comparisons), reset() forgets it.
 load, unavailable_reason, disabled, reset = _KERNEL.entry_points()
+
+
+#: The name the kernel has in the relation-KL registry.
+NAME = "cpu_fused"
+
+
+class _FusedRelationKL(torch.autograd.Function):
+    """The kernel's forward, which also computes the student's gradient; the backward scales it."""
+
+    @staticmethod
+    def forward(ctx, t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, heads: int,  # noqa: ANN001
+                want_q: bool, want_k: bool) -> Tensor:
+        valid = mask.to(torch.bool)
+        key_valid = None if bool(valid.all()) else valid.to(torch.uint8)
+        row_kl, d_q, d_k = load().forward(t_q, t_k, s_q, s_k, key_valid, heads, want_q, want_k)
+        n_rows = valid.sum().clamp_min(1).to(torch.float32) * heads
+        grad_q = None if d_q is None else d_q.div_(n_rows)     # one tensor on both sides: summed in d_q
+        grad_k = None if d_k is None else d_k.div_(n_rows)
+        ctx.save_for_backward(*(x for x in (grad_q, grad_k) if x is not None))
+        ctx.have = (grad_q is not None, grad_k is not None)
+        return row_kl.sum() / n_rows
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:  # noqa: ANN001
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_out if has else None for has in ctx.have]
+        return (None, None, grads[0], grads[1]) + (None,) * 4
+
+
+def relation_kl_fused(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, num_relation_heads: int,
+                      chunk_size: Optional[int] = None) -> Tensor:
+    """The relation KL (contract of :func:`toolkit.losses.relation_kl.chunked.relation_kl_qk`) on
+    the compiled kernel; fp32 CPU tensors only (``chunk_size`` is ignored)."""
+    validate_relation_inputs(t_q, t_k, s_q, s_k, mask, num_relation_heads, who="relation KL (cpu_fused)")
+    if not supports(t_q, t_k, s_q, s_k):
+        raise ValueError("relation KL (cpu_fused): needs fp32 CPU tensors and the compiled kernel "
+                         f"({unavailable_reason() or 'not fp32 CPU tensors'})")
+    t_q_d = t_q.detach()
+    t_k_d = t_q_d if t_k is t_q else t_k.detach()
+    grad_on = torch.is_grad_enabled()
+    return _FusedRelationKL.apply(t_q_d, t_k_d, s_q, s_k, mask.detach(), num_relation_heads,
+                                  grad_on and s_q.requires_grad, grad_on and s_k.requires_grad)
+
+
+def supports(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor) -> bool:
+    """fp32 CPU tensors, and a kernel that builds here."""
+    return (all(x.device.type == "cpu" and x.dtype == torch.float32 for x in (t_q, t_k, s_q, s_k))
+            and load() is not None)
+
+
+def register() -> bool:
+    """Add the kernel to the relation-KL registry when it builds here; whether it did."""
+    if load() is None:
+        return False
+    register_relation_kl(NAME, relation_kl_fused, supports=supports, priority=10,
+                         describe=lambda *_: f"{NAME} (the compiled CPU kernel, 8 query rows at a time per sample "
+                                             f"and relation head)")
+    return True

@@ -1,7 +1,7 @@
 """Fused Triton relation KL (MiniLMv2) with a recomputing backward, flash-attention style.
 
-Same contract as :func:`toolkit.kernels.relation_kl_chunked.relation_kl_qk` (the dispatcher in
-:mod:`toolkit.losses.relations` calls :func:`relation_kl_qk` here for CUDA tensors): for each
+Same contract as :func:`toolkit.losses.relation_kl.chunked.relation_kl_qk` (registered as
+``triton`` in :mod:`toolkit.losses.relation_kl`, which calls it for CUDA tensors): for each
 relation head ``r`` the teacher row ``i`` is ``p_t = softmax_j(tq_i . tk_j / sqrt(dt))`` over
 real keys ``j``, the student row ``p_s`` likewise with ``sqrt(ds)``, and the loss is
 ``KL(p_t || p_s)`` averaged over the real query rows of the batch and the ``R`` heads.
@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.kernels.relation_kl_chunked import validate_relation_inputs
-from toolkit.kernels.relation_kl_chunked import relation_kl_qk as _chunked_relation_kl_qk
+from toolkit.losses.relation_kl.chunked import relation_kl_qk as _chunked_relation_kl_qk
+from toolkit.losses.relation_kl.chunked import validate_relation_inputs
 
 try:  # Triton is an optional GPU dependency; the module must import without it.
     import triton
@@ -438,7 +438,7 @@ def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Ten
                    block_m: Optional[int] = None, block_n: Optional[int] = None) -> Tensor:
     """Fused KL(teacher || student) of ``softmax(x_q x_k^T / sqrt(d))`` relations.
 
-    Drop-in for :func:`toolkit.kernels.relation_kl_chunked.relation_kl_qk` on CUDA tensors
+    Drop-in for :func:`toolkit.losses.relation_kl.chunked.relation_kl_qk` on CUDA tensors
     (or any tensors with ``TRITON_INTERPRET=1``); without Triton, or for CPU tensors outside
     the interpreter, it falls back to that chunked path with a warning.
 

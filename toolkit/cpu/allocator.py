@@ -1,21 +1,13 @@
 """Host memory allocator for CPU jobs: tcmalloc or jemalloc instead of glibc malloc.
 
-Why: glibc returns freed memory above its (dynamic) mmap/trim thresholds to the kernel, so a
-training step that allocates and frees the same large activations every step page-faults
-them back in every step. On the distillation benchmark (2 cores, seq 128, batch 32) that is
-~28,000 minor faults and 134 ms of kernel time per step, against ~800 and 22 ms on tcmalloc,
-which also fragments less, so peak RSS drops as well (``benchmarks/RESULTS.md``, "Page faults"). A library can only be chosen before
-the process starts, so the job entry points re-execute themselves once with ``LD_PRELOAD``.
-
-Chosen by the environment variable ``TOOLKIT_CPU_ALLOCATOR`` (read by every rank, so it works
-under ``deepspeed``, ``torchrun``, ``srun`` and ``toolkit ...`` alike):
-
-- ``auto`` (default): tcmalloc, else jemalloc, when the library is installed and the host has no
-  GPU (on GPU hosts tensors live in the CUDA caching allocator; opt in explicitly there);
-  otherwise the system allocator, silently.
-- ``system``: never preload.
-- ``tcmalloc`` / ``jemalloc``: preload it on any host; an error if it is not installed.
-- a path to a shared library: preload exactly that file.
+glibc returns freed memory above its (dynamic) mmap/trim thresholds to the kernel, so a training
+step that allocates and frees the same large activations every step page-faults them back in
+every step; tcmalloc and jemalloc keep them. A library can only be chosen before the process
+starts, so with ``cpu_accel: auto`` the job entry points re-execute themselves once with
+``LD_PRELOAD`` (every rank does, so it works under ``deepspeed``, ``torchrun``, ``srun`` and
+``toolkit ...`` alike): tcmalloc, else jemalloc, when one is installed and the host has no GPU
+(on GPU hosts tensors live in the CUDA caching allocator). Otherwise, and with ``cpu_accel: off``,
+the system allocator runs. A library the user preloads is kept.
 
 Nothing here imports torch: it runs before the heavy imports.
 """
@@ -26,21 +18,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from toolkit.errors import ToolkitError
-
-ENV_CHOICE = "TOOLKIT_CPU_ALLOCATOR"
 #: Set in the re-executed process: the library it preloaded (stops a second re-exec).
 ENV_ACTIVE = "TOOLKIT_CPU_ALLOCATOR_ACTIVE"
-CHOICES = ("auto", "system", "tcmalloc", "jemalloc")
 _LIBS = {
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
-}
-_INSTALL_HINT = {
-    "tcmalloc": "apt-get install libtcmalloc-minimal4 (Debian/Ubuntu), dnf install gperftools-libs, "
-                "or conda install -c conda-forge gperftools",
-    "jemalloc": "apt-get install libjemalloc2 (Debian/Ubuntu), dnf install jemalloc, "
-                "or conda install -c conda-forge jemalloc",
 }
 _GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd")
 
@@ -79,41 +61,17 @@ def has_gpu() -> bool:
     return any(os.path.exists(p) for p in _GPU_DEVICE_NODES)
 
 
-def resolve(choice: Optional[str], dirs: Optional[Sequence[Path]] = None,
-            gpu_host: Optional[bool] = None) -> Optional[Path]:
-    """The library to preload for ``choice`` (see the module docstring), or None for the system one.
-
-    Raises:
-        ToolkitError: an unknown choice, a named allocator that is not installed, or a path that
-            is not a file. The message names ``TOOLKIT_CPU_ALLOCATOR`` and how to fix it.
-    """
-    choice = (choice or "auto").strip()
+def resolve(dirs: Optional[Sequence[Path]] = None, gpu_host: Optional[bool] = None) -> Optional[Path]:
+    """The library to preload: tcmalloc, else jemalloc, on a host without a GPU; None for the
+    system allocator (a GPU host, or neither installed)."""
+    if has_gpu() if gpu_host is None else gpu_host:
+        return None
     dirs = search_dirs() if dirs is None else dirs
-    if choice == "system":
-        return None
-    if choice == "auto":
-        if has_gpu() if gpu_host is None else gpu_host:
-            return None
-        for name in ("tcmalloc", "jemalloc"):
-            lib = find_library(name, dirs)
-            if lib is not None:
-                return lib
-        return None
-    if choice in _LIBS:
-        lib = find_library(choice, dirs)
-        if lib is None:
-            raise ToolkitError(f"{ENV_CHOICE}={choice}: it was asked for but none of {', '.join(_LIBS[choice])} is in "
-                              f"{', '.join(str(d) for d in dirs)}; install it ({_INSTALL_HINT[choice]}) or set "
-                              f"{ENV_CHOICE}=system")
-        return lib
-    if "/" in choice or choice.endswith(".so") or ".so." in choice:
-        p = Path(choice).expanduser()
-        if not p.is_file():
-            raise ToolkitError(f"{ENV_CHOICE}={choice}: not a file; give the path of a malloc shared library "
-                              f"or one of {', '.join(CHOICES)}")
-        return p.resolve()
-    raise ToolkitError(f"{ENV_CHOICE}={choice}: unknown value; use one of {', '.join(CHOICES)} or the path of a "
-                      "malloc shared library")
+    for name in _LIBS:
+        lib = find_library(name, dirs)
+        if lib is not None:
+            return lib
+    return None
 
 
 def preload_env(lib: Path, env: Mapping[str, str]) -> Dict[str, str]:
@@ -142,27 +100,28 @@ def in_use() -> str:
         maps = Path("/proc/self/maps").read_text(errors="replace")
     except OSError:
         maps = os.environ.get("LD_PRELOAD", "")
-    for name in ("tcmalloc", "jemalloc"):
+    for name in _LIBS:
         if f"lib{name}" in maps:
             return name
     return "system"
 
 
 def reexec_with_allocator(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None) -> None:
-    """Re-execute this process once with the chosen allocator preloaded; return if nothing to do.
+    """Re-execute this process once with the allocator of :func:`resolve` preloaded; return if
+    nothing is to do.
 
     Call it first thing in an entry point, before torch is imported. It returns (does not
-    exec) when the choice resolves to the system allocator, when this process already is the
-    re-executed one, or when an allocator is already preloaded by the user.
+    exec) when no library is to be preloaded, when this process already is the re-executed one,
+    or when an allocator is already preloaded by the user.
 
     Args:
         argv: the full command line to re-run (default: ``sys.orig_argv`` with this interpreter).
         env: the environment to start from (default: ``os.environ``).
     """
     env = dict(os.environ if env is None else env)
-    if env.get(ENV_ACTIVE) or any(k in env.get("LD_PRELOAD", "") for k in ("tcmalloc", "jemalloc")):
+    if env.get(ENV_ACTIVE) or any(k in env.get("LD_PRELOAD", "") for k in _LIBS):
         return
-    lib = resolve(env.get(ENV_CHOICE))
+    lib = resolve(search_dirs(env))
     if lib is None:
         return
     if argv is None:

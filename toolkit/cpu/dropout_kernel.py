@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from toolkit.kernels.compiled import CompiledKernel
+from toolkit.cpu.compiled import CompiledKernel
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dropout.c"
 ABI_VERSION = 2
@@ -113,7 +113,7 @@ def _self_check(kernel: DropoutKernel) -> None:
         raise RuntimeError(f"{kernel.path}: the masked scale differs from torch's x * keep * scale")
 
 
-_KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "drop", "TOOLKIT_CPU_DROPOUT", _bind, DropoutKernel, _self_check,
+_KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "drop", _bind, DropoutKernel, _self_check,
                          "dropout: the compiled CPU mask generator and masked scale",
                          "torch's random_() makes the masks and ATen applies them instead")
 

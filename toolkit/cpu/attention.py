@@ -28,13 +28,13 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from toolkit.kernels.compiled import CompiledKernel
+from toolkit.cpu.compiled import CompiledKernel
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "attention.c"
 ABI_VERSION = 2
@@ -168,7 +168,7 @@ def _self_check(kernel: AttentionKernel) -> None:
                 raise RuntimeError(f"{kernel.path}: {what} differs from float64 attention by {err:.2e}")
 
 
-_KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "attn", "TOOLKIT_CPU_ATTENTION", _bind, AttentionKernel, _self_check,
+_KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "attn", _bind, AttentionKernel, _self_check,
                          "attention: the compiled CPU attention kernel", "torch's sdpa runs instead")
 
 
@@ -271,10 +271,33 @@ def _configs(model: nn.Module) -> Iterator[Any]:
             yield cfg
 
 
-def use_cpu_attention(model: nn.Module) -> int:
-    """Switch a CPU fp32 model's sdpa attention to the kernel's; returns how many configs changed.
+def _top_models(model: nn.Module) -> List[Any]:
+    """The transformers models in ``model`` that no other one contains (``set_attn_implementation``
+    of each covers its submodels)."""
+    from transformers import PreTrainedModel
 
-    Only configs on ``"sdpa"`` change (a model on eager or flash attention stays as it is). Does
+    tops: List[Any] = []
+    covered: set = set()
+    for module in model.modules():      # a parent comes before its children
+        if id(module) not in covered and isinstance(module, PreTrainedModel):
+            tops.append(module)
+            covered.update(id(m) for m in module.modules())
+    return tops
+
+
+def _switch(model: nn.Module, src: str, dst: str) -> int:
+    n = 0
+    for top in _top_models(model):
+        if top.config._attn_implementation == src:
+            top.set_attn_implementation(dst)
+            n += 1
+    return n
+
+
+def use_cpu_attention(model: nn.Module) -> int:
+    """Switch a CPU fp32 model's sdpa attention to the kernel's; returns how many models changed.
+
+    Only models on ``"sdpa"`` change (a model on eager or flash attention stays as it is). Does
     nothing when the kernel cannot run here, or when the model lives off the CPU or is not fp32.
     """
     params = list(model.parameters())
@@ -283,12 +306,7 @@ def use_cpu_attention(model: nn.Module) -> int:
     if load() is None:
         return 0
     register()
-    n = 0
-    for cfg in _configs(model):
-        if cfg._attn_implementation == "sdpa":
-            cfg._attn_implementation = ATTN_NAME
-            n += 1
-    return n
+    return _switch(model, "sdpa", ATTN_NAME)
 
 
 def uses_cpu_attention(model: nn.Module) -> bool:
@@ -297,26 +315,5 @@ def uses_cpu_attention(model: nn.Module) -> bool:
 
 
 def restore_attention(model: nn.Module) -> int:
-    """Undo :func:`use_cpu_attention` (sdpa again); returns how many configs changed."""
-    n = 0
-    for cfg in _configs(model):
-        if cfg._attn_implementation == ATTN_NAME:
-            cfg._attn_implementation = "sdpa"
-            n += 1
-    return n
-
-
-def attention_note(model: nn.Module) -> str:
-    """What runs ``model``'s attention, for the job log: ``"the CPU kernel"``, else the
-    implementation and why not the kernel."""
-    if uses_cpu_attention(model):
-        return "the CPU kernel"
-    impls = sorted({str(cfg._attn_implementation) for cfg in _configs(model)}) or ["unknown"]
-    params = list(model.parameters())
-    if params and any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
-        why = "not fp32 on the CPU"
-    elif impls != ["sdpa"]:
-        why = "the kernel replaces sdpa only"
-    else:
-        why = unavailable_reason() or "not switched"
-    return f"{'/'.join(impls)} ({why})"
+    """Undo :func:`use_cpu_attention` (sdpa again); returns how many models changed."""
+    return _switch(model, ATTN_NAME, "sdpa")

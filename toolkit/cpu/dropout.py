@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toolkit.kernels import cpu_dropout
+from toolkit.cpu import dropout_kernel as cpu_dropout
 
 _BITS = 15
 _LEVELS = 1 << _BITS
@@ -119,5 +119,16 @@ def use_fast_dropout(model: nn.Module) -> int:
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Dropout:
                 setattr(module, child_name, FastDropout(child.p, inplace=child.inplace))
+                swapped += 1
+    return swapped
+
+
+def restore_dropout(model: nn.Module) -> int:
+    """Undo :func:`use_fast_dropout` (``nn.Dropout`` again, same ``p``); returns how many modules."""
+    swapped = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is FastDropout:
+                setattr(module, child_name, nn.Dropout(child.p, inplace=child.inplace))
                 swapped += 1
     return swapped

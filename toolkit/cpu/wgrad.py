@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from toolkit.kernels.compiled import CompiledKernel, max_rel_error
+from toolkit.cpu.compiled import CompiledKernel, max_rel_error
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "wgrad.c"
 ABI_VERSION = 1
@@ -106,7 +106,7 @@ def _self_check(kernel: WgradKernel) -> None:
                                f"(tokens {tokens}, out {m}, in {n}, {threads or torch.get_num_threads()} threads)")
 
 
-_KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "wg", "TOOLKIT_CPU_WGRAD", _bind, WgradKernel, _self_check,
+_KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "wg", _bind, WgradKernel, _self_check,
                          what="the compiled CPU weight-gradient kernel", fallback="torch's mm runs instead")
 
 # load() builds and checks the kernel on first use (None where it cannot run), unavailable_reason()

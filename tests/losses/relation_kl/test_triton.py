@@ -3,7 +3,7 @@
 CPU runs use Triton's interpreter. Triton decides interpreted-vs-compiled when its own
 ``tl.*`` helpers are decorated, i.e. at the first ``import triton``; so TRITON_INTERPRET is
 set here before anything imports triton, and only on machines without CUDA (it switches the
-whole process). With CUDA, run these with ``TRITON_INTERPRET=1 pytest tests/kernels/...``;
+whole process). With CUDA, run these with ``TRITON_INTERPRET=1 pytest tests/losses/relation_kl/...``;
 the ``gpu`` test always runs the compiled kernel in a child process without the variable.
 """
 from __future__ import annotations
@@ -24,10 +24,10 @@ if _TRITON_FOUND and "triton" not in sys.modules and not torch.cuda.is_available
 import pytest  # noqa: E402
 
 from toolkit.errors import ConfigError, ToolkitError  # noqa: E402
-from toolkit.kernels.relation_kl_chunked import relation_kl as chunked_relation_kl  # noqa: E402
-from toolkit.kernels.relation_kl_chunked import relation_kl_qk as chunked_relation_kl_qk  # noqa: E402
+from toolkit.losses.relation_kl.chunked import relation_kl as chunked_relation_kl  # noqa: E402
+from toolkit.losses.relation_kl.chunked import relation_kl_qk as chunked_relation_kl_qk  # noqa: E402
 from toolkit.losses.reference import relation_kl_reference  # noqa: E402
-from toolkit.losses.relations import relation_kl_naive  # noqa: E402
+from toolkit.losses.relation_kl import relation_kl_naive  # noqa: E402
 
 
 def _interpreter_ready() -> str:
@@ -36,7 +36,7 @@ def _interpreter_ready() -> str:
         return "triton is not installed (pip install -c constraints.txt triton)"
     if os.environ.get("TRITON_INTERPRET") != "1":
         return ("TRITON_INTERPRET is not 1 (CUDA present or set otherwise); run "
-                "TRITON_INTERPRET=1 pytest tests/kernels/test_relation_kl_triton.py")
+                "TRITON_INTERPRET=1 pytest tests/losses/relation_kl/test_triton.py")
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -66,7 +66,7 @@ def _interpreter_loop_probe() -> str:
     except Exception as exc:  # noqa: BLE001 - any interpreter failure means these tests cannot run here
         return (f"Triton {triton.__version__}'s interpreter cannot run a loop bounded by a kernel argument "
                 f"with numpy {np.__version__} ({type(exc).__name__}); use a newer triton (3.9 works), or "
-                f"run the compiled kernel's tests on a GPU: pytest -m gpu tests/kernels")
+                f"run the compiled kernel's tests on a GPU: pytest -m gpu tests/losses/relation_kl")
     return "" if int(out) == 3 else f"Triton's interpreter counted {int(out)} of 3 loop trips"
 
 
@@ -79,7 +79,7 @@ B16 = dict(block_m=16, block_n=16)
 @pytest.fixture(scope="module")
 def rk():
     """The kernel module, imported after TRITON_INTERPRET=1 so its kernels are interpreted."""
-    import toolkit.kernels.relation_kl_triton as mod
+    import toolkit.losses.relation_kl.triton as mod
 
     return mod
 
@@ -272,7 +272,7 @@ def test_bad_inputs_raise_toolkit_errors(rk):
 
 def test_auto_falls_back_to_chunked_once_when_the_kernel_fails(monkeypatch):
     # A kernel that cannot compile or launch on some GPU/driver must not kill a long job on "auto".
-    from toolkit.losses import relations
+    from toolkit.losses import relation_kl as registry
 
     calls = []
 
@@ -280,22 +280,23 @@ def test_auto_falls_back_to_chunked_once_when_the_kernel_fails(monkeypatch):
         calls.append(1)
         raise RuntimeError("ptxas fatal: unsupported architecture")
 
-    # CPU tensors stand in for a GPU's: only the "has it failed before" part of the choice stays real.
-    monkeypatch.setattr(relations, "_runs_triton",
-                        lambda impl, device_type: impl == "triton" or not relations._TRITON_FAILED)
-    monkeypatch.setattr(relations, "_relation_kl_triton", broken)
-    monkeypatch.setattr(relations, "_TRITON_FAILED", {})
+    # CPU tensors stand in for a GPU's: a copy of the registry where "triton" takes them and breaks.
+    monkeypatch.setattr(registry, "_IMPLS", dict(registry._IMPLS))
+    monkeypatch.setattr(registry, "_FAILED", {})
+    registry.register_relation_kl("triton", broken, priority=20)
     t, s = _inputs(l=9)
     mask = _ragged_mask([9, 4], 9)
-    with pytest.warns(RuntimeWarning, match="ptxas fatal.*chunked torch path"):
-        got = relations.RELATION_KL_IMPLS["auto"](t, t, s, s, mask, 4)
+    with pytest.warns(RuntimeWarning, match="triton failed on this machine.*ptxas fatal"):
+        got = registry.compute_relation_kl("auto", t, t, s, s, mask, 4)
     torch.testing.assert_close(got, chunked_relation_kl(t, s, mask, 4))
-    relations.RELATION_KL_IMPLS["auto"](t, t, s, s, mask, 4)
+    registry.compute_relation_kl("auto", t, t, s, s, mask, 4)
     assert calls == [1]   # not retried on every step
+    assert "ptxas fatal" in registry.failed_implementations()["triton"]
+    with pytest.raises(RuntimeError, match="ptxas"):   # named explicitly, the failure is an error
+        registry.compute_relation_kl("triton", t, t, s, s, mask, 4)
+    registry.register_relation_kl("triton", lambda *a, **k: chunked_relation_kl_qk(*a, **k), priority=20)
     with pytest.raises(ConfigError, match="num_relation_heads"):   # bad input is still an error
-        monkeypatch.setattr(relations, "_TRITON_FAILED", {})
-        monkeypatch.setattr(relations, "_relation_kl_triton", lambda *a, **k: chunked_relation_kl_qk(*a, **k))
-        relations.RELATION_KL_IMPLS["auto"](t, t, s, s, mask, 5)
+        registry.compute_relation_kl("auto", t, t, s, s, mask, 5)
 
 
 @interpreted
@@ -310,8 +311,8 @@ def test_cpu_tensors_without_interpreter_fall_back_to_chunked(rk, monkeypatch):
 
 _GPU_SCRIPT = textwrap.dedent("""
     import torch
-    from toolkit.kernels import relation_kl_triton as rk
-    from toolkit.kernels.relation_kl_chunked import relation_kl as chunked
+    from toolkit.losses.relation_kl import triton as rk
+    from toolkit.losses.relation_kl.chunked import relation_kl as chunked
     from toolkit.losses.reference import relation_kl_reference
     from toolkit.losses.relations import MiniLMv2RelationLoss
     from triton.runtime.jit import JITFunction
@@ -372,5 +373,5 @@ def test_compiled_kernel_on_cuda_matches_reference():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # A child process: this one may already have triton in interpreter mode.
     proc = subprocess.run([sys.executable, "-c", _GPU_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=Path(__file__).resolve().parents[2])
+                          timeout=900, cwd=Path(__file__).resolve().parents[3])
     assert proc.returncode == 0 and "GPU-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -24,11 +24,8 @@ key side, the gradient is accumulated into both. The teacher never receives a gr
 Statistics are always computed in fp32 (float64 stays float64): bf16/fp16 inputs are upcast
 once, because rounding the logits themselves to bf16 costs ~1e-2 absolute error per logit.
 
-On CPUs with fp32 statistics a block's row math (everything between the logits matmuls and
-the gradient matmuls) runs in the compiled row kernel of :mod:`toolkit.kernels.cpu_rows` when
-it builds on the machine, else in the torch passes of :func:`_block_kl`; both give the same
-numbers to fp32 rounding. With the kernel, the student's self relation over whole-row blocks
-takes its query- and key-side gradient from one matmul with ``g + g^T``.
+Plain PyTorch only: this is the ``chunked`` implementation of the relation-KL registry
+(:mod:`toolkit.losses.relation_kl`) on every device and dtype.
 """
 from __future__ import annotations
 
@@ -39,17 +36,16 @@ import torch
 from torch import Tensor
 
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.kernels import cpu_relation, cpu_rows
 
 #: Default memory budget for one block's temporaries (bytes). Immutable module constant.
 DEFAULT_BLOCK_BUDGET_BYTES = 256 * 1024 * 1024
-#: On CPUs a block should stay near the caches: measured on the distillation benchmark
-#: (benchmarks/RESULTS.md), 256 MiB blocks made the loss ~1.5-2x slower than 16-row blocks.
+#: On CPUs a block should stay near the caches (large blocks make the softmax/KL passes
+#: miss the cache and run slower than the matmuls they feed).
 CPU_BLOCK_BUDGET_BYTES = 24 * 1024 * 1024
 #: Smallest query block on CPUs: thinner blocks leave the logits matmuls far from peak.
 CPU_MIN_BLOCK_ROWS = 32
-#: Largest query block on CPUs; the batch is sliced instead (docs/KERNELS.md: 1 sample x
-#: 128-170 rows at seq 512 ran the loss 12-35% faster than all samples x 32 rows).
+#: Largest query block on CPUs; the batch is sliced instead (a few samples of long row blocks
+#: keep the matmuls wide and the temporaries in cache).
 CPU_MAX_BLOCK_ROWS = 256
 # Live [b, R, block, L] fp32 temporaries inside one block of the forward, with headroom (at
 # most four at once: both sides' logits and probabilities; matmul workspace). The block sizes
@@ -178,15 +174,12 @@ def _block_kl(tq_blk: Tensor, tk_t: Tensor, sq_blk: Tensor, sk_t: Tensor, key_pa
     small (values match the log_softmax form to float rounding against the float64 reference).
     Padded keys hold the same large negative logit on both sides, so ``a_j - s_j`` is 0 there.
 
-    Each step is one pass over ``[B, R, b, L]`` (in place where possible). Measured against the
-    earlier two-``log_softmax`` block (2026-11-25, docs/KERNELS.md): 3-9% faster. ``torch.compile``
-    of this function was measured too: 8-14% faster blocks without padding, slower with it, plus
-    a compile at start-up; not used.
+    Each step is one pass over ``[B, R, b, L]`` (in place where possible).
     """
     a = _block_logits(tq_blk, tk_t, key_pad)
     # Probabilities come from softmax, never exp(log-probabilities): torch's CPU exp takes a
-    # slow path (~8-10x) for arguments below ~-88, which every padded key and every near-zero
-    # probability produces; softmax's own exp does not (measured: docs/KERNELS.md).
+    # slow path for arguments below ~-88, which every padded key and every near-zero
+    # probability produces; softmax's own exp does not.
     p_t = torch.softmax(a, dim=-1)
     s = _block_logits(sq_blk, sk_t, key_pad)
     p_s = torch.softmax(s, dim=-1)
@@ -199,7 +192,7 @@ def _block_kl(tq_blk: Tensor, tk_t: Tensor, sq_blk: Tensor, sk_t: Tensor, key_pa
 
 def validate_relation_inputs(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor, heads: int,
                              who: str = "relation KL") -> None:
-    """Shape checks shared by the chunked and the Triton path; ``who`` prefixes every message.
+    """Shape checks shared by the relation-KL implementations; ``who`` prefixes every message.
 
     Raises ToolkitError for wrong ranks or mismatched shapes, ConfigError for a relation-head
     count that does not divide both hidden sizes.
@@ -217,30 +210,6 @@ def validate_relation_inputs(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor,
             f"{who}: teacher {tuple(t_q.shape)}, student {tuple(s_q.shape)} and attention_mask "
             f"{tuple(mask.shape)} must share [batch, seq_len]; feed teacher and student the same batch")
     check_relation_heads(heads, s_q.shape[-1], t_q.shape[-1])
-
-
-def fused_cpu_kernel(*xs: Tensor) -> Optional[Any]:
-    """The compiled CPU relation KL (:mod:`toolkit.kernels.cpu_relation`) when every input is an
-    fp32 CPU tensor and it builds here, else None (the blocks below run)."""
-    if all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs):
-        return cpu_relation.load()
-    return None
-
-
-def _fused_forward(ctx: Any, kernel: Any, t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
-                   heads: int, want_q: bool, want_k: bool) -> Tensor:
-    """:class:`_RelationKLFunction`'s forward on the compiled CPU kernel: per-row KL and the
-    student gradients in one pass per (sample, relation head), saved as the blocks' are."""
-    valid = mask.to(torch.bool)
-    key_valid = None if bool(valid.all()) else valid.to(torch.uint8)
-    row_kl, d_q, d_k = kernel.forward(t_q, t_k, s_q, s_k, key_valid, heads, want_q, want_k)
-    n_rows = valid.sum().clamp_min(1).to(torch.float32) * heads
-    grad_q = None if d_q is None else d_q.div_(n_rows)     # one tensor on both sides: summed in d_q
-    grad_k = None if d_k is None else d_k.div_(n_rows)
-    ctx.save_for_backward(*(x for x in (grad_q, grad_k) if x is not None))
-    ctx.have = (grad_q is not None, grad_k is not None)
-    ctx.dtypes = (s_q.dtype, s_k.dtype)
-    return row_kl.sum() / n_rows
 
 
 class _RelationKLFunction(torch.autograd.Function):
@@ -261,9 +230,6 @@ class _RelationKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Tensor,
                 heads: int, block: int, batch_block: int, want_q: bool, want_k: bool) -> Tensor:
-        fused = fused_cpu_kernel(t_q, t_k, s_q, s_k)
-        if fused is not None:
-            return _fused_forward(ctx, fused, t_q, t_k, s_q, s_k, mask, heads, want_q, want_k)
         cdt = _compute_dtype(s_q.dtype)
         tq, tk_t, sq_raw, sq, sk, valid, key_pad = _prepare(t_q, t_k, s_q, s_k, mask, heads, cdt)
         sk_t = sk.transpose(-1, -2)
@@ -272,15 +238,9 @@ class _RelationKLFunction(torch.autograd.Function):
         # The key side of dKL/dlogit_s: padded query rows must add nothing, so they are zeroed
         # in the query-side operand of that matmul.
         row_valid = valid[:, None, :, None].to(cdt)           # [B, 1, L, 1]
-        # The compiled row kernel (CPUs, fp32 statistics) replaces _block_kl's torch passes. For
-        # the student's self relation with whole-row blocks it returns g + g^T, and one matmul
-        # gives the query-side and the key-side gradient together (sq_raw is sk then).
-        kernel = cpu_rows.load() if (sq.device.type == "cpu" and cdt == torch.float32) else None
-        merged = kernel is not None and want_q and want_k and s_q is s_k and block >= l
-        key_valid = None if (kernel is None or key_pad is None) else valid.to(torch.uint8).contiguous()
-        sq_rows = sq_raw * row_valid if (want_k and key_pad is not None and not merged) else sq_raw
+        sq_rows = sq_raw * row_valid if (want_k and key_pad is not None) else sq_raw
         d_sq = torch.empty_like(sq_raw) if want_q else None   # [B, R, L, ds]
-        d_sk = torch.zeros_like(sk) if (want_k and not merged) else None
+        d_sk = torch.zeros_like(sk) if want_k else None
         want_grad = d_sq is not None or d_sk is not None
         for b0 in range(0, b, batch_block):
             bs = slice(b0, min(b, b0 + batch_block))
@@ -288,18 +248,9 @@ class _RelationKLFunction(torch.autograd.Function):
             tk_tb, sk_b, sk_tb = tk_t[bs], sk[bs], sk_t[bs]
             for i0 in range(0, l, block):
                 rows = slice(i0, min(l, i0 + block))
-                if kernel is not None:
-                    g = torch.matmul(sq[bs, :, rows], sk_tb)     # student logits, then the gradient
-                    row_kl[bs, :, rows] = kernel.block(torch.matmul(tq[bs, :, rows], tk_tb), g, heads, i0,
-                                                       None if key_valid is None else key_valid[bs], want_grad,
-                                                       merged)
-                    if not want_grad:
-                        del g
-                        continue
-                else:
-                    row_kl[bs, :, rows], g = _block_kl(tq[bs, :, rows], tk_tb, sq[bs, :, rows], sk_tb, pad_b,
-                                                       want_grad)
-                if g is not None:                                # p_s - p_t (merged: plus its transpose)
+                row_kl[bs, :, rows], g = _block_kl(tq[bs, :, rows], tk_tb, sq[bs, :, rows], sk_tb, pad_b,
+                                                   want_grad)
+                if g is not None:                                # p_s - p_t
                     if d_sq is not None:
                         d_sq[bs, :, rows] = torch.matmul(g, sk_b)
                     if d_sk is not None:
@@ -357,7 +308,7 @@ def relation_kl_qk(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask: Ten
     validate_relation_inputs(t_q, t_k, s_q, s_k, mask, num_relation_heads)
     b, l, _ = s_q.shape
     batch_block, block = plan_blocks(b, num_relation_heads, l, s_q.device.type == "cpu", chunk_size, budget_bytes)
-    # One detached teacher tensor for a self relation, so the kernel splits its heads once.
+    # One detached teacher tensor for a self relation, so its heads are split once.
     t_q_d = t_q.detach()
     t_k_d = t_q_d if t_k is t_q else t_k.detach()
     # The gradient is computed in the forward (see _RelationKLFunction), so only when one will

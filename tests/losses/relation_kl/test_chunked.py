@@ -1,4 +1,4 @@
-"""Chunked relation KL vs the float64 reference: values, gradients, masking, memory growth."""
+"""The chunked relation KL (plain PyTorch) vs the float64 reference: values, gradients, masking, memory growth."""
 from __future__ import annotations
 
 import pytest
@@ -6,30 +6,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.kernels import cpu_relation, cpu_rows
-from toolkit.kernels.relation_kl_chunked import auto_chunk_size, relation_kl, relation_kl_qk
 from toolkit.losses.reference import relation_kl_reference
-from toolkit.losses.relations import relation_kl_naive
-
-
-@pytest.fixture(autouse=True, params=["fused kernel", "compiled rows", "torch rows"])
-def block_math(request):
-    """Every test runs with each CPU implementation behind the chunked path's function: the fused
-    compiled relation KL (fp32 inputs), the blocks with the compiled row kernel, and the blocks
-    with the torch passes (float64 always takes the torch math)."""
-    if request.param == "fused kernel":
-        if cpu_relation.load() is None:
-            pytest.skip(f"the compiled CPU relation KL does not run here: {cpu_relation.unavailable_reason()}")
-        yield request.param
-        return
-    with cpu_relation.disabled():
-        if request.param == "torch rows":
-            with cpu_rows.disabled():
-                yield request.param
-            return
-        if cpu_rows.load() is None:
-            pytest.skip(f"the compiled CPU row kernel does not run here: {cpu_rows.unavailable_reason()}")
-        yield request.param
+from toolkit.losses.relation_kl import relation_kl_naive
+from toolkit.losses.relation_kl.chunked import auto_chunk_size, relation_kl, relation_kl_qk
 
 
 def _ragged_mask(lengths, seq_len):
@@ -270,7 +249,7 @@ def test_batch_sliced_blocks_match_reference_with_padding(budget, want_batch_blo
     """CPU blocks slice the batch (plan_blocks): with a tiny budget every sample is its own
     block (5 slices, padded rows in some); values and both gradients of a cross relation must
     not change, the mean still over the real rows of the whole batch."""
-    from toolkit.kernels.relation_kl_chunked import plan_blocks
+    from toolkit.losses.relation_kl.chunked import plan_blocks
 
     assert plan_blocks(5, 2, 7, on_cpu=True, chunk_size=3, budget_bytes=budget)[0] == want_batch_block
     g = torch.Generator().manual_seed(11)
@@ -294,7 +273,7 @@ def test_batch_sliced_blocks_match_reference_with_padding(budget, want_batch_blo
 
 
 def test_plan_blocks_cpu_and_accelerator():
-    from toolkit.kernels.relation_kl_chunked import plan_blocks
+    from toolkit.losses.relation_kl.chunked import plan_blocks
 
     # CPU: 32-256 rows, the batch sliced to fit the 24 MiB budget (the benchmark's shapes).
     assert plan_blocks(16, 12, 512, on_cpu=True) == (1, 170)

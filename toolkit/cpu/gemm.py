@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toolkit.kernels.compiled import CompiledKernel, max_rel_error
+from toolkit.cpu.compiled import CompiledKernel, max_rel_error
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "linear.c"
 ABI_VERSION = 2
@@ -149,7 +149,7 @@ def _self_check(kernel: LinearKernel) -> None:
             raise RuntimeError(f"the {what} differs from float64 by {err:.1e} (absolute, inputs in [-7, 7])")
 
 
-_KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "lin", "TOOLKIT_CPU_LINEAR", _bind, LinearKernel, _self_check,
+_KERNEL = CompiledKernel(SOURCE, ABI_VERSION, "lin", _bind, LinearKernel, _self_check,
                          what="the compiled CPU linear GEMM and GELU",
                          fallback="oneDNN's GEMM and ATen's GELU run instead")
 
