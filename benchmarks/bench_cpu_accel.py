@@ -10,23 +10,20 @@ Both steps are built as the recipes build them, with ``cpu_accel: auto`` (everyt
 For each ``--switch`` the step alternates blocks of steps with that one speed-up taken off and
 put back (the order of the two arms swapped every round), so a shared machine's drift lands in
 both arms alike. The share is ``1 - on / off`` (the part of the step without the speed-up that it
-saves), reported as the median over rounds. The host allocator cannot change inside a process:
-``--switches allocator`` alternates worker processes with and without tcmalloc/jemalloc
-preloaded. ``--clock wall`` times steps by the wall clock; ``--clock cpu`` by the CPU time of
-this process (user + system, all threads), which other jobs on a shared machine disturb far less
-(with ``--threads 1`` nothing spins waiting for another thread). Nothing is asserted.
+saves), reported as the median over rounds. ``--clock wall`` times steps by the wall clock;
+``--clock cpu`` by the CPU time of this process (user + system, all threads), which other jobs on
+a shared machine disturb far less (with ``--threads 1`` nothing waits for another thread).
+Nothing is asserted.
 
 Usage::
 
-    python benchmarks/bench_cpu_accel.py --steps distill,finetune --switches all --rounds 8
+    python benchmarks/bench_cpu_accel.py --steps distill,finetune --switches all --rounds 16 --per-arm 2
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -41,12 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import check_counts, cli_main, cpu_model, load_average, markdown_table, write_json  # noqa: E402
 
-from toolkit.errors import ConfigError, ToolkitError  # noqa: E402
+from toolkit.errors import ConfigError  # noqa: E402
 
 STEPS = ("distill", "finetune")
-SWITCHES = ("onednn-linears", "gemm-kernel", "wgrad-kernel", "dense-gelu", "ffn-recompute", "attention",
-            "fast-dropout", "dropout-kernel", "relation-kl", "allocator")
-RESULT_PREFIX = "BENCH_RESULT "
+SWITCHES = ("onednn-linears", "relation-kl")
 LR, WEIGHT_DECAY = 1e-4, 0.01
 
 
@@ -154,7 +149,7 @@ def accelerate_all(step: Any) -> Dict[str, Any]:
 @contextmanager
 def switched_off(step: Any, switch: str) -> Iterator[None]:
     """The step with ``switch`` taken off inside the block, put back after it."""
-    from toolkit.cpu import attention, dropout, dropout_kernel, gemm, onednn, relation, wgrad
+    from toolkit.cpu import onednn, relation
     from toolkit.losses.relation_kl import unregister_relation_kl
 
     models = list(step.models.values())
@@ -164,42 +159,10 @@ def switched_off(step: Any, switch: str) -> Iterator[None]:
         yield
         for m, trained in models:
             onednn.use_onednn_linears(m, trainable=trained)
-    elif switch == "dense-gelu":
-        for m, _ in models:
-            onednn.unfuse_dense_gelu(m)
-        yield
-        for m, trained in models:
-            onednn.fuse_dense_gelu(m)
-            if trained:
-                onednn.recompute_feed_forward_gelu(m)
-    elif switch == "ffn-recompute":
-        for m, _ in models:
-            onednn.restore_feed_forward(m)
-        yield
-        for m, trained in models:
-            if trained:
-                onednn.recompute_feed_forward_gelu(m)
-    elif switch == "attention":
-        for m, _ in models:
-            attention.restore_attention(m)
-        yield
-        for m, _ in models:
-            attention.use_cpu_attention(m)
-    elif switch == "fast-dropout":
-        for m, _ in models:
-            dropout.restore_dropout(m)
-        yield
-        for m, trained in models:
-            if trained:
-                dropout.use_fast_dropout(m)
-    elif switch == "relation-kl":
+    else:   # relation-kl
         unregister_relation_kl(relation.NAME)
         yield
         relation.register()
-    else:
-        module = {"gemm-kernel": gemm, "wgrad-kernel": wgrad, "dropout-kernel": dropout_kernel}[switch]
-        with module.disabled():
-            yield
 
 
 def applies(step_name: str, switch: str) -> bool:
@@ -244,59 +207,6 @@ def summarize(times: Dict[str, List[float]], shares: List[float]) -> Dict[str, A
             "share": statistics.median(shares), "share_q1": q[0], "share_q3": q[2], "round_shares": shares}
 
 
-# ----- the allocator: worker processes ----------------------------------------------------------
-
-def worker(args: argparse.Namespace) -> int:
-    """``--worker STEP``: build the step with cpu_accel auto, time ``--worker-steps`` steps, print the median."""
-    from toolkit.cpu.allocator import in_use
-
-    torch.set_num_threads(args.threads)
-    step = build_step(args.worker, args)
-    accelerate_all(step)
-    for _ in range(args.warmup):
-        step()
-    ts = []
-    now = CLOCKS[args.clock]
-    for _ in range(args.worker_steps):
-        t0 = now()
-        step()
-        ts.append(now() - t0)
-    print(RESULT_PREFIX + json.dumps({"allocator": in_use(), "median_s": statistics.median(ts)}), flush=True)
-    return 0
-
-
-def allocator_ab(step_name: str, args: argparse.Namespace) -> Dict[str, Any]:
-    from toolkit.cpu import allocator
-
-    lib = allocator.resolve()
-    if lib is None:
-        raise ConfigError("--switches", "allocator: neither tcmalloc nor jemalloc is installed here (or the host "
-                                        "has a GPU): nothing to compare")
-    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV_ACTIVE)}
-    base.update(OMP_NUM_THREADS=str(args.threads))
-    envs = {"on": allocator.preload_env(lib, base), "off": dict(base, **{allocator.ENV_ACTIVE: "system"})}
-    cmd = [sys.executable, __file__, "--worker", step_name, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--threads", str(args.threads), "--warmup", str(args.warmup), "--worker-steps",
-           str(args.per_arm * 2), "--clock", args.clock] + (["--smoke"] if args.smoke else [])
-    times: Dict[str, List[float]] = {"on": [], "off": []}
-    shares = []
-    for r in range(args.rounds):
-        this = {}
-        for arm in (("on", "off") if r % 2 == 0 else ("off", "on")):
-            proc = subprocess.run(cmd, env=envs[arm], capture_output=True, text=True, timeout=1800)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)), None)
-            if proc.returncode != 0 or line is None:
-                raise ToolkitError(f"allocator worker ({arm}) failed: {proc.stderr.strip()[-600:]}")
-            out = json.loads(line[len(RESULT_PREFIX):])
-            want = "system" if arm == "off" else ("tcmalloc" if "tcmalloc" in lib.name else "jemalloc")
-            if out["allocator"] != want:
-                raise ToolkitError(f"allocator worker ({arm}) ran on {out['allocator']}, expected {want}")
-            this[arm] = out["median_s"]
-            times[arm].append(out["median_s"])
-        shares.append(1.0 - this["on"] / this["off"])
-    return summarize(times, shares)
-
-
 def build_step(name: str, args: argparse.Namespace) -> Any:
     return (DistillStep if name == "distill" else FinetuneStep)(args.smoke, args.batch, args.seq)
 
@@ -316,15 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall: wall-clock time per step; cpu: this process's CPU time per step")
     p.add_argument("--smoke", action="store_true", help="tiny random models (checks the plumbing)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
-    p.add_argument("--worker", default=None, choices=STEPS, help=argparse.SUPPRESS)
-    p.add_argument("--worker-steps", type=int, default=6, help=argparse.SUPPRESS)
     return p
 
 
 def _main(args: argparse.Namespace) -> int:
     check_counts(args, ["rounds", "per_arm", "threads", "batch", "seq"])
-    if args.worker:
-        return worker(args)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     bad = [s for s in steps if s not in STEPS]
     if bad or not steps:
@@ -345,13 +251,10 @@ def _main(args: argparse.Namespace) -> int:
         for switch in switches:
             if not applies(step_name, switch):
                 continue
-            if switch == "allocator":
-                r = allocator_ab(step_name, args)
-            else:
-                if step is None:
-                    step = build_step(step_name, args)
-                    records = accelerate_all(step)
-                r = ab_rounds(step, switch, args.rounds, args.per_arm, args.warmup, args.clock)
+            if step is None:
+                step = build_step(step_name, args)
+                records = accelerate_all(step)
+            r = ab_rounds(step, switch, args.rounds, args.per_arm, args.warmup, args.clock)
             r.update(step=step_name, switch=switch, clock=args.clock, threads=args.threads, loadavg=load_average())
             results.append(r)
             row = [step_name, switch, f"{r['on_ms']:.0f}", f"{r['off_ms']:.0f}", f"{100 * r['share']:+.1f}%",

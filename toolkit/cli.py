@@ -75,37 +75,9 @@ def _common(f):  # noqa: ANN001 - click decorator plumbing
     return f
 
 
-#: Commands that run a training/eval job in this process: they set the process up for ``cpu_accel``.
-_JOB_COMMANDS = frozenset({"teacher", "distill", "finetune", "eval", "pipeline"})
-
-
 def entry() -> None:
-    """Console-script entry (``toolkit ...``, ``python -m toolkit ...``).
-
-    Job commands first let the job's ``cpu_accel`` set the process up
-    (:func:`toolkit.jobs.prepare_process`: with ``auto`` on a CPU-only host, one re-execution with
-    tcmalloc or jemalloc preloaded), then dispatch as usual.
-    """
-    args = sys.argv[1:]
-    first = next((a for a in args if not a.startswith("-")), None)
-    if first in _JOB_COMMANDS and not any(a in ("-h", "--help") for a in args):
-        from toolkit.jobs import prepare_process
-
-        try:
-            prepare_process(_config_option(args), [a for a in args if a.startswith("cpu_accel=")])
-        except ToolkitError as e:
-            _fail(e)
+    """Console-script entry (``toolkit ...``, ``python -m toolkit ...``)."""
     main()
-
-
-def _config_option(args: Sequence[str]) -> Optional[str]:
-    """The value of ``--config`` in a command line, if given."""
-    for i, a in enumerate(args):
-        if a == "--config" and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -200,8 +200,8 @@ def load_config(cls: Type[T], path: Union[str, Path, None] = None, overrides: It
 
 #: Values of the ``cpu_accel`` field every job config has (the optional package :mod:`toolkit.cpu`).
 CPU_ACCEL_CHOICES = ("auto", "off")
-CPU_ACCEL_HELP = ("CPU speed-ups (toolkit.cpu): auto = on for fp32 runs on the CPU where they build (compiled "
-                  "kernels, oneDNN linears, a cheaper dropout mask, tcmalloc/jemalloc), off = plain PyTorch")
+CPU_ACCEL_HELP = ("CPU speed-ups (toolkit.cpu): auto = on for fp32 models on the CPU where they work here "
+                  "(oneDNN linears, a compiled relation KL), off = plain PyTorch")
 
 
 def cpu_accel_arg() -> Any:
@@ -217,14 +217,6 @@ def normalize_cpu_accel(value: Any, field: str = "cpu_accel", source: Optional[s
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     raise ConfigError(field, f"must be one of {', '.join(CPU_ACCEL_CHOICES)}, got {value!r}", source)
-
-
-def peek_cpu_accel(config_path: Union[str, Path, None], overrides: Iterable[str] = ()) -> str:
-    """The ``cpu_accel`` value a job will get from its YAML and ``key=value`` overrides, read
-    without building the config (the entry points need it before torch is imported)."""
-    data: Dict[str, Any] = read_yaml(config_path) if config_path is not None else {}
-    data = _merge(data, parse_overrides([o for o in overrides if o.split("=", 1)[0].strip() == "cpu_accel"]))
-    return normalize_cpu_accel(data.get("cpu_accel", "auto"), source=None if config_path is None else str(config_path))
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

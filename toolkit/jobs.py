@@ -51,29 +51,11 @@ def run_job(job: str, cfg: Any) -> Any:
     return runner(cfg)
 
 
-def prepare_process(config_path: Optional[str], overrides: Sequence[str]) -> None:
-    """Before torch is imported: the job's ``cpu_accel`` (read from its YAML and overrides) lets
-    the optional CPU package set the process up (:func:`toolkit.cpu.start_process`: the host
-    allocator, which must be chosen before the heavy imports). Raises ConfigError for a bad value."""
-    from toolkit.config import peek_cpu_accel
-
-    value = peek_cpu_accel(config_path, overrides)
-    if value == "off":
-        return
-    try:
-        from toolkit.cpu import start_process
-    except ImportError:   # the package is optional: the recipe reports it when it applies nothing
-        return
-    start_process(value)
-
-
 def launcher_main(job: str, argv: Optional[List[str]] = None) -> None:
     """Entry of ``deepspeed launchers/<job>.py --ds_config X.json --config job.yaml [key=value ...]``.
 
     The deepspeed launcher appends ``--local_rank=N``; rank and world size come from the
     environment it sets. The DS JSON given here overrides ``ds_config`` in the YAML.
-    Run as a script (``argv`` None), each rank first sets its process up for the job's
-    ``cpu_accel`` (:func:`prepare_process`).
     """
     import argparse
 
@@ -87,12 +69,6 @@ def launcher_main(job: str, argv: Optional[List[str]] = None) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the job YAML")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
-    if argv is None:
-        try:
-            prepare_process(args.config, overrides)
-        except ToolkitError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
     if args.ds_config:
         overrides.append(f"ds_config={args.ds_config}")
     code = 0

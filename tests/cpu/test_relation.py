@@ -1,17 +1,17 @@
-"""The compiled CPU relation KL (toolkit/kernels/cpu_relation.py): it builds here, the loss and the
+"""The compiled CPU relation KL (toolkit/cpu/relation.py): it builds here, the loss and the
 student gradients match the float64 reference (padding, relation heads, head sizes that differ
-between teacher and student and are not multiples of 32, the query/key form), the chunked path
-uses it for fp32 CPU inputs and gives the same numbers without it, and every fallback."""
+between teacher and student and are not multiples of 32, the query/key form); registered as
+``cpu_fused`` it is what ``auto`` runs for fp32 CPU tensors and gives the chunked path's numbers,
+and every fallback."""
 from __future__ import annotations
-
-import contextlib
 
 import pytest
 import torch
 
-from toolkit.kernels import cpu_relation
-from toolkit.kernels.relation_kl_chunked import relation_kl, relation_kl_qk
+from toolkit.cpu import relation as cpu_relation
+from toolkit.losses import relation_kl as registry
 from toolkit.losses.reference import relation_kl_reference
+from toolkit.losses.relation_kl.chunked import relation_kl_qk
 
 
 @pytest.fixture
@@ -88,9 +88,12 @@ def test_a_fully_padded_sample_stays_finite(kernel):
     assert torch.all(row_kl[1] == 0) and torch.all(d_q[1] == 0)
 
 
-def test_the_chunked_path_uses_it_and_agrees_without_it(kernel, monkeypatch):
-    """relation_kl on fp32 CPU tensors runs the kernel (counted); with it off the chunked blocks
-    give the same loss and gradient to fp32 rounding. Strided (non-contiguous) projections too."""
+def test_registered_it_is_what_auto_runs_and_agrees_with_the_chunked_path(kernel, monkeypatch):
+    """After register(), ``auto`` on fp32 CPU tensors runs the kernel (counted) and the chunked path
+    gives the same loss and gradient to fp32 rounding; float64 tensors stay on the chunked path.
+    Strided (non-contiguous) projections too."""
+    assert "cpu_fused" not in registry.relation_kl_names()
+    assert cpu_relation.register() and "cpu_fused" in registry.relation_kl_names()
     calls = []
     real = cpu_relation.RelationKernel.forward
     monkeypatch.setattr(cpu_relation.RelationKernel, "forward",
@@ -99,17 +102,21 @@ def test_the_chunked_path_uses_it_and_agrees_without_it(kernel, monkeypatch):
     wide = torch.randn(3, 33, 80)
     wide[..., 10:58] = s
     results = []
-    for off in (False, True):
+    for impl in ("auto", "chunked"):
         for strided in (False, True):
             x = (wide.detach().clone()[..., 10:58] if strided else s.detach().clone()).requires_grad_(True)
-            with cpu_relation.disabled() if off else contextlib.nullcontext():
-                loss = relation_kl(t, x, mask, 4)
+            loss = registry.compute_relation_kl(impl, t, t, x, x, mask, 4)
             loss.backward()
             results.append((float(loss.detach()), x.grad.clone()))
     assert len(calls) == 2
     ref_loss, ref_grad = results[2]
     for loss, grad in results:
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss) and _rel(grad, ref_grad.double()) < 1e-5
+    assert registry.resolve_relation_kl("auto", t, t, s, s) == "cpu_fused"
+    assert registry.resolve_relation_kl("auto", t.double(), t.double(), s.double(), s.double()) == "chunked"
+    assert registry.describe_relation_kl("auto", torch.device("cpu"), 3, 4, 33).startswith("cpu_fused")
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        cpu_relation.relation_kl_fused(t.double(), t.double(), s.double(), s.double(), mask, 4)
 
 
 def test_bad_input_is_refused_with_a_message(kernel):
@@ -122,12 +129,13 @@ def test_bad_input_is_refused_with_a_message(kernel):
         kernel.forward(t, t, s, s, torch.ones(2, 5, dtype=torch.bool), 2, True, True)
 
 
-def test_env_switch_and_no_compiler_fall_back_to_the_chunked_blocks(compiled_checks):
-    compiled_checks.switched_off(cpu_relation)
-    t, s, mask = _inputs(2, 12, 16, 16, lengths=[12, 7])   # the fallback: the blocks, the same numbers
-    want = float(relation_kl_reference(t, s, mask, 2))
-    assert abs(float(relation_kl(t, s, mask, 2)) - want) <= 1e-5 * abs(want)
+def test_no_compiler_means_no_registration_and_the_chunked_path(compiled_checks):
     compiled_checks.no_compiler_and_disabled(cpu_relation)
+    assert not cpu_relation.register() and "cpu_fused" not in registry.relation_kl_names()
+    t, s, mask = _inputs(2, 12, 16, 16, lengths=[12, 7])
+    assert registry.resolve_relation_kl("auto", t, t, s, s) == "chunked"
+    want = float(relation_kl_reference(t, s, mask, 2))
+    assert abs(float(registry.compute_relation_kl("auto", t, t, s, s, mask, 2)) - want) <= 1e-5 * abs(want)
 
 
 def test_a_wrong_build_is_caught_by_the_self_check(compiled_checks):

@@ -175,11 +175,9 @@ def test_distill_two_ranks_end_to_end(stage, checkpointing, tiny_bert4_dir, fixt
         cfg.corpus, tok, 4, rank=r, world_size=2))) for r in (0, 1)}
     assert real[0] != real[1], real   # the fixture's short sequences make the ranks differ
     assert m["tokens"] == real[0] + real[1], (m["tokens"], real)
-    # Each rank re-executed itself with the allocator TOOLKIT_CPU_ALLOCATOR picks (auto: tcmalloc here).
-    from toolkit.launch import allocator as A
-
-    lib = A.resolve(os.environ.get(A.ENV_CHOICE))
-    assert m["host_allocator"] == ("system" if lib is None else "tcmalloc" if "tcmalloc" in lib.name else "jemalloc")
+    # cpu_accel defaults to auto: each rank's record says what it switched (ZeRO-3 and checkpointing
+    # included) and the job still trains.
+    assert set(m["cpu_accel"]) == {"teacher", "student"} and m["cpu_accel"]["student"]["cpu_accel"] == "auto"
     losses = _losses(out)
     assert len(losses) == 4 and all(v == v for v in losses.values())
     # Both ranks wrote their own stream position into the checkpoint.

@@ -2,16 +2,13 @@
 
 Nothing in the core (engine, models, losses, recipes, data, tasks) needs this package: with
 ``cpu_accel: off`` it is never imported, and every job runs plain PyTorch. With ``auto`` (the
-default) a recipe calls :func:`accelerate` once for each model it runs, and the entry points
-(``toolkit <job>``, ``launchers/<job>.py``) call :func:`start_process` before torch is imported.
-Each speed-up applies only to fp32 models on the CPU and only where it builds and passes its
-self-check on the machine; everything else is left as it is, so a GPU run is unchanged.
-
-This module imports nothing heavy: the entry points call it before torch is loaded.
+default) a recipe calls :func:`accelerate` once for each model it runs. Each speed-up applies
+only to fp32 models on the CPU and only where it works and passes its self-check on the
+machine; everything else is left as it is, so a GPU or bf16 run is unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict
 
 #: The values of ``cpu_accel``.
 CHOICES = ("auto", "off")
@@ -26,20 +23,10 @@ def accelerate(model: Any, *, trained: bool, cfg_value: str) -> Dict[str, Any]:
         cfg_value: the job's ``cpu_accel`` value: ``auto`` applies what fits, ``off`` nothing.
 
     Returns:
-        A JSON-able record: ``{"cpu_accel", "model", "trained", "allocator", "applied": {speed-up:
-        what it switched}, "skipped": {speed-up: why not}}``. Recipes log it and save it with
-        their metrics.
+        A JSON-able record: ``{"cpu_accel", "model", "trained", "applied": {speed-up: what it
+        switched}, "skipped": {speed-up: why not}}``. Recipes log it and save it with their
+        metrics.
     """
     from toolkit.cpu.accel import accelerate as _accelerate
 
     return _accelerate(model, trained=trained, cfg_value=cfg_value)
-
-
-def start_process(cfg_value: str, argv: Optional[Sequence[str]] = None) -> None:
-    """Re-execute this process once with tcmalloc/jemalloc preloaded when ``cfg_value`` is ``auto``
-    and the host has one and no GPU (:mod:`toolkit.cpu.allocator`); return when nothing is to do.
-    Call it before torch is imported."""
-    from toolkit.cpu.allocator import reexec_with_allocator
-
-    if cfg_value == "auto":
-        reexec_with_allocator(argv)

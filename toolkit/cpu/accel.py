@@ -12,8 +12,6 @@ from typing import Any, Callable, Dict
 import torch
 from torch import nn
 
-from toolkit.cpu import allocator
-
 
 class Skip(Exception):
     """A speed-up that does not apply here; the message says why."""
@@ -35,45 +33,13 @@ def _onednn_apply(model: nn.Module, trained: bool) -> int:
     reason = onednn.onednn_unavailable_reason()
     if reason is not None:
         raise Skip(reason)
-    return onednn.use_onednn_linears(model, trainable=True)
+    return onednn.use_onednn_linears(model, trainable=trained)
 
 
 def _onednn_remove(model: nn.Module) -> int:
     from toolkit.cpu import onednn
 
     return onednn.restore_linears(model)
-
-
-def _attention_apply(model: nn.Module, trained: bool) -> str:
-    from toolkit.cpu import attention
-
-    reason = attention.unavailable_reason()
-    if reason is not None:
-        raise Skip(reason)
-    if not attention.use_cpu_attention(model):
-        raise Skip("the model's attention is not sdpa")
-    return attention.ATTN_NAME
-
-
-def _attention_remove(model: nn.Module) -> int:
-    from toolkit.cpu import attention
-
-    return attention.restore_attention(model)
-
-
-def _dropout_apply(model: nn.Module, trained: bool) -> int:
-    from toolkit.cpu import dropout
-
-    n = dropout.use_fast_dropout(model)
-    if not n:
-        raise Skip("the model has no nn.Dropout")
-    return n
-
-
-def _dropout_remove(model: nn.Module) -> int:
-    from toolkit.cpu import dropout
-
-    return dropout.restore_dropout(model)
 
 
 def _has_relation_loss(model: nn.Module, trained: bool) -> bool:
@@ -100,8 +66,6 @@ def _relation_remove(model: nn.Module) -> None:
 #: The speed-ups, in the order they are applied.
 SPEEDUPS: Dict[str, SpeedUp] = {
     "onednn_linears": SpeedUp(_onednn_apply, _onednn_remove),
-    "attention": SpeedUp(_attention_apply, _attention_remove),
-    "fast_dropout": SpeedUp(_dropout_apply, _dropout_remove, lambda model, trained: trained),
     "relation_kl": SpeedUp(_relation_apply, _relation_remove, _has_relation_loss),
 }
 
@@ -120,7 +84,7 @@ def _not_fp32_cpu(model: nn.Module) -> str:
 def accelerate(model: nn.Module, *, trained: bool, cfg_value: str) -> Dict[str, Any]:
     """See :func:`toolkit.cpu.accelerate`."""
     record: Dict[str, Any] = {"cpu_accel": cfg_value, "model": type(model).__name__, "trained": bool(trained),
-                              "allocator": allocator.in_use(), "applied": {}, "skipped": {}}
+                              "applied": {}, "skipped": {}}
     if cfg_value == "off":
         return record
     why = _not_fp32_cpu(model)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -122,7 +121,7 @@ class QKVCapture:
             qkv = cap.captured[cap.layers[0]]     # {"q": [B, L, H], "k": ..., "v": ...}
 
     Tensors are stored as produced (no detach), so a student's captures carry gradients;
-    run a frozen teacher under ``torch.no_grad()``. Call :meth:`clear` after each step so the
+    call a frozen teacher under ``torch.no_grad()``. Call :meth:`clear` after each step so the
     activations are freed as soon as the loss has them.
 
     Args:
@@ -179,7 +178,7 @@ class QKVCapture:
         key = self.layers[0] if layer is None else layer % self.num_layers
         if key not in self.captured or not self.captured[key]:
             raise ToolkitError(f"nothing captured for layer {layer}; captured layers {self.layers} "
-                               f"(run a forward pass inside the capture first)")
+                               f"(call the model inside the capture first)")
         return self.captured[key]
 
     def clear(self) -> None:

@@ -62,8 +62,7 @@ def accelerate_cpu(model: torch.nn.Module, *, trained: bool, cpu_accel: str, wha
     record = accelerate(model, trained=trained, cfg_value=cpu_accel)
     applied = ", ".join(f"{k} ({v})" for k, v in record["applied"].items()) or "nothing"
     skipped = "; ".join(f"{k}: {v}" for k, v in record["skipped"].items())
-    log.info("cpu_accel %s: %s: %s%s; host allocator %s", cpu_accel, what, applied,
-             f" (skipped: {skipped})" if skipped else "", record.get("allocator", "?"))
+    log.info("cpu_accel %s: %s: %s%s", cpu_accel, what, applied, f" (skipped: {skipped})" if skipped else "")
     return record
 
 

@@ -154,7 +154,7 @@ class PipelineRecipe:
         return result
 
     def _run_job(self, job: str, stage: str, cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
-        """Run a toolkit job in-process or through the deepspeed launcher."""
+        """One toolkit job, in this process or through the deepspeed launcher."""
         from toolkit.jobs import JOBS, run_job
 
         cfg_cls, _ = JOBS[job].load()

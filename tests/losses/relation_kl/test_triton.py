@@ -64,7 +64,7 @@ def _interpreter_loop_probe() -> str:
     try:
         _count[(1,)](out, 3)
     except Exception as exc:  # noqa: BLE001 - any interpreter failure means these tests cannot run here
-        return (f"Triton {triton.__version__}'s interpreter cannot run a loop bounded by a kernel argument "
+        return (f"Triton {triton.__version__}'s interpreter cannot execute a loop bounded by a kernel argument "
                 f"with numpy {np.__version__} ({type(exc).__name__}); use a newer triton (3.9 works), or "
                 f"run the compiled kernel's tests on a GPU: pytest -m gpu tests/losses/relation_kl")
     return "" if int(out) == 3 else f"Triton's interpreter counted {int(out)} of 3 loop trips"

@@ -1,6 +1,5 @@
-/* e^x for x <= 0, shared by the compiled CPU kernels (relation_kl_rows.c, attention.c).
- * toolkit/kernels/cpu_rows.py's build puts this directory on the include path and hashes this
- * header into every kernel's cache key. */
+/* e^x for x <= 0, for the compiled CPU kernels (relation_row.h). toolkit/cpu/compiled.py's build
+ * puts this directory on the include path and hashes this header into every kernel's cache key. */
 #ifndef TOOLKIT_EXP_NONPOS_H
 #define TOOLKIT_EXP_NONPOS_H
 

@@ -1,6 +1,6 @@
-/* The register-blocked micro-kernels shared by the compiled CPU kernels (attention.c, linear.c,
- * wgrad.c, relation_kl_fused.c). toolkit/kernels/cpu_rows.py's build puts this directory on the include path and hashes
- * this header into every kernel's cache key.
+/* The register-blocked micro-kernels of the compiled CPU kernels (relation_kl_fused.c).
+ * toolkit/cpu/compiled.py's build puts this directory on the include path and hashes this header
+ * into every kernel's cache key.
  *
  * 8 rows x 32 columns of a product held in 16 vectors of 16 floats (what AVX-512 holds in one
  * register; GNU vector extensions, so other targets split them): per step of the inner dimension,

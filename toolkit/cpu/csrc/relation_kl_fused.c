@@ -1,6 +1,6 @@
 /* The MiniLMv2 relation KL on CPUs, one (sample, relation head) at a time, with the student's
- * gradient (toolkit/kernels/cpu_relation.py builds this file with the system C compiler and
- * loads it with ctypes; see docs/KERNELS.md).
+ * gradient (toolkit/cpu/relation.py builds this file with the system C compiler and loads it
+ * with ctypes).
  *
  * For a relation (Q-Q, K-K or V-V; or a query side against a key side), teacher rows tq_i, tk_j
  * (head size dt) and student rows sq_i, sk_j (head size ds) of one sample and relation head:

@@ -1,6 +1,5 @@
-/* The relation KL's row math, shared by relation_kl_rows.c (the chunked path's blocks) and
- * relation_kl_fused.c (the fused kernel). toolkit/kernels/cpu_rows.py's build puts this directory
- * on the include path and hashes this header into every kernel's cache key.
+/* The relation KL's row math, for relation_kl_fused.c. toolkit/cpu/compiled.py's build puts this
+ * directory on the include path and hashes this header into every kernel's cache key.
  *
  * One row of teacher logits a and student logits s over L keys (kv: NULL, or bytes with 1 for a
  * real key), in one sweep that stays in L1:
@@ -66,14 +65,12 @@ static inline float relkl_row(float *ar, float *sr, int64_t L, const uint8_t *kv
      * or less made of O(1e-2) terms that cancel, so nothing is taken as the difference of two
      * large rounded numbers: ss - st is summed term by term (sd), and the logit difference a - s
      * is taken before the maxima are subtracted (not (a - m_t) - (s - m_s), which rounds each
-     * side first). At KL ~1e-4 this is ~8x closer to float64 than the torch block math
-     * (docs/KERNELS.md). */
+     * side first), which keeps small KLs close to float64. */
     return dot / st + log1pf(sd / st);
 }
 
 /* s <- g = p_s - p_t from relkl_row's e_s (in s), e_t (in a) and sums. Reciprocals, as torch's
- * softmax does: a division per element cost ~35% of the kernel, for no measurable accuracy (the
- * probabilities round the same). */
+ * softmax does: a division per element is far slower and rounds the probabilities the same. */
 static inline void relkl_row_grad(float *sr, const float *ar, int64_t L, float st, float ss) {
     const float it = 1.0f / st, is = 1.0f / ss;
 #pragma omp simd
