@@ -138,7 +138,7 @@ class MatmulPeak:
     dtype: str = "fp32"
     device: str = "cpu"
     #: best GFLOP/s per GEMM library timed: ``torch.matmul`` (MKL on x86 CPUs, cuBLAS on GPUs)
-    #: and, on CPUs in fp32, oneDNN (the teacher's and the student's GEMM, toolkit/models/onednn.py)
+    #: and, on CPUs in fp32, oneDNN (the GEMM cpu_accel gives the linears, toolkit/cpu/onednn.py)
     by_backend: Optional[Dict[str, float]] = None
 
     def as_dict(self) -> Dict[str, Any]:
