@@ -62,6 +62,52 @@ def machine_info(threads: int) -> Dict[str, Any]:
     }
 
 
+#: Host allocators a benchmark worker can be started under (``LD_PRELOAD``), and their libraries.
+ALLOCATOR_LIBS = {"tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"), "jemalloc": ("libjemalloc.so.2",)}
+_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def allocator_library(name: str) -> Optional[Path]:
+    """The installed library of allocator ``name`` (``tcmalloc`` / ``jemalloc``), or None."""
+    dirs = [Path(sys.prefix) / "lib", *(Path(d) for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d),
+            *(Path(d) for d in _LIB_DIRS)]
+    for d in dirs:
+        for lib in ALLOCATOR_LIBS[name]:
+            if (d / lib).is_file():
+                return d / lib
+    return None
+
+
+def allocator_env(name: str, env: Mapping[str, str]) -> Dict[str, str]:
+    """``env`` for a worker process under host allocator ``name`` (``system``, ``tcmalloc`` or
+    ``jemalloc``); ConfigError when that library is not installed."""
+    out = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
+    if name == "system":
+        return out
+    if name not in ALLOCATOR_LIBS:
+        raise ConfigError("--allocators", f"unknown allocator {name!r}; choose system, tcmalloc or jemalloc")
+    lib = allocator_library(name)
+    if lib is None:
+        raise ConfigError("--allocators", f"{name} is not installed here (Debian: apt-get install "
+                                          f"{'libtcmalloc-minimal4' if name == 'tcmalloc' else 'libjemalloc2'})")
+    out["LD_PRELOAD"] = str(lib)
+    if name == "tcmalloc":
+        out.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+    else:
+        out.setdefault("MALLOC_CONF", "background_thread:true,dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    return out
+
+
+def allocator_in_use() -> str:
+    """The allocator this process runs with (``tcmalloc``, ``jemalloc`` or ``system``), read from
+    the libraries mapped into it."""
+    try:
+        maps = Path("/proc/self/maps").read_text(errors="replace")
+    except OSError:
+        maps = os.environ.get("LD_PRELOAD", "")
+    return next((name for name in ALLOCATOR_LIBS if f"lib{name}" in maps), "system")
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -92,7 +138,7 @@ class MatmulPeak:
     dtype: str = "fp32"
     device: str = "cpu"
     #: best GFLOP/s per GEMM library timed: ``torch.matmul`` (MKL on x86 CPUs, cuBLAS on GPUs)
-    #: and, on CPUs in fp32, oneDNN (the teacher's and the student's GEMM, toolkit/models/onednn.py)
+    #: and, on CPUs in fp32, oneDNN (the GEMM cpu_accel gives the linears, toolkit/cpu/onednn.py)
     by_backend: Optional[Dict[str, float]] = None
 
     def as_dict(self) -> Dict[str, Any]:
@@ -134,12 +180,12 @@ class MatmulProbe:
         self.a = torch.randn(n, n, device=device).to(dt)
         self.b = torch.randn(n, n, device=device).to(dt)
         self.out = torch.empty(n, n, device=device, dtype=dt)
-        # On CPUs in fp32 the step's teacher and student run oneDNN's GEMM, which on the AMD hosts
-        # measured is ~17% faster than MKL's (torch.matmul): the peak is the faster of the two, so MFU
-        # never divides by a slower GEMM than the step itself uses (from run N on).
+        # On CPUs in fp32 the step's linears may run oneDNN's GEMM (cpu_accel): the peak is the
+        # faster of MKL's (torch.matmul) and oneDNN's, so MFU never divides by a slower GEMM than
+        # the step itself uses.
         self.products: Dict[str, Any] = {"torch.matmul": lambda: torch.matmul(self.a, self.b, out=self.out)}
         if torch.device(device).type == "cpu" and dt == torch.float32:
-            from toolkit.models.onednn import onednn_linear, onednn_unavailable_reason
+            from toolkit.cpu.onednn import onednn_linear, onednn_unavailable_reason
 
             if onednn_unavailable_reason() is None:
                 b_t = self.b.t().contiguous()   # linear's weight layout: a @ b == linear(a, b^T)
@@ -170,8 +216,7 @@ class MatmulProbeProcess:
 
     A benchmark worker reads its memory growth from its own RSS (or CUDA allocations): matrices
     it made for the peak, even freed, stay resident in tcmalloc's caches, where the step then
-    reuses them, and the step's growth read ~45 MiB low at seq 512 batch 4 (checked 2026-12-04;
-    runs E-L measured this way). Here the matrices live in a sibling process that runs on the same
+    reuses them, and the step's growth would read low. Here the matrices live in a sibling process that runs on the same
     cores while the worker waits on the pipe, so the rate is the one the worker's cores give, and
     nothing of it is in the worker's memory, page faults or CPU time. The child exits when its
     stdin closes: :meth:`close`, or the worker's own exit.

@@ -4,8 +4,9 @@ For one (seq, batch), a fresh worker process times every matmul-class kernel the
 runs, at the step's exact shapes and with PyTorch's kernels:
 
 * the linear layers: teacher and student forward, the student's input and weight gradients, each
-  with the GEMM library the step uses (oneDNN's forward and input gradient on CPU fp32 runs,
-  ``toolkit/models/onednn.py``; MKL's ``addmm``/``mm`` otherwise and for the weight gradient);
+  with the GEMM library the step uses (oneDNN's forward and input gradient where ``cpu_accel``
+  switched the linears, ``toolkit/cpu/onednn.py``; MKL's ``addmm``/``mm`` otherwise and for the
+  weight gradient);
 * attention (``scaled_dot_product_attention``): forward for the teacher's layers, forward +
   backward for the student's;
 * the MiniLMv2 relation KL, the three relations forward + backward, with the toolkit's own
@@ -27,8 +28,7 @@ report shows in one run:
 
 Timings only; nothing is asserted about them in the tests. Usage::
 
-    python benchmarks/bench_ceiling.py --seqs 128,512 --batches '128=32;512=4' --allocator tcmalloc \
-        --json benchmarks/results_ceiling_cpu.json
+    python benchmarks/bench_ceiling.py --seqs 64,128 --batches '64=32;128=32' --json ceiling.json
 """
 from __future__ import annotations
 
@@ -43,15 +43,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from _common import (DTYPES, check_counts, cli_main, machine_info, markdown_table, measure_matmul_peak, parse_int_list,
-                     relation_loss_flops, step_flops, time_calls, write_json)
+from _common import (DTYPES, allocator_env, allocator_in_use, check_counts, cli_main, machine_info, markdown_table,
+                     measure_matmul_peak, parse_int_list, relation_loss_flops, step_flops, time_calls, write_json)
 from bench_distill_step import (MODEL_PRESETS, RELATIONS, BaselineStep, ToolkitStep, _shape,
                                 bench_models, check_device, make_batch, parse_batches, peak_size,
                                 run_worker_process)
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.launch import allocator
-from toolkit.launch.allocator import in_use as allocator_in_use
-from toolkit.models.onednn import count_onednn_linears, onednn_linear
 
 RESULT_PREFIX = "CEILING_RESULT "
 
@@ -87,7 +84,9 @@ def measure_components(step: ToolkitStep, batch: int, seq: int, relation_heads: 
 
     def linears(who: str, counts: Dict[tuple, int], wdtype: torch.dtype, backward: bool, onednn: bool) -> None:
         # The GEMM library the step's layers use: oneDNN's for the forward and the input gradient
-        # where the model's linears were switched (toolkit/models/onednn.py), MKL's otherwise.
+        # where cpu_accel switched the model's linears (toolkit/cpu/onednn.py), MKL's otherwise.
+        from toolkit.cpu.onednn import onednn_linear
+
         lib = " (oneDNN)" if onednn else ""
         for (k, n), calls in counts.items():
             x = torch.randn(m, k, device=device, dtype=wdtype)
@@ -101,11 +100,12 @@ def measure_components(step: ToolkitStep, batch: int, seq: int, relation_heads: 
                 add(f"{who} linear {k}->{n} input grad{lib}", calls, 2.0 * m * k * n, dx)
                 add(f"{who} linear {k}->{n} weight grad", calls, 2.0 * m * k * n, lambda: go.t() @ x)
 
+    switched = {who: rec.get("applied", {}).get("onednn_linears", 0) > 0 for who, rec in step.cpu_accel.items()}
     with torch.no_grad():
         linears("teacher", linear_counts(t_layers, tc.hidden_size, tc.intermediate_size), t_dtype, False,
-                count_onednn_linears(step.teacher) > 0)
+                switched.get("teacher", False))
     linears("student", linear_counts(s_layers, sc.hidden_size, sc.intermediate_size), dtype, True,
-            count_onednn_linears(step.student) > 0)
+            switched.get("student", False))
 
     def attention_inputs(cfg: Any, wdtype: torch.dtype, grad: bool) -> List[torch.Tensor]:
         h = cfg.num_attention_heads
@@ -239,6 +239,7 @@ def _main(args: argparse.Namespace) -> int:
     check_counts(args, ("steps", "reps", "threads"))
     if args.allocator not in ("system", "tcmalloc", "jemalloc"):
         raise ConfigError("--allocator", f"unknown allocator {args.allocator!r}; choose system, tcmalloc or jemalloc")
+    allocator_env(args.allocator, {})   # a missing library fails here, with how to install it
     check_device(argparse.Namespace(**vars(args), profile=False))   # no GPU, or emulated bf16 on this CPU
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -249,7 +250,6 @@ def _main(args: argparse.Namespace) -> int:
         batch = parse_int_list(args.batches or "2", "--batches")[0]
         print(RESULT_PREFIX + json.dumps(run_worker(seqs[0], batch, args)), flush=True)
         return 0
-    allocator.resolve(args.allocator)   # a missing library fails here, with how to install it
     batches = parse_batches(args.batches, seqs, args.smoke)
     info = machine_info(args.threads)
     if args.device == "cuda":

@@ -22,7 +22,7 @@ config: bf16 teacher and student weights, fp32 master weights in the optimizer (
 DeepSpeed's bf16 optimizer keeps), relation statistics in fp32. The baseline runs as a plain
 script would: fp32 weights under ``torch.autocast(bfloat16)``. MFU then divides by the bf16
 matmul peak. ``--device cuda`` runs everything on the first GPU (peak memory is then
-``torch.cuda.max_memory_allocated``); ``--models bert-large`` is the issue's GPU setting: a
+``torch.cuda.max_memory_allocated``); ``--models bert-large`` is the GPU setting: a
 BERT-large-shaped teacher (random weights: none can be downloaded here) distilled at layer
 21 into a 6 x 384 student with 64 relation heads.
 
@@ -54,12 +54,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from _common import (DTYPES, EncoderShape, MatmulProbeProcess, check_counts, cli_main, cpu_seconds, load_average,
+from _common import (DTYPES, EncoderShape, MatmulProbeProcess, allocator_env, allocator_in_use, check_counts,
+                     cli_main, cpu_seconds, load_average,
                      machine_info, markdown_table, measure_matmul_peak, parse_int_list, peak_rss_bytes, rss_bytes,
                      step_flops, sync, write_json)
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.launch import allocator
-from toolkit.launch.allocator import in_use as allocator_in_use
 
 RESULT_PREFIX = "BENCH_RESULT "
 LR = 1e-4
@@ -87,12 +86,12 @@ class BenchModels:
     teacher_layer: int = -1  # 1-based layer the loss reads; -1: MiniLMv2's default for the teacher's depth
 
 
-#: ``--models`` presets: the issue's CPU setting and its GPU setting.
+#: ``--models`` presets: the CPU setting (the demo's models) and the GPU setting.
 MODEL_PRESETS = ("minilm", "bert-large")
 
 
 def bench_models(smoke: bool, preset: str = "minilm") -> BenchModels:
-    """The issue's models, or tiny ones for ``--smoke``.
+    """The benchmark's models, or tiny ones for ``--smoke``.
 
     ``minilm``: all-MiniLM-L6-v2 teacher (its last layer read), 3x384 student, 12 relation heads.
     ``bert-large``: a random BERT-large-shaped teacher (24 x 1024, 16 heads) read at layer 21,
@@ -195,13 +194,12 @@ class ToolkitStep:
 
     def __init__(self, models: BenchModels, student_attention_dropout: Optional[float] = None,
                  chunk_size: Optional[int] = None, activation_checkpointing: bool = False,
-                 device: str = "cpu", dtype: str = "fp32", fp32_teacher: bool = False):
+                 device: str = "cpu", dtype: str = "fp32", fp32_teacher: bool = False, cpu_accel: str = "auto"):
         from toolkit.engine import prepare_frozen
         from toolkit.engine.precision import teacher_dtype
         from toolkit.losses import MiniLMv2RelationLoss
         from toolkit.models.capture import (ProjectionsOnly, QKVCapture, default_teacher_layer, resolve_layer,
                                             truncate_encoder)
-        from toolkit.models.dropout import use_fast_dropout
         from toolkit.models.encoder import build_encoder
         from toolkit.recipes.distill import StudentWithLoss
 
@@ -223,7 +221,6 @@ class ToolkitStep:
             spec = dataclasses.replace(spec, attention_dropout=student_attention_dropout)
         torch.manual_seed(STUDENT_SEED)
         student = build_encoder(spec)
-        use_fast_dropout(student)   # as the recipe (student.fast_dropout defaults to true)
         # As the recipe: the pooler gets no gradient from relation losses, so it is frozen.
         student.pooler.requires_grad_(False)
         s_idx = student.config.num_hidden_layers - 1
@@ -235,13 +232,6 @@ class ToolkitStep:
         self.module.train()
         self.module.to(self.device)
         self.student = student
-        if self.device.type == "cpu" and self.dtype == torch.float32:
-            from toolkit.models.onednn import use_onednn_linears
-
-            from toolkit.kernels.cpu_attention import use_cpu_attention
-
-            use_onednn_linears(self.module, trainable=True)   # as the recipe's engine on a CPU fp32 run
-            use_cpu_attention(self.module)                     # (the teacher's: prepare_frozen)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if self.dtype == torch.float32:
             self.optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
@@ -249,6 +239,14 @@ class ToolkitStep:
             self.module.to(self.dtype)
             self.optimizer = MasterWeightAdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
         self.teacher_layers_run = self.teacher_idx + 1
+        # As the recipe, on each model's final device and dtype: the CPU package's speed-ups
+        # (cpu_accel: auto, the default; they apply to fp32 CPU models only).
+        self.cpu_accel = {}
+        if cpu_accel != "off":
+            from toolkit.cpu import accelerate
+
+            self.cpu_accel = {"teacher": accelerate(self.teacher, trained=False, cfg_value=cpu_accel),
+                              "student": accelerate(self.module, trained=True, cfg_value=cpu_accel)}
 
     @torch.no_grad()
     def teacher_qkv(self, batch: Mapping[str, Tensor]) -> Dict[str, Tensor]:
@@ -394,21 +392,13 @@ def _timed_step(impl: Any, batch: Mapping[str, Tensor], phases: Dict[str, float]
 #: with ``student.activation_checkpointing: true`` (memory for time at long sequences);
 #: ``toolkit_attndrop01`` sets the student's attention dropout to 0.1 (CPU sdpa then has no
 #: fused kernel and falls back to the math path): what the recipe's default of 0 avoids.
-#: ``toolkit_torchrows`` runs the chunked relation KL with its torch block math instead of the
-#: fused CPU kernel and the compiled CPU row kernel (``TOOLKIT_CPU_RELATION=0`` and
-#: ``TOOLKIT_CPU_KERNEL=0`` in that worker; each worker is a process).
-def _toolkit_torch_rows(models: BenchModels, **kw: Any) -> "ToolkitStep":
-    os.environ["TOOLKIT_CPU_RELATION"] = "0"
-    os.environ["TOOLKIT_CPU_KERNEL"] = "0"
-    return ToolkitStep(models, **kw)
-
-
+#: ``toolkit_plain`` is the recipe's step with ``cpu_accel: off`` (plain PyTorch).
 IMPLS: Dict[str, Callable[..., Any]] = {
     "toolkit": ToolkitStep,
     "baseline": BaselineStep,
     "toolkit_ckpt": lambda models, **kw: ToolkitStep(models, activation_checkpointing=True, **kw),
     "toolkit_attndrop01": lambda models, **kw: ToolkitStep(models, student_attention_dropout=0.1, **kw),
-    "toolkit_torchrows": _toolkit_torch_rows,
+    "toolkit_plain": lambda models, **kw: ToolkitStep(models, cpu_accel="off", **kw),
 }
 
 
@@ -417,19 +407,12 @@ IMPLS: Dict[str, Callable[..., Any]] = {
 _OP_CATEGORIES = {
     "aten::addmm": "linear matmuls (QKV/O/FFN)",
     "aten::mm": "linear matmuls (QKV/O/FFN)",
-    "mkldnn::_linear_pointwise": "linear matmuls (QKV/O/FFN)",   # oneDNN's GEMM (toolkit/models/onednn.py)
+    "mkldnn::_linear_pointwise": "linear matmuls (QKV/O/FFN)",   # oneDNN's GEMM (toolkit/cpu/onednn.py)
     "aten::bmm": "batched matmuls (attention, relation logits)",
     "aten::baddbmm": "batched matmuls (attention, relation logits)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "sdpa flash kernel",
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "sdpa flash kernel",
-    # The compiled CPU attention kernel (toolkit/kernels/cpu_attention.py).
-    "toolkit::cpu_attention_fwd": "CPU attention kernel",
-    "toolkit::cpu_attention_bwd": "CPU attention kernel",
-    # The compiled weight-gradient GEMM (+ bias gradient) of the student's linears (cpu_wgrad.py).
-    "toolkit::cpu_wgrad": "linear matmuls (QKV/O/FFN)",
-    # The compiled forward / input-gradient GEMM of both models' linears (cpu_linear.py).
-    "toolkit::cpu_linear": "linear matmuls (QKV/O/FFN)",
-    # The fused relation KL (cpu_relation.py): logits, row math and student gradient.
+    # The CPU package's relation KL (toolkit/cpu/relation.py): logits, row math and student gradient.
     "toolkit::cpu_relation": "relation KL (fused CPU kernel)",
     "aten::_softmax": "softmax / logsumexp / exp",
     "aten::_log_softmax": "softmax / logsumexp / exp",
@@ -443,8 +426,6 @@ _OP_CATEGORIES = {
     "aten::_fused_adamw_": "optimizer",
     "aten::gelu": "gelu",
     "aten::gelu_backward": "gelu",
-    "toolkit::cpu_gelu": "gelu",
-    "toolkit::cpu_gelu_backward": "gelu",
     "aten::native_layer_norm": "layer norm",
     "aten::native_layer_norm_backward": "layer norm",
     "aten::embedding_dense_backward": "embedding backward",
@@ -456,9 +437,6 @@ _NAMED_TOTALS = {
     "relation KL backward (chunked kernel)": "_RelationKLFunctionBackward",
     "sdpa math path (no fused kernel)": "aten::_scaled_dot_product_attention_math",
     "sdpa flash kernel (forward + backward)": "aten::_scaled_dot_product_flash_attention_for_cpu",
-    "CPU attention kernel, forward": "toolkit::cpu_attention_fwd",
-    "CPU attention kernel, backward": "toolkit::cpu_attention_bwd",
-    "CPU weight-gradient kernel (dW, db)": "toolkit::cpu_wgrad",
     "relation KL (fused CPU kernel)": "toolkit::cpu_relation",
 }
 
@@ -485,7 +463,7 @@ def profile_step(step: Any, batch: Mapping[str, Tensor]) -> Dict[str, Any]:
         for label, needle in _NAMED_TOTALS.items():
             # "X" must not also count "XBackward" (the backward has its own entry), and the
             # autograd engine's "evaluate_function: XBackward" wrapper event must not count the
-            # backward a second time (runs D and earlier did: their backward figures are 2x).
+            # backward a second time.
             if ev.key.startswith("autograd::engine::"):
                 continue
             if needle in ev.key and not (needle.endswith("Function") and "Backward" in ev.key):
@@ -595,23 +573,15 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
 
 
 def relation_kl_kernel(impl: str, device: str, dtype: str = "fp32") -> str:
-    """Which relation-KL code a row's step ran: the baseline's own, Triton or the chunked path."""
+    """Which relation-KL implementation a row's step ran: the baseline's own, or what the
+    registry's ``auto`` picks for the step's student tensors (and any that failed here)."""
     if impl == "baseline":
         return "naive (baseline)"
-    from toolkit.losses.relations import _TRITON_FAILED, _runs_triton
+    from toolkit.losses.relation_kl import describe_relation_kl, failed_implementations
 
-    if _TRITON_FAILED:   # impl auto fell back after a compile/launch failure: say so in the table
-        return f"chunked (Triton failed: {_TRITON_FAILED['error'][:120]})"
-    if _runs_triton("auto", torch.device(device).type):
-        return "triton"
-    if torch.device(device).type != "cpu":
-        return "chunked"
-    from toolkit.kernels import cpu_relation, cpu_rows
-
-    if dtype == "fp32" and cpu_relation.unavailable_reason() is None:
-        return "chunked, fused CPU kernel"
-    reason = cpu_rows.unavailable_reason()
-    return "chunked, compiled CPU rows" if reason is None else f"chunked, torch rows ({reason[:120]})"
+    name = describe_relation_kl("auto", torch.device(device), 1, 1, 1, dtype=DTYPES[dtype]).split(" ")[0]
+    failed = failed_implementations()
+    return name + (f" ({', '.join(f'{k} failed: {v[:120]}' for k, v in failed.items())})" if failed else "")
 
 
 def peak_size(smoke: bool, device: str) -> int:
@@ -630,15 +600,6 @@ def _fault_in(*models: nn.Module) -> None:
                     t.reshape(-1)[:: max(1, 1024 // max(1, t.element_size()))].sum()
 
 
-def allocator_env(name: str, env: Dict[str, str]) -> Dict[str, str]:
-    """``env`` for a worker under host allocator ``name`` (``system``, ``tcmalloc``, ``jemalloc``),
-    set up exactly as the toolkit's entry points do it (toolkit/launch/allocator.py)."""
-    clean = {k: v for k, v in env.items() if k not in ("LD_PRELOAD", allocator.ENV_ACTIVE)}
-    clean[allocator.ENV_CHOICE] = name
-    lib = allocator.resolve(name)
-    return clean if lib is None else allocator.preload_env(lib, clean)
-
-
 def label(r: Mapping[str, Any]) -> str:
     """Row name: the implementation, with its allocator when that is not the system one."""
     alloc = r.get("allocator_asked", "system")
@@ -647,14 +608,14 @@ def label(r: Mapping[str, Any]) -> str:
 
 def worker_env(alloc: str, threads: int) -> Dict[str, str]:
     """Environment of a benchmark worker: ``threads`` BLAS/OpenMP threads, offline hub, and the
-    host allocator ``alloc`` set up as the toolkit's entry points do it."""
+    host allocator ``alloc`` preloaded."""
     return allocator_env(alloc, dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                                      TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
 
 
 def run_worker_process(cmd: Sequence[str], alloc: str, threads: int, timeout: int, prefix: str,
                        base: Dict[str, Any]) -> Dict[str, Any]:
-    """Run a worker command under ``alloc``; its JSON line after ``prefix``, or ``base`` plus an
+    """Start a worker command under ``alloc``; its JSON line after ``prefix``, or ``base`` plus an
     ``error`` (timeout, crash, out of memory, or a worker that ran on another allocator)."""
     try:
         proc = subprocess.run(list(cmd), capture_output=True, text=True, env=worker_env(alloc, threads),
@@ -734,8 +695,7 @@ def parse_batches(text: Optional[str], seqs: Sequence[int], smoke: bool) -> Dict
 def compare(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """toolkit / baseline ratios per (seq, batch) where both ran: first like for like (the
     baseline under the same allocator), then, for a toolkit row under another allocator, against
-    the baseline on the system allocator too (what a user gets from the toolkit's entry points,
-    which preload tcmalloc, against a plain script)."""
+    the baseline on the system allocator too."""
     ok = [r for r in results if "error" not in r]
     by_key = {(r["impl"], r["allocator_asked"], r["seq"], r["batch"]): r for r in ok}
     out = []
@@ -760,13 +720,13 @@ def _pair(r: Mapping[str, Any]) -> str:
     return f"{left} vs {right}"
 
 
-#: The issue's MFU target on a GPU (bf16), against the measured bf16 matmul peak.
+#: The MFU target on a GPU (bf16), against the measured bf16 matmul peak.
 GPU_MFU_TARGET = 0.45
 
 
 def check_targets(results: Sequence[Dict[str, Any]], ratios: Sequence[Dict[str, Any]], device: str = "cpu",
                   dtype: str = "fp32") -> List[Dict[str, Any]]:
-    """The issue's targets. CPU fp32: seq 512 >= 2x tokens/s and <= 1/4 memory, seq 128 MFU >=
+    """The performance targets. CPU fp32: seq 512 >= 2x tokens/s and <= 1/4 memory, seq 128 MFU >=
     80%. GPU: MFU >= 45% of the bf16 matmul peak on every toolkit row. CPU bf16 has none."""
     out = []
     if device == "cuda":
@@ -852,10 +812,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", default="toolkit,baseline", help=f"implementations among {', '.join(IMPLS)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps per run (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the issue asks for 2)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--allocators", default="system",
                    help="host allocators to run every implementation under: system, tcmalloc, jemalloc "
-                        "(comma-separated; each worker is started as the toolkit's entry points do it)")
+                        "(comma-separated; each worker is started with it preloaded)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both steps run")
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
                    help="fp32, or bf16: the toolkit as under a DeepSpeed bf16 config, the baseline under autocast")
@@ -914,7 +874,7 @@ def _main(args: argparse.Namespace) -> int:
     if bad or not allocs:
         raise ConfigError("--allocators", f"unknown allocator {bad or allocs}; choose from system, tcmalloc, jemalloc")
     for a in allocs:
-        allocator.resolve(a)   # a missing library fails here, with how to install it
+        allocator_env(a, {})   # a missing library fails here, with how to install it
     check_device(args)
     models = bench_models(args.smoke, args.models)
     too_long = [s for s in seqs if s > models.max_positions]
@@ -970,8 +930,8 @@ def _main(args: argparse.Namespace) -> int:
                     print(f"  {name:8s} seq {seq:4d} batch {batch:3d}: FAILED {r['error']}", flush=True)
                 results.append(r)
                 if args.json:
-                    # Rewritten after every row, so a run stopped by a time limit (a lent GPU's
-                    # call) still leaves the rows it finished; "partial" until the end.
+                    # Rewritten after every row, so a benchmark stopped by a time limit still
+                    # leaves the rows it finished; "partial" until the end.
                     write_json(args.json, dict(base, partial=True, results=results,
                                                 mfu_peak_gflops=peak.best_flops / 1e9))
     peak_after = measure_matmul_peak(peak_n, dtype=args.dtype, device=args.device)

@@ -2,9 +2,8 @@
 
 Times ``torch.exp`` against ``torch.softmax`` / ``torch.log_softmax`` on one block of the chunked
 relation KL (``[B, R, rows, L]``, fp32), with the last two thirds of every row either normal
-values or a fill such as a padded key's ``finfo.min``. On the CPUs measured (torch 2.13),
-``exp`` takes a slow path for arguments below about -88 while softmax's own exp does not
-(docs/KERNELS.md). Nothing is asserted on time.
+values or a fill such as a padded key's ``finfo.min``: on x86 CPUs ``exp`` takes a slow path
+for arguments below about -88 while softmax's own exp does not. Nothing is asserted on time.
 
 Usage::
 

@@ -1,7 +1,7 @@
 """AdamW step implementations side by side: which one the engine should hand DeepSpeed.
 
-The issue asks for ``torch.optim.AdamW(fused=True)`` or DeepSpeed's fused Adam, "whichever is
-faster on the hardware". This script times one optimizer step over the parameters of a real
+The engine can hand DeepSpeed ``torch.optim.AdamW(fused=True)`` or DeepSpeed's fused Adam,
+whichever is faster on the hardware. This script times one optimizer step over the parameters of a real
 encoder shape (the engine's two parameter groups: decayed matrices, undecayed biases and
 LayerNorm), for every implementation available on the device, in one process:
 
@@ -9,7 +9,7 @@ LayerNorm), for every implementation available on the device, in one process:
 * ``torch_foreach`` - ``torch.optim.AdamW(foreach=True)``.
 * ``torch_fused``   - ``torch.optim.AdamW(fused=True)`` (what ``optim.impl: auto`` picks).
 * ``ds_cpu_adam``   - ``deepspeed.ops.adam.DeepSpeedCPUAdam`` (CPU; its C++ op is compiled on
-  first use, ~30-100 s, cached in ``~/.cache/torch_extensions``; the build is timed separately).
+  first use, cached in ``~/.cache/torch_extensions``; the build is timed separately).
 * ``ds_fused_adam`` - ``deepspeed.ops.adam.FusedAdam`` (CUDA only; also compiled on first use).
 
 Every implementation starts from the same parameters and the same fixed gradients. After the

@@ -1,10 +1,12 @@
-"""Time the MiniLMv2 relation KL alone: the chunked path against the materializing one.
+"""Time the MiniLMv2 relation KL alone, per implementation of the relation-KL registry.
 
 One "call" is what one distillation step spends in the loss: three relations (QQ, KK, VV),
 forward and backward, on random teacher/student projections ``[B, L, 384]`` with 12 relation
-heads and no padding (the packed corpus has none). Both paths run in this process on the same
-inputs; the parent prints the median of ``--reps`` calls after one warm-up, and the largest
-relative difference of loss and gradients between them. Nothing is asserted on time.
+heads and no padding (the packed corpus has none). Every implementation named in ``--impls``
+(``chunked``, ``naive``, ``triton`` on CUDA, and with ``--cpu-accel`` the CPU package's
+``cpu_fused``) runs in this process on the same inputs; the script prints the median of
+``--reps`` calls after one warm-up, and the largest relative difference of loss and gradients
+to the first implementation. Nothing is asserted on time.
 
 To compare with an earlier version of the kernel, put that version's checkout first on the
 path; this script then times its ``toolkit``::
@@ -14,7 +16,7 @@ path; this script then times its ``toolkit``::
 Usage::
 
     python benchmarks/bench_relation_kl.py --shapes 32x128,4x512,8x512 --threads 2
-    python benchmarks/bench_relation_kl.py --impls chunked,chunked_blocks,chunked_torchrows   # the CPU kernels
+    python benchmarks/bench_relation_kl.py --cpu-accel --impls chunked,cpu_fused   # the CPU package's kernel
 """
 from __future__ import annotations
 
@@ -30,31 +32,10 @@ from torch import Tensor
 import toolkit
 from _common import parse_dims
 from toolkit.errors import ConfigError
-from toolkit.kernels import cpu_relation, cpu_rows
-from toolkit.kernels.relation_kl_chunked import relation_kl_qk
-from toolkit.losses.relations import relation_kl_naive
+from toolkit.losses import relation_kl as registry
 
 HIDDEN = 384
 HEADS = 12
-
-
-def relation_kl_blocks(*args: object) -> Tensor:
-    """The chunked path's blocks with the compiled CPU row kernel (the fused kernel turned off)."""
-    with cpu_relation.disabled():
-        return relation_kl_qk(*args)  # type: ignore[arg-type]
-
-
-def relation_kl_torch_rows(*args: object) -> Tensor:
-    """The chunked path's blocks with their torch block math (both compiled kernels turned off)."""
-    with cpu_relation.disabled(), cpu_rows.disabled():
-        return relation_kl_qk(*args)  # type: ignore[arg-type]
-
-
-#: ``chunked``: the toolkit's default (on CPUs the fused compiled kernel for fp32 inputs where it
-#: builds); ``chunked_blocks``: the query blocks with the compiled row kernel;
-#: ``chunked_torchrows``: the same blocks with torch's passes; ``naive``: materialising.
-FNS: Dict[str, Callable[..., Tensor]] = {"chunked": relation_kl_qk, "chunked_blocks": relation_kl_blocks,
-                                         "chunked_torchrows": relation_kl_torch_rows, "naive": relation_kl_naive}
 
 
 def parse_shapes(text: str) -> List[Tuple[int, int]]:
@@ -95,7 +76,8 @@ def time_loss(fn: Callable[..., Tensor], batch: int, seq: int, reps: int,
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="32x128,8x128,4x512,8x512", help="BATCHxSEQ list")
-    ap.add_argument("--impls", default="chunked,naive", help=f"among {', '.join(FNS)}")
+    ap.add_argument("--impls", default="chunked,naive", help="relation-KL implementations (registry names)")
+    ap.add_argument("--cpu-accel", action="store_true", help="register the CPU package's kernel (cpu_fused) first")
     ap.add_argument("--chunk-size", type=int, default=None, help="chunked query block (default: auto)")
     ap.add_argument("--pad-frac", type=float, default=0.0,
                     help="pad this fraction of every other row (0: packed, no padding)")
@@ -104,10 +86,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         shapes = parse_shapes(args.shapes)
+        if args.cpu_accel:
+            from toolkit.cpu import relation
+
+            if not relation.register():
+                raise ConfigError("--cpu-accel", f"the CPU package's kernel does not run here: "
+                                                 f"{relation.unavailable_reason()}")
         impls = [x.strip() for x in args.impls.split(",") if x.strip()]
-        bad = [x for x in impls if x not in FNS]
+        bad = [x for x in impls if x == "auto" or x not in registry.relation_kl_names()]
         if bad or not impls:
-            raise ConfigError("--impls", f"choose from {', '.join(FNS)}; got {args.impls!r}")
+            raise ConfigError("--impls", f"choose from {', '.join(registry.relation_kl_names()[1:])}; "
+                                         f"got {args.impls!r}")
         if args.reps < 1:
             raise ConfigError("--reps", f"must be >= 1, got {args.reps}")
         if not 0.0 <= args.pad_frac < 1.0:
@@ -116,10 +105,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    fns = FNS
-    fused = cpu_relation.unavailable_reason()
-    print(f"chunked on this CPU: {'the fused kernel' if fused is None else f'blocks (fused kernel: {fused})'}; "
-          f"chunked block math: {cpu_rows.describe()}")
     print(f"toolkit from {toolkit.__file__}; torch {torch.__version__}, {args.threads} threads; "
           f"3 relations, hidden {HIDDEN}, {HEADS} relation heads, fp32, "
           + (f"every other row {100 * args.pad_frac:.0f}% padded\n" if args.pad_frac else "no padding\n"))
@@ -128,7 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for batch, seq in shapes:
         first = None
         for impl in impls:
-            r = time_loss(fns[impl], batch, seq, args.reps, args.chunk_size, args.pad_frac)
+            r = time_loss(lambda *a, name=impl: registry.compute_relation_kl(name, *a), batch, seq, args.reps,
+                          args.chunk_size, args.pad_frac)
             if first is None:
                 first, diff = r, "-"
             else:

@@ -18,11 +18,4 @@ if ! command -v numactl >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v ap
   (apt-get install -y -q numactl >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q numactl >/dev/null 2>&1)) \
     || echo "[setup] numactl not installed; multi-rank CPU tests use OMP_NUM_THREADS=1 instead"
 fi
-# tcmalloc (and jemalloc): CPU jobs preload one and skip glibc's per-step page faults; they
-# run on the system allocator without it (toolkit/launch/allocator.py, optional).
-if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-  (apt-get install -y -q libtcmalloc-minimal4 libjemalloc2 >/dev/null 2>&1 \
-    || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 libjemalloc2 >/dev/null 2>&1)) \
-    || echo "[setup] tcmalloc not installed; CPU jobs use the system allocator (slower, more memory)"
-fi
 echo "[setup] ok: $($PY -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)')"

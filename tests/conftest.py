@@ -231,21 +231,39 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
              "CROSS_RANK", "CROSS_SIZE")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def subprocess_env(**extra: str) -> dict:
     """os.environ for a child job, without the one-process world that in-process tests set
-    up (a stale MASTER_PORT would collide with this process's rendezvous port)."""
+    up (a stale MASTER_PORT would collide with this process's rendezvous port), with this
+    checkout first on PYTHONPATH (children import the toolkit under test, not an installed one)."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env["TOOLKIT_NO_PROGRESS"] = "1"
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO_ROOT]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
     env.update(extra)
     return env
 
 
-# ----- the compiled CPU kernels' common checks -------------------------------------------------
-# What every optional compiled CPU kernel (toolkit/kernels/compiled.py) must do, as one fixture:
-# ``compiled_checks`` gives the tests of each kernel module (cpu_linear, cpu_wgrad, cpu_relation,
-# cpu_dropout) the same checks: it builds into an empty cache on a Linux host with a C compiler,
-# without a warning; its switch turns it off and says so; with no compiler it warns once and
-# falls back; ``disabled()`` says so; and a build that computes a wrong number is caught by the
+@pytest.fixture(autouse=True)
+def _relation_kl_registry():
+    """Each test starts and ends with the same relation-KL registry (a test that runs a job with
+    cpu_accel auto, or registers a toy implementation, must not change what later tests run)."""
+    from toolkit.losses import relation_kl
+
+    saved = dict(relation_kl._IMPLS), dict(relation_kl._FAILED)
+    yield
+    relation_kl._IMPLS.clear()
+    relation_kl._IMPLS.update(saved[0])
+    relation_kl._FAILED.clear()
+    relation_kl._FAILED.update(saved[1])
+
+
+# ----- the CPU package's compiled kernels --------------------------------------------------------
+# What every compiled kernel of the CPU package (toolkit/cpu/compiled.py) must do, as one fixture:
+# ``compiled_checks`` gives the tests of each kernel module the same checks: it builds into an
+# empty cache on a Linux host with a C compiler, without a warning; with no compiler it warns once
+# and falls back; ``disabled()`` says so; and a build that computes a wrong number is caught by the
 # self-check before use.
 class CompiledKernelChecks:
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -260,20 +278,18 @@ class CompiledKernelChecks:
         return k
 
     def fresh(self, module: ModuleType) -> Path:
-        """An empty kernel cache, the switch unset, nothing loaded (the real state comes back
-        after the test)."""
-        cache = self.tmp_path / "cache"
-        self.monkeypatch.setenv("TOOLKIT_KERNEL_CACHE", str(cache))
-        self.monkeypatch.delenv(module._KERNEL.env_var, raising=False)
+        """An empty kernel cache, nothing loaded (the real state comes back after the test)."""
+        self.monkeypatch.setenv("XDG_CACHE_HOME", str(self.tmp_path / "cache"))
+        cache = self.tmp_path / "cache" / "mitkd" / "kernels"
         module.reset()
         self._reset.append(module)
         return cache
 
     @staticmethod
     def _can_build() -> bool:
-        from toolkit.kernels import cpu_rows
+        from toolkit.cpu import compiled
 
-        return sys.platform.startswith("linux") and cpu_rows.find_compiler() is not None
+        return sys.platform.startswith("linux") and compiled.find_compiler() is not None
 
     def builds(self, module: ModuleType, prefix: str) -> None:
         """Built into the (fresh) cache without a warning, named after its source."""
@@ -286,20 +302,12 @@ class CompiledKernelChecks:
         assert k is not None, module.unavailable_reason()
         assert k.path.parent == cache and k.path.name.startswith(prefix)
 
-    def switched_off(self, module: ModuleType) -> None:
-        """``<VAR>=0``: not loaded, and the reason names the variable (stays set for the caller's
-        own check of the fallback path)."""
-        self.fresh(module)
-        var = module._KERNEL.env_var
-        self.monkeypatch.setenv(var, "0")
-        assert module.load() is None and f"{var}=0" in module.unavailable_reason()
-
     def no_compiler_and_disabled(self, module: ModuleType) -> None:
         """No C compiler: one RuntimeWarning and the fallback; ``disabled()`` says so."""
-        from toolkit.kernels import cpu_rows
+        from toolkit.cpu import compiled
 
         self.fresh(module)
-        self.monkeypatch.setattr(cpu_rows, "find_compiler", lambda: None)
+        self.monkeypatch.setattr(compiled, "find_compiler", lambda: None)
         with pytest.warns(RuntimeWarning, match="no C compiler"):
             assert module.load() is None
         with module.disabled():

@@ -81,25 +81,8 @@ def _common(f):  # noqa: ANN001 - click decorator plumbing
     return f
 
 
-#: Commands that run a training/eval job in this process: they get the CPU allocator re-exec.
-_JOB_COMMANDS = frozenset({"teacher", "distill", "finetune", "eval", "pipeline"})
-
-
 def entry() -> None:
-    """Console-script entry (``toolkit ...``, ``python -m toolkit ...``).
-
-    Job commands first re-execute the process once with tcmalloc/jemalloc preloaded where
-    ``TOOLKIT_CPU_ALLOCATOR`` asks for it (default ``auto``: on CPU-only hosts that have one
-    installed; see toolkit/launch/allocator.py), then dispatch as usual.
-    """
-    first = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-    if first in _JOB_COMMANDS:
-        from toolkit.launch.allocator import reexec_with_allocator
-
-        try:
-            reexec_with_allocator()
-        except ToolkitError as e:
-            _fail(e)
+    """Console-script entry (``toolkit ...``, ``python -m toolkit ...``)."""
     main()
 
 

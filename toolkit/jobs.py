@@ -97,23 +97,12 @@ def launcher_main(job: str, argv: Optional[List[str]] = None) -> None:
 
     The deepspeed launcher appends ``--local_rank=N``; rank and world size come from the
     environment it sets. The DS JSON given here overrides ``ds_config`` in the YAML.
-    Run as a script (``argv`` None), each rank first re-executes itself once with the CPU
-    allocator that ``TOOLKIT_CPU_ALLOCATOR`` selects (toolkit/launch/allocator.py).
     """
     import argparse
 
     from toolkit.errors import ToolkitError
 
-    if argv is None:
-        from toolkit.launch.allocator import reexec_with_allocator
-
-        try:
-            reexec_with_allocator()
-        except ToolkitError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    p = argparse.ArgumentParser(description=JOBS[job].summary)
+    p = argparse.ArgumentParser(prog=f"launchers/{job}.py", description=JOBS[job].summary)
     p.add_argument("--config", help="job YAML: a path, or a shipped example by name (see configs/)")
     p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config",
                    help="DeepSpeed JSON: the engine settings; a path, or a shipped name (see ds_configs/)")

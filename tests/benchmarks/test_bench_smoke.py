@@ -62,9 +62,9 @@ def test_paired_peak_reports_a_drift_robust_mfu_next_to_the_best_of_run_one(tmp_
 
 def test_matmul_probe_process_keeps_its_matrices_out_of_the_worker():
     # The workers time the matmul peak before their steps (and after each one with --paired-peak).
-    # Matrices made in the worker itself stayed resident in tcmalloc's caches and the step reused
-    # them: its memory growth read ~45 MiB low at seq 512 batch 4. In a sibling process they cost
-    # the worker nothing.
+    # Matrices made in the worker itself would stay resident in the allocator's caches and the step
+    # would reuse them (its memory growth would read low). In a sibling process they cost the worker
+    # nothing.
     import resource
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -86,10 +86,10 @@ def test_matmul_probe_process_keeps_its_matrices_out_of_the_worker():
 
 
 def test_matmul_peak_is_the_faster_gemm_library():
-    """On CPUs in fp32 the teacher runs oneDNN's GEMM (toolkit/models/onednn.py), ~20% faster than
-    torch.matmul's MKL on the AMD hosts measured: the peak MFU divides by is the faster of the two,
-    each reported, so MFU never credits the step with beating a slower reference GEMM."""
-    from toolkit.models.onednn import onednn_unavailable_reason
+    """On CPUs in fp32 the step's linears may run oneDNN's GEMM (cpu_accel, toolkit/cpu/onednn.py):
+    the peak MFU divides by is the faster of it and torch.matmul's MKL, each reported, so MFU never
+    credits the step with beating a slower reference GEMM."""
+    from toolkit.cpu.onednn import onednn_unavailable_reason
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -107,7 +107,7 @@ def test_matmul_peak_is_the_faster_gemm_library():
 
 
 def test_json_is_written_after_every_row(tmp_path):
-    """A run stopped early (a lent GPU's time limit) keeps the rows it finished: the JSON is
+    """A benchmark stopped early (a time limit) keeps the rows it finished: the JSON is
     rewritten after each row, marked partial, and completed at the end."""
     out = tmp_path / "bench.json"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--steps", "1", "--warmup", "0", "--threads",
@@ -143,27 +143,22 @@ def test_smoke_bf16_large_preset_reads_an_inner_teacher_layer(tmp_path):
     tk, bl = data["results"]
     assert tk["teacher_layers_run"] == 2 and bl["teacher_layers_run"] == 3
     assert tk["dtype"] == "bf16" and tk["loss_finite"] and bl["loss_finite"]
-    from toolkit.kernels import cpu_rows
-
-    # On CPUs the chunked path's block math is named: for bf16 inputs the blocks (the fused kernel
-    # takes fp32 only), with the compiled row kernel where a C compiler is.
-    want = "chunked, compiled CPU rows" if cpu_rows.find_compiler() else "chunked, torch rows ("
-    assert tk["relation_kl_kernel"].startswith(want) and bl["relation_kl_kernel"] == "naive (baseline)"
-    assert data["targets"] == []      # the issue sets no target for bf16 on a CPU
+    # bf16 inputs: the registry's chunked path (the CPU package's kernel takes fp32 only).
+    assert tk["relation_kl_kernel"] == "chunked" and bl["relation_kl_kernel"] == "naive (baseline)"
+    assert data["targets"] == []      # no target for bf16 on a CPU
 
 
-def test_toolkit_torchrows_runs_the_torch_block_math(tmp_path):
+def test_toolkit_plain_runs_without_the_cpu_package(tmp_path):
     out = tmp_path / "bench.json"
-    proc = _run("--smoke", "--impls", "toolkit_torchrows,toolkit", "--steps", "1", "--warmup", "0", "--threads", "1",
+    proc = _run("--smoke", "--impls", "toolkit_plain,toolkit", "--steps", "1", "--warmup", "0", "--threads", "1",
                 "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
-    assert rows["toolkit_torchrows"]["relation_kl_kernel"] == "chunked, torch rows (turned off by TOOLKIT_CPU_KERNEL=0)"
-    assert rows["toolkit_torchrows"]["loss_finite"] and rows["toolkit"]["loss_finite"]
-    # Same seeds, same batch: the same loss to fp32 rounding. The tiny random models' KL is
-    # ~4e-4, a difference of O(1e-2) terms, where the torch block math's fp32 row sums leave
-    # ~1e-4 relative error (the compiled rows avoid that cancellation; docs/KERNELS.md).
-    assert rows["toolkit_torchrows"]["losses"] == pytest.approx(rows["toolkit"]["losses"], rel=1e-3)
+    assert rows["toolkit_plain"]["relation_kl_kernel"] == "chunked"
+    assert rows["toolkit"]["relation_kl_kernel"] in ("cpu_fused", "chunked")
+    # Same seeds, same batch: the same loss to fp32 rounding (the tiny random models' KL is a
+    # difference of much larger terms, hence the tolerance).
+    assert rows["toolkit_plain"]["losses"] == pytest.approx(rows["toolkit"]["losses"], rel=1e-3)
 
 
 def test_cuda_without_a_gpu_is_refused():
@@ -196,72 +191,41 @@ def test_relation_kl_bench_rows_agree_and_bad_shape_is_named():
     assert bad.returncode == 2 and "--shapes" in bad.stderr and "2by16" in bad.stderr
 
 
-def test_relation_kl_bench_compares_the_cpu_implementations():
+def test_relation_kl_bench_compares_the_cpu_package_kernel():
+    from toolkit.cpu import relation
+
+    if relation.load() is None:
+        pytest.skip(f"the CPU package's relation kernel does not run here: {relation.unavailable_reason()}")
     script = ROOT / "benchmarks" / "bench_relation_kl.py"
     proc = subprocess.run([sys.executable, str(script), "--shapes", "2x16", "--reps", "1", "--threads", "1",
-                           "--impls", "chunked,chunked_blocks,chunked_torchrows", "--pad-frac", "0.25"],
+                           "--cpu-accel", "--impls", "chunked,cpu_fused", "--pad-frac", "0.25"],
                           capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "chunked block math: " in proc.stdout and "chunked on this CPU: " in proc.stdout
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line[2:3].isdigit()]
-    assert [r[1].strip() for r in rows] == ["chunked", "chunked_blocks", "chunked_torchrows"]
-    assert float(rows[1][5]) < 1e-4 and float(rows[2][5]) < 1e-4
+    assert [r[1].strip() for r in rows] == ["chunked", "cpu_fused"] and float(rows[1][5]) < 1e-4
+    bad = subprocess.run([sys.executable, str(script), "--impls", "chunked,fast"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "--impls" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_row_kernel_ab_alternates_both_arms_and_names_bad_input(tmp_path):
-    from toolkit.kernels import cpu_rows
-
-    script = ROOT / "benchmarks" / "bench_row_kernel_ab.py"
+def test_cpu_accel_bench_alternates_both_arms_and_names_bad_input(tmp_path):
+    script = ROOT / "benchmarks" / "bench_cpu_accel.py"
     out = tmp_path / "ab.json"
-    proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "2", "--per-arm", "1",
-                           "--warmup", "0", "--threads", "1", "--json", str(out)],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
-    if cpu_rows.load() is None:   # nothing to compare: a one-line error naming why
-        assert proc.returncode == 2 and "TOOLKIT_CPU_KERNEL" in proc.stderr
-        return
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--rounds", "2", "--per-arm", "1", "--warmup", "0",
+                           "--threads", "1", "--clock", "cpu", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| seq | batch | step ms, compiled rows | step ms, torch rows |" in proc.stdout
     data = json.loads(out.read_text())
-    assert data["partial"] is False and len(data["results"]) == 1
-    r = data["results"][0]
-    assert (r["seq"], r["batch"]) == (16, 2)
-    assert r["switch"] == "cpu-rows"
-    assert len(r["on_ms_all"]) == len(r["off_ms_all"]) == 2 and len(r["round_speedups"]) == 2
-    assert r["speedup_of_medians"] == pytest.approx(r["off_ms"] / r["on_ms"])
-    # Every other switch, each where its fast path runs here, else a one-line error naming its
-    # variable; the step is left as the recipe runs it.
-    from toolkit.kernels import cpu_attention, cpu_dropout, cpu_linear, cpu_relation, cpu_wgrad
-    from toolkit.models import onednn
-
-    onednn_ok = onednn.onednn_unavailable_reason() is None
-    switches = [  # (switch, runs here, arm names in the header, the variable named when it cannot run)
-        ("teacher-onednn", onednn_ok, ("teacher oneDNN", "teacher MKL"), "TOOLKIT_ONEDNN_LINEAR"),
-        ("student-onednn", onednn_ok, ("student oneDNN", "student MKL"), "TOOLKIT_ONEDNN_LINEAR"),
-        ("cpu-attention", cpu_attention.load() is not None, ("attention kernel", "sdpa"), "TOOLKIT_CPU_ATTENTION"),
-        ("cpu-dropout", cpu_dropout.load() is not None, ("compiled masks", "torch masks"), "TOOLKIT_CPU_DROPOUT"),
-        ("cpu-wgrad", onednn_ok and cpu_wgrad.load() is not None, ("wgrad kernel", "mm + sum"), "TOOLKIT_CPU_WGRAD"),
-        ("cpu-linear", onednn_ok and cpu_linear.load() is not None, ("GEMM kernel", "oneDNN"), "TOOLKIT_CPU_LINEAR"),
-        ("cpu-relation", cpu_relation.load() is not None, ("fused relation KL", "chunked blocks"),
-         "TOOLKIT_CPU_RELATION"),
-        ("teacher-gelu", onednn_ok and onednn._gelu_postop_reason() is None, ("fused GELU", "separate GELU"),
-         "TOOLKIT_ONEDNN_LINEAR"),
-        ("ffn-recompute", onednn_ok and cpu_linear.load() is not None, ("recomputed", "kept"), "TOOLKIT_CPU_LINEAR"),
-    ]
-    for switch, runs, (on, off), variable in switches:
-        proc = subprocess.run([sys.executable, str(script), "--smoke", "--shapes", "16x2", "--rounds", "1", "--per-arm",
-                               "1", "--warmup", "0", "--threads", "1", "--switch", switch],
-                              capture_output=True, text=True, timeout=240, cwd=ROOT)
-        if runs:
-            assert proc.returncode == 0, (switch, proc.stderr[-2000:])
-            assert f"| seq | batch | step ms, {on} | step ms, {off} |" in proc.stdout, switch
-        else:
-            assert proc.returncode == 2 and variable in proc.stderr, switch
-    bad = subprocess.run([sys.executable, str(script), "--shapes", "16by2"], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
-    assert bad.returncode == 2 and "--shapes" in bad.stderr and "16by2" in bad.stderr
-    bad = subprocess.run([sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
-    assert bad.returncode == 2 and "--rounds" in bad.stderr
+    got = [(r["step"], r["switch"]) for r in data["results"]]
+    assert got == [("distill", "onednn-linears"), ("distill", "relation-kl"), ("finetune", "onednn-linears")]
+    for r in data["results"]:
+        assert len(r["round_shares"]) == 2 and r["on_ms"] > 0 and r["off_ms"] > 0 and r["clock"] == "cpu"
+    assert "| distill | relation-kl |" in proc.stdout
+    for bad, name in ((["--switches", "attention"], "--switches"), (["--steps", "pretrain"], "--steps"),
+                      (["--rounds", "0"], "--rounds")):
+        b = subprocess.run([sys.executable, str(script), "--smoke", *bad], capture_output=True, text=True, timeout=120,
+                           cwd=ROOT)
+        assert b.returncode == 2 and name in b.stderr and "Traceback" not in b.stderr
 
 
 def test_memory_probe_reports_every_phase():
@@ -274,48 +238,6 @@ def test_memory_probe_reports_every_phase():
                                             ("teacher forward", "student forward + loss", "backward", "optimizer")]
     for _, live, held, rss in rows:
         assert min(int(live), int(held), int(rss)) >= 0   # peaks above the set-up level, in MiB
-
-
-@pytest.mark.slow   # the real teacher and corpus, one whole job per allocator: `make test-slow`
-def test_job_allocator_bench_runs_the_real_job_under_each_allocator(tmp_path):
-    from toolkit.demo import resources as res
-    from toolkit.errors import ToolkitError
-    from toolkit.launch import allocator
-
-    try:
-        res.teacher_dir()
-    except ToolkitError as e:
-        pytest.skip(f"not fetched; run `bash scripts/fetch_resources.sh` ({e})")
-    allocs = ["system"] + (["tcmalloc"] if allocator.find_library("tcmalloc", allocator.search_dirs()) else [])
-    out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_job_allocator.py"), "--allocators",
-                           ",".join(allocs), "--reps", "1", "--steps", "2", "--batch", "2", "--seq", "32",
-                           "--student-layers", "1", "--threads", "1", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
-    rows = json.loads(out.read_text())
-    # Each job reports the allocator it really ran on (from its own metrics.json).
-    assert [(r["allocator_asked"], r["allocator"]) for r in rows] == [(a, a) for a in allocs]
-    assert all(r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
-    assert "| allocator | ran on | tokens/s" in proc.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_job_allocator.py"), "--allocators",
-                          "mimalloc"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert bad.returncode == 2 and "mimalloc" in bad.stderr and "Traceback" not in bad.stderr
-
-
-def test_dropout_bench_compares_both_and_rejects_bad_input():
-    script = ROOT / "benchmarks" / "bench_dropout.py"
-    proc = subprocess.run([sys.executable, str(script), "--shapes", "2x16x8", "--reps", "2", "--threads", "1"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 2x16x8")]
-    assert [r[1].strip() for r in rows] == ["torch F.dropout", "toolkit fast_dropout",
-                                            "toolkit fast_dropout, torch random_() masks"]
-    assert all(0.5 < float(r[4]) <= 1.0 for r in rows)   # p = 0.1 keeps most of 256 elements
-    for bad, opt in ((["--shapes", "2x16"], "--shapes"), (["--p", "1.5"], "--p")):
-        out = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=120,
-                             cwd=ROOT)
-        assert out.returncode == 2 and opt in out.stderr and "Traceback" not in out.stderr
 
 
 def test_loader_bench_compares_state_every_and_rejects_bad_input():
@@ -436,56 +358,3 @@ def test_exp_bench_rows_and_bad_shape():
     bad = subprocess.run([sys.executable, script, "--shape", "2x3"], capture_output=True, text=True, timeout=120,
                          cwd=ROOT)
     assert bad.returncode == 2 and "--shape" in bad.stderr
-
-
-def test_attention_bench_times_both_and_checks_both_against_float64(tmp_path):
-    from toolkit.kernels import cpu_attention
-
-    script = ROOT / "benchmarks" / "bench_attention.py"
-    out = tmp_path / "attn.json"
-    proc = subprocess.run([sys.executable, str(script), "--shapes", "2x24", "--heads", "2", "--head-dim", "26",
-                           "--reps", "2", "--warmup", "1", "--threads", "1", "--json", str(out)],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
-    if cpu_attention.load() is None:   # nothing to compare: a one-line error naming why
-        assert proc.returncode == 2 and "TOOLKIT_CPU_ATTENTION" in proc.stderr
-        return
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(out.read_text())["results"][0]
-    assert (r["batch"], r["seq"], r["heads"], r["head_dim"]) == (2, 24, 2, 26)
-    for arm in ("kernel fwd", "sdpa fwd", "kernel fwd+bwd", "sdpa fwd+bwd"):
-        assert len(r[arm]["all_ms"]) == 2 and r[arm]["ms"] > 0
-    assert r["max_abs_err_vs_fp64"]["kernel"] < 1e-5 and r["max_abs_err_vs_fp64"]["sdpa"] < 1e-5
-    bad = subprocess.run([sys.executable, str(script), "--shapes", "2by24"], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
-    assert bad.returncode == 2 and "--shapes" in bad.stderr
-
-
-def test_gemm_bench_times_every_gemm_library_and_checks_each_against_float64(tmp_path):
-    from toolkit.kernels import cpu_linear, cpu_wgrad
-    from toolkit.models.onednn import onednn_unavailable_reason
-
-    script = ROOT / "benchmarks" / "bench_gemm.py"
-    out = tmp_path / "gemm.json"
-    proc = subprocess.run([sys.executable, str(script), "--tokens", "37", "--layers", "40x70", "--rounds", "2",
-                           "--warmup", "1", "--threads", "1", "--peak-n", "64", "--all-gelu", "--json", str(out)],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    data = json.loads(out.read_text())
-    assert data["partial"] is False and len(data["matmul_peaks"]) == 2
-    rows = {(r["op"], r["impl"]): r for r in data["results"]}
-    expect = {"MKL", "kernel"} | ({"oneDNN"} if onednn_unavailable_reason() is None else set())
-    for op in ("fwd", "fwd_gelu", "dgrad"):
-        assert {impl for o, impl in rows if o == op} == expect
-    assert {impl for o, impl in rows if o == "wgrad"} == {"MKL", "kernel"}
-    for (op, impl), r in rows.items():
-        assert (r["tokens"], r["in"], r["out"]) == (37, 40, 70)
-        kernel_off = {"fwd": cpu_linear, "fwd_gelu": cpu_linear, "dgrad": cpu_linear, "wgrad": cpu_wgrad}[op]
-        if "unavailable" in r:   # a kernel that did not build here is a row that says why
-            assert impl == "kernel" and kernel_off.load() is None and r["unavailable"]
-            continue
-        assert r["median_gflops"] > 0 and r["best_gflops"] >= r["median_gflops"]
-        assert r["max_rel_err"] < 1e-5, (op, impl, r["max_rel_err"])
-    assert rows[("fwd", "MKL")]["speedup_vs_mkl"] == 1.0
-    bad = subprocess.run([sys.executable, str(script), "--ops", "fwd,matmul"], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
-    assert bad.returncode == 2 and "--ops" in bad.stderr

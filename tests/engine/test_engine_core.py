@@ -331,24 +331,3 @@ def test_close_releases_the_engine_and_another_can_follow():
     assert ref() is None   # nothing keeps DeepSpeed's engine (and its optimizer state) alive
     e2 = Engine(TinyNet(), ds_cfg(stage=2), OptimConfig(lr=1e-2), total_steps=4)
     assert all(math.isfinite(v) for v in run(e2, 2))
-
-
-@pytest.mark.parametrize("stage", [0, 3])
-def test_cpu_fp32_engine_trains_on_onednn_linears_like_mkl(stage, monkeypatch):
-    """The engine switches its model's linears to oneDNN on a CPU fp32 run (ZeRO-3 included:
-    the weight is gathered before the backward reads it); three steps land where MKL's do."""
-    from toolkit.models.onednn import OneDNNLinear, onednn_unavailable_reason
-
-    if onednn_unavailable_reason() is not None:
-        pytest.skip(f"oneDNN linear not usable here: {onednn_unavailable_reason()}")
-    optim = OptimConfig(lr=1e-2)
-    dnn = Engine(TinyNet(), ds_cfg(stage=stage), optim, total_steps=4)
-    assert dnn.onednn_linears == 2 and sum(type(m) is OneDNNLinear for m in dnn.module.modules()) == 2
-    monkeypatch.setenv("TOOLKIT_ONEDNN_LINEAR", "0")
-    mkl = Engine(TinyNet(), ds_cfg(stage=0), optim, total_steps=4)
-    assert mkl.onednn_linears == 0 and not any(type(m) is OneDNNLinear for m in mkl.module.modules())
-    for a, b in zip(run(dnn, 3), run(mkl, 3)):
-        assert a == pytest.approx(b, rel=1e-5)
-    sd_dnn, sd_mkl = dnn.consolidated_state_dict(), mkl.consolidated_state_dict()
-    for k in sd_mkl:
-        torch.testing.assert_close(sd_dnn[k], sd_mkl[k], rtol=1e-5, atol=1e-6)

@@ -46,7 +46,7 @@ def reference(tmp_path_factory):
 def test_two_ranks_match_one_process(tmp_path, reference, config):
     if shutil.which("deepspeed") is None:
         pytest.skip("deepspeed launcher not on PATH")
-    env = dict(os.environ, TOOLKIT_NO_PROGRESS="1")
+    env = dict(os.environ)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # set by an in-process Engine earlier in this session
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]

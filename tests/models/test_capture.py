@@ -137,6 +137,8 @@ def test_projections_only_keeps_qkv_values_and_gradients(fixture, request):
     torch.testing.assert_close(cut_out.last_hidden_state.detach(), hidden[n - 1])
     assert handle.active
     keys = set(model.state_dict())
+    assert keys == set(AutoModel.from_pretrained(path).state_dict())   # the cut layer's weights stay in place
+    assert "forward" not in model.encoder.layer[n - 1].__dict__       # a module of its own, no method rebound
     handle.remove()
     assert not handle.active and set(model.state_dict()) == keys
     with torch.no_grad():
@@ -167,16 +169,20 @@ def test_checkpoint_layers_same_loss_and_gradients_with_dropout(tiny_bert4_dir, 
         if cut_last:
             ProjectionsOnly(model, -1)
         handle = CheckpointLayers(model, range(n - 1 if cut_last else n)) if ckpt else None
+        calls = []
+        model.encoder.layer[0].intermediate.dense.register_forward_hook(lambda *_: calls.append(1))
         torch.manual_seed(123)
         model(**batch)
         qkv = cap.get(-1)
         loss = sum((qkv[w] ** 2).mean() for w in "qkv")
         loss.backward()
-        return handle, loss.detach(), {n_: p.grad.clone() for n_, p in model.named_parameters() if p.grad is not None}
+        grads = {n_: p.grad.clone() for n_, p in model.named_parameters() if p.grad is not None}
+        return handle, loss.detach(), grads, len(calls)
 
-    _, ref_loss, ref_grads = run(False)
-    handle, loss, grads = run(True)
+    _, ref_loss, ref_grads, ref_calls = run(False)
+    handle, loss, grads, calls = run(True)
     assert handle.layers == list(range(3 if cut_last else 4))
+    assert (ref_calls, calls) == (1, 2)      # the checkpointed layer ran again in the backward
     torch.testing.assert_close(loss, ref_loss)
     assert set(grads) == set(ref_grads)
     for name in ref_grads:
@@ -188,5 +194,7 @@ def test_checkpoint_layers_refuses_a_cut_layer(tiny_bert_dir):
 
     model = AutoModel.from_pretrained(tiny_bert_dir)
     ProjectionsOnly(model, -1)
-    with pytest.raises(ToolkitError, match="already has a replaced forward"):
+    with pytest.raises(ToolkitError, match="cut to its projections"):
         CheckpointLayers(model, [-1])
+    with pytest.raises(ToolkitError, match="already cut"):
+        ProjectionsOnly(model, -1)

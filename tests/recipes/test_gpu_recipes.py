@@ -2,7 +2,7 @@
 ZeRO-Offload, the Triton relation KL inside the distillation step, and an exact resume.
 
 Marked ``gpu`` (deselected by default). On a GPU host: ``pytest -m gpu tests/recipes``, or
-``scripts/gpu_session.sh recipes``, which also installs the DeepSpeed wheels a lent machine lacks.
+``scripts/gpu_acceptance.sh tests``.
 """
 from __future__ import annotations
 

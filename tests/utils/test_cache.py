@@ -55,19 +55,18 @@ def test_cached_library_checks(tmp_path, monkeypatch):
 
 
 def test_the_kernel_loader_falls_back_from_a_foreign_cache(tmp_path, monkeypatch):
-    from toolkit.kernels import cpu_attention, cpu_rows
+    from toolkit.cpu import compiled, relation
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    monkeypatch.setenv("TOOLKIT_KERNEL_CACHE", str(cache))
-    monkeypatch.delenv(cpu_attention._KERNEL.env_var, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     real_uid = os.getuid()
     monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)
-    monkeypatch.setattr(cpu_rows, "find_compiler", lambda: "cc")
-    cpu_attention.reset()
+    monkeypatch.setattr(compiled, "find_compiler", lambda: "cc")
+    relation.reset()
     try:
         with pytest.warns(RuntimeWarning, match="not by you"):
-            assert cpu_attention.load() is None
+            assert relation.load() is None
     finally:
-        cpu_attention.reset()
-    assert list(cache.iterdir()) == []
+        relation.reset()
+    assert not any(p.is_file() for p in cache.rglob("*"))

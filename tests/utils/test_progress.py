@@ -1,4 +1,4 @@
-"""Progress bar is off on non-main ranks, off without a TTY, and off by env switch."""
+"""Progress bar is drawn on the main rank only, and only when stderr is a terminal."""
 from __future__ import annotations
 
 import sys
@@ -7,11 +7,12 @@ from toolkit.utils.progress import ProgressBar, progress_enabled
 
 
 class FakeTTY:
-    def __init__(self):
+    def __init__(self, tty: bool = True):
         self.text = ""
+        self.tty = tty
 
     def isatty(self):
-        return True
+        return self.tty
 
     def write(self, s):
         self.text += s
@@ -21,15 +22,14 @@ class FakeTTY:
 
 
 def test_disabled_cases(monkeypatch):
-    monkeypatch.delenv("TOOLKIT_NO_PROGRESS", raising=False)  # CI exports it
     monkeypatch.setattr(sys, "stderr", FakeTTY())
     assert progress_enabled(True)
     assert not progress_enabled(False)
-    monkeypatch.setenv("TOOLKIT_NO_PROGRESS", "1")
+    monkeypatch.setattr(sys, "stderr", FakeTTY(tty=False))
     assert not progress_enabled(True)
 
 
-def test_no_tty_is_noop(monkeypatch):
+def test_no_tty_is_noop():
     bar = ProgressBar(10, is_main=True)  # pytest captures stderr: not a TTY
     bar.update(1, loss=0.5, tokens_per_s=1000)
     bar.close()
@@ -37,10 +37,8 @@ def test_no_tty_is_noop(monkeypatch):
 
 
 def test_draws_loss_and_throughput(monkeypatch):
-    monkeypatch.delenv("TOOLKIT_NO_PROGRESS", raising=False)
     fake = FakeTTY()
     monkeypatch.setattr(sys, "stderr", fake)
-    monkeypatch.delenv("TOOLKIT_NO_PROGRESS", raising=False)
     with ProgressBar(4, is_main=True) as bar:
         bar.update(2, loss=1.25, tokens_per_s=512)
     assert "loss=1.2500" in fake.text and "tok/s=512" in fake.text and "2/4" in fake.text

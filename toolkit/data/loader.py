@@ -14,9 +14,9 @@ would have yielded next.
 
 Why not a snapshot with every batch: a snapshot holds the shuffle buffer's token ids (about
 ``4 x shuffle_buffer x mean tokens`` bytes: 26 MB at 10k x 512 on real text). Gathering,
-pickling and unpickling that per batch cost the training process ~10 ms and the workers over
-half their rate per batch at that size; the replay costs a restart under a second
-(``benchmarks/bench_loader.py``, figures in benchmarks/RESULTS.md).
+pickling and unpickling that per batch slows the training process and halves the workers'
+rate at that size, while the replay costs a restart a fraction of a second
+(``benchmarks/bench_loader.py`` measures both).
 
 With ``num_workers=0`` the same code runs in-process as one worker.
 """

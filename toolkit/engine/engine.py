@@ -4,8 +4,8 @@ Works in a plain ``python`` process (a world of one) and under ``deepspeed`` / `
 / ``srun``. The DeepSpeed JSON owns micro batch, accumulation, precision and ZeRO; the job
 YAML owns the optimizer and LR schedule (:class:`OptimConfig`), which are built here and
 handed to DeepSpeed. The default AdamW is torch's fused kernel, so no DeepSpeed op has to be
-compiled; ``optim.impl`` picks DeepSpeed's or apex's fused Adam instead (measured side by side
-in ``benchmarks/bench_optimizer.py``).
+compiled; ``optim.impl`` picks DeepSpeed's or apex's fused Adam instead
+(``benchmarks/bench_optimizer.py`` times them side by side).
 """
 from __future__ import annotations
 
@@ -102,9 +102,9 @@ def build_optimizer(model: nn.Module, optim: OptimConfig,
                     params: Optional[Iterable[Any]] = None) -> torch.optim.Optimizer:
     """The AdamW of ``optim.impl`` over ``params`` (default: :func:`param_groups` of ``model``).
 
-    ``auto`` is torch's fused AdamW where the parameters' device has it, else foreach: on the
-    CPU measured it is 3.7-6.8x the plain loop and level with DeepSpeedCPUAdam, with no op to
-    compile (benchmarks/RESULTS.md, "Optimizer step"). ``torch_fused``, ``deepspeed`` and
+    ``auto`` is torch's fused AdamW where the parameters' device has it, else foreach: no op to
+    compile, and on CPUs as fast as DeepSpeedCPUAdam (``benchmarks/bench_optimizer.py``
+    compares them on a given machine). ``torch_fused``, ``deepspeed`` and
     ``apex`` raise a ConfigError naming ``optim.impl`` (the job YAML field) when they cannot run here.
     """
     groups: Any = list(params) if params is not None else param_groups(model, optim.weight_decay)
@@ -166,21 +166,11 @@ def _apex_adam(groups: Any, device: torch.device, kw: Dict[str, Any]) -> torch.o
 def prepare_frozen(model: nn.Module, device: Union[str, torch.device], dtype: torch.dtype) -> nn.Module:
     """Move a frozen model (the teacher) to ``device``/``dtype``, eval mode, no grads.
 
-    No optimizer or DeepSpeed engine: a frozen model only needs forward passes. On CPUs in fp32
-    its linear layers run oneDNN's GEMM (:func:`toolkit.models.onednn.use_onednn_linears`; ~17%
-    faster than MKL's on the AMD hosts measured; ``TOOLKIT_ONEDNN_LINEAR=0`` keeps MKL), and its
-    sdpa attention runs the compiled CPU attention kernel
-    (:func:`toolkit.kernels.cpu_attention.use_cpu_attention`; ``TOOLKIT_CPU_ATTENTION=0`` keeps
-    sdpa). The engine does the same for the model it trains.
+    No optimizer or DeepSpeed engine: a frozen model only needs forward passes.
     """
-    from toolkit.kernels.cpu_attention import use_cpu_attention
-    from toolkit.models.onednn import use_onednn_linears
-
     model.to(device=device, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
-    use_onednn_linears(model)
-    use_cpu_attention(model)
     return model
 
 
@@ -228,34 +218,14 @@ class Engine:
         self._window_open = False   # a backward ran since the last optimizer step
 
         model.to(self._device)
-        # CPU fp32: the model's linear layers train on oneDNN's GEMM (forward and input
-        # gradient): the step is ~2-3% shorter on the hosts measured (benchmarks/RESULTS.md run O);
-        # their weight and bias gradients on the compiled kernel of toolkit/kernels/cpu_wgrad.py.
-        # Its sdpa attention runs the compiled CPU attention kernel (forward and backward) where
-        # no attention dropout is due (toolkit/kernels/cpu_attention.py; sdpa otherwise).
-        self.onednn_linears = 0
-        if self._device.type == "cpu" and self._dtype == torch.float32:
-            from toolkit.kernels.cpu_attention import use_cpu_attention
-            from toolkit.models.onednn import use_onednn_linears
-
-            self.onednn_linears = use_onednn_linears(model, trainable=True)
-            use_cpu_attention(model)
         optimizer = build_optimizer(model, optim, params)
         scheduler = build_scheduler(optimizer, self.total_steps, optim.warmup_steps, optim.warmup_ratio,
                                     optim.decay, optim.min_lr_ratio)
         self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                  config=cfg)
-        log.info("engine: world %d, micro batch %d x accum %d = global batch %d, ZeRO-%d, %s%s",
+        log.info("engine: world %d, micro batch %d x accum %d = global batch %d, ZeRO-%d, %s",
                  self.world_size, self.micro_batch_size, self.grad_accum, self.train_batch_size,
-                 self.zero_stage, str(self._dtype).replace("torch.", ""), self._linears_note())
-
-    def _linears_note(self) -> str:
-        if self._device.type != "cpu":
-            return ""
-        from toolkit.kernels.cpu_attention import attention_note
-        from toolkit.models.onednn import gemm_note
-
-        return f", linears on {gemm_note(self.onednn_linears, trained=True, model=self._ds.module)}, attention on {attention_note(self._ds.module)}"
+                 self.zero_stage, str(self._dtype).replace("torch.", ""))
 
     # ----- read-back of engine settings -------------------------------------------------
     @property
@@ -489,7 +459,7 @@ class Engine:
 
         For processes that build many engines one after another (``toolkit eval``'s grid of
         fine-tuning runs): without it each engine's ZeRO hooks, pinned buffers and optimizer
-        state can outlive it (DeepSpeed issue #5143). The engine is unusable afterwards.
+        state can outlive it (deepspeedai/DeepSpeed#5143). The engine is unusable afterwards.
         """
         ds = self.__dict__.pop("_ds", None)
         if ds is None:

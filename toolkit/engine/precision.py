@@ -1,7 +1,7 @@
 """Decide the compute precision from the DeepSpeed JSON and the hardware.
 
-bf16/fp16 on a CPU without native bf16 instructions are emulated and about 400x slower
-than fp32 (measured, see PLATFORM_NOTES), and DeepSpeed rejects fp16 on CPU outright, so
+bf16/fp16 on a CPU without native bf16 instructions are emulated and orders of magnitude
+slower than fp32, and DeepSpeed rejects fp16 on CPU outright, so
 such configs are switched to fp32 with one clear warning instead of crawling or crashing.
 DeepSpeed's own ``is_bf16_supported()`` says True on such CPUs; oneDNN's check is right.
 """

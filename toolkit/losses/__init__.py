@@ -9,12 +9,13 @@ one). The plain modules (``MiniLMv2RelationLoss``, ``MiniLMv1Loss``, ``TinyBERTL
 from toolkit.losses.logit_kd import LogitKDLoss
 from toolkit.losses.minilm_v1 import MiniLMv1Loss
 from toolkit.losses.reference import minilm_v2_reference, relation_kl_reference
-from toolkit.losses.relations import RELATION_KL_IMPLS, MiniLMv2RelationLoss, relation_kl_naive
+from toolkit.losses.relation_kl import register_relation_kl, relation_kl_naive
+from toolkit.losses.relations import MiniLMv2RelationLoss
 from toolkit.losses.tinybert import TinyBERTLoss
 from toolkit.losses import minilm_v2 as _minilm_v2  # noqa: F401  (registers "minilmv2")
 from toolkit.losses.registry import (EMBEDDINGS, LOSSES, DistillInputs, DistillLoss, LossContext, Needs, build_loss,
                                      get_loss, register_loss)
 
 __all__ = ["EMBEDDINGS", "LOSSES", "DistillInputs", "DistillLoss", "LogitKDLoss", "LossContext", "MiniLMv1Loss",
-           "MiniLMv2RelationLoss", "Needs", "RELATION_KL_IMPLS", "TinyBERTLoss", "build_loss", "get_loss",
-           "minilm_v2_reference", "register_loss", "relation_kl_naive", "relation_kl_reference"]
+           "MiniLMv2RelationLoss", "Needs", "TinyBERTLoss", "build_loss", "get_loss", "minilm_v2_reference",
+           "register_loss", "register_relation_kl", "relation_kl_naive", "relation_kl_reference"]

@@ -55,8 +55,8 @@ class LogitKDLoss(nn.Module):
         logp_s = torch.log_softmax(s.to(cdt) / temp, dim=-1)
         t_scaled = t.to(cdt) / temp
         logp_t = torch.log_softmax(t_scaled, dim=-1)
-        # softmax rather than logp_t.exp(): torch's CPU exp is ~8x slower on the large negative
-        # log-probabilities of a vocabulary's unlikely entries (docs/KERNELS.md).
+        # softmax rather than logp_t.exp(): torch's CPU exp takes a slow path on the large negative
+        # log-probabilities of a vocabulary's unlikely entries.
         kl = torch.linalg.vecdot(torch.softmax(t_scaled, dim=-1), logp_t - logp_s)
         return kl.mean() * temp ** 2
 

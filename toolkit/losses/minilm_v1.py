@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from toolkit.config import arg
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.kernels.relation_kl_chunked import relation_kl_qk
+from toolkit.losses.relation_kl.chunked import relation_kl_qk
 from toolkit.losses.registry import DistillInputs, DistillLoss, LossContext, Needs, register_loss
 
 

@@ -92,9 +92,7 @@ class EncoderSpec:
         )
         if self.arch == "ernie":
             kwargs.update(use_task_id=self.use_task_id, task_type_vocab_size=self.task_type_vocab_size)
-        config = config_cls(**kwargs)
-        config._attn_implementation = attn_implementation
-        return config
+        return config_cls(attn_implementation=attn_implementation, **kwargs)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EncoderSpec":

@@ -166,7 +166,7 @@ def _loss_bytes(facts: JobFacts, micro: int, device: str) -> float:
         return float(facts.relations * micro * r * seq * seq * FP32 * 4)
     if device == "cpu":
         return 0.0
-    from toolkit.kernels.relation_kl_chunked import _LIVE_BLOCK_TENSORS, plan_blocks
+    from toolkit.losses.relation_kl.chunked import _LIVE_BLOCK_TENSORS, plan_blocks
 
     samples, rows = plan_blocks(micro, r, seq, False, facts.chunk_size)
     return float(samples * r * rows * seq * FP32 * _LIVE_BLOCK_TENSORS)

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from toolkit.config import arg, save_config
+from toolkit.config import arg, cpu_accel_arg, normalize_cpu_accel, save_config
 from toolkit.data.corpus import CorpusConfig
 from toolkit.data.loader import build_loader
 from toolkit.engine import Engine, OptimConfig, dist
@@ -30,16 +30,14 @@ from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.precision import teacher_dtype
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 from toolkit.errors import ConfigError, DataError, ToolkitError
-from toolkit.launch.allocator import in_use as allocator_in_use
 from toolkit.losses import EMBEDDINGS, LOSSES, DistillInputs, LossContext, Needs, build_loss
 from toolkit.losses.registry import parse_options
 from toolkit.losses.relations import describe_relation_kl
 from toolkit.models.capture import LayerCapture, default_teacher_layer, resolve_layer
-from toolkit.models.dropout import use_fast_dropout
 from toolkit.models.encoder import (EncoderSpec, build_encoder, count_parameters, load_tokenizer, save_encoder,
                                     spec_from_model)
 from toolkit.plan import preflight
-from toolkit.recipes.common import (check_corpus, check_ds_config, check_model_dir, mean_across_ranks,
+from toolkit.recipes.common import (accelerate_cpu, check_corpus, check_ds_config, check_model_dir, mean_across_ranks,
                                     resolve_ds_config, write_json)
 from toolkit.recipes.frozen import FrozenTeacher
 from toolkit.utils.fsio import publish_dir
@@ -71,9 +69,7 @@ class StudentConfig:
                                    "CPU); the relation loss reads Q/K/V, not attention probabilities")
     activation_checkpointing: bool = arg(False, "recompute each student layer's activations in the backward instead "
                                          "of keeping them: less memory at long sequences for one more forward of "
-                                         "those layers per step (figures: benchmarks/RESULTS.md)")
-    fast_dropout: bool = arg(True, "CPU: draw the student's dropout masks from 15-bit uniforms (2-3x cheaper than "
-                             "torch's Bernoulli; p is rounded to a multiple of 2^-15). No effect on GPUs")
+                                         "those layers per step")
     init_from: Optional[str] = arg(None, "init=teacher_layers: copy the layers from this encoder directory instead "
                                    "of the teacher (e.g. the pretrained model, so that students distilled from "
                                    "different teachers start from the same weights)")
@@ -154,10 +150,12 @@ class DistillConfig:
     resume: bool = arg(True, "resume from the latest complete checkpoint in output_dir/checkpoints")
     max_nonfinite: int = arg(20, "stop with an error after this many consecutive non-finite losses")
     stop_after: int = arg(0, "testing aid: stop (with a checkpoint) after N steps, as a preemption would")
+    cpu_accel: str = cpu_accel_arg()
 
     MOVED_FIELDS = _MOVED
 
     def __post_init__(self) -> None:
+        self.cpu_accel = normalize_cpu_accel(self.cpu_accel)
         if self.max_steps <= 0:
             raise ConfigError("max_steps", "must be > 0")
         if not 0.0 <= self.mix_weight <= 1.0:
@@ -346,8 +344,6 @@ class DistillRecipe:
         preflight("distill", cfg)   # shapes, layers and relation heads, before any model is loaded
         self._read_teacher_config()
         student = self._build_student()
-        if cfg.student.fast_dropout:
-            use_fast_dropout(student)
         tcfg = self.teacher_config
         if student.config.vocab_size != tcfg.vocab_size:
             raise DataError(cfg.teacher, "teacher and student vocabularies differ")
@@ -383,6 +379,14 @@ class DistillRecipe:
         if self.device.type == "cpu" and t_dtype != torch.float32:
             for t in self.teachers:
                 t.to(t_dtype)
+        # The optional CPU speed-ups (cpu_accel), recorded with the run's metrics.
+        self.cpu_accel = {"student": accelerate_cpu(self.module, trained=True, cpu_accel=cfg.cpu_accel,
+                                                    what="student")}
+        for i, t in enumerate(self.teachers):
+            key = "teacher" if i == 0 else "mix_teacher"
+            self.cpu_accel[key] = accelerate_cpu(t.model, trained=False, cpu_accel=cfg.cpu_accel, what=key)
+            if t.cut_block is not None:
+                accelerate_cpu(t.cut_block, trained=False, cpu_accel=cfg.cpu_accel, what=f"{key} (cut layer)")
         self.loader = build_loader(cfg.corpus, self.tokenizer, batch_size=eng.micro_batch_size, rank=eng.rank,
                                    world_size=eng.world_size)
         self.state: Dict[str, Any] = {"step": 0, "micro_step": 0, "tokens": 0, "samples": 0, "nonfinite_total": 0}
@@ -420,13 +424,6 @@ class DistillRecipe:
                  self.teacher_layer, student.config.num_hidden_layers, student.config.hidden_size,
                  self.student_params / 1e6, ", ".join(f"{k} x{v:g}" for k, v in weights.items()),
                  eng.train_batch_size, cfg.corpus.seq_length, eng.compute_dtype, mix)
-        if self.device.type == "cpu":
-            from toolkit.kernels.cpu_attention import attention_note
-            from toolkit.models.onednn import count_onednn_linears, gemm_note
-
-            log.info("distill: teacher linears on %s, attention on %s; student linears on %s, attention on %s",
-                     gemm_note(count_onednn_linears(main.model)), attention_note(main.model),
-                     gemm_note(eng.onednn_linears, trained=True, model=student), attention_note(student))
         for name, fn in losses.items():
             relation = getattr(fn, "relation", None)
             if relation is not None:
@@ -600,7 +597,7 @@ class DistillRecipe:
             "steps": self.state["step"], "tokens": self.state["tokens"], "samples": self.state["samples"],
             "final_losses": last, "nonfinite_losses": self.state["nonfinite_total"],
             "throughput": {**throughput, "memory_kind": memory_kind(eng.device)},
-            "host_allocator": allocator_in_use(), "train_time_s": elapsed,
+            "cpu_accel": self.cpu_accel, "train_time_s": elapsed,
             "corpus_stats": self.loader.stats,  # this rank's stream: documents, skips, truncations
         }
         if eng.is_main:

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
-from toolkit.config import arg, load_config, save_config, to_dict
+from toolkit.config import arg, cpu_accel_arg, load_config, normalize_cpu_accel, save_config, to_dict
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.launch.commands import child_env, deepspeed_runner, launcher_module, visible_gpu_include
 from toolkit.plan import preflight
@@ -158,8 +158,10 @@ class PipelineConfig:
     launcher: str = arg("none", "none (stages in this process) | deepspeed (each stage via the deepspeed launcher)")
     num_gpus: int = arg(1, "launcher=deepspeed: processes per node")
     data_seed: int = arg(0, "seed of the demo data splits")
+    cpu_accel: str = cpu_accel_arg()
 
     def __post_init__(self) -> None:
+        self.cpu_accel = normalize_cpu_accel(self.cpu_accel)
         if self.language not in ("en", "zh"):
             raise ConfigError("language", f"must be en or zh, got {self.language!r}")
         if self.preset not in PRESETS:
@@ -203,8 +205,9 @@ class PipelineRecipe:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         preset = PRESETS[cfg.preset]
-        # Precedence: preset < the pipeline's ds_config < the user's per-job settings.
+        # Precedence: preset < the pipeline's ds_config and cpu_accel < the user's per-job settings.
         ds = {"ds_config": cfg.ds_config} if cfg.ds_config else {}
+        ds["cpu_accel"] = cfg.cpu_accel
         self.teacher_job = _merge(_merge(preset["teacher_job"], ds), cfg.teacher_job)
         self.distill_job = _merge(_merge(preset["distill_job"], ds), cfg.distill_job)
         self.eval_job = _merge(_merge(preset["eval_job"], ds), cfg.eval_job)
@@ -283,7 +286,7 @@ class PipelineRecipe:
                            inputs=job_inputs(job, cfg_dict), outputs=outputs)
 
     def _run_job(self, job: str, stage: str, cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
-        """Run a toolkit job in-process or through the deepspeed launcher."""
+        """One toolkit job, in this process or through the deepspeed launcher."""
         from toolkit.jobs import JOBS, run_job
 
         cfg_cls, _ = JOBS[job].load()

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from toolkit.config import arg, save_config
+from toolkit.config import arg, cpu_accel_arg, normalize_cpu_accel, save_config
 from toolkit.data.corpus import CorpusConfig
 from toolkit.data.loader import build_loader
 from toolkit.data.multitask import SAMPLING_MODES, TaskBatchSampler, task_probabilities
@@ -29,14 +29,12 @@ from toolkit.engine import Engine, OptimConfig, dist
 from toolkit.engine.ds_config import load_ds_config
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 from toolkit.errors import ConfigError, DataError, ToolkitError
-from toolkit.launch.allocator import in_use as allocator_in_use
-from toolkit.models.dropout import use_fast_dropout
 from toolkit.losses import MiniLMv2RelationLoss, Needs
 from toolkit.models.capture import LayerCapture, resolve_layer
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
 from toolkit.plan import preflight
-from toolkit.recipes.common import (batch_size_of, check_corpus, check_ds_config, check_model_dir,
+from toolkit.recipes.common import (accelerate_cpu, batch_size_of, check_corpus, check_ds_config, check_model_dir,
                                     check_task_tokenizer, count_tokens, forward_kwargs,
                                     mean_across_ranks, resolve_ds_config, to_device, write_json)
 from toolkit.recipes.frozen import FrozenTeacher
@@ -100,17 +98,17 @@ class TeacherConfig:
     log_every: int = arg(10, "log loss and throughput every N steps")
     eval_batch_size: int = arg(64, "prediction batch size")
     dropout: float = arg(0.1, "dropout of the task heads")
-    fast_dropout: bool = arg(True, "CPU: draw dropout masks from 15-bit uniforms (2-3x cheaper than torch's "
-                             "Bernoulli; p rounded to a multiple of 2^-15). No effect on GPUs")
     seed: int = arg(42, "random seed")
     resume: bool = arg(True, "resume from the latest complete checkpoint in output_dir/checkpoints if there is one")
     max_nonfinite: int = arg(20, "stop with an error after this many consecutive non-finite losses")
     stop_after: int = arg(0, "testing aid: stop (with a checkpoint) after N steps, as a preemption would")
+    cpu_accel: str = cpu_accel_arg()
 
     MOVED_FIELDS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio",
                     "decay": "optim.decay", "optimizer": "optim.impl"}
 
     def __post_init__(self) -> None:
+        self.cpu_accel = normalize_cpu_accel(self.cpu_accel)
         if not self.tasks:
             raise ConfigError("tasks", "give at least one task")
         if self.sampling not in SAMPLING_MODES:
@@ -166,8 +164,6 @@ class TeacherRecipe:
             if task.name not in model.heads:
                 model.add_head(task.name, task.task_type, task.num_labels, labels=task.labels, dropout=cfg.dropout)
 
-        if cfg.fast_dropout:
-            use_fast_dropout(model)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         ds = load_ds_config(resolve_ds_config(cfg.ds_config), world)
         sizes = [len(e) for e in self.train_enc]
@@ -177,6 +173,7 @@ class TeacherRecipe:
         eng = self.engine
         self.model = eng.module
         self._setup_anchor()
+        self.cpu_accel = accelerate_cpu(self.model, trained=True, cpu_accel=cfg.cpu_accel, what="teacher model")
         self.sampler = TaskBatchSampler(sizes, eng.micro_batch_size, eng.world_size, eng.rank, cfg.sampling,
                                         cfg.temperature, cfg.task_cap or None, cfg.seed)
         self.state: Dict[str, Any] = {"step": 0, "micro_step": 0, "best_score": -math.inf, "best_step": None,
@@ -369,7 +366,7 @@ class TeacherRecipe:
                   "best_average": st["best_score"], "history": st["history"],
                   "nonfinite_losses": st["nonfinite_total"], "train_time_s": time.time() - t0,
                   "throughput": {**summary, "memory_kind": memory_kind(eng.device)},
-                  "host_allocator": allocator_in_use()}
+                  "cpu_accel": self.cpu_accel}
         if eng.is_main:
             write_json(self.out / "metrics.json", result)
         self.save_checkpoint()

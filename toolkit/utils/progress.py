@@ -1,7 +1,7 @@
-"""A tqdm progress bar shown only on rank 0, on a terminal, unless TOOLKIT_NO_PROGRESS=1."""
+"""A tqdm progress bar shown only on rank 0 and only when stderr is a terminal (logs, CI and
+batch jobs get the periodic log lines instead)."""
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Optional
 
@@ -9,10 +9,8 @@ from tqdm import tqdm
 
 
 def progress_enabled(is_main: bool) -> bool:
-    """Whether a bar should be drawn: main rank, stderr is a TTY, not switched off."""
-    if not is_main or os.environ.get("TOOLKIT_NO_PROGRESS", "0") not in ("", "0"):
-        return False
-    return sys.stderr.isatty()
+    """Whether a bar should be drawn: on the main rank when stderr is a TTY."""
+    return is_main and sys.stderr.isatty()
 
 
 class ProgressBar:
