@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from _common import (DTYPES, allocator_env, allocator_in_use, check_counts, cli_main, machine_info, markdown_table,
                      measure_matmul_peak, parse_int_list, relation_loss_flops, step_flops, time_calls, write_json)
-from bench_distill_step import (MODEL_PRESETS, RELATIONS, BaselineStep, ToolkitStep, _shape,
+from bench_distill_step import (MODEL_PRESETS, RELATIONS, BaselineStep, ToolkitStep, _shape, step_models,
                                 bench_models, check_device, make_batch, parse_batches, peak_size,
                                 run_worker_process)
 from toolkit.errors import ConfigError, ToolkitError
@@ -73,7 +73,7 @@ def measure_components(step: ToolkitStep, batch: int, seq: int, relation_heads: 
     """Seconds and useful FLOPs of every matmul-class kernel of one toolkit step (see the docstring)."""
     tc, sc = step.teacher.config, step.student.config
     t_layers, s_layers = step.teacher_layers_run, sc.num_hidden_layers
-    t_dtype = next(step.teacher.parameters()).dtype
+    t_dtype = next(step_models(step)[0].parameters()).dtype
     m = batch * seq
     rows: List[Dict[str, Any]] = []
 
@@ -126,7 +126,7 @@ def measure_components(step: ToolkitStep, batch: int, seq: int, relation_heads: 
         3 * 4.0 * batch * seq * seq * sc.hidden_size, student_attention)
 
     # The toolkit's relation loss: its own module, three relations, forward + backward.
-    loss_fn = step.module.losses["minilmv2"]
+    loss_fn = step.module.losses["minilmv2"].relation   # the relation math on explicit tensors
     t_qkv = {p: torch.randn(batch, seq, tc.hidden_size, device=device, dtype=t_dtype) for p in RELATIONS}
     s_qkv = {p: torch.randn(batch, seq, sc.hidden_size, device=device, dtype=dtype, requires_grad=True)
              for p in RELATIONS}

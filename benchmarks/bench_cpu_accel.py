@@ -68,28 +68,32 @@ def _specs(smoke: bool):
 
 
 class DistillStep:
-    """The distill recipe's step (MiniLMv2 relation loss on the last layers' Q/K/V)."""
+    """The distill recipe's step (MiniLMv2 relation loss on the last layers' Q/K/V): the frozen
+    teacher cut to what the loss reads, the registered loss and the recipe's ``StudentWithLoss``."""
 
     def __init__(self, smoke: bool, batch: int, seq: int):
-        from toolkit.engine import prepare_frozen
-        from toolkit.losses import MiniLMv2RelationLoss
-        from toolkit.models.capture import ProjectionsOnly, QKVCapture, truncate_encoder
+        from toolkit.losses import LossContext, Needs, build_loss
         from toolkit.models.encoder import build_encoder
         from toolkit.recipes.distill import StudentWithLoss
+        from toolkit.recipes.frozen import FrozenTeacher
 
         teacher_src, student_spec, heads, vocab = _specs(smoke)
         torch.manual_seed(0)
-        teacher = build_encoder(teacher_src)
-        n = teacher.config.num_hidden_layers
-        truncate_encoder(teacher, n)
-        self.teacher = prepare_frozen(teacher, "cpu", torch.float32)
-        self.capture = QKVCapture(self.teacher, [n - 1])
-        self.cut = ProjectionsOnly(self.teacher, n - 1)
-        self.t_idx = n - 1
         student = build_encoder(student_spec)
         student.pooler.requires_grad_(False)
-        losses = nn.ModuleDict({"minilmv2": MiniLMv2RelationLoss(heads, impl="auto")})
-        self.module = StudentWithLoss(student, losses, {"minilmv2": 1.0}, student.config.num_hidden_layers - 1)
+        t_config = build_encoder(teacher_src).config if not isinstance(teacher_src, str) else None
+        if t_config is None:
+            from transformers import AutoConfig
+
+            t_config = AutoConfig.from_pretrained(teacher_src, local_files_only=True)
+        n = t_config.num_hidden_layers
+        ctx = LossContext(t_config, student.config, n - 1, student.config.num_hidden_layers - 1, student=student,
+                          field="loss.options.minilmv2")
+        loss = build_loss("minilmv2", {"num_relation_heads": heads, "impl": "auto"}, ctx)
+        needs = Needs() | loss.needs()
+        torch.manual_seed(0)
+        self.teacher = FrozenTeacher(teacher_src, needs, torch.device("cpu"), torch.float32)
+        self.module = StudentWithLoss(student, nn.ModuleDict({"minilmv2": loss}), {"minilmv2": 1.0}, needs, [1.0])
         self.module.train()
         self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=LR,
                                            weight_decay=WEIGHT_DECAY, fused=True)
@@ -97,16 +101,13 @@ class DistillStep:
         self.batch = {"input_ids": torch.randint(1000 if vocab > 2000 else 5, vocab, (batch, seq), generator=gen),
                       "attention_mask": torch.ones(batch, seq, dtype=torch.long),
                       "token_type_ids": torch.zeros(batch, seq, dtype=torch.long)}
-        self.models = {"teacher": (self.teacher, False), "student": (self.module, True)}
+        self.models = {"teacher": (self.teacher.model, False), "student": (self.module, True)}
 
     def __call__(self) -> None:
         b = self.batch
-        with torch.no_grad():
-            self.capture.clear()
-            self.teacher(**b)
-            t_qkv = dict(self.capture.captured[self.t_idx])
-        loss = self.module(b["input_ids"], b["attention_mask"], b["token_type_ids"], teacher={"qkv": t_qkv})["loss"]
-        del t_qkv
+        t_out = self.teacher(b)
+        loss = self.module(b["input_ids"], b["attention_mask"], b["token_type_ids"], teachers=[t_out])["loss"]
+        del t_out
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -190,32 +190,26 @@ class MasterWeightAdamW:
 
 
 class ToolkitStep:
-    """Truncated frozen sdpa teacher + hook captures + recipe ``StudentWithLoss`` + fused AdamW."""
+    """The recipe's step: the frozen teacher cut to what the loss reads (``FrozenTeacher``), the
+    registered ``minilmv2`` loss, the recipe's ``StudentWithLoss`` and fused AdamW."""
 
     def __init__(self, models: BenchModels, student_attention_dropout: Optional[float] = None,
                  chunk_size: Optional[int] = None, activation_checkpointing: bool = False,
                  device: str = "cpu", dtype: str = "fp32", fp32_teacher: bool = False, cpu_accel: str = "auto"):
-        from toolkit.engine import prepare_frozen
         from toolkit.engine.precision import teacher_dtype
-        from toolkit.losses import MiniLMv2RelationLoss
-        from toolkit.models.capture import (ProjectionsOnly, QKVCapture, default_teacher_layer, resolve_layer,
-                                            truncate_encoder)
+        from toolkit.losses import LossContext, Needs, build_loss
+        from toolkit.models.capture import default_teacher_layer, resolve_layer
         from toolkit.models.encoder import build_encoder
         from toolkit.recipes.distill import StudentWithLoss
+        from toolkit.recipes.frozen import FrozenTeacher
+        from transformers import AutoConfig
 
         self.device, self.dtype = torch.device(device), DTYPES[dtype]
-        torch.manual_seed(TEACHER_SEED)
-        teacher = build_encoder(models.teacher)
-        n_layers = teacher.config.num_hidden_layers
+        t_config = (AutoConfig.from_pretrained(models.teacher, local_files_only=True)
+                    if isinstance(models.teacher, str) else models.teacher.to_config())
+        n_layers = t_config.num_hidden_layers
         layer = models.teacher_layer if models.teacher_layer > 0 else default_teacher_layer(n_layers)
         self.teacher_idx = resolve_layer(layer, n_layers)
-        truncate_encoder(teacher, self.teacher_idx + 1)
-        # As the recipe: a half-precision teacher on GPUs, and on CPUs in a bf16 job; the loss
-        # check (fp32_teacher) compares numbers with the fp32 baseline instead.
-        t_dtype = torch.float32 if fp32_teacher else teacher_dtype(self.device, self.dtype)
-        self.teacher = prepare_frozen(teacher, self.device, t_dtype)
-        self.capture = QKVCapture(self.teacher, [self.teacher_idx])
-        self.teacher_cut = ProjectionsOnly(self.teacher, self.teacher_idx)   # as the recipe (Q/K/V-only loss)
         spec = models.student
         if student_attention_dropout is not None:
             spec = dataclasses.replace(spec, attention_dropout=student_attention_dropout)
@@ -225,10 +219,19 @@ class ToolkitStep:
         student.pooler.requires_grad_(False)
         s_idx = student.config.num_hidden_layers - 1
         # impl "auto" as the recipe's default: the Triton kernel on a GPU, the chunked path on CPUs.
-        losses = nn.ModuleDict({"minilmv2": MiniLMv2RelationLoss(models.relation_heads, impl="auto",
-                                                                     chunk_size=chunk_size)})
-        self.module = StudentWithLoss(student, losses, {"minilmv2": 1.0}, s_idx,
-                                      activation_checkpointing=activation_checkpointing)
+        options = {"num_relation_heads": models.relation_heads, "impl": "auto", "chunk_size": chunk_size or 0}
+        ctx = LossContext(t_config, student.config, self.teacher_idx, s_idx, student=student,
+                          field="loss.options.minilmv2")
+        loss = build_loss("minilmv2", options, ctx)
+        needs = Needs() | loss.needs()
+        # As the recipe: a half-precision teacher on GPUs, and on CPUs in a bf16 job; the loss
+        # check (fp32_teacher) compares numbers with the fp32 baseline instead.
+        t_dtype = torch.float32 if fp32_teacher else teacher_dtype(self.device, self.dtype)
+        torch.manual_seed(TEACHER_SEED)
+        self.teacher = FrozenTeacher(models.teacher, needs, self.device, t_dtype)
+        self.module = StudentWithLoss(student, nn.ModuleDict({"minilmv2": loss}), {"minilmv2": 1.0}, needs, [1.0])
+        if activation_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.module.train()
         self.module.to(self.device)
         self.student = student
@@ -238,29 +241,25 @@ class ToolkitStep:
         else:
             self.module.to(self.dtype)
             self.optimizer = MasterWeightAdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
-        self.teacher_layers_run = self.teacher_idx + 1
+        self.teacher_layers_run = self.teacher_idx + 1   # the cut layer's projections run too
         # As the recipe, on each model's final device and dtype: the CPU package's speed-ups
         # (cpu_accel: auto, the default; they apply to fp32 CPU models only).
         self.cpu_accel = {}
         if cpu_accel != "off":
             from toolkit.cpu import accelerate
 
-            self.cpu_accel = {"teacher": accelerate(self.teacher, trained=False, cfg_value=cpu_accel),
+            self.cpu_accel = {"teacher": accelerate(self.teacher.model, trained=False, cfg_value=cpu_accel),
                               "student": accelerate(self.module, trained=True, cfg_value=cpu_accel)}
 
     @torch.no_grad()
-    def teacher_qkv(self, batch: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        """Teacher forward; Q/K/V ``[B, L, Ht]`` of the distilled layer from the hooks."""
-        self.capture.clear()
-        self.teacher(**batch)
-        t_qkv = dict(self.capture.captured[self.teacher_idx])
-        self.capture.clear()
-        return t_qkv
+    def teacher_qkv(self, batch: Mapping[str, Tensor]) -> Dict[str, Any]:
+        """Teacher forward: what the loss reads (the distilled layer's Q/K/V)."""
+        return self.teacher(batch)
 
-    def student_loss(self, batch: Mapping[str, Tensor], t_qkv: Dict[str, Tensor]) -> Tensor:
+    def student_loss(self, batch: Mapping[str, Tensor], t_out: Dict[str, Any]) -> Tensor:
         """Student forward + relation loss: a scalar with a graph."""
         return self.module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                           teacher={"qkv": t_qkv})["loss"]
+                           teachers=[t_out])["loss"]
 
     def step(self, batch: Mapping[str, Tensor], phases: Dict[str, float]) -> float:
         """One optimizer step; adds seconds per phase to ``phases``. Returns the loss."""
@@ -499,7 +498,7 @@ def run_worker(impl: str, seq: int, batch: int, steps: int, warmup: int, smoke: 
     # Weights loaded from safetensors may be memory-mapped and only become resident when the
     # first forward reads them; read every page now so the models count in the set-up RSS
     # (they are not part of the step's memory growth), the same for both implementations.
-    _fault_in(step.teacher, step.student)
+    _fault_in(*step_models(step))
     # The matmul rate of this worker's cores just before its steps shows whether the run had
     # them to itself (the machine is shared); with ``paired_peak`` it is timed again after every
     # step. The matrices live in a sibling process (MatmulProbeProcess), so none of their memory
@@ -591,6 +590,14 @@ def peak_size(smoke: bool, device: str) -> int:
     return 8192 if torch.device(device).type == "cuda" else 2048
 
 
+def step_models(step: Any) -> List[nn.Module]:
+    """The modules of a step's models: the toolkit's frozen teacher (and its cut layer) or the
+    baseline's teacher, and the student."""
+    teacher = step.teacher
+    parts = [teacher.model, teacher.cut_block] if hasattr(teacher, "model") else [teacher]
+    return [m for m in (*parts, step.student) if m is not None]
+
+
 def _fault_in(*models: nn.Module) -> None:
     """Read every parameter and buffer once (pages of a memory-mapped checkpoint become resident)."""
     with torch.no_grad():
@@ -654,7 +661,10 @@ def spawn_worker(impl: str, seq: int, batch: int, args: argparse.Namespace,
 def loss_check(models: BenchModels, seq: int, batch: int = 2, device: str = "cpu") -> Dict[str, Any]:
     """Both steps' loss on one batch (last row padded), dropout off, same weights, fp32."""
     tk, bl = ToolkitStep(models, device=device, fp32_teacher=True), BaselineStep(models, device=device)
-    bl.teacher.load_state_dict(tk.teacher.state_dict(), strict=False)  # truncated layers are absent
+    weights = dict(tk.teacher.model.state_dict())   # truncated layers are absent
+    if tk.teacher.cut is not None:   # the read layer, cut after its projections, is a module of its own
+        weights.update({f"encoder.layer.{tk.teacher.cut}.{k}": v for k, v in tk.teacher.cut_block.state_dict().items()})
+    bl.teacher.load_state_dict(weights, strict=False)
     bl.student.load_state_dict(tk.student.state_dict())
     tk.module.eval()
     bl.student.eval()

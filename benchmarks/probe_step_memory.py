@@ -78,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     models = bench.bench_models(args.smoke)
     step = bench.IMPLS[args.impl](models)
     data = bench.make_batch(models, args.batch, args.seq)
-    bench._fault_in(step.teacher, step.student)
+    bench._fault_in(*bench.step_models(step))
     gc.collect()
     live0, held0 = read()
     rss0 = rss_bytes()

@@ -113,11 +113,11 @@ def test_option_values_are_taken_as_typed_not_yaml(monkeypatch, tmp_path):
     cfg = seen["distill"]
     assert cfg.teacher == "0755" and cfg.corpus.sources == ["0x10", "on"] and cfg.max_steps == 12
     assert cfg.output_dir == "1e3" and cfg.ds_config == "null"
-    r = CliRunner().invoke(main, ["finetune", "--model", "yes", "task=0755", "lr=6e-4", "max_steps=010",
+    r = CliRunner().invoke(main, ["finetune", "--model", "yes", "task=0755", "optim.lr=6e-4", "max_steps=010",
                                   "data_dir=~", "epochs=2"])
     assert r.exit_code == 0, r.output
     cfg = seen["finetune"]
-    assert (cfg.model, cfg.task, cfg.lr, cfg.max_steps, cfg.data_dir, cfg.epochs) == ("yes", "0755", 6e-4, 10, "~", 2.0)
+    assert (cfg.model, cfg.task, cfg.optim.lr, cfg.max_steps, cfg.data_dir, cfg.epochs) == ("yes", "0755", 6e-4, 10, "~", 2.0)
 
 
 def test_typed_option_wins_over_yaml_and_override_wins_over_option(monkeypatch, tmp_path):

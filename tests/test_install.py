@@ -111,7 +111,7 @@ def _distill_args(teacher: Path, corpus: Path, out: Path):
     return ["--config", "distill_bert_large.yaml", "--ds-config", "cpu_fp32.json", f"teacher={teacher}",
             f"output_dir={out}", f"corpus.sources={corpus / '*.txt'}", "corpus.seq_length=32", "corpus.num_workers=0",
             "corpus.shuffle_buffer=16", "student.num_layers=2", "student.hidden_size=32", "student.num_heads=4",
-            "student.intermediate_size=64", "loss.num_relation_heads=8", "loss.teacher_layer=0", "max_steps=2",
+            "student.intermediate_size=64", "loss.options.minilmv2.num_relation_heads=8", "loss.teacher_layer=0", "max_steps=2",
             "save_every=0", "log_every=1"]
 
 

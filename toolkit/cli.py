@@ -81,6 +81,10 @@ def _common(f):  # noqa: ANN001 - click decorator plumbing
     return f
 
 
+#: Commands that run a job in this process: they catch preemption signals for their whole run.
+_JOB_COMMANDS = frozenset({"teacher", "distill", "finetune", "eval", "pipeline"})
+
+
 def entry() -> None:
     """Console-script entry (``toolkit ...``, ``python -m toolkit ...``)."""
     main()

@@ -104,11 +104,12 @@ def test_tiny_chinese_pipeline(tiny_zh_ernie, tmp_path):
         "teacher_job": {"max_steps": 4},
         "distill_job": {"max_steps": 3, "corpus": {"seq_length": 32, "shuffle_buffer": 4},
                         "student": {"init": "spec", "num_layers": 1, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
-                        "loss": {"num_relation_heads": 4}},
+                        "loss": {"options": {"minilmv2": {"num_relation_heads": 4}}}},
         "eval_job": {"max_steps": 2, "max_seq_length": 32}})
     res = run_pipeline(cfg)
     assert (out / "report.md").is_file() and (out / "comparison.png").is_file()
     assert set(res["results"]) == {"mitkd", "baseline"}
     assert res["results"]["mitkd"]["full"]["tasks"]["zh_ner"]["metric"] == "seqeval_f1"
-    student = AutoModel.from_pretrained(out / "mitkd" / "job" / "student")
+    (student_dir,) = out.glob("mitkd_*/job/student")   # the preset's one variant
+    student = AutoModel.from_pretrained(student_dir)
     assert student.config.model_type == "ernie" and student.config.use_task_id

@@ -192,10 +192,10 @@ def test_distill_into_ernie_student_with_task_ids(spm_teacher, zh_data, tmp_path
         "corpus": {"sources": [str(zh_data[2] / "*.txt")], "seq_length": 24, "shuffle_buffer": 8, "num_workers": 0},
         "student": {"init": "teacher_layers", "arch": "ernie", "use_task_id": True, "num_layers": 2,
                     "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
-        "loss": {"num_relation_heads": 4}})
+        "loss": {"options": {"minilmv2": {"num_relation_heads": 4}}}})
     rec = DistillRecipe(cfg)
     # The ERNIE student starts as the BERT teacher's layers 2 and 4, with a zero task-type table.
-    rec._build_teacher()
+    rec._read_teacher_config()
     student = rec._build_student()
     teacher = AutoModel.from_pretrained(spm_teacher)
     assert student.config.model_type == "ernie" and student.config.use_task_id

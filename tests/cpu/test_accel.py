@@ -94,7 +94,7 @@ def test_a_distill_job_with_auto_runs_the_relation_kernel(tiny_bert4_dir, fixtur
         "teacher": str(tiny_bert4_dir), "output_dir": str(out), "max_steps": 3, "log_every": 1, "cpu_accel": "auto",
         "corpus": {"sources": [str(fixture_corpus / "*.txt")], "seq_length": 32, "shuffle_buffer": 16},
         "student": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
-        "loss": {"num_relation_heads": 8}})
+        "loss": {"options": {"minilmv2": {"num_relation_heads": 8}}}})
     caplog.set_level("INFO", logger="toolkit.cpu")
     res = run_distill(cfg)
     rec = res["cpu_accel"]

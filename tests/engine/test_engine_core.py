@@ -234,7 +234,7 @@ def test_optim_config_validation():
         OptimConfig(decay="step")
     with pytest.raises(ConfigError, match="optim.lr"):
         OptimConfig(lr=0)
-    with pytest.raises(ConfigError, match="optimizer.*adam8bit.*torch_fused"):
+    with pytest.raises(ConfigError, match="optim.impl.*adam8bit.*torch_fused"):
         OptimConfig(impl="adam8bit")
 
 
@@ -262,20 +262,26 @@ def test_optimizer_impls_take_the_same_step(impl, cls_name, flag):
 
 def test_optimizer_impl_errors_say_what_to_use():
     # apex: the PyPI package of that name is unrelated; NVIDIA apex is not installable here.
-    with pytest.raises(ConfigError, match="optimizer.*(apex.optimizers|CUDA)"):
+    with pytest.raises(ConfigError, match="optim.impl.*(apex.optimizers|CUDA)"):
         build_optimizer(TinyNet(), OptimConfig(impl="apex"))
 
 
 def test_recipe_configs_validate_the_optimizer():
+    """Every job reads its AdamW implementation from ``optim.impl``; a bad value and the old
+    top-level ``optimizer`` field are errors naming the field."""
+    from toolkit.config import load_config
     from toolkit.recipes.distill import DistillConfig
+    from toolkit.recipes.evaluate import EvalConfig
     from toolkit.recipes.finetune import FinetuneConfig
     from toolkit.recipes.teacher import TeacherConfig
 
     for cls, kw in ((DistillConfig, {"teacher": "t"}), (FinetuneConfig, {"model": "m", "task": "sst2"}),
-                    (TeacherConfig, {"model": "m", "tasks": ["sst2"]})):
-        with pytest.raises(ConfigError, match="optimizer"):
-            cls(optimizer="sgd", **kw)
-        assert cls(optimizer="deepspeed", **kw).optimizer == "deepspeed"
+                    (TeacherConfig, {"model": "m", "tasks": ["sst2"]}), (EvalConfig, {"model": "m", "tasks": ["sst2"]})):
+        with pytest.raises(ConfigError, match="optim.impl.*sgd"):
+            load_config(cls, None, base={**kw, "optim": {"impl": "sgd"}})
+        with pytest.raises(ConfigError, match="optim.impl"):
+            load_config(cls, None, base={**kw, "optimizer": "deepspeed"})
+        assert load_config(cls, None, base={**kw, "optim": {"impl": "deepspeed"}}).optim.impl == "deepspeed"
 
 
 def test_prepare_frozen():

@@ -22,7 +22,7 @@ def _job(tmp_path: Path, teacher: Path, corpus: Path, steps: int) -> Path:
         "cpu_accel": "off",
         "corpus": {"sources": [str(corpus / "*.txt")], "seq_length": 32, "shuffle_buffer": 8, "num_workers": 0},
         "student": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
-        "loss": {"num_relation_heads": 8}}))
+        "loss": {"options": {"minilmv2": {"num_relation_heads": 8}}}}))
     return y
 
 

@@ -103,72 +103,58 @@ def test_resolve_and_default_layers():
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bert_dir", "tiny_ernie_dir"])
-def test_projections_only_keeps_qkv_values_and_gradients(fixture, request):
-    """Cutting the last layer after its projections changes neither the captured Q/K/V nor
-    the gradients a Q/K/V loss sends to any parameter; removing the cut restores the layer."""
-    from toolkit.models.capture import ProjectionsOnly
+def test_frozen_teacher_cut_gives_the_full_models_qkv(fixture, request):
+    """A teacher cut after the read layer's projections returns that layer's Q/K/V exactly as
+    the full model computes them, runs fewer layers, and rebinds no method."""
+    from toolkit.losses import Needs
+    from toolkit.recipes.frozen import FrozenTeacher
 
     path = request.getfixturevalue(fixture)
-    batch = _batch(AutoModel.from_pretrained(path).config.vocab_size)
-
-    def run(cut: bool):
-        torch.manual_seed(0)
-        model = AutoModel.from_pretrained(path).eval()   # eval: no dropout, identical forwards
-        cap = QKVCapture(model, layers=[-1])
-        handle = ProjectionsOnly(model, -1) if cut else None
-        out = model(**batch)
-        qkv = cap.get(-1)
-        loss = sum((qkv[w] ** 2).mean() for w in "qkv")
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return model, handle, out, {w: qkv[w].detach() for w in "qkv"}, grads
-
-    _, _, full_out, full_qkv, full_grads = run(cut=False)
-    model, handle, cut_out, cut_qkv, cut_grads = run(cut=True)
+    full = AutoModel.from_pretrained(path).eval()
+    n = full.config.num_hidden_layers
+    batch = _batch(full.config.vocab_size)
+    batch.setdefault("token_type_ids", torch.zeros_like(batch["input_ids"]))
+    cap = QKVCapture(full, layers=[-1])
+    with torch.no_grad():
+        full(**batch)
+    want = cap.get(-1)
+    teacher = FrozenTeacher(path, Needs(teacher={n - 1: {"q", "k", "v"}}), torch.device("cpu"), torch.float32)
+    assert teacher.cut == n - 1 and teacher.layers_run == n - 1
+    got = teacher(batch)["layers"][n - 1]
     for w in "qkv":
-        torch.testing.assert_close(cut_qkv[w], full_qkv[w])
-    assert set(cut_grads) == set(full_grads)
-    for name in full_grads:
-        torch.testing.assert_close(cut_grads[name], full_grads[name], msg=name)
-    # The cut layer passes its input through: the output is the previous layer's.
-    n = model.config.num_hidden_layers
+        torch.testing.assert_close(got[w], want[w])
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    for layer in encoder_layers(teacher.model):
+        assert "forward" not in layer.__dict__   # plain modules: nothing rebound
+
+
+def test_frozen_teacher_reads_hidden_states_without_a_cut(tiny_bert4_dir):
+    """A loss reading a layer's output keeps that layer whole; layers above it never run."""
+    from toolkit.losses import Needs
+    from toolkit.recipes.frozen import FrozenTeacher
+
+    full = AutoModel.from_pretrained(tiny_bert4_dir).eval()
+    batch = _batch(full.config.vocab_size)
+    batch.setdefault("token_type_ids", torch.zeros_like(batch["input_ids"]))
     with torch.no_grad():
-        hidden = model(**batch, output_hidden_states=True).hidden_states
-    torch.testing.assert_close(cut_out.last_hidden_state.detach(), hidden[n - 1])
-    assert handle.active
-    keys = set(model.state_dict())
-    assert keys == set(AutoModel.from_pretrained(path).state_dict())   # the cut layer's weights stay in place
-    assert "forward" not in model.encoder.layer[n - 1].__dict__       # a module of its own, no method rebound
-    handle.remove()
-    assert not handle.active and set(model.state_dict()) == keys
-    with torch.no_grad():
-        torch.testing.assert_close(model(**batch).last_hidden_state, full_out.last_hidden_state.detach())
+        hidden = full(**batch, output_hidden_states=True).hidden_states
+    teacher = FrozenTeacher(tiny_bert4_dir, Needs(teacher={1: {"hidden"}}), torch.device("cpu"), torch.float32)
+    assert teacher.cut is None and teacher.layers_run == 2
+    torch.testing.assert_close(teacher(batch)["layers"][1]["hidden"], hidden[2])
+    with pytest.raises(ConfigError, match="has 4 layers"):
+        FrozenTeacher(tiny_bert4_dir, Needs(teacher={6: {"q"}}), torch.device("cpu"), torch.float32)
 
 
-def test_projections_only_rejects_inner_layers(tiny_bert_dir):
-    from toolkit.models.capture import ProjectionsOnly
-
-    model = AutoModel.from_pretrained(tiny_bert_dir)
-    with pytest.raises(ToolkitError, match="last encoder layer only"):
-        ProjectionsOnly(model, 0)
-    with pytest.raises(ConfigError, match="out of range"):
-        ProjectionsOnly(model, 5)
-
-
-@pytest.mark.parametrize("cut_last", [True, False])
-def test_checkpoint_layers_same_loss_and_gradients_with_dropout(tiny_bert4_dir, cut_last):
-    """Checkpointed layers recompute with the same dropout masks: loss and every gradient match."""
-    from toolkit.models.capture import CheckpointLayers, ProjectionsOnly
-
+def test_activation_checkpointing_same_loss_and_gradients_with_dropout(tiny_bert4_dir):
+    """student.activation_checkpointing (transformers' own, non-reentrant) recomputes the layers
+    with the same dropout masks: the loss and every gradient match a run without it."""
     batch = _batch(AutoModel.from_pretrained(tiny_bert4_dir).config.vocab_size)
 
     def run(ckpt: bool):
         model = AutoModel.from_pretrained(tiny_bert4_dir, hidden_dropout_prob=0.3).train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         cap = QKVCapture(model, layers=[-1])
-        n = model.config.num_hidden_layers
-        if cut_last:
-            ProjectionsOnly(model, -1)
-        handle = CheckpointLayers(model, range(n - 1 if cut_last else n)) if ckpt else None
         calls = []
         model.encoder.layer[0].intermediate.dense.register_forward_hook(lambda *_: calls.append(1))
         torch.manual_seed(123)
@@ -177,24 +163,12 @@ def test_checkpoint_layers_same_loss_and_gradients_with_dropout(tiny_bert4_dir, 
         loss = sum((qkv[w] ** 2).mean() for w in "qkv")
         loss.backward()
         grads = {n_: p.grad.clone() for n_, p in model.named_parameters() if p.grad is not None}
-        return handle, loss.detach(), grads, len(calls)
+        return loss.detach(), grads, len(calls)
 
-    _, ref_loss, ref_grads, ref_calls = run(False)
-    handle, loss, grads, calls = run(True)
-    assert handle.layers == list(range(3 if cut_last else 4))
+    ref_loss, ref_grads, ref_calls = run(False)
+    loss, grads, calls = run(True)
     assert (ref_calls, calls) == (1, 2)      # the checkpointed layer ran again in the backward
     torch.testing.assert_close(loss, ref_loss)
     assert set(grads) == set(ref_grads)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
-
-
-def test_checkpoint_layers_refuses_a_cut_layer(tiny_bert_dir):
-    from toolkit.models.capture import CheckpointLayers, ProjectionsOnly
-
-    model = AutoModel.from_pretrained(tiny_bert_dir)
-    ProjectionsOnly(model, -1)
-    with pytest.raises(ToolkitError, match="cut to its projections"):
-        CheckpointLayers(model, [-1])
-    with pytest.raises(ToolkitError, match="already cut"):
-        ProjectionsOnly(model, -1)

@@ -59,7 +59,7 @@ def job(tmp_path_factory) -> Path:
         "teacher": str(teacher), "output_dir": str(root / "out"), "max_steps": 5, "log_every": 5, "resume": False,
         "corpus": {"sources": [str(corpus / "*.txt")], "seq_length": 128, "num_workers": 0, "shuffle_buffer": 64},
         "student": {"num_layers": 4, "hidden_size": 256, "num_heads": 4, "intermediate_size": 1024},
-        "loss": {"num_relation_heads": 8}}))
+        "loss": {"options": {"minilmv2": {"num_relation_heads": 8}}}}))
     return y
 
 
@@ -81,7 +81,7 @@ def _estimate(job: Path, ds: Path, ranks: int) -> float:
 
 
 def _measure(job: Path, ds: Path, ranks: int, out: Path) -> list:
-    env = subprocess_env(TOOLKIT_CPU_ALLOCATOR="system")   # the heap glibc can report on
+    env = subprocess_env()   # glibc: the heap mallinfo reports on
     env.pop("LD_PRELOAD", None)
     probe = [str(HERE / "mem_probe.py"), str(out), "--config", str(job), "--ds_config", str(ds)]
     if ranks == 1:

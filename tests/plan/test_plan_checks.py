@@ -55,7 +55,7 @@ def _job(tmp_path: Path, teacher: Path, corpus: Path, **changes) -> Path:
     job = {"teacher": str(teacher), "output_dir": str(tmp_path / "out"), "max_steps": 2,
            "corpus": {"sources": [str(corpus / "*.txt")], "seq_length": 32, "num_workers": 0},
            "student": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
-           "loss": {"num_relation_heads": 8}}
+           "loss": {"options": {"minilmv2": {"num_relation_heads": 8}}}}
     for key, value in changes.items():
         node = job
         parts = key.split(".")
@@ -109,7 +109,7 @@ def test_bad_deepspeed_json_exits_2_naming_key_and_file(case, tiny_bert_dir, fix
 
 
 JOB_CASES = {
-    "relation heads do not divide": ({"loss.num_relation_heads": 5}, "loss.num_relation_heads", "divide"),
+    "relation heads do not divide": ({"loss.options.minilmv2.num_relation_heads": 5}, "loss.options.minilmv2.num_relation_heads", "divide"),
     "teacher layer out of range": ({"loss.teacher_layer": 9}, "loss.teacher_layer", "out of range"),
     "student layer out of range": ({"loss.student_layer": 3}, "loss.student_layer", "out of range"),
     "wrong type": ({"max_steps": "ten"}, "max_steps", "expected int"),

@@ -74,8 +74,8 @@ def test_the_old_ernie_config_fails_its_plan():
     from toolkit.plan import Hardware, make_plan
 
     cfg = build_config("distill", str(ROOT / "configs" / "distill_ernie3.yaml"),
-                       ["teacher=ernie-3.0-xbase-zh", "loss.num_relation_heads=12"])
-    with pytest.raises(ConfigError, match="loss.num_relation_heads.*1024"):
+                       ["teacher=ernie-3.0-xbase-zh", "loss.options.minilmv2.num_relation_heads=12"])
+    with pytest.raises(ConfigError, match="loss.options.minilmv2.num_relation_heads.*1024"):
         make_plan("distill", cfg, Hardware())
 
 

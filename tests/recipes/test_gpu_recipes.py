@@ -46,9 +46,9 @@ def test_distill_half_precision_engines(ds_config, tiny_bert4_dir, fixture_corpu
         assert rec.engine.compute_dtype == HALF[ds_config]
         # The frozen teacher runs in bf16 on a GPU that has it, whatever the job's precision
         # (toolkit.engine.precision.teacher_dtype); the student trains in the config's dtype.
-        assert next(rec.teacher.parameters()).dtype == torch.bfloat16
+        assert next(rec.teachers[0].model.parameters()).dtype == torch.bfloat16
         assert next(rec.module.student.parameters()).dtype == HALF[ds_config]
-        assert next(rec.teacher.parameters()).is_cuda
+        assert next(rec.teachers[0].model.parameters()).is_cuda
         res = rec.train()
     finally:
         rec.cleanup()

@@ -148,7 +148,7 @@ def test_distill_two_ranks_end_to_end(stage, checkpointing, tiny_bert4_dir, fixt
                    "num_workers": 1},
         "student": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64,
                     "activation_checkpointing": checkpointing},
-        "loss": {"num_relation_heads": 8}}))
+        "loss": {"options": {"minilmv2": {"num_relation_heads": 8}}}}))
     port = _port()
     proc = _launch(["distill", "--num-gpus", "2", "--master-port", str(port), "--config", str(y),
                     "--ds-config", str(_ds(tmp_path / "ds.json", 4, stage))])

@@ -144,7 +144,7 @@ def _deepspeed_adam(groups: Any, device: torch.device, kw: Dict[str, Any]) -> to
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
     except Exception as exc:  # an op that fails to compile or load: say which and what to do
         raise ConfigError("optim.impl", f"DeepSpeed's Adam op could not be built or loaded on {device.type} "
-                          f"({type(exc).__name__}: {exc}); use optimizer: auto (torch's fused AdamW, "
+                          f"({type(exc).__name__}: {exc}); use optim.impl: auto (torch's fused AdamW, "
                           f"no compile)") from None
     raise ConfigError("optim.impl", f"deepspeed has no Adam for {device.type} parameters; use auto")
 
@@ -156,10 +156,10 @@ def _apex_adam(groups: Any, device: torch.device, kw: Dict[str, Any]) -> torch.o
     except ImportError:
         raise ConfigError("optim.impl", "apex was asked for, but NVIDIA apex (apex.optimizers) is not importable; "
                           "install it from github.com/NVIDIA/apex (the PyPI package named 'apex' is an "
-                          "unrelated library) or use optimizer: auto") from None
+                          "unrelated library) or use optim.impl: auto") from None
     if device.type != "cuda":
         raise ConfigError("optim.impl", f"apex's FusedAdam runs on CUDA parameters, these are on {device.type}; "
-                          f"use optimizer: auto")
+                          f"use optim.impl: auto")
     return FusedAdam(groups, adam_w_mode=True, **kw)
 
 

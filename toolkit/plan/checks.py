@@ -225,7 +225,7 @@ def inspect_distill(cfg: Any, world_size: int, source: Optional[str] = None, pla
     qkv_only = set(weights) <= QKV_ONLY_LOSSES
     extra = s.hidden * t.hidden + t.hidden if "tinybert" in weights and s.hidden != t.hidden else 0
     facts.trained = TrainedPart("student", s, layers_run=s.layers,
-                                last_projections_only=qkv_only and s_idx == s.layers - 1,
+                                last_projections_only=False,   # the student runs every layer whole
                                 trainable=s.params - s.pooler_params + extra, extra_params=extra)
     facts.frozen = TrainedPart("teacher (frozen)", t, layers_run=t_idx + 1, last_projections_only=qkv_only,
                                trainable=0, frozen=True)

@@ -44,8 +44,7 @@ class Hardware:
     """What the plan is made for.
 
     Attributes:
-        device: ``"gpu"`` (half-precision teacher, stock attention and feed-forward) or ``"cpu"``
-            (fp32 teacher, the CPU kernels' feed-forward that recomputes its GELU output).
+        device: ``"gpu"`` (half-precision teacher) or ``"cpu"`` (fp32 teacher).
         nodes, gpus_per_node: the ranks (world size = nodes x gpus_per_node).
         gpu_memory: bytes per GPU.
         peak_tflops: the GPU's dense peak for the job's precision.
@@ -118,15 +117,13 @@ def layer_activation_bytes(tokens: int, hidden: int, inter: int, heads: int, seq
     """What autograd keeps for the backward of one trained BERT/ERNIE layer, in bytes.
 
     In ``tokens x hidden`` units of ``e`` bytes: the layer input (read by Q, K and V), Q, K and
-    V (the attention's backward), the attention output, the two LayerNorms' inputs and the
-    first one's output (the feed-forward input), and on GPUs the output projection's contiguous
-    copy of the attention output (the CPU attention kernel writes that layout itself); in
-    ``tokens x intermediate`` units: the GELU input and, on GPUs, its output (the CPU kernels'
-    feed-forward recomputes it); two dropout masks of one byte per element. Attention dropout
-    (or eager attention) adds the ``[B, heads, L, L]`` probabilities and their mask.
+    V (the attention's backward), the attention output and the output projection's contiguous
+    copy of it, the two LayerNorms' inputs and the first one's output (the feed-forward input);
+    in ``tokens x intermediate`` units: the GELU input and output; two dropout masks of one byte
+    per element. Attention dropout (or eager attention) adds the ``[B, heads, L, L]``
+    probabilities and their mask. The same on every device: the layers are transformers' own.
     """
-    gpu = device == "gpu"
-    act = tokens * ((9 if gpu else 8) * hidden + (2 if gpu else 1) * inter) * e + 2 * tokens * hidden
+    act = tokens * (9 * hidden + 2 * inter) * e + 2 * tokens * hidden
     if attention_dropout:
         batch = tokens // max(seq, 1)
         act += batch * heads * seq * seq * (e + 1)

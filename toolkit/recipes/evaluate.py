@@ -145,8 +145,8 @@ class EvalRecipe:
         cfg = self.cfg
         check_model_dir("model", cfg.model)
         check_ds_config(cfg.ds_config)
-        preflight("eval", cfg)   # shapes and the batch, before any model is loaded
         tasks = self._tasks()
+        preflight("eval", cfg)   # shapes and the batch, before any model is loaded
         for task in tasks:   # every train split read (and checked) before the first run starts
             task.load("train")
         if dist.is_main():

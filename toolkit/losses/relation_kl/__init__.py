@@ -171,8 +171,15 @@ def _relation_kl_triton(t_q: Tensor, t_k: Tensor, s_q: Tensor, s_k: Tensor, mask
 
 register_relation_kl("chunked", relation_kl_qk, priority=0, describe=_describe_chunked)
 register_relation_kl("naive", relation_kl_naive, describe=lambda *_: "naive (materializes [B, R, L, L])")
+def _describe_triton(batch: int, heads: int, seq_len: int, chunk_size: Optional[int], device: torch.device) -> str:
+    if device.type == "cuda":
+        return "triton (fused kernel, recomputing backward)"
+    # The kernel's entry hands CPU tensors to the chunked path.
+    return _describe_chunked(batch, heads, seq_len, chunk_size, device) + "; triton runs on CUDA only"
+
+
 register_relation_kl("triton", _relation_kl_triton, supports=_triton_supports, priority=20,
-                     describe=lambda *_: "triton")
+                     describe=_describe_triton)
 
 __all__ = ["RelationKLFn", "RelationKLImpl", "check_relation_heads", "check_relation_kl_name",
            "compute_relation_kl", "describe_relation_kl", "failed_implementations", "register_relation_kl",
