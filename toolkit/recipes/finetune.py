@@ -114,15 +114,15 @@ class FinetuneRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         set_seed(cfg.seed)
-        # Inputs checked before any model loads: the model folder and the DeepSpeed JSON, then
-        # the shapes and the batch against the ranks.
+        # Inputs checked before any model loads: the model folder, the task's data and the
+        # DeepSpeed JSON, then the shapes and the batch against the ranks.
         check_model_dir("model", cfg.model)
-        check_ds_config(cfg.ds_config)
-        preflight("finetune", cfg)
         self.task = get_task(cfg.task, cfg.data_dir)
         train = self.task.load("train")
         if not train:
             raise DataError(self.task.split_path("train"), "the train split is empty")
+        check_ds_config(cfg.ds_config)
+        preflight("finetune", cfg)
         if cfg.train_limit and cfg.train_limit < len(train):
             order = np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.train_limit]
             train = [train[i] for i in sorted(order)]
