@@ -152,3 +152,18 @@ def test_saved_from_a_half_precision_module_reloads_fp32(tmp_path):
     assert {p.dtype for p in again.parameters()} == {torch.float32}
     torch.testing.assert_close(again.embeddings.word_embeddings.weight, masters["embeddings.word_embeddings.weight"],
                                rtol=0, atol=0)
+
+
+def test_pair_layout_ignores_a_tokenizer_json_that_pads(tmp_path):
+    """A tokenizer.json with padding on (all-MiniLM-L6-v2 pads to 128) still gives BERT's pair
+    layout: the padding is not part of the template."""
+    from transformers import BertTokenizerFast
+
+    from toolkit.models.encoder import special_layout
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    tok.backend_tokenizer.enable_padding(length=16, pad_id=0, pad_type_id=0, pad_token="[PAD]")
+    layout = special_layout(tok)
+    assert layout.pair == ((2,), (3,), (3,)) and (layout.type_a, layout.type_b) == (0, 1)
+    assert layout.build([5], [6]) == ([2, 5, 3, 6, 3], 3)

@@ -297,8 +297,10 @@ def special_layout(tokenizer: Any) -> SpecialLayout:
                                f"cannot tell how it builds sentence pairs")
         return SpecialLayout(((cls,), (sep,)), ((cls,), (sep,), (sep,)), 0, 1)
 
-    def parts(enc: Any) -> Tuple[List[Tuple[Optional[int], int, int]], ...]:
-        return list(zip(enc.sequence_ids, enc.ids, enc.type_ids))
+    def parts(enc: Any) -> List[Tuple[Optional[int], int, int]]:
+        # A tokenizer.json may pad every encoding (all-MiniLM-L6-v2 pads to 128): padding is
+        # no part of the template.
+        return [(s, i, t) for s, i, t, m in zip(enc.sequence_ids, enc.ids, enc.type_ids, enc.attention_mask) if m]
 
     pair = parts(backend.encode("a", "b", add_special_tokens=True))
     single = parts(backend.encode("a", add_special_tokens=True))
