@@ -135,8 +135,9 @@ def test_simulated_two_nodes_match_one_process(reference, no_dropout_teacher, fi
 
 @pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, True)])
 def test_distill_two_ranks_end_to_end(stage, checkpointing, tiny_bert4_dir, fixture_corpus, tmp_path):
-    """2 ranks, with the distilled layers cut after Q/K/V (ProjectionsOnly); under ZeRO-3 with
-    activation checkpointing too, so the recomputed and the cut layers' weights are gathered."""
+    """2 ranks, with the teacher's read layer cut after Q/K/V; under ZeRO-3 with activation
+    checkpointing too, so the recomputed layers' weights (and the frozen ones no loss reaches)
+    are gathered again in the backward."""
     _needs_launcher()
     import yaml
 

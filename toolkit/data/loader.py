@@ -22,9 +22,12 @@ With ``num_workers=0`` the same code runs in-process as one worker.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import itertools
 import logging
+import multiprocessing
+import signal
 from collections import deque
 from typing import Any, Deque, Dict, Iterator, List, Optional
 
@@ -37,6 +40,21 @@ from toolkit.data.corpus import (STATE_VERSION, CorpusConfig, StreamingCorpus, c
 from toolkit.data.packing import pad_rows
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.utils.stop_signals import blocked, ignore_in_child
+
+
+def _kill_leftover_workers() -> None:
+    """At interpreter exit, kill the DataLoader workers still alive. They ignore SIGTERM (see
+    :meth:`StatefulLoader.__iter__`), so after a crash whose traceback keeps the loader alive,
+    multiprocessing's exit handler would ``terminate()`` them in vain and wait for them forever.
+    Registered after multiprocessing's own handler, so it runs first."""
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # torch's handler would report the kill as a failure
+    for p in workers:
+        p.kill()
+
+
+atexit.register(_kill_leftover_workers)
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from toolkit.errors import ConfigError, DataError, ToolkitError
 from toolkit.losses import EMBEDDINGS, LOSSES, DistillInputs, LossContext, Needs, build_loss
 from toolkit.losses.registry import parse_options
 from toolkit.losses.relations import describe_relation_kl
-from toolkit.models.capture import LayerCapture, default_teacher_layer, resolve_layer
+from toolkit.models.capture import LayerCapture, default_teacher_layer, encoder_layers, resolve_layer
 from toolkit.models.encoder import (EncoderSpec, build_encoder, count_parameters, load_tokenizer, save_encoder,
                                     spec_from_model)
 from toolkit.plan import preflight
@@ -363,11 +363,10 @@ class DistillRecipe:
         weights = {k: v for k, v in cfg.loss.weights.items() if v > 0}
         module = StudentWithLoss(student, losses, weights, needs, self.teacher_weights)
         self._freeze_unreached(module)
-        if cfg.student.activation_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
         world = int(os.environ.get("WORLD_SIZE", "1"))
         ds = load_ds_config(resolve_ds_config(cfg.ds_config), world)
+        if cfg.student.activation_checkpointing:
+            self._checkpoint_layers(student, needs)
         # The BERT recipe's two groups: no weight decay on biases and LayerNorm weights.
         self.engine = Engine(module, ds, cfg.optim, total_steps=cfg.max_steps,
                              params=param_groups(module, cfg.optim.weight_decay), max_nonfinite=cfg.max_nonfinite)
@@ -430,6 +429,18 @@ class DistillRecipe:
                 log.info("distill: %s relation KL %s", name, describe_relation_kl(
                     relation.impl, self.device, eng.micro_batch_size, relation.num_relation_heads,
                     cfg.corpus.seq_length, relation.chunk_size))
+
+    @staticmethod
+    def _checkpoint_layers(student: nn.Module, needs: Needs) -> None:
+        """transformers' activation checkpointing (non-reentrant: the dropout masks of the first
+        forward are replayed) on every student layer except those a loss reads. Their outputs
+        are captured by hooks, and their weights past what the loss reads are frozen, which
+        ZeRO-3 partitions again before a recompute and the checkpoint's metadata check refuses."""
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = encoder_layers(student)
+        for i in needs.student:
+            if 0 <= i < len(layers):
+                layers[i].gradient_checkpointing = False
 
     def _freeze_unreached(self, module: StudentWithLoss) -> None:
         """Freeze the trainable parameters that no loss reaches (e.g. the student layer the relation
