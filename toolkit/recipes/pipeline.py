@@ -588,26 +588,18 @@ def teacher_generality(pre: Dict[str, Any], mt: Dict[str, Any], ood: List[str], 
 
 
 def _majority_rates(task_refs: List[str], data_dir: Optional[str]) -> Dict[str, Optional[float]]:
-    """Per classification task, the dev score of always predicting the most frequent train label
-    (with the task's main metric): the floor any model must clear."""
-    from collections import Counter
-
+    """Per classification or tagging task, the dev score (the task's main metric) of always
+    predicting the most frequent train label: the floor any model must clear."""
     from toolkit.tasks import get_task
-    from toolkit.tasks.base import CLASSIFICATION
+    from toolkit.tasks.baseline import majority_baseline
 
     rates: Dict[str, Optional[float]] = {}
     for ref in task_refs:
         task = get_task(ref, data_dir)
-        if task.task_type != CLASSIFICATION:
-            rates[task.name] = None
-            continue
         try:
-            train, dev = task.load("train"), task.load("dev")
-        except ToolkitError:
+            rates[task.name] = float(majority_baseline(ref, "dev", data_dir)[task.main_metric])
+        except ToolkitError:   # regression, or no dev split
             rates[task.name] = None
-            continue
-        top = Counter(e.label for e in train).most_common(1)[0][0]
-        rates[task.name] = float(task.score(dev, [top] * len(dev))[task.main_metric])
     return rates
 
 
