@@ -28,41 +28,16 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 from toolkit.errors import ToolkitError
+from toolkit.utils.fsio import fsync_dir as _fsync_dir
+from toolkit.utils.fsio import fsync_file as _fsync_file
+from toolkit.utils.fsio import fsync_tree as _fsync_tree
+from toolkit.utils.fsio import write_bytes_durable as _write_durable
 
 MARKER = "COMPLETE"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 PathLike = Union[str, Path]
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_file(path)
-    except OSError:
-        pass  # some filesystems cannot fsync directories; the rename is still atomic
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            _fsync_file(Path(dirpath) / f)
-        _fsync_dir(Path(dirpath))
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def tag_step(tag: str) -> int:
