@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import re
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -334,3 +335,17 @@ def compiled_checks(tmp_path, monkeypatch):
     yield checks
     for module in checks._reset:
         module.reset()
+
+
+def launcher_excerpt(text: str, tail: int = 3000, lines_per_rank: int = 60) -> str:
+    """What a failed multi-rank launch printed, for an assertion message: the start of each
+    rank's first traceback (the launcher interleaves the ranks' output, so the rank that failed
+    first is rarely in the tail) and then the output's tail."""
+    lines = text.splitlines()
+    first: dict = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*\[rank(\d+)\]:", line)
+        if m and m.group(1) not in first:
+            first[m.group(1)] = i
+    parts = [f"--- rank {r} ---\n" + "\n".join(lines[i:i + lines_per_rank]) for r, i in sorted(first.items())]
+    return "\n".join(parts + ["--- tail ---", text[-tail:]])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import subprocess_env
+from conftest import launcher_excerpt, subprocess_env
 
 pytestmark = pytest.mark.launcher
 
@@ -62,7 +62,7 @@ def test_zero_stages_and_world_sizes_agree(no_dropout_encoder, fixture_tasks, ti
     r = subprocess.run([sys.executable, *_args(one, 1, no_dropout_encoder, fixture_tasks, tiny_bert4_dir,
                                                fixture_corpus)],
                        env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert (one / "distill_z3" / "student" / "model.safetensors").is_file(), r.stdout[-3000:] + r.stderr[-3000:]
+    assert (one / "distill_z3" / "student" / "model.safetensors").is_file(), launcher_excerpt(r.stdout + r.stderr)
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_port())]
     env = subprocess_env()
     if shutil.which("numactl"):
@@ -71,7 +71,7 @@ def test_zero_stages_and_world_sizes_agree(no_dropout_encoder, fixture_tasks, ti
         env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run(cmd + _args(two, 2, no_dropout_encoder, fixture_tasks, tiny_bert4_dir, fixture_corpus),
                        env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert (two / "distill_z3" / "student" / "model.safetensors").is_file(), r.stdout[-3000:] + r.stderr[-3000:]
+    assert (two / "distill_z3" / "student" / "model.safetensors").is_file(), launcher_excerpt(r.stdout + r.stderr)
 
     files = (("teacher", "model/model.safetensors"), ("teacher", "model/heads.safetensors"),
              ("distill", "student/model.safetensors"))
