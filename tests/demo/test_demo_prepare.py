@@ -171,7 +171,7 @@ def test_english_tiny(english):
     by_name = {t["name"]: t for t in m["tasks"]}
     # Out-of-domain: sources and label sets no in-domain task shares.
     assert {n for n, t in by_name.items() if not t["in_domain"]} == {"trec_question", "jeopardy_topic",
-                                                                       "jeopardy_answer", "party_stance"}
+                                                                       "jeopardy_category", "party_stance"}
     assert by_name["bbc_topic"]["num_labels"] == 5 and by_name["jeopardy_topic"]["num_labels"] == 40
 
 

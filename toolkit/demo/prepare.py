@@ -357,14 +357,15 @@ def build_jeopardy_topic(preset: Preset, rng: random.Random, seed: int) -> Built
                      ["jeopardy"])
 
 
-def build_jeopardy_answer(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
-    """Answer selection on Jeopardy! clues, a sentence-pair task: (clue, candidate answer) ->
-    yes when the candidate is the clue's answer. Each clue gives one right pair and one wrong
-    pair whose answer is another clue's from the same category. Train and dev clues differ."""
+def build_jeopardy_category(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """Clue-category matching on Jeopardy! clues, a sentence-pair task: (clue, category name) ->
+    yes when the clue was asked under that category. Each clue gives one right pair and one
+    wrong pair, whose category shares no word with the clue's own (so WORLD HISTORY is never the
+    wrong match for a HISTORY clue). Train and dev clues differ."""
     path, rows = _jeopardy_rows()
-    by_cat: Dict[str, List[str]] = {}
-    for r in rows:
-        by_cat.setdefault(r["label"], []).append(r["answer"])
+    categories = sorted({r["label"] for r in rows})
+    words = {c: set(re.findall(r"\w+", c.lower())) for c in categories}
+    unlike = {c: [o for o in categories if not words[c] & words[o]] for c in categories}
     half = Preset(None if preset.train_size is None else preset.train_size // 2,
                   None if preset.dev_size is None else preset.dev_size // 2, preset.corpus_chars, preset.num_shards)
     train_clues, dev_clues, _ = _holdout(rows, half, rng)
@@ -372,13 +373,12 @@ def build_jeopardy_answer(preset: Preset, rng: random.Random, seed: int) -> Buil
     def pairs(clues: List[Row]) -> List[Row]:
         out = []
         for r in clues:
-            wrong = [a for a in by_cat[r["label"]] if a.lower() != r["answer"].lower()]
-            out.append({"text": r["text"], "text_b": r["answer"], "label": "yes"})
-            out.append({"text": r["text"], "text_b": rng.choice(wrong), "label": "no"})
+            out.append({"text": r["text"], "text_b": r["label"], "label": "yes"})
+            out.append({"text": r["text"], "text_b": rng.choice(unlike[r["label"]]), "label": "no"})
         rng.shuffle(out)
         return out
 
-    return BuiltTask("jeopardy_answer", "classification", "en", ["no", "yes"], ["accuracy", "f1"], False,
+    return BuiltTask("jeopardy_category", "classification", "en", ["no", "yes"], ["accuracy", "f1"], False,
                      pairs(train_clues), pairs(dev_clues), ["jeopardy"])
 
 
@@ -546,7 +546,7 @@ class Language:
 ENGLISH = Language(
     code="en",
     builders=(build_rt_sentiment, build_sms_spam, build_bbc_topic, build_trec_question, build_jeopardy_topic,
-              build_jeopardy_answer, build_party_stance, build_tweet_sentiment, build_nyt_sentiment),
+              build_jeopardy_category, build_party_stance, build_tweet_sentiment, build_nyt_sentiment),
     corpus_weights={"sotu": 0.7, "bbc": 0.3},
     extra_corpus=lambda: {"sotu": sotu_docs()},
     teacher=res.teacher_dir,
@@ -659,7 +659,7 @@ def prepare_language(lang: Language, out_dir: Union[str, Path], preset: str = "d
 
 def prepare_english(out_dir: Union[str, Path], preset: str = "default", seed: int = 0) -> Dict[str, Any]:
     """English demo: rt_sentiment, sms_spam, bbc_topic (in domain); trec_question,
-    jeopardy_topic, jeopardy_answer, party_stance (out of domain); tweet_sentiment and
+    jeopardy_topic, jeopardy_category, party_stance (out of domain); tweet_sentiment and
     nyt_sentiment (extra in-domain tasks); SOTU + BBC corpus; all-MiniLM-L6-v2 teacher. See
     prepare()."""
     return prepare("en", out_dir, preset, seed)
