@@ -65,6 +65,17 @@ def test_pipeline_end_to_end(tiny_bert4_dir, fixture_tasks, fixture_corpus, tmp_
     for r in gen["tasks"].values():
         assert r["forgetting"] == r["pretrained"] - r["multitask"]
     assert "## Teacher generality" in report and "Where MITKD loses" in report
+    # The multi-task teacher's own dev scores against each in-domain task's majority class,
+    # taken from the teacher stage's history at its kept step.
+    teacher_run = json.loads((out / "teacher" / "STAGE_COMPLETE.json").read_text())["result"]
+    kept = next(h for h in teacher_run["history"] if h["step"] == teacher_run["best_step"])
+    dev = saved["teacher_dev"]
+    assert set(dev) == {"senti", "topic"}
+    for t, r in dev.items():
+        assert r["score"] == kept["tasks"][t][r["metric"]]
+        assert r["majority"] == saved["majority_rates"][t] and r["margin"] == r["score"] - r["majority"]
+        assert f"| {t} | {r['metric']} | {r['score']:.2f} | {r['majority']:.2f} | {r['margin']:+.2f} |" in report
+    assert "## Multi-task teacher on its tasks (dev)" in report
     # Domain averages carry the spread over seeds of the per-seed averages.
     r = saved["results"]["mitkd"]["full"]
     per_seed = [sum(t["scores"][i] for t in r["tasks"].values() if t["domain"] == "in") / 2 for i in range(2)]

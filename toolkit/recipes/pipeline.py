@@ -460,10 +460,11 @@ class PipelineRecipe:
         if cfg.probe:
             probes["pretrained"] = self._probe("probe_pretrained", "pretrained", base_teacher, probe_tasks)
         mt_teachers: Dict[str, str] = {}
+        teacher_runs: Dict[str, Dict[str, Any]] = {}
         for n in names:
             key = jobs[n]["teacher_key"]
             if key not in mt_teachers:
-                self._job_stage("teacher", key, jobs[n]["teacher_job"], outputs=["job/model"])
+                teacher_runs[key] = self._job_stage("teacher", key, jobs[n]["teacher_job"], outputs=["job/model"])
                 mt_teachers[key] = str(self.out / key / "job" / "model")
                 if cfg.probe:
                     probes[key] = self._probe(f"probe_{key}", key, mt_teachers[key], probe_tasks)
@@ -489,7 +490,8 @@ class PipelineRecipe:
         results = {}
         for n in names:
             view = {k: v for k, v in models.items() if k in ("teacher", "baseline", f"mitkd_{n}")}
-            res = self._collect(data, n, jobs[n], view, evals, settings, mt_teachers, probes, time.time() - t_start)
+            res = self._collect(data, n, jobs[n], view, evals, settings, mt_teachers, probes, time.time() - t_start,
+                                teacher_runs.get(jobs[n]["teacher_key"]))
             results[n] = res
         if cfg.ablate:
             summary = write_ablation(self.out, results, jobs)
@@ -504,7 +506,8 @@ class PipelineRecipe:
     # -- results --------------------------------------------------------------------------
     def _collect(self, data: Dict[str, Any], variant: str, jobs: Dict[str, Any], models: Dict[str, str],
                  evals: Dict[str, Any], settings: Dict[str, int], mt_teachers: Dict[str, str],
-                 probes: Dict[str, Any], elapsed: float) -> Dict[str, Any]:
+                 probes: Dict[str, Any], elapsed: float,
+                 teacher_run: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         from toolkit.tasks import get_task
 
         in_names = [get_task(t, self.cfg.task_data_dir).name for t in data["in_domain"]]
@@ -533,6 +536,7 @@ class PipelineRecipe:
         if probes:
             generality = teacher_generality(probes["pretrained"], probes[teacher_key], ood_names, in_names,
                                             self.cfg.forgetting_threshold)
+        majority = _majority_rates(data["in_domain"] + data["out_of_domain"], self.cfg.task_data_dir)
         return {
             "language": self.cfg.language, "preset": self.cfg.preset, "seeds": self.seeds,
             "variant": variant, "variant_spec": self.variants[variant],
@@ -542,7 +546,10 @@ class PipelineRecipe:
             "in_domain_tasks": in_names, "out_of_domain_tasks": ood_names,
             "corpus": data["corpus"], "models": model_info, "results": table,
             "teacher_generality": generality,
-            "majority_rates": _majority_rates(data["in_domain"] + data["out_of_domain"], self.cfg.task_data_dir),
+            "majority_rates": majority,
+            "teacher_dev": teacher_dev(teacher_run, majority, {get_task(t, self.cfg.task_data_dir).name:
+                                                                get_task(t, self.cfg.task_data_dir).main_metric
+                                                                for t in data["in_domain"]}),
             "stage_seconds": self.timings, "total_seconds": elapsed,
             "config": to_dict(self.cfg), "teacher_job": jobs["teacher_job"],
             "distill_job": _merge(self.distill_job, jobs["distill_job"]), "eval_job": self.eval_job,
@@ -586,6 +593,26 @@ def teacher_generality(pre: Dict[str, Any], mt: Dict[str, Any], ood: List[str], 
     return {"tasks": rows, "flagged": flagged, "threshold": threshold,
             "mean_ood_forgetting": sum(ood_drops) / len(ood_drops) if ood_drops else None,
             "skipped_tasks": pre.get("skipped_tasks", [])}
+
+
+def teacher_dev(run: Optional[Dict[str, Any]], majority: Dict[str, Optional[float]],
+                main_metrics: Dict[str, str]) -> Dict[str, Any]:
+    """The multi-task teacher's dev score on each in-domain task (main metric, at the kept
+    step), against the task's majority-class rate: the margin shows the teacher learned the
+    task before it teaches it."""
+    if not run or not run.get("history"):
+        return {}
+    best = run.get("best_step")
+    entry = next((h for h in run["history"] if h.get("step") == best), run["history"][-1])
+    out: Dict[str, Any] = {}
+    for task, metric in main_metrics.items():
+        score = (entry.get("tasks") or {}).get(task, {}).get(metric)
+        if score is None:
+            continue
+        floor = majority.get(task)
+        out[task] = {"metric": metric, "score": float(score), "majority": floor,
+                     "margin": None if floor is None else float(score) - floor}
+    return out
 
 
 def _majority_rates(task_refs: List[str], data_dir: Optional[str]) -> Dict[str, Optional[float]]:

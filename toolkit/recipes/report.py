@@ -104,6 +104,7 @@ def render_markdown(res: Dict[str, Any]) -> str:
               ("none." if not losing else ""), *losing]
     lines += ["", "These are small-scale CPU numbers and are reported as measured; spreads over seeds show how "
               "much of a difference is noise.", ""]
+    lines += teacher_dev_lines(res.get("teacher_dev") or {})
     gen = res.get("teacher_generality")
     if gen:
         lines += ["## Teacher generality (linear probes)", "",
@@ -154,6 +155,38 @@ def render_markdown(res: Dict[str, Any]) -> str:
     lines += ["", "![comparison](comparison.png)", "", "![training curves](curves.png)", "",
               "All numbers above are in `results.json`.", ""]
     return "\n".join(lines)
+
+
+#: A multi-task teacher whose dev score is less than this many points above a task's
+#: majority-class rate has not clearly learned the task (the report says so).
+CLEAR_MARGIN = 5.0
+
+
+def teacher_dev_lines(dev: Dict[str, Any]) -> List[str]:
+    """The report's section on the multi-task teacher's own dev scores against each task's
+    majority-class rate."""
+    if not dev:
+        return []
+    lines = ["## Multi-task teacher on its tasks (dev)", "",
+             "The teacher's dev score (main metric, at the kept step) against always predicting the most "
+             "frequent train label.", "",
+             "| task | metric | multi-task teacher | majority class | margin |", "|---|---|---|---|---|"]
+    weak = []
+    for t, r in dev.items():
+        margin = r.get("margin")
+        if margin is not None and margin < CLEAR_MARGIN:
+            weak.append(t)
+        lines.append(f"| {t} | {r['metric']} | {r['score']:.2f} | {_fmt(r.get('majority'))} | "
+                     f"{'–' if margin is None else f'{margin:+.2f}'} |")
+    margins = {t: r["margin"] for t, r in dev.items() if r.get("margin") is not None}
+    lines.append("")
+    if margins:
+        low = min(margins, key=margins.get)
+        lines.append(f"Smallest margin: {margins[low]:+.2f} points ({low}).")
+    lines += [f"**Not clearly above the majority class** (margin under {CLEAR_MARGIN:.0f} points): "
+              f"{', '.join(weak)}." if weak else
+              f"Every task with a majority class is at least {CLEAR_MARGIN:.0f} points above it.", ""]
+    return lines
 
 
 def _plot_comparison(res: Dict[str, Any], path: Path) -> None:
