@@ -157,7 +157,7 @@ def eval_cmd(config, ds_config, output_dir, overrides, model, tasks, data_dir): 
 @click.option("--language", default=None, help="en (English BERT track) or zh (Chinese ERNIE track).")
 @click.option("--ablate", default=None,
               help="Comma-separated MITKD variants to train side by side against one baseline student "
-                   "(plain, more_tasks, l2sp, relation_anchor, lower_layer, mix, or your own in `variants`); "
+                   "(plain, more_tasks, l2sp, relation_anchor, lower_layer, mix, mix75, or your own in `variants`); "
                    "writes ablation.md, ablation.json and ablation.png.")
 def pipeline(config, ds_config, output_dir, overrides, preset, language, ablate):  # noqa: ANN001
     """Teacher -> MITKD and baseline distillation -> evaluation, with report.md and results.json.

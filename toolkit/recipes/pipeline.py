@@ -76,6 +76,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "lower_layer": {"distill_job": {"loss": {"teacher_layer": -2}}},
     # Relation targets mixed half and half from the multi-task and the pretrained teacher.
     "mix": {"distill_job": {"mix_teacher": "{pretrained}", "mix_weight": 0.5}},
+    # Three parts pretrained teacher to one part multi-task teacher.
+    "mix75": {"distill_job": {"mix_teacher": "{pretrained}", "mix_weight": 0.75}},
 }
 
 # Sizes of the embedded default per preset. Every value can be overridden in the YAML
