@@ -55,8 +55,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=f">={PYTHON}",
     packages=find_packages(include=["toolkit", "toolkit.*"]),
-    # The C kernels' sources and headers of the optional CPU package (compiled on first use).
-    package_data={"toolkit": ["cpu/csrc/*"]},
     include_package_data=False,
     cmdclass={"build_py": BuildPyWithShippedFiles},
     install_requires=[

@@ -138,7 +138,6 @@ class MatmulPeak:
     dtype: str = "fp32"
     device: str = "cpu"
     #: best GFLOP/s per GEMM library timed: ``torch.matmul`` (MKL on x86 CPUs, cuBLAS on GPUs)
-    #: and, on CPUs in fp32, oneDNN (the GEMM cpu_accel gives the linears, toolkit/cpu/onednn.py)
     by_backend: Optional[Dict[str, float]] = None
 
     def as_dict(self) -> Dict[str, Any]:
@@ -180,16 +179,9 @@ class MatmulProbe:
         self.a = torch.randn(n, n, device=device).to(dt)
         self.b = torch.randn(n, n, device=device).to(dt)
         self.out = torch.empty(n, n, device=device, dtype=dt)
-        # On CPUs in fp32 the step's linears may run oneDNN's GEMM (cpu_accel): the peak is the
-        # faster of MKL's (torch.matmul) and oneDNN's, so MFU never divides by a slower GEMM than
-        # the step itself uses.
+        # The GEMM libraries timed (the peak is the fastest one's): torch.matmul, the one the
+        # step's linears use.
         self.products: Dict[str, Any] = {"torch.matmul": lambda: torch.matmul(self.a, self.b, out=self.out)}
-        if torch.device(device).type == "cpu" and dt == torch.float32:
-            from toolkit.cpu.onednn import onednn_linear, onednn_unavailable_reason
-
-            if onednn_unavailable_reason() is None:
-                b_t = self.b.t().contiguous()   # linear's weight layout: a @ b == linear(a, b^T)
-                self.products["oneDNN"] = lambda: onednn_linear(self.a, b_t, None)
 
     def measure(self, reps: int = 7, warmup: int = 2) -> MatmulPeak:
         """Time each GEMM library's ``a @ b`` (``2 n^3`` FLOPs) ``reps`` times, interleaved, after

@@ -4,9 +4,7 @@ For one (seq, batch), a fresh worker process times every matmul-class kernel the
 runs, at the step's exact shapes and with PyTorch's kernels:
 
 * the linear layers: teacher and student forward, the student's input and weight gradients, each
-  with the GEMM library the step uses (oneDNN's forward and input gradient where ``cpu_accel``
-  switched the linears, ``toolkit/cpu/onednn.py``; MKL's ``addmm``/``mm`` otherwise and for the
-  weight gradient);
+  with the GEMM the step uses (``F.linear`` / ``mm``: MKL on x86 CPUs, cuBLAS on GPUs);
 * attention (``scaled_dot_product_attention``): forward for the teacher's layers, forward +
   backward for the student's;
 * the MiniLMv2 relation KL, the three relations forward + backward, with the toolkit's own
@@ -82,30 +80,20 @@ def measure_components(step: ToolkitStep, batch: int, seq: int, relation_heads: 
             s = time_median(fn, reps, warmup, device)
             rows.append({"component": name, "calls": calls, "flops": calls * flops_per_call, "s": calls * s})
 
-    def linears(who: str, counts: Dict[tuple, int], wdtype: torch.dtype, backward: bool, onednn: bool) -> None:
-        # The GEMM library the step's layers use: oneDNN's for the forward and the input gradient
-        # where cpu_accel switched the model's linears (toolkit/cpu/onednn.py), MKL's otherwise.
-        from toolkit.cpu.onednn import onednn_linear
-
-        lib = " (oneDNN)" if onednn else ""
+    def linears(who: str, counts: Dict[tuple, int], wdtype: torch.dtype, backward: bool) -> None:
         for (k, n), calls in counts.items():
             x = torch.randn(m, k, device=device, dtype=wdtype)
             w = torch.randn(n, k, device=device, dtype=wdtype)
             b = torch.randn(n, device=device, dtype=wdtype)
-            fwd = (lambda: onednn_linear(x, w, b)) if onednn else (lambda: F.linear(x, w, b))
-            add(f"{who} linear {k}->{n} forward{lib}", calls, 2.0 * m * k * n, fwd)
+            add(f"{who} linear {k}->{n} forward", calls, 2.0 * m * k * n, lambda: F.linear(x, w, b))
             if backward:
                 go = torch.randn(m, n, device=device, dtype=wdtype)
-                dx = (lambda: onednn_linear(go, w.t(), None)) if onednn else (lambda: go @ w)
-                add(f"{who} linear {k}->{n} input grad{lib}", calls, 2.0 * m * k * n, dx)
+                add(f"{who} linear {k}->{n} input grad", calls, 2.0 * m * k * n, lambda: go @ w)
                 add(f"{who} linear {k}->{n} weight grad", calls, 2.0 * m * k * n, lambda: go.t() @ x)
 
-    switched = {who: rec.get("applied", {}).get("onednn_linears", 0) > 0 for who, rec in step.cpu_accel.items()}
     with torch.no_grad():
-        linears("teacher", linear_counts(t_layers, tc.hidden_size, tc.intermediate_size), t_dtype, False,
-                switched.get("teacher", False))
-    linears("student", linear_counts(s_layers, sc.hidden_size, sc.intermediate_size), dtype, True,
-            switched.get("student", False))
+        linears("teacher", linear_counts(t_layers, tc.hidden_size, tc.intermediate_size), t_dtype, False)
+    linears("student", linear_counts(s_layers, sc.hidden_size, sc.intermediate_size), dtype, True)
 
     def attention_inputs(cfg: Any, wdtype: torch.dtype, grad: bool) -> List[torch.Tensor]:
         h = cfg.num_attention_heads

@@ -195,7 +195,7 @@ class ToolkitStep:
 
     def __init__(self, models: BenchModels, student_attention_dropout: Optional[float] = None,
                  chunk_size: Optional[int] = None, activation_checkpointing: bool = False,
-                 device: str = "cpu", dtype: str = "fp32", fp32_teacher: bool = False, cpu_accel: str = "auto"):
+                 device: str = "cpu", dtype: str = "fp32", fp32_teacher: bool = False):
         from toolkit.engine.precision import teacher_dtype
         from toolkit.losses import LossContext, Needs, build_loss
         from toolkit.models.capture import default_teacher_layer, resolve_layer
@@ -242,14 +242,6 @@ class ToolkitStep:
             self.module.to(self.dtype)
             self.optimizer = MasterWeightAdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
         self.teacher_layers_run = self.teacher_idx + 1   # the cut layer's projections run too
-        # As the recipe, on each model's final device and dtype: the CPU package's speed-ups
-        # (cpu_accel: auto, the default; they apply to fp32 CPU models only).
-        self.cpu_accel = {}
-        if cpu_accel != "off":
-            from toolkit.cpu import accelerate
-
-            self.cpu_accel = {"teacher": accelerate(self.teacher.model, trained=False, cfg_value=cpu_accel),
-                              "student": accelerate(self.module, trained=True, cfg_value=cpu_accel)}
 
     @torch.no_grad()
     def teacher_qkv(self, batch: Mapping[str, Tensor]) -> Dict[str, Any]:
@@ -391,13 +383,11 @@ def _timed_step(impl: Any, batch: Mapping[str, Tensor], phases: Dict[str, float]
 #: with ``student.activation_checkpointing: true`` (memory for time at long sequences);
 #: ``toolkit_attndrop01`` sets the student's attention dropout to 0.1 (CPU sdpa then has no
 #: fused kernel and falls back to the math path): what the recipe's default of 0 avoids.
-#: ``toolkit_plain`` is the recipe's step with ``cpu_accel: off`` (plain PyTorch).
 IMPLS: Dict[str, Callable[..., Any]] = {
     "toolkit": ToolkitStep,
     "baseline": BaselineStep,
     "toolkit_ckpt": lambda models, **kw: ToolkitStep(models, activation_checkpointing=True, **kw),
     "toolkit_attndrop01": lambda models, **kw: ToolkitStep(models, student_attention_dropout=0.1, **kw),
-    "toolkit_plain": lambda models, **kw: ToolkitStep(models, cpu_accel="off", **kw),
 }
 
 
@@ -406,13 +396,10 @@ IMPLS: Dict[str, Callable[..., Any]] = {
 _OP_CATEGORIES = {
     "aten::addmm": "linear matmuls (QKV/O/FFN)",
     "aten::mm": "linear matmuls (QKV/O/FFN)",
-    "mkldnn::_linear_pointwise": "linear matmuls (QKV/O/FFN)",   # oneDNN's GEMM (toolkit/cpu/onednn.py)
     "aten::bmm": "batched matmuls (attention, relation logits)",
     "aten::baddbmm": "batched matmuls (attention, relation logits)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "sdpa flash kernel",
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "sdpa flash kernel",
-    # The CPU package's relation KL (toolkit/cpu/relation.py): logits, row math and student gradient.
-    "toolkit::cpu_relation": "relation KL (fused CPU kernel)",
     "aten::_softmax": "softmax / logsumexp / exp",
     "aten::_log_softmax": "softmax / logsumexp / exp",
     "aten::_softmax_backward_data": "softmax / logsumexp / exp",

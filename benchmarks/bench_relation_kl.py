@@ -3,10 +3,9 @@
 One "call" is what one distillation step spends in the loss: three relations (QQ, KK, VV),
 forward and backward, on random teacher/student projections ``[B, L, 384]`` with 12 relation
 heads and no padding (the packed corpus has none). Every implementation named in ``--impls``
-(``chunked``, ``naive``, ``triton`` on CUDA, and with ``--cpu-accel`` the CPU package's
-``cpu_fused``) runs in this process on the same inputs; the script prints the median of
-``--reps`` calls after one warm-up, and the largest relative difference of loss and gradients
-to the first implementation. Nothing is asserted on time.
+(``chunked``, ``naive``, ``triton`` on CUDA) runs in this process on the same inputs; the
+script prints the median of ``--reps`` calls after one warm-up, and the largest relative
+difference of loss and gradients to the first implementation. Nothing is asserted on time.
 
 To compare with an earlier version of the kernel, put that version's checkout first on the
 path; this script then times its ``toolkit``::
@@ -16,7 +15,6 @@ path; this script then times its ``toolkit``::
 Usage::
 
     python benchmarks/bench_relation_kl.py --shapes 32x128,4x512,8x512 --threads 2
-    python benchmarks/bench_relation_kl.py --cpu-accel --impls chunked,cpu_fused   # the CPU package's kernel
 """
 from __future__ import annotations
 
@@ -77,7 +75,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="32x128,8x128,4x512,8x512", help="BATCHxSEQ list")
     ap.add_argument("--impls", default="chunked,naive", help="relation-KL implementations (registry names)")
-    ap.add_argument("--cpu-accel", action="store_true", help="register the CPU package's kernel (cpu_fused) first")
     ap.add_argument("--chunk-size", type=int, default=None, help="chunked query block (default: auto)")
     ap.add_argument("--pad-frac", type=float, default=0.0,
                     help="pad this fraction of every other row (0: packed, no padding)")
@@ -86,12 +83,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         shapes = parse_shapes(args.shapes)
-        if args.cpu_accel:
-            from toolkit.cpu import relation
-
-            if not relation.register():
-                raise ConfigError("--cpu-accel", f"the CPU package's kernel does not run here: "
-                                                 f"{relation.unavailable_reason()}")
         impls = [x.strip() for x in args.impls.split(",") if x.strip()]
         bad = [x for x in impls if x == "auto" or x not in registry.relation_kl_names()]
         if bad or not impls:

@@ -1,19 +1,15 @@
-"""The core is plain PyTorch: CPU speed-ups live in toolkit/cpu only, and nothing imports in a circle."""
+"""The toolkit is plain PyTorch (no class swaps, no methods bound onto modules, no TOOLKIT_*
+environment variables), and nothing imports in a circle."""
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
-from conftest import subprocess_env
-
 ROOT = Path(__file__).resolve().parents[1]
 TOOLKIT = ROOT / "toolkit"
-CPU_PACKAGE = TOOLKIT / "cpu"
-#: Methods of modules that only a CPU fast path may replace on an instance.
+#: Methods of modules that nothing may replace on an instance.
 _METHODS = {"forward", "feed_forward_chunk", "__call__", "_call_impl"}
 
 
@@ -24,8 +20,8 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _core_files() -> List[Path]:
-    return [f for f in sorted(TOOLKIT.rglob("*.py")) if CPU_PACKAGE not in f.parents]
+def _toolkit_files() -> List[Path]:
+    return sorted(TOOLKIT.rglob("*.py"))
 
 
 def _violations(path: Path) -> List[str]:
@@ -57,9 +53,9 @@ def _violations(path: Path) -> List[str]:
     return out
 
 
-def test_no_class_swaps_method_binding_or_toolkit_env_vars_outside_the_cpu_package():
-    bad = [v for f in _core_files() for v in _violations(f)]
-    assert not bad, "only toolkit/cpu may do these:\n" + "\n".join(bad)
+def test_no_class_swaps_method_binding_or_toolkit_env_vars():
+    bad = [v for f in _toolkit_files() for v in _violations(f)]
+    assert not bad, "the toolkit is plain PyTorch:\n" + "\n".join(bad)
 
 
 def test_the_checks_find_what_they_look_for(tmp_path):
@@ -89,7 +85,7 @@ def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
 def import_graph() -> Dict[str, Set[str]]:
     """toolkit module -> the toolkit modules it imports when it is imported (module-level
     statements, including those under a top-level ``if``/``try``; not imports inside functions)."""
-    files = {_module_name(f): f for f in sorted(TOOLKIT.rglob("*.py"))}
+    files = {_module_name(f): f for f in _toolkit_files()}
     graph: Dict[str, Set[str]] = {}
 
     def top_level(body: List[ast.stmt]):
@@ -158,42 +154,3 @@ def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
-
-def test_no_core_module_imports_the_cpu_package_at_import_time():
-    graph = import_graph()
-    bad = sorted(m for m, deps in graph.items() if not m.startswith("toolkit.cpu")
-                 and any(d == "toolkit.cpu" or d.startswith("toolkit.cpu.") for d in deps))
-    assert not bad, f"core modules importing toolkit.cpu at import time: {bad}"
-
-
-_BLOCKED_RUN = """
-import importlib, json, pkgutil, sys
-sys.modules["toolkit.cpu"] = None          # the CPU package cannot be imported
-import toolkit
-skip = ("toolkit.cpu", "toolkit.losses.relation_kl.triton")
-names = [m.name for m in pkgutil.walk_packages(toolkit.__path__, "toolkit.") if not m.name.startswith(skip)]
-for name in names:
-    importlib.import_module(name)
-from toolkit.recipes.finetune import FinetuneConfig, run_finetune
-res = {}
-for accel in ("off", "auto"):
-    out = run_finetune(FinetuneConfig(model=sys.argv[1], task=sys.argv[2], output_dir=sys.argv[3] + accel,
-                                      max_steps=2, eval_each_epoch=False, save_model=False, cpu_accel=accel))
-    res[accel] = out["cpu_accel"]
-print("RESULT", len(names), json.dumps(res))
-"""
-
-
-def test_core_imports_and_runs_without_the_cpu_package(tiny_bert_dir, fixture_tasks, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _BLOCKED_RUN, str(tiny_bert_dir), str(fixture_tasks["senti"]),
-                           str(tmp_path / "ft_")], capture_output=True, text=True, timeout=600,
-                          env=subprocess_env(WORLD_SIZE="1"), cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    _, n, records = line.split(" ", 2)
-    assert int(n) > 50
-    import json
-
-    rec = json.loads(records)
-    assert rec["off"] == {"cpu_accel": "off"}
-    assert rec["auto"]["applied"] == {} and "cannot be imported" in rec["auto"]["skipped"]["all"]

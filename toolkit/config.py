@@ -256,27 +256,6 @@ def load_config(cls: Type[T], path: Union[str, Path, None] = None, overrides: It
     return _from_dict(cls, data, source=source)
 
 
-#: Values of the ``cpu_accel`` field every job config has (the optional package :mod:`toolkit.cpu`).
-CPU_ACCEL_CHOICES = ("auto", "off")
-CPU_ACCEL_HELP = ("CPU speed-ups (toolkit.cpu): auto = on for fp32 models on the CPU where they work here "
-                  "(oneDNN linears, a compiled relation KL), off = plain PyTorch")
-
-
-def cpu_accel_arg() -> Any:
-    """The ``cpu_accel`` field of a job config."""
-    return arg("auto", CPU_ACCEL_HELP)
-
-
-def normalize_cpu_accel(value: Any, field: str = "cpu_accel", source: Optional[str] = None) -> str:
-    """``auto`` or ``off``; YAML's ``off`` (read as False) is ``off``. ConfigError naming ``field``
-    for anything else."""
-    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "false")):
-        return "off"
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    raise ConfigError(field, f"must be one of {', '.join(CPU_ACCEL_CHOICES)}, got {value!r}", source)
-
-
 def to_dict(cfg: Any) -> Dict[str, Any]:
     """A JSON-able dict of a config dataclass (for logging and ``config.json`` in outputs)."""
     def conv(v: Any) -> Any:

@@ -36,7 +36,7 @@ def test_eval_on_clue_writes_leaderboard_files(tiny_zh_ernie, tmp_path):
     from toolkit.recipes.evaluate import EvalConfig, run_eval
 
     out = tmp_path / "ev"
-    res = run_eval(EvalConfig(cpu_accel="off", model=str(tiny_zh_ernie), tasks=["afqmc", "tnews", "c3", "cmrc2018"],
+    res = run_eval(EvalConfig(model=str(tiny_zh_ernie), tasks=["afqmc", "tnews", "c3", "cmrc2018"],
                               data_dir=str(CLUE), output_dir=str(out), max_steps=2, max_seq_length=64))
     assert set(res["tasks"]) == {"afqmc", "tnews", "c3", "cmrc2018"}
     assert {"em", "f1"} <= set(res["tasks"]["cmrc2018"]["best"]["metrics"])
@@ -98,7 +98,7 @@ def test_tiny_chinese_pipeline(tiny_zh_ernie, tmp_path):
     senti, ner, corpus = _zh_tasks(tmp_path / "data")
     out = tmp_path / "pipe"
     cfg = load_config(PipelineConfig, None, base={
-        "language": "zh", "preset": "tiny", "output_dir": str(out), "teacher": str(tiny_zh_ernie), "cpu_accel": "off",
+        "language": "zh", "preset": "tiny", "output_dir": str(out), "teacher": str(tiny_zh_ernie),
         "in_domain": [str(senti)], "out_of_domain": [str(ner)], "corpus": [str(corpus / "*.txt")],
         "seeds": [1], "low_resource": 10, "evaluate_teacher": False,
         "teacher_job": {"max_steps": 4},

@@ -19,20 +19,20 @@ def _cpu_flags() -> set:
 def test_native_bf16_agrees_with_the_cpu_instruction_set():
     # An independent look at the hardware (/proc/cpuinfo): AVX512-BF16 or AMX-BF16 run bf16
     # matmuls natively; without any AVX-512 (x86) or BF16/SVE (Arm) they are emulated, whatever
-    # DeepSpeed's is_bf16_supported() says. (AVX-512 without BF16 is oneDNN's call: not checked.)
+    # DeepSpeed's is_bf16_supported() says. (AVX-512 without BF16 is mkldnn's call: not checked.)
     flags = _cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo flags to compare with")
     if {"avx512_bf16", "amx_bf16"} & flags:
         assert native_bf16_supported("cpu") is True
     elif any(f.startswith(("avx512", "amx")) for f in flags) or {"bf16", "sve"} & flags:
-        pytest.skip("AVX-512 without BF16: oneDNN decides")
+        pytest.skip("AVX-512 without BF16: mkldnn decides")
     else:
         assert native_bf16_supported("cpu") is False
 
 
 @pytest.mark.parametrize("answer,expected", [(True, True), (False, False)])
-def test_native_bf16_follows_onednn_not_deepspeed(monkeypatch, answer, expected):
+def test_native_bf16_follows_mkldnn_not_deepspeed(monkeypatch, answer, expected):
     import deepspeed.accelerator
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: answer)
@@ -43,7 +43,7 @@ def test_native_bf16_follows_onednn_not_deepspeed(monkeypatch, answer, expected)
 
 
 @pytest.mark.parametrize("error", [RuntimeError("no mkldnn"), AttributeError("old torch")])
-def test_native_bf16_is_false_when_onednn_cannot_say(monkeypatch, error):
+def test_native_bf16_is_false_when_mkldnn_cannot_say(monkeypatch, error):
     def broken():
         raise error
 

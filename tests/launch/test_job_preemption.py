@@ -19,7 +19,6 @@ def _job(tmp_path: Path, teacher: Path, corpus: Path, steps: int) -> Path:
     y = tmp_path / "job.yaml"
     y.write_text(yaml.safe_dump({
         "teacher": str(teacher), "output_dir": str(tmp_path / "out"), "max_steps": steps, "log_every": 1,
-        "cpu_accel": "off",
         "corpus": {"sources": [str(corpus / "*.txt")], "seq_length": 32, "shuffle_buffer": 8, "num_workers": 0},
         "student": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
         "loss": {"options": {"minilmv2": {"num_relation_heads": 8}}}}))

@@ -30,7 +30,6 @@ def _distill_job(root: Path, teacher: Path, corpus: Path) -> Path:
     y = root / "job.yaml"
     y.write_text(yaml.safe_dump({
         "teacher": str(teacher), "output_dir": str(root / "out"), "max_steps": STEPS, "log_every": 1,
-        "cpu_accel": "off",
         "corpus": {"sources": [str(corpus / "*.txt")], "seq_length": 32, "shuffle_buffer": 8, "num_workers": 2},
         "student": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64},
         "loss": {"options": {"minilmv2": {"num_relation_heads": 8}}}}))

@@ -23,7 +23,7 @@ def test_finetune_end_to_end(tiny_bert_dir, fixture_tasks, tmp_path):
 
     out = tmp_path / "ft"
     # Sentiment carried by two keywords per sentence: learnable by the tiny model in ~60 steps.
-    res = run_finetune(FinetuneConfig(cpu_accel="off", model=str(tiny_bert_dir), task=str(fixture_tasks["senti"]),
+    res = run_finetune(FinetuneConfig(model=str(tiny_bert_dir), task=str(fixture_tasks["senti"]),
                                       output_dir=str(out), epochs=10, optim=OptimConfig(lr=2e-3, warmup_ratio=0.1), log_every=1))
     assert res["task"] == "senti"
     majority = _majority_rate(fixture_tasks["senti"])
@@ -49,8 +49,7 @@ def test_finetune_cli_and_bad_task(tiny_bert_dir, fixture_tasks, tmp_path):
     assert r.exit_code == 2
     assert "unknown task 'no_such_task'" in r.output
     r = CliRunner().invoke(main, ["finetune", "--model", str(tiny_bert_dir), "--task", str(fixture_tasks["pair"]),
-                                  "--output-dir", str(tmp_path / "p"), "max_steps=3", "save_model=false",
-                                  "cpu_accel=off"])
+                                  "--output-dir", str(tmp_path / "p"), "max_steps=3", "save_model=false"])
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "p" / "results.json").read_text())
     assert set(res["metrics"]) == {"f1", "accuracy"}
@@ -61,7 +60,7 @@ def test_eval_grid_and_table(tiny_bert_dir, fixture_tasks, tmp_path):
     from toolkit.recipes.evaluate import EvalConfig, run_eval
 
     out = tmp_path / "ev"
-    res = run_eval(EvalConfig(cpu_accel="off", model=str(tiny_bert_dir), tasks=[str(fixture_tasks["senti"]), str(fixture_tasks["topic"])],
+    res = run_eval(EvalConfig(model=str(tiny_bert_dir), tasks=[str(fixture_tasks["senti"]), str(fixture_tasks["topic"])],
                               output_dir=str(out), lrs=[1e-4, 5e-4], seeds=[1, 2], max_steps=3))
     assert set(res["tasks"]) == {"senti", "topic"}
     for t in res["tasks"].values():

@@ -10,7 +10,7 @@ def _cfg(tiny_bert4_dir, fixture_tasks, fixture_corpus, out, **kw):
     from toolkit.recipes.pipeline import PipelineConfig
 
     base = {
-        "preset": "tiny", "output_dir": str(out), "teacher": str(tiny_bert4_dir), "cpu_accel": "off",
+        "preset": "tiny", "output_dir": str(out), "teacher": str(tiny_bert4_dir),
         "in_domain": [str(fixture_tasks["senti"]), str(fixture_tasks["topic"])],
         "out_of_domain": [str(fixture_tasks["pair"])], "corpus": [str(fixture_corpus / "*.txt")],
         "seeds": [1, 2], "low_resource": 12,

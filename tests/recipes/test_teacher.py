@@ -17,8 +17,7 @@ def _cfg(tiny_bert_dir, fixture_tasks, out, **kw):
     from toolkit.recipes.teacher import TeacherConfig
 
     base = dict(model=str(tiny_bert_dir), tasks=[str(p) for p in fixture_tasks.values()], output_dir=str(out),
-                max_steps=8, optim=OptimConfig(lr=3e-4, warmup_ratio=0.1), log_every=1, eval_every=4, sampling="temperature", temperature=2.0,
-                cpu_accel="off")
+                max_steps=8, optim=OptimConfig(lr=3e-4, warmup_ratio=0.1), log_every=1, eval_every=4, sampling="temperature", temperature=2.0)
     base.update(kw)
     return TeacherConfig(**base)
 

@@ -3,7 +3,7 @@
 bf16/fp16 on a CPU without native bf16 instructions are emulated and orders of magnitude
 slower than fp32, and DeepSpeed rejects fp16 on CPU outright, so
 such configs are switched to fp32 with one clear warning instead of crawling or crashing.
-DeepSpeed's own ``is_bf16_supported()`` says True on such CPUs; oneDNN's check is right.
+DeepSpeed's own ``is_bf16_supported()`` says True on such CPUs; PyTorch's mkldnn check is right.
 """
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ import torch
 
 from toolkit.errors import ConfigError
 from toolkit.resources import ds_config_dir, find_shipped, shipped_names
-from toolkit.utils.logging import get_logger
 
 
 def auto_ds_config() -> str:
@@ -41,25 +40,6 @@ def resolve_ds_config(path: Union[str, Path, None], default: str = "auto") -> Pa
         return found
     shipped = ", ".join(shipped_names(folder, "*.json")) or "none"
     raise ConfigError("ds_config", f"file not found: {path} (a path, or a shipped name: {shipped})")
-
-
-def accelerate_cpu(model: torch.nn.Module, *, trained: bool, cpu_accel: str, what: str) -> Dict[str, Any]:
-    """The job's one call into the optional CPU package (:func:`toolkit.cpu.accelerate`) for
-    ``model`` (``what`` names it in the log). With ``cpu_accel: off`` the package is not imported
-    and nothing changes. Returns the package's record of what it switched, for the job's metrics."""
-    log = get_logger("toolkit.cpu")
-    if cpu_accel == "off":
-        return {"cpu_accel": "off"}
-    try:
-        from toolkit.cpu import accelerate
-    except ImportError as e:
-        log.warning("cpu_accel: %s: the CPU package cannot be imported (%s); running plain PyTorch", what, e)
-        return {"cpu_accel": cpu_accel, "applied": {}, "skipped": {"all": f"toolkit.cpu cannot be imported: {e}"}}
-    record = accelerate(model, trained=trained, cfg_value=cpu_accel)
-    applied = ", ".join(f"{k} ({v})" for k, v in record["applied"].items()) or "nothing"
-    skipped = "; ".join(f"{k}: {v}" for k, v in record["skipped"].items())
-    log.info("cpu_accel %s: %s: %s%s", cpu_accel, what, applied, f" (skipped: {skipped})" if skipped else "")
-    return record
 
 
 def write_json(path: Union[str, Path], obj: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from toolkit.config import arg, cpu_accel_arg, normalize_cpu_accel, save_config
+from toolkit.config import arg, save_config
 from toolkit.data.corpus import CorpusConfig
 from toolkit.data.loader import build_loader
 from toolkit.engine import Engine, OptimConfig, dist
@@ -37,7 +37,7 @@ from toolkit.models.capture import LayerCapture, default_teacher_layer, encoder_
 from toolkit.models.encoder import (EncoderSpec, build_encoder, count_parameters, load_tokenizer, save_encoder,
                                     spec_from_model)
 from toolkit.plan import preflight
-from toolkit.recipes.common import (accelerate_cpu, check_corpus, check_ds_config, check_model_dir, mean_across_ranks,
+from toolkit.recipes.common import (check_corpus, check_ds_config, check_model_dir, mean_across_ranks,
                                     resolve_ds_config, write_json)
 from toolkit.recipes.frozen import FrozenTeacher
 from toolkit.utils.fsio import publish_dir
@@ -150,12 +150,10 @@ class DistillConfig:
     resume: bool = arg(True, "resume from the latest complete checkpoint in output_dir/checkpoints")
     max_nonfinite: int = arg(20, "stop with an error after this many consecutive non-finite losses")
     stop_after: int = arg(0, "testing aid: stop (with a checkpoint) after N steps, as a preemption would")
-    cpu_accel: str = cpu_accel_arg()
 
     MOVED_FIELDS = _MOVED
 
     def __post_init__(self) -> None:
-        self.cpu_accel = normalize_cpu_accel(self.cpu_accel)
         if self.max_steps <= 0:
             raise ConfigError("max_steps", "must be > 0")
         if not 0.0 <= self.mix_weight <= 1.0:
@@ -378,14 +376,6 @@ class DistillRecipe:
         if self.device.type == "cpu" and t_dtype != torch.float32:
             for t in self.teachers:
                 t.to(t_dtype)
-        # The optional CPU speed-ups (cpu_accel), recorded with the run's metrics.
-        self.cpu_accel = {"student": accelerate_cpu(self.module, trained=True, cpu_accel=cfg.cpu_accel,
-                                                    what="student")}
-        for i, t in enumerate(self.teachers):
-            key = "teacher" if i == 0 else "mix_teacher"
-            self.cpu_accel[key] = accelerate_cpu(t.model, trained=False, cpu_accel=cfg.cpu_accel, what=key)
-            if t.cut_block is not None:
-                accelerate_cpu(t.cut_block, trained=False, cpu_accel=cfg.cpu_accel, what=f"{key} (cut layer)")
         self.loader = build_loader(cfg.corpus, self.tokenizer, batch_size=eng.micro_batch_size, rank=eng.rank,
                                    world_size=eng.world_size)
         self.state: Dict[str, Any] = {"step": 0, "micro_step": 0, "tokens": 0, "samples": 0, "nonfinite_total": 0}
@@ -608,7 +598,7 @@ class DistillRecipe:
             "steps": self.state["step"], "tokens": self.state["tokens"], "samples": self.state["samples"],
             "final_losses": last, "nonfinite_losses": self.state["nonfinite_total"],
             "throughput": {**throughput, "memory_kind": memory_kind(eng.device)},
-            "cpu_accel": self.cpu_accel, "train_time_s": elapsed,
+            "train_time_s": elapsed,
             "corpus_stats": self.loader.stats,  # this rank's stream: documents, skips, truncations
         }
         if eng.is_main:

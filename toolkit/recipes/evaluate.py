@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from toolkit.config import arg, cpu_accel_arg, normalize_cpu_accel, save_config
+from toolkit.config import arg, save_config
 from toolkit.engine import dist
 from toolkit.engine.engine import OptimConfig
 from toolkit.errors import ConfigError
@@ -70,13 +70,11 @@ class EvalConfig:
     save_models: bool = arg(False, "keep each run's fine-tuned model (large); the best run's results are always kept")
     write_submissions: bool = arg(True, "write leaderboard submission files (one folder and one zip per benchmark) "
                                   "for test splits that exist")
-    cpu_accel: str = cpu_accel_arg()
 
     MOVED_FIELDS = {"weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio",
                     "optimizer": "optim.impl", "lr": "lrs"}
 
     def __post_init__(self) -> None:
-        self.cpu_accel = normalize_cpu_accel(self.cpu_accel)
         if not self.tasks:
             raise ConfigError("tasks", "give at least one task (e.g. --tasks glue)")
         if not self.lrs:
@@ -165,7 +163,7 @@ class EvalRecipe:
                         seed=seed, max_seq_length=cfg.max_seq_length, train_limit=cfg.train_limit,
                         eval_each_epoch=cfg.eval_each_epoch,
                         eval_batch_size=cfg.eval_batch_size, save_model=cfg.save_models,
-                        write_submissions=cfg.write_submissions, cpu_accel=cfg.cpu_accel)
+                        write_submissions=cfg.write_submissions)
                     res = finished_run(run_dir, fcfg)
                     if res is not None:
                         log.info("eval: %s lr=%g seed=%d finished before (%s); skipped", task.name, lr, seed,

@@ -28,15 +28,15 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from toolkit.config import arg, cpu_accel_arg, normalize_cpu_accel, save_config, to_dict
+from toolkit.config import arg, save_config, to_dict
 from toolkit.engine import Engine, OptimConfig, dist
 from toolkit.engine.signals import REQUEUE_EXIT_CODE, PreemptionHandler
 from toolkit.errors import ConfigError, DataError
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
 from toolkit.plan import preflight
-from toolkit.recipes.common import (accelerate_cpu, batch_size_of, check_ds_config, check_model_dir, count_tokens,
-                                    forward_kwargs, resolve_ds_config, to_device, write_json)
+from toolkit.recipes.common import (batch_size_of, check_ds_config, check_model_dir, count_tokens, forward_kwargs,
+                                    resolve_ds_config, to_device, write_json)
 from toolkit.recipes.predict import predict, score_split
 from toolkit.tasks import get_task
 from toolkit.tasks.base import SPAN
@@ -83,7 +83,6 @@ class FinetuneConfig:
     keep_checkpoints: bool = arg(False, "keep output_dir/checkpoints after the run finished (they only serve a "
                                  "resume; an eval grid would otherwise keep one optimizer state per run)")
     stop_after: int = arg(0, "testing aid: stop (with a checkpoint) after N steps, as a preemption would")
-    cpu_accel: str = cpu_accel_arg()
 
     MOVED_FIELDS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio",
                     "decay": "optim.decay", "optimizer": "optim.impl"}
@@ -92,7 +91,6 @@ class FinetuneConfig:
     RUN_CONTROL = ("resume", "save_every", "keep_checkpoints", "stop_after")
 
     def __post_init__(self) -> None:
-        self.cpu_accel = normalize_cpu_accel(self.cpu_accel)
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("epochs", "set epochs > 0 or max_steps > 0")
         if self.max_seq_length < 8:
@@ -158,7 +156,6 @@ class FinetuneRecipe:
         optim = cfg.optim
         self.engine = Engine(model, ds, optim, total_steps=self.total_steps)
         self.model = self.engine.module
-        self.cpu_accel = accelerate_cpu(self.model, trained=True, cpu_accel=cfg.cpu_accel, what="task model")
         self.steps_per_epoch = steps_per_epoch
         dist.check_shared_folder(self.out)
         self._resume()
@@ -342,7 +339,6 @@ class FinetuneRecipe:
             "throughput": {"train_samples_per_s": summary.get("samples_per_s"),
                            "train_tokens_per_s": summary.get("tokens_per_s"),
                            "peak_mem_mb": summary.get("peak_mem_mb"), "memory_kind": memory_kind(eng.device)},
-            "cpu_accel": self.cpu_accel,
             "train_time_s": time.time() - t0,
         }
         if best.get("metrics") is not None:

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
-from toolkit.config import arg, cpu_accel_arg, load_config, normalize_cpu_accel, save_config, to_dict
+from toolkit.config import arg, load_config, save_config, to_dict
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.launch.commands import child_env, deepspeed_runner, launcher_module, visible_gpu_include
 from toolkit.plan import preflight
@@ -161,10 +161,8 @@ class PipelineConfig:
     launcher: str = arg("none", "none (stages in this process) | deepspeed (each stage via the deepspeed launcher)")
     num_gpus: int = arg(1, "launcher=deepspeed: processes per node")
     data_seed: int = arg(0, "seed of the demo data splits")
-    cpu_accel: str = cpu_accel_arg()
 
     def __post_init__(self) -> None:
-        self.cpu_accel = normalize_cpu_accel(self.cpu_accel)
         if self.language not in ("en", "zh"):
             raise ConfigError("language", f"must be en or zh, got {self.language!r}")
         if self.preset not in PRESETS:
@@ -208,9 +206,8 @@ class PipelineRecipe:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         preset = PRESETS[cfg.preset]
-        # Precedence: preset < the pipeline's ds_config and cpu_accel < the user's per-job settings.
+        # Precedence: preset < the pipeline's ds_config < the user's per-job settings.
         ds = {"ds_config": cfg.ds_config} if cfg.ds_config else {}
-        ds["cpu_accel"] = cfg.cpu_accel
         self.teacher_job = _merge(_merge(preset["teacher_job"], ds), cfg.teacher_job)
         # The Chinese track distils into ERNIE 3.0 students (task-type embeddings, a zero table
         # when the layers come from a BERT teacher); the user's distill_job still wins.

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from toolkit.config import arg, cpu_accel_arg, normalize_cpu_accel, save_config
+from toolkit.config import arg, save_config
 from toolkit.data.corpus import CorpusConfig
 from toolkit.data.loader import build_loader
 from toolkit.data.multitask import SAMPLING_MODES, TaskBatchSampler, task_probabilities
@@ -34,7 +34,7 @@ from toolkit.models.capture import LayerCapture, resolve_layer
 from toolkit.models.encoder import check_vocab
 from toolkit.models.task_model import load_task_model, save_task_model
 from toolkit.plan import preflight
-from toolkit.recipes.common import (accelerate_cpu, batch_size_of, check_corpus, check_ds_config, check_model_dir,
+from toolkit.recipes.common import (batch_size_of, check_corpus, check_ds_config, check_model_dir,
                                     check_task_tokenizer, count_tokens, forward_kwargs,
                                     mean_across_ranks, resolve_ds_config, to_device, write_json)
 from toolkit.recipes.frozen import FrozenTeacher
@@ -102,13 +102,11 @@ class TeacherConfig:
     resume: bool = arg(True, "resume from the latest complete checkpoint in output_dir/checkpoints if there is one")
     max_nonfinite: int = arg(20, "stop with an error after this many consecutive non-finite losses")
     stop_after: int = arg(0, "testing aid: stop (with a checkpoint) after N steps, as a preemption would")
-    cpu_accel: str = cpu_accel_arg()
 
     MOVED_FIELDS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio",
                     "decay": "optim.decay", "optimizer": "optim.impl"}
 
     def __post_init__(self) -> None:
-        self.cpu_accel = normalize_cpu_accel(self.cpu_accel)
         if not self.tasks:
             raise ConfigError("tasks", "give at least one task")
         if self.sampling not in SAMPLING_MODES:
@@ -173,7 +171,6 @@ class TeacherRecipe:
         eng = self.engine
         self.model = eng.module
         self._setup_anchor()
-        self.cpu_accel = accelerate_cpu(self.model, trained=True, cpu_accel=cfg.cpu_accel, what="teacher model")
         self.sampler = TaskBatchSampler(sizes, eng.micro_batch_size, eng.world_size, eng.rank, cfg.sampling,
                                         cfg.temperature, cfg.task_cap or None, cfg.seed)
         self.state: Dict[str, Any] = {"step": 0, "micro_step": 0, "best_score": -math.inf, "best_step": None,
@@ -365,8 +362,7 @@ class TeacherRecipe:
         result = {"tasks": [t.name for t in self.tasks], "steps": st["step"], "best_step": st["best_step"],
                   "best_average": st["best_score"], "history": st["history"],
                   "nonfinite_losses": st["nonfinite_total"], "train_time_s": time.time() - t0,
-                  "throughput": {**summary, "memory_kind": memory_kind(eng.device)},
-                  "cpu_accel": self.cpu_accel}
+                  "throughput": {**summary, "memory_kind": memory_kind(eng.device)}}
         if eng.is_main:
             write_json(self.out / "metrics.json", result)
         self.save_checkpoint()

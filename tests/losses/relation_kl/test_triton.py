@@ -4,7 +4,7 @@ CPU runs use Triton's interpreter. Triton decides interpreted-vs-compiled when i
 ``tl.*`` helpers are decorated, i.e. at the first ``import triton``; so TRITON_INTERPRET is
 set here before anything imports triton, and only on machines without CUDA (it switches the
 whole process). With CUDA, run these with ``TRITON_INTERPRET=1 pytest tests/losses/relation_kl/...``;
-the ``gpu`` test always runs the compiled kernel in a child process without the variable.
+the ``gpu`` test always runs the compiled Triton kernel in a child process without the variable.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _interpreter_loop_probe() -> str:
     except Exception as exc:  # noqa: BLE001 - any interpreter failure means these tests cannot run here
         return (f"Triton {triton.__version__}'s interpreter cannot execute a loop bounded by a kernel argument "
                 f"with numpy {np.__version__} ({type(exc).__name__}); use a newer triton (3.9 works), or "
-                f"run the compiled kernel's tests on a GPU: pytest -m gpu tests/losses/relation_kl")
+                f"run the compiled Triton kernel's tests on a GPU: pytest -m gpu tests/losses/relation_kl")
     return "" if int(out) == 3 else f"Triton's interpreter counted {int(out)} of 3 loop trips"
 
 

@@ -12,8 +12,7 @@ naive      materializes ``[B, R, L, L]`` (short sequences, debugging)  never
 triton     fused Triton kernel with a recomputing backward             on CUDA, with triton
 =========  ==========================================================  =====================
 
-Other packages add theirs with :func:`register_relation_kl` (the optional CPU package,
-:mod:`toolkit.cpu`, registers its compiled kernel when a job runs with ``cpu_accel: auto``).
+Other code may add implementations with :func:`register_relation_kl`.
 ``auto`` runs, per call, the highest-priority implementation whose ``supports`` accepts the
 tensors; one that fails at run time (a kernel that does not compile or launch on this machine)
 is reported once and skipped from then on, while naming it explicitly makes the failure an error.
