@@ -58,7 +58,7 @@ def test_pipeline_end_to_end(tiny_bert4_dir, fixture_tasks, fixture_corpus, tmp_
     again = run_pipeline(_cfg(tiny_bert4_dir, fixture_tasks, fixture_corpus, out))
     assert again["results"] == res["results"]
     assert all((out / s / "STAGE_COMPLETE.json").is_file()
-               for s in ("data", "teacher", "probe_pretrained", "probe_teacher", "mitkd_mix", "baseline"))
+               for s in ("data", "teacher", "probe_pretrained", "probe_teacher", "mitkd_mix75", "baseline"))
     # The teacher generality check: both teachers probed on every probe-able task.
     gen = saved["teacher_generality"]
     assert set(gen["tasks"]) == {"senti", "topic", "pair"}

@@ -91,7 +91,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "eval_job": {"epochs": 1.0, "max_steps": 25, "max_seq_length": 64, "lrs": [1e-4]},
         "low_resource_eval_job": {"max_steps": 25},
         "probe_job": {"max_seq_length": 64, "train_limit": 200},
-        "seeds": [1, 2], "low_resource": 64, "variant": "mix", "evaluate_teacher": False,
+        "seeds": [1, 2], "low_resource": 64, "variant": "mix75", "evaluate_teacher": False,
     },
     "default": {
         # Both students start from the same 3 layers of the pretrained teacher (layers 2, 4, 6)
@@ -106,7 +106,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                      "ds_config": "cpu_fp32_b32.json"},
         "low_resource_eval_job": {"epochs": 5.0, "eval_each_epoch": False},
         "probe_job": {"max_seq_length": 64, "train_limit": 600},
-        "seeds": [1, 2], "low_resource": 200, "variant": "mix", "evaluate_teacher": False,
+        "seeds": [1, 2], "low_resource": 200, "variant": "mix75", "evaluate_teacher": False,
     },
     "large": {
         "teacher_job": {"epochs": 2.0, "max_steps": 0, "max_seq_length": 128, "eval_every": 500},
@@ -115,7 +115,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "eval_job": {"epochs": 3.0, "max_seq_length": 128, "lrs": [5e-5, 1e-4]},
         "low_resource_eval_job": {"epochs": 10.0, "eval_each_epoch": True},
         "probe_job": {"max_seq_length": 128, "train_limit": 0},
-        "seeds": [1, 2, 3], "low_resource": 200, "variant": "mix", "evaluate_teacher": True,
+        "seeds": [1, 2, 3], "low_resource": 200, "variant": "mix75", "evaluate_teacher": True,
     },
 }
 
