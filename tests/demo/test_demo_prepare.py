@@ -216,3 +216,28 @@ def test_tasks_load_with_the_custom_task_loader(english, chinese):
             assert task.name == entry["name"] and task.num_labels == (entry["num_labels"] or 1)   # regression: 1 output
             assert len(task.load("train")) == entry["train_size"]
             assert len(task.load("dev")) == entry["dev_size"]
+
+
+def test_jeopardy_category_pairs(monkeypatch, tmp_path):
+    """Each clue gives one right and one wrong (clue, category) pair; the wrong category shares
+    no word with the right one. A category that shares a word with all others is refused."""
+    import re
+
+    clues = [{"Category": c, "Question": f"clue {i} about {c.lower()}", "Answer": f"a{i}"}
+             for i, c in enumerate(["HISTORY", "WORLD HISTORY", "SCIENCE", "SPORTS"] * 10)]
+    path = tmp_path / "jeopardy.json"
+    path.write_text(json.dumps(clues))
+    monkeypatch.setattr(res, "resource_path", lambda name: path)
+    task = prep.build_jeopardy_category(prep.Preset(20, 10, 0, 1), random.Random(0), 0)
+    by_clue: Dict[str, Dict[str, str]] = {}
+    for r in task.train + task.dev:
+        by_clue.setdefault(r["text"], {})[r["label"]] = r["text_b"]
+    assert len(by_clue) == 15 and all(set(p) == {"yes", "no"} for p in by_clue.values())
+    words = lambda c: set(re.findall(r"\w+", c.lower()))  # noqa: E731
+    for text, p in by_clue.items():
+        assert p["yes"].lower() in text and not words(p["yes"]) & words(p["no"])
+    assert not {r["text"] for r in task.train} & {r["text"] for r in task.dev}
+    # Every category shares the word "the": no wrong match exists.
+    path.write_text(json.dumps([{**c, "Category": "THE " + c["Category"]} for c in clues]))
+    with pytest.raises(ToolkitError, match="shares a word with every other category"):
+        prep.build_jeopardy_category(prep.Preset(20, 10, 0, 1), random.Random(0), 0)

@@ -105,3 +105,24 @@ def test_pipeline_ablation_shares_the_baseline(tiny_bert4_dir, fixture_tasks, fi
     rows = [json.loads(l) for l in (out / "teacher_l2sp" / "job" / "metrics.jsonl").read_text().splitlines()]
     assert any("anchor/l2sp" in r for r in rows), rows[-1]
     assert res["ablation"]["recommended"] in (None, "plain", "l2sp", "mix")
+
+
+def test_teacher_dev_margins_and_flag():
+    """The teacher's dev scores at its kept step against the majority class; a margin under
+    CLEAR_MARGIN is named in the report; a task without a floor (regression) has no margin."""
+    from toolkit.recipes.pipeline import teacher_dev
+    from toolkit.recipes.report import CLEAR_MARGIN, teacher_dev_lines
+
+    run = {"best_step": 10, "history": [
+        {"step": 10, "tasks": {"ner": {"f1": 2.0}, "senti": {"accuracy": 80.0}, "reg": {"pearson": 70.0}}},
+        {"step": 20, "tasks": {"ner": {"f1": 50.0}, "senti": {"accuracy": 10.0}, "reg": {"pearson": 1.0}}}]}
+    dev = teacher_dev(run, {"ner": 0.0, "senti": 50.0, "reg": None},
+                      {"ner": "f1", "senti": "accuracy", "reg": "pearson", "missing": "accuracy"})
+    assert dev == {"ner": {"metric": "f1", "score": 2.0, "majority": 0.0, "margin": 2.0},
+                   "senti": {"metric": "accuracy", "score": 80.0, "majority": 50.0, "margin": 30.0},
+                   "reg": {"metric": "pearson", "score": 70.0, "majority": None, "margin": None}}
+    text = "\n".join(teacher_dev_lines(dev))
+    assert 2.0 < CLEAR_MARGIN < 30.0
+    assert "| ner | f1 | 2.00 | 0.00 | +2.00 |" in text and "| reg | pearson | 70.00 | – | – |" in text
+    assert f"(margin under {CLEAR_MARGIN:.0f} points): ner." in text and "Smallest margin: +2.00 points (ner)." in text
+    assert teacher_dev(None, {}, {"ner": "f1"}) == {} and teacher_dev_lines({}) == []

@@ -366,6 +366,10 @@ def build_jeopardy_category(preset: Preset, rng: random.Random, seed: int) -> Bu
     categories = sorted({r["label"] for r in rows})
     words = {c: set(re.findall(r"\w+", c.lower())) for c in categories}
     unlike = {c: [o for o in categories if not words[c] & words[o]] for c in categories}
+    alone = [c for c, others in unlike.items() if not others]
+    if alone:
+        raise DataError(path, f"category {alone[0]!r} shares a word with every other category, so it has no "
+                        "wrong match for clue-category pairs")
     half = Preset(None if preset.train_size is None else preset.train_size // 2,
                   None if preset.dev_size is None else preset.dev_size // 2, preset.corpus_chars, preset.num_shards)
     train_clues, dev_clues, _ = _holdout(rows, half, rng)

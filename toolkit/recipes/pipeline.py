@@ -536,6 +536,8 @@ class PipelineRecipe:
             generality = teacher_generality(probes["pretrained"], probes[teacher_key], ood_names, in_names,
                                             self.cfg.forgetting_threshold)
         majority = _majority_rates(data["in_domain"] + data["out_of_domain"], self.cfg.task_data_dir)
+        in_metrics = {task.name: task.main_metric
+                      for task in (get_task(t, self.cfg.task_data_dir) for t in data["in_domain"])}
         return {
             "language": self.cfg.language, "preset": self.cfg.preset, "seeds": self.seeds,
             "variant": variant, "variant_spec": self.variants[variant],
@@ -546,9 +548,7 @@ class PipelineRecipe:
             "corpus": data["corpus"], "models": model_info, "results": table,
             "teacher_generality": generality,
             "majority_rates": majority,
-            "teacher_dev": teacher_dev(teacher_run, majority, {get_task(t, self.cfg.task_data_dir).name:
-                                                                get_task(t, self.cfg.task_data_dir).main_metric
-                                                                for t in data["in_domain"]}),
+            "teacher_dev": teacher_dev(teacher_run, majority, in_metrics),
             "stage_seconds": self.timings, "total_seconds": elapsed,
             "config": to_dict(self.cfg), "teacher_job": jobs["teacher_job"],
             "distill_job": _merge(self.distill_job, jobs["distill_job"]), "eval_job": self.eval_job,
