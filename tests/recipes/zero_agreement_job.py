@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -19,8 +20,15 @@ from toolkit.config import load_config
 from toolkit.engine import dist
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Every rank writes the same file: a rank must never read another's half-written copy."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def ds_config(path: Path, stage: int, micro: int, accum: int) -> Path:
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+    write_atomic(path, json.dumps({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
                                 "gradient_clipping": 1.0, "steps_per_print": 10 ** 9,
                                 "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}))
     return path
@@ -52,7 +60,7 @@ def main() -> None:
         d.mkdir(parents=True, exist_ok=True)
         ds = ds_config(d / "ds.json", stage, 4, 2 // a.world)
         job = d / "job.yaml"
-        job.write_text(yaml.safe_dump({
+        write_atomic(job, yaml.safe_dump({
             "teacher": a.distill_teacher, "output_dir": str(d), "max_steps": a.steps, "log_every": 1,
             "corpus": {"sources": [a.corpus], "seq_length": 32, "shuffle_buffer": 8, "num_workers": 2 // a.world},
             "student": {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64,
