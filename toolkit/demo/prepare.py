@@ -337,12 +337,11 @@ def _jeopardy_rows() -> Tuple[Path, List[Row]]:
             from None
     rows = []
     for item in data:
-        if not isinstance(item, dict) or not {"Category", "Question", "Answer"} <= set(item):
-            raise DataError(path, f"expected clues with Category, Question and Answer, got {str(item)[:60]!r}")
+        if not isinstance(item, dict) or not {"Category", "Question"} <= set(item):
+            raise DataError(path, f"expected clues with Category and Question, got {str(item)[:60]!r}")
         clue = clean_text(html.unescape(_TAG.sub(" ", str(item["Question"]))))
-        answer = clean_text(html.unescape(_TAG.sub(" ", str(item["Answer"]))))
-        if clue and answer:
-            rows.append({"text": clue, "answer": answer, "label": clean_text(str(item["Category"]))})
+        if clue:
+            rows.append({"text": clue, "label": clean_text(str(item["Category"]))})
     return path, _check_rows(dedup(rows, "text"), path, "clue")
 
 
