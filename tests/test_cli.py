@@ -169,3 +169,24 @@ def test_an_older_library_fails_at_import_naming_it(tmp_path):
                        env={"PYTHONPATH": f"{tmp_path}:{root}", "PATH": "/usr/bin:/bin"})
     assert r.returncode != 0
     assert "ImportError: transformers 4.40.0 is installed but mitkd-toolkit needs transformers>=5.0" in r.stderr
+
+
+def test_a_partial_section_keeps_the_jobs_own_defaults(tmp_path):
+    """`optim: {impl: ...}` in a teacher YAML changes impl only: the teacher's lr and warmup
+    (its field default) stay, not OptimConfig's class defaults."""
+    import pytest
+
+    from toolkit.config import load_config
+    from toolkit.errors import ConfigError
+    from toolkit.recipes.teacher import TeacherConfig
+
+    job = tmp_path / "t.yaml"
+    job.write_text("model: m\ntasks: [sst2]\noptim: {impl: torch_foreach}\n")
+    optim = load_config(TeacherConfig, job).optim
+    default = load_config(TeacherConfig, None, ["model=m", "tasks=sst2"]).optim
+    assert optim.impl == "torch_foreach"
+    assert (optim.lr, optim.warmup_ratio) == (default.lr, default.warmup_ratio) == (3e-5, 0.1)
+    assert load_config(TeacherConfig, job, ["optim.warmup_ratio=0"]).optim.warmup_ratio == 0.0
+    job.write_text("model: m\ntasks: [sst2]\noptim: {lrr: 1}\n")
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_config(TeacherConfig, job)

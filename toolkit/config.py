@@ -111,6 +111,20 @@ def _coerce(value: Any, tp: Any, field: str, source: Optional[str]) -> Any:
     return value
 
 
+def _overlay(base: Any, data: Dict[str, Any]) -> Dict[str, Any]:
+    """The fields of dataclass instance ``base`` with ``data`` written over them, nested sections
+    alike: a partial section keeps the job's own defaults (``optim: {impl: ...}`` in a teacher job
+    keeps the teacher's lr and warmup, not OptimConfig's)."""
+    out: Dict[str, Any] = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    for key, value in data.items():
+        current = out.get(key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current) and not isinstance(current, type):
+            out[key] = _overlay(current, value)
+        else:
+            out[key] = value
+    return out
+
+
 def _from_dict(cls: Type[T], data: Dict[str, Any], prefix: str = "", source: Optional[str] = None) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -122,6 +136,11 @@ def _from_dict(cls: Type[T], data: Dict[str, Any], prefix: str = "", source: Opt
         raise ConfigError(prefix + unknown[0], f"unknown field; valid fields are: {', '.join(sorted(fields))}", source)
     kwargs = {}
     for name, value in data.items():
+        factory = fields[name].default_factory  # type: ignore[misc]
+        if isinstance(value, dict) and factory is not dataclasses.MISSING:
+            base = factory()
+            if dataclasses.is_dataclass(base) and not isinstance(base, type):
+                value = _overlay(base, value)
         kwargs[name] = _coerce(value, hints[name], prefix + name, source)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]

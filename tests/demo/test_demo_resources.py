@@ -37,7 +37,7 @@ def test_unknown_resource():
 
 
 def test_every_resource_points_at_a_known_package():
-    assert all(r.dist is None or r.dist in res.PACKAGES for r in res.RESOURCES.values())
+    assert all(r.dist in res.PACKAGES if r.dist else r.origin in res._CACHED for r in res.RESOURCES.values())
 
 
 @pytest.mark.parametrize("name", sorted(res.RESOURCES))

@@ -435,6 +435,9 @@ class Engine:
             saved_ws = marker.get("world_size")
             hint = (f" It was saved with world size {saved_ws}, this run has {self.world_size}."
                     if saved_ws not in (None, self.world_size) else "")
+            if "parameter group" in str(e):
+                hint += (" The optimizer's parameter groups differ from the run that saved it (optim.head_lr_scale "
+                         "splits off the heads): resume with that run's optim settings, or use a new output_dir.")
             raise ToolkitError(f"{path}: cannot load checkpoint: {type(e).__name__}: {e}.{hint}") from None
         if load_path is None:
             raise ToolkitError(f"{path}: DeepSpeed found no checkpoint tag {ds_tag!r} inside")

@@ -131,7 +131,7 @@ TRACKS: Dict[str, Dict[str, Any]] = {
         # 7% of the tags) through the default preset's steps, for the teacher and the students;
         # at 100x both learn entities, and the classification tasks score as before.
         "teacher_job": {"optim": {"head_lr_scale": 100.0}},
-        "eval_job": {"optim": {"warmup_ratio": 0.1, "head_lr_scale": 100.0}},
+        "eval_job": {"optim": {"head_lr_scale": 100.0}},
     },
 }
 
